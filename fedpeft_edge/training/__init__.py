@@ -1,0 +1,1 @@
+"""Local training on the device. ``base`` holds the backend-neutral interface; ORT lives behind it."""
