@@ -1,0 +1,60 @@
+"""MQTT topic names for one fleet (ACL rules in broker_config/acl.conf follow the same shape).
+
+- ``fedpeft/{fleet}/global``             retained, QoS 1: the newest global adapter and its round.
+- ``fedpeft/{fleet}/update/{client_id}`` QoS 1: a site's update for a round; chunks of a large update
+  travel on the same topic (the envelope says whether a payload is a whole update or a chunk).
+- ``fedpeft/{fleet}/status/{client_id}`` retained: online/offline (offline is the last will).
+Metadata (round, spec hash, sender) lives in the msgpack envelope, so MQTT 3.1.1 brokers serve too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import ValueError
+
+ROOT = "fedpeft"
+# One topic level: no MQTT wildcards or separators, nothing Mosquitto's %c/%u substitution would mangle.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"{kind} {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
+                         " (no '/', '+', '#')")
+    return name
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str
+
+    def __post_init__(self) -> None:
+        check_name("fleet name", self.fleet)
+
+    @property
+    def global_(self) -> str:
+        return f"{ROOT}/{self.fleet}/global"
+
+    def update(self, client_id: str) -> str:
+        return f"{ROOT}/{self.fleet}/update/{check_name('client id', client_id)}"
+
+    @property
+    def updates_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/update/+"
+
+    def status(self, client_id: str) -> str:
+        return f"{ROOT}/{self.fleet}/status/{check_name('client id', client_id)}"
+
+    @property
+    def status_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/status/+"
+
+    def client_of(self, topic: str) -> str | None:
+        """The client id of an update/status topic of this fleet, else None."""
+        parts = topic.split("/")
+        if (len(parts) == 4 and parts[0] == ROOT and parts[1] == self.fleet
+                and parts[2] in ("update", "status")):
+            return parts[3] if _NAME_RE.match(parts[3]) else None
+        return None
