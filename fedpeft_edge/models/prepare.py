@@ -410,10 +410,18 @@ def _image_sources() -> Path:
     return weights
 
 
-def prepare_image_model(*, cache_dir: Path | None = None, image_size: int = 32) -> PreparedModel:
+def prepare_image_model(
+    *, cache_dir: Path | None = None, image_size: int = 32, fold_batchnorm: bool = True
+) -> PreparedModel:
     """EfficientNet-Lite0 as ONNX: ``pixel_values [batch, 3, S, S] -> features [batch, 1280]``.
 
     The image size is fixed at export (the "same" padding of the convolutions is computed for it).
+
+    ``fold_batchnorm`` (default) merges every eval-mode BatchNorm into the convolution before it, so each
+    convolution gets a bias (``<conv>.bias``, the natural BitFit target) and no BatchNormalization node
+    remains. Reason: ONNX Runtime Training runs BatchNormalization nodes with *batch* statistics inside
+    the training graph (measured here: the training loss differs from the eval-mode torch loss), which
+    is wrong for fine-tuning a frozen pretrained backbone on small client batches.
     """
     ensure(
         isinstance(image_size, int) and 16 <= image_size <= 1024,
@@ -427,6 +435,7 @@ def prepare_image_model(*, cache_dir: Path | None = None, image_size: int = 32) 
             "weights_sha256": _cached_sha256(weights, cache_dir),
             "code_package_version": _package_version(IMAGE_CODE_PACKAGE),
             "image_size": image_size,
+            "fold_batchnorm": bool(fold_batchnorm),
             "opset": OPSET,
             "code_version": EXPORT_CODE_VERSION,
         }
@@ -434,11 +443,37 @@ def prepare_image_model(*, cache_dir: Path | None = None, image_size: int = 32) 
     entry_name = f"image-effnet-lite0-{image_size}-{key}"
     prepared = _load_cached(cache_dir / entry_name)
     if prepared is None:
-        prepared = _build_entry(cache_dir, entry_name, lambda tmp: _export_image(tmp, weights, image_size))
+        prepared = _build_entry(
+            cache_dir, entry_name, lambda tmp: _export_image(tmp, weights, image_size, bool(fold_batchnorm))
+        )
     return prepared
 
 
-def _export_image(out_dir: Path, weights: Path, image_size: int) -> dict[str, Any]:
+def _fold_batchnorms(torch: Any, net: Any) -> int:
+    """Merge each eval-mode BatchNorm into the convolution feeding it; returns how many were folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs.append((block, "_depthwise_conv", "_bn1"))
+        pairs.append((block, "_project_conv", "_bn2"))
+    for owner, conv_name, bn_name in pairs:
+        conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        conv.weight = weight
+        conv.bias = bias
+        setattr(owner, bn_name, torch.nn.Identity())
+    leftover = [name for name, mod in net.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    if leftover:
+        raise FedPeftError(f"BatchNorm layers left unfolded: {leftover[:3]}")
+    return len(pairs)
+
+
+def _export_image(out_dir: Path, weights: Path, image_size: int, fold_batchnorm: bool) -> dict[str, Any]:
     torch = _require_torch()
     import numpy as np
 
@@ -469,6 +504,11 @@ def _export_image(out_dir: Path, weights: Path, image_size: int) -> dict[str, An
     wrapper = PooledFeatures(net).eval()
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2, 3, image_size, image_size)).astype(np.float32)
+    # Parity is checked against the original (unfolded) network, on a batch size not used for tracing.
+    check = rng.standard_normal((3, 3, image_size, image_size)).astype(np.float32)
+    with torch.no_grad():
+        expected = wrapper(torch.from_numpy(check)).numpy()
+    folded = _fold_batchnorms(torch, net) if fold_batchnorm else 0
     onnx_path = out_dir / "model.onnx"
     with torch.no_grad(), _torch_threads(torch):
         torch.onnx.export(
@@ -485,9 +525,6 @@ def _export_image(out_dir: Path, weights: Path, image_size: int) -> dict[str, An
         )
     export_seconds = time.perf_counter() - started
 
-    check = rng.standard_normal((3, 3, image_size, image_size)).astype(np.float32)
-    with torch.no_grad():
-        expected = wrapper(torch.from_numpy(check)).numpy()
     got = _ort_run(onnx_path, {"pixel_values": check})
     max_diff = float(np.max(np.abs(got - expected)))
     if not max_diff <= IMAGE_PARITY_ATOL:
@@ -504,6 +541,8 @@ def _export_image(out_dir: Path, weights: Path, image_size: int) -> dict[str, An
         "meta": {
             "model_name": "efficientnet-lite0",
             "image_size": image_size,
+            "fold_batchnorm": fold_batchnorm,
+            "folded_batchnorms": folded,
             "channels": 3,
             "layout": "NCHW",
             "pixel_scale": 255.0,
