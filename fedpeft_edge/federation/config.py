@@ -1,0 +1,230 @@
+"""TOML configuration of the services (broker launcher, aggregator, edge agent).
+
+One file may hold every section; each command reads the sections it needs and command-line flags
+override single values. Unknown keys are errors (a typo must not silently fall back to a default).
+
+Example (agent)::
+
+    [connection]
+    host = "broker.plant.local"
+    port = 8883
+    username = "site-07"
+    password_file = "/etc/fedpeft/site-07.pass"
+    tls_ca = "/etc/fedpeft/ca.crt"
+
+    [fleet]
+    name = "line-3"
+
+    [agent]
+    client_id = "site-07"
+    state_dir = "/var/lib/fedpeft/agent"
+    local_steps = 50
+
+    [codec]
+    mode = "topk_int8"
+    topk_ratio = 0.01
+
+    [trainer]
+    kind = "ort"
+    bundle_dir = "/var/lib/fedpeft/bundle"
+
+    [data]
+    dataset = "20ng"
+    client_index = 7
+    num_clients = 12
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import ValueError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+@dataclass
+class ConnectionSettings:
+    """How a service reaches the broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None  # first line is the password; keeps secrets out of the TOML
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+    protocol: str = "auto"
+    keepalive: int = 30
+    max_packet_size: int = 16 * 1024 * 1024
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password
+        if self.password_file:
+            text = Path(self.password_file).read_text().splitlines()
+            return text[0] if text else ""
+        return None
+
+
+@dataclass
+class FleetSettings:
+    name: str = "default"
+
+
+@dataclass
+class BrokerSettings:
+    """``fedpeft-edge broker``: the local broker launcher."""
+
+    port: int = 1883
+    bind: str = "127.0.0.1"
+    prefer: str = "auto"  # mosquitto | embedded | auto
+    kind: str = "dev"  # dev (loopback, anonymous) | plant (TLS, passwords, ACL)
+    data_dir: str | None = None
+    max_packet_size: int = 16 * 1024 * 1024
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    password_file: str | None = None
+    acl_file: str | None = None
+    require_certificate: bool = False
+
+
+@dataclass
+class AggregatorSettings:
+    """``fedpeft-edge aggregate``: the central aggregation service."""
+
+    client_id: str = "aggregator"
+    state_dir: str = "fedpeft-state/aggregator"
+    max_rounds: int = 10
+    min_clients: int = 2  # quorum: close the round once this many updates were accepted ...
+    expected_clients: int = 0  # ... or at once when this many arrived (0: = min_clients)
+    round_deadline_s: float = 300.0  # ... or at the deadline if at least min_clients_at_deadline arrived
+    min_clients_at_deadline: int = 1
+    strategy: str = "fedavg"  # fedavg | fedavgm | fedadam
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    late_policy: str = "drop"  # what to do with an update for an already closed round
+    initial_global: str | None = None  # .npy vector; else the trainer's initial parameters
+    n_params: int | None = None
+    spec_hash: str | None = None
+    max_update_bytes: int = 64 * 1024 * 1024
+    metrics_file: str | None = None  # default: <state_dir>/metrics.jsonl
+    weight_by: str = "samples"  # samples | uniform
+    extra: dict[str, Any] = field(default_factory=dict)  # passed through to the aggregation core
+
+
+@dataclass
+class CodecSettings:
+    mode: str = "topk_int8"
+    topk_ratio: float = 0.01
+    block: int = 256
+    stochastic_rounding: bool = False
+    error_feedback: bool = True
+
+
+@dataclass
+class AgentSettings:
+    """``fedpeft-edge agent``: one site's training agent."""
+
+    client_id: str = ""
+    state_dir: str = "fedpeft-state/agent"
+    local_epochs: int = 1
+    local_steps: int | None = None  # cap on optimizer steps per round (None: full epochs)
+    threads: int = 1
+    max_rounds: int | None = None  # stop after this many rounds even if the aggregator goes on
+    newer_global_policy: str = "finish"  # finish | abandon (a newer global arrived while training)
+    dump_updates: bool = False  # keep a copy of every sent update in <state_dir>/sent/ (audit, tests)
+    evaluate: bool = True
+    idle_exit_s: float | None = None  # stop when no new global arrived for this long (tests, demos)
+
+
+@dataclass
+class TrainerSettings:
+    kind: str = "ort"  # ort | factory
+    bundle_dir: str | None = None
+    factory: str | None = None  # "package.module:function" returning (trainer, train_fn, eval_fn)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSettings:
+    dataset: str | None = None
+    split: str = "train"
+    client_index: int = 0
+    num_clients: int = 1
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    max_samples: int | None = None
+    batch_size: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServiceConfig:
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    codec: CodecSettings = field(default_factory=CodecSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    source: str | None = None  # the file it came from (for log messages)
+
+
+def _build(cls: type[T], raw: object, where: str) -> T:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ValueError(f"[{where}] must be a table")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"[{where}] unknown key(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**raw)
+
+
+def load_config(path: str | Path | None = None, text: str | None = None) -> ServiceConfig:
+    """Read a TOML file (or text); missing sections take their defaults."""
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read config {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config {path} is not valid TOML: {exc}") from exc
+    elif text is not None:
+        raw = tomllib.loads(text)
+    else:
+        raw = {}
+    sections = {f.name: f for f in fields(ServiceConfig) if f.name != "source"}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; allowed: {sorted(sections)}")
+    kwargs = {name: _build(f.default_factory().__class__, raw.get(name), name)  # type: ignore[misc]
+              for name, f in sections.items()}
+    return ServiceConfig(**kwargs, source=str(path) if path else None)
+
+
+def override(section: object, **values: object) -> None:
+    """Set the given attributes of a settings object, skipping None (flags the user did not pass)."""
+    names = {f.name for f in dataclasses.fields(section)}  # type: ignore[arg-type]
+    for key, val in values.items():
+        if val is None:
+            continue
+        if key not in names:
+            raise ValueError(f"{type(section).__name__} has no setting {key!r}")
+        setattr(section, key, val)
