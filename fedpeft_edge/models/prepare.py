@@ -7,10 +7,11 @@ Exports keep every parameter as its own *named* initializer (legacy exporter wit
 ``training=TrainingMode.PRESERVE`` and ``do_constant_folding=False``), because the PEFT layer selects
 LoRA targets and BitFit biases by initializer name:
 
-* text (all-MiniLM-L6-v2): ``Linear`` layers appear as ``Transpose(W) -> MatMul -> Add(b)`` where ``W`` is
-  the initializer ``bert.encoder.layer.{i}.attention.self.{query,value}.weight`` (torch layout
-  ``[out, in]``) and ``b`` is ``...{query,value}.bias``. Output ``features`` = masked mean of the last
-  hidden states, ``[batch, 384]``.
+* text (all-MiniLM-L6-v2): each ``Linear`` is ``MatMul(x, W) -> Add(b)`` where ``W`` is the initializer
+  ``bert.encoder.layer.{i}.attention.self.{query,value}.weight`` stored MatMul-ready as ``[in, out]``
+  (the transpose of torch's ``[out, in]``; the exporter's ``Transpose`` node is folded into the named
+  initializer) and ``b`` is ``...{query,value}.bias``. Output ``features`` = masked mean of the last hidden
+  states, ``[batch, 384]``.
 * image (EfficientNet-Lite0): convolutions keep ``backbone._blocks.{i}._expand_conv.weight`` /
   ``backbone._blocks.{i}._project_conv.weight`` (1x1) etc.; batch norms stay separate
   ``BatchNormalization`` nodes (not folded into the convolutions). Output ``features`` = global average
@@ -40,7 +41,7 @@ from typing import Any
 from fedpeft_edge.errors import FedPeftError, MissingDependencyError, ensure
 
 # Bump whenever the exported graph for the same weights and settings would change.
-EXPORT_CODE_VERSION = 1
+EXPORT_CODE_VERSION = 2
 OPSET = 17
 PREPARE_INSTALL_HINT = "pip install 'fedpeft-edge[prepare]'"
 
@@ -294,9 +295,15 @@ def _export_text(out_dir: Path, weights: Path, tokenizer_json: Path) -> dict[str
     from tokenizers import Tokenizer
 
     started = time.perf_counter()
-    bert = BertModel.from_pretrained(
-        str(weights.parent), attn_implementation="eager", add_pooling_layer=False, local_files_only=True
-    ).eval()
+    previous_verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the load report lists the unused pooler weights
+    transformers.logging.disable_progress_bar()
+    try:
+        bert = BertModel.from_pretrained(
+            str(weights.parent), attn_implementation="eager", add_pooling_layer=False, local_files_only=True
+        ).eval()
+    finally:
+        transformers.logging.set_verbosity(previous_verbosity)
 
     class MeanPooledBert(torch.nn.Module):
         """BERT encoder + attention-masked mean over tokens (the sentence-transformers pooling)."""
@@ -324,7 +331,7 @@ def _export_text(out_dir: Path, weights: Path, tokenizer_json: Path) -> dict[str
     mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
 
     onnx_path = out_dir / "model.onnx"
-    with torch.no_grad(), _torch_threads(torch):
+    with torch.no_grad(), _torch_threads(torch), _quiet_export():
         torch.onnx.export(
             wrapper,
             (torch.from_numpy(ids), torch.from_numpy(mask)),
@@ -341,6 +348,7 @@ def _export_text(out_dir: Path, weights: Path, tokenizer_json: Path) -> dict[str
             training=torch.onnx.TrainingMode.PRESERVE,
             dynamo=False,
         )
+    folded_transposes = _fold_weight_transposes(onnx_path)
     export_seconds = time.perf_counter() - started
 
     # Parity at a batch/sequence shape different from the traced one (dynamic axes must really be dynamic).
@@ -369,6 +377,8 @@ def _export_text(out_dir: Path, weights: Path, tokenizer_json: Path) -> dict[str
             "pad_token_id": int(tok.token_to_id("[PAD]") or 0),
             "max_position_embeddings": int(bert.config.max_position_embeddings),
             "pooling": "masked_mean",
+            "linear_weight_layout": "in_out",
+            "folded_weight_transposes": folded_transposes,
             "opset": OPSET,
             "source_package": TEXT_PACKAGE,
             "source_version": _package_version(TEXT_PACKAGE),
@@ -380,6 +390,61 @@ def _export_text(out_dir: Path, weights: Path, tokenizer_json: Path) -> dict[str
             "code_version": EXPORT_CODE_VERSION,
         },
     }
+
+
+def _fold_weight_transposes(onnx_path: Path) -> int:
+    """Replace ``Transpose(W) -> MatMul`` by ``MatMul(x, W^T)`` with ``W^T`` stored under ``W``'s name.
+
+    The legacy exporter without constant folding keeps torch's ``[out, in]`` Linear weights and transposes
+    them at run time. Storing them ``[in, out]`` keeps the names, lets PEFT surgery see the weight as the
+    MatMul's own initializer input and saves a transpose per layer per step. Returns how many were folded.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {out.name for out in graph.output}
+    to_remove = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            continue
+        weight = inits[node.input[0]]
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        users = consumers.get(node.output[0], [])
+        if (
+            len(weight.dims) != 2
+            or perm != [1, 0]
+            or len(consumers.get(weight.name, [])) != 1  # W used elsewhere in torch layout: leave it
+            or node.output[0] in graph_outputs
+            or not users
+            or any(user.op_type != "MatMul" or list(user.input).index(node.output[0]) != 1 for user in users)
+        ):
+            continue
+        transposed = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name)
+        weight.CopyFrom(transposed)
+        for user in users:
+            user.input[1] = weight.name
+        to_remove.append(node)
+    for node in to_remove:
+        graph.node.remove(node)
+    onnx.save(model, str(onnx_path))
+    return len(to_remove)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Any:
+    """Silence the legacy exporter's deprecation and tracer warnings (parity is checked explicitly)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextlib.contextmanager
@@ -510,7 +575,7 @@ def _export_image(out_dir: Path, weights: Path, image_size: int, fold_batchnorm:
         expected = wrapper(torch.from_numpy(check)).numpy()
     folded = _fold_batchnorms(torch, net) if fold_batchnorm else 0
     onnx_path = out_dir / "model.onnx"
-    with torch.no_grad(), _torch_threads(torch):
+    with torch.no_grad(), _torch_threads(torch), _quiet_export():
         torch.onnx.export(
             wrapper,
             (torch.from_numpy(sample),),
