@@ -54,7 +54,7 @@ art = training_artifacts()
 job = json.loads(sys.argv[1])
 art.generate_artifacts(job["model"], requires_grad=job["requires_grad"], frozen_params=job["frozen"],
                        loss=art.LossType.CrossEntropyLoss, optimizer=art.OptimType.AdamW,
-                       artifact_directory=job["out"])
+                       artifact_directory=job["out"], additional_output_names=[job["output"]])
 assert "torch" not in sys.modules, "artifact generation imported torch"
 """
 
@@ -202,7 +202,8 @@ def generate_artifacts(onnx_path: Path | str, spec: PeftSpec, out_dir: Path | st
             onnx.save(peft_model, str(peft_path))
         del peft_model
         _run_child({"model": str(peft_path), "requires_grad": list(plan.trainable),
-                    "frozen": list(plan.frozen), "out": str(result)}, cwd=work)
+                    "frozen": list(plan.frozen), "out": str(result),
+                    "output": plan.output_name}, cwd=work)
         train_graph = onnx.load(str(result / TRAINING_MODEL), load_external_data=False).graph
         trainable = set(plan.trainable)
         order = [i.name for i in train_graph.input if i.name in trainable]

@@ -471,8 +471,13 @@ def _float_params(gv: _Graph) -> list[str]:
     return [t.name for t in gv.g.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 1]
 
 
-def apply_peft(model: onnx.ModelProto, spec: PeftSpec) -> tuple[onnx.ModelProto, PeftPlan]:
-    """Return a modified copy of ``model`` and its plan; raise SpecError before changing anything."""
+def apply_peft(model: onnx.ModelProto, spec: PeftSpec, *, adapters: bool = True
+               ) -> tuple[onnx.ModelProto, PeftPlan]:
+    """Return a modified copy of ``model`` and its plan; raise SpecError before changing anything.
+
+    ``adapters=False`` skips the LoRA/adapter/prompt insertion (base + head only: the skeleton a merged
+    deployment model is written into).
+    """
     if not isinstance(spec, PeftSpec):
         raise SpecError(f"spec must be a PeftSpec, got {type(spec).__name__}")
     out = onnx.ModelProto()
@@ -483,7 +488,9 @@ def apply_peft(model: onnx.ModelProto, spec: PeftSpec) -> tuple[onnx.ModelProto,
     fix_layernorm_outputs(out)
     lora_sites: list[LoraSite] = []
     notes: list[str] = []
-    if spec.method in ("lora", "ffa_lora"):
+    if not adapters:
+        pass
+    elif spec.method in ("lora", "ffa_lora"):
         lora_sites = _apply_lora(gv, spec, rng)
     elif spec.method == "adapter":
         _apply_adapter(gv, spec, rng)
@@ -494,7 +501,7 @@ def apply_peft(model: onnx.ModelProto, spec: PeftSpec) -> tuple[onnx.ModelProto,
     elif len(gv.g.output) != 1:
         raise SpecError("without head_classes the model must have exactly one output (the logits)")
     gv.topo_sort()
-    if spec.method == "prompt":
+    if spec.method == "prompt" and adapters:
         _check_prompt_runs(out)
 
     params = _float_params(gv)
