@@ -28,6 +28,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 PATH_NAMES = {lib.FPE_PATH_BASELINE: "baseline", lib.FPE_PATH_SSE41: "sse4.1", lib.FPE_PATH_AVX2: "avx2",
               lib.FPE_PATH_NEON: "neon"}
 PATH_CODES = {name: code for code, name in PATH_NAMES.items()}
+# Any float32 sum a + b with |a| + |b| below this stays finite (FLT_MAX is about 3.4028e38).
+_SAFE_SUM_BOUND = 3.4e38
 
 
 def _ptr(ctype: str, arr: np.ndarray | None, *, writable: bool = False) -> object:
@@ -129,11 +131,32 @@ class CBackend:
 
     def topk_ef(self, update, residual, k, *, out_indices=None, out_values=None, out_residual=None):
         u, r, kk, idx, val, res = V.check_topk(update, residual, k, out_indices, out_values, out_residual)
-        rc = lib.fpe_topk_ef(_ptr("float[]", u), _ptr("float[]", r), u.shape[0], kk,
+        n = u.shape[0]
+        target = res
+        if n and res.ctypes.data == r.ctypes.data and not self._sum_surely_finite(u, r):
+            # In place, the C core overwrites the residual before it can report NaN/Inf in u + r; the
+            # error-feedback state must survive a rejected update, so work on scratch in that case.
+            target = np.empty_like(r)
+        rc = lib.fpe_topk_ef(_ptr("float[]", u), _ptr("float[]", r), n, kk,
                              _ptr("uint32_t[]", idx, writable=True), _ptr("float[]", val, writable=True),
-                             _ptr("float[]", res, writable=True))
+                             _ptr("float[]", target, writable=True))
         _raise_for(rc, "topk_ef", "update + residual")
+        if target is not res:
+            np.copyto(res, target)
         return idx, val, res
+
+    def _sum_surely_finite(self, u: np.ndarray, r: np.ndarray) -> bool:
+        """True when u + r cannot hold NaN/Inf: both finite and ||u|| + ||r|| (>= any |u_i + r_i|) < FLT_MAX.
+
+        Two bandwidth-bound reads, no allocation; huge or non-finite inputs take the scratch path.
+        """
+        return self._l2(u) + self._l2(r) < _SAFE_SUM_BOUND
+
+    @staticmethod
+    def _l2(xa: np.ndarray) -> float:
+        out = ffi.new("double *")
+        _raise_for(lib.fpe_l2_norm(_ptr("float[]", xa), xa.shape[0], out), "l2_norm")
+        return float(out[0])  # NaN/Inf when xa holds NaN/Inf: the comparison above is then False
 
     # ---- optimizer steps ---------------------------------------------------------------------------
 
@@ -192,10 +215,7 @@ class CBackend:
     # ---- reductions --------------------------------------------------------------------------------
 
     def l2_norm(self, x):
-        xa = V.buffer("x", x, V.F32)
-        out = ffi.new("double *")
-        _raise_for(lib.fpe_l2_norm(_ptr("float[]", xa), xa.shape[0], out), "l2_norm")
-        return float(out[0])
+        return self._l2(V.buffer("x", x, V.F32))
 
     def all_finite(self, x):
         return self._all_finite(V.buffer("x", x, V.F32))

@@ -125,7 +125,8 @@ class NumpyBackend:
         n = u.shape[0]
         in_place = res is r or (n > 0 and res.ctypes.data == r.ctypes.data)
         # s goes straight into the output unless that would overwrite the residual before the NaN check.
-        s = np.add(u, r) if in_place else np.add(u, r, out=res)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as NonFiniteError below
+            s = np.add(u, r) if in_place else np.add(u, r, out=res)
         a = np.abs(s)
         if n and not math.isfinite(float(a.max())):
             raise V.nonfinite("update + residual")
@@ -183,28 +184,29 @@ class NumpyBackend:
         _finite_or_raise(ga, "g")
         f32 = np.float32
         b1_32, b2_32 = f32(b1), f32(b2)
-        # Bias corrections in double from the float32 betas the C core receives.
-        bc1 = f32(1.0 - float(b1_32) ** st)
-        bc2 = f32(1.0 - float(b2_32) ** st)
-        lr32, eps32, mu32 = f32(lr_), f32(ep), f32(mu)
+        # Bias corrections in double from the float32 betas the C core receives, folded into two float
+        # factors as the C core does: lr*(m/bc1)/(sqrt(v/bc2)+eps) == (lr/bc1)*m/(sqrt(v)/sqrt(bc2)+eps).
+        bc1 = 1.0 - math.pow(float(b1_32), float(st))
+        bc2 = 1.0 - math.pow(float(b2_32), float(st))
+        step_size = f32(float(f32(lr_)) / bc1)
+        inv_sqrt_bc2 = f32(1.0 / math.sqrt(bc2))
+        eps32, mu32 = f32(ep), f32(mu)
         one_m_b1, one_m_b2 = f32(1) - b1_32, f32(1) - b2_32
-        decay = f32(1) - lr32 * f32(wd)
+        decay = f32(1) - f32(lr_) * f32(wd)
         for lo in _chunks(wa.shape[0]):
             hi = lo + _CHUNK
             wc, mc, vc = wa[lo:hi], ma[lo:hi], va[lo:hi]
             geff = _effective_grad(wc, ga[lo:hi], ref, lo, hi, mu32)
-            if wd != 0.0:
-                wc *= decay
             mc *= b1_32
             mc += one_m_b1 * geff
             vc *= b2_32
             vc += one_m_b2 * (geff * geff)
-            denom = vc / bc2
-            np.sqrt(denom, out=denom)
+            denom = np.sqrt(vc)
+            denom *= inv_sqrt_bc2
             denom += eps32
-            upd = mc / bc1
-            upd *= lr32
+            upd = step_size * mc
             upd /= denom
+            wc *= decay
             wc -= upd
 
     def clip_by_global_norm(self, g, max_norm):
