@@ -1,0 +1,601 @@
+"""Update codec: what a site's adapter delta becomes on the wire, and how the aggregator reads it back.
+
+Encoder (edge side), per round::
+
+    s = delta + residual                     # error feedback: what was not sent before is sent later
+    idx, vals, residual = top-k(s)           # kernels.topk_ef, exact: scatter(vals) + residual == s
+    q, scales = int8 block quantisation(vals)
+    residual[idx] += vals - dequant(q)       # the quantisation error is fed back too
+
+so ``scatter(dequant(sent)) + new_residual == delta + old_residual`` up to float rounding.
+
+Payload layouts (little endian; float sections first so zero-copy numpy views stay 4-byte aligned):
+
+==============  ============================================================  =====================
+mode            payload                                                       declared fields
+==============  ============================================================  =====================
+``fp32``        float32[n]                                                    n
+``int8``        float32 scales[ceil(n/block)] · int8 q[n]                     n, block
+``topk_fp32``   float32 values[k] · index section                             n, k, index coding
+``topk_int8``   float32 scales[ceil(k/block)] · index section · int8 q[k]     n, k, block, coding
+==============  ============================================================  =====================
+
+Index section, chosen per message, whichever is smaller:
+
+* ``varint``: k unsigned LEB128 varints; the first is ``idx[0]``, each next one is the gap
+  ``idx[j] - idx[j-1] - 1`` (strictly increasing indices make every gap >= 0). Canonical encoding only
+  (no trailing 0x00 continuation bytes), at most 5 bytes per varint, values < 2**32.
+* ``bitmap``: ceil(n/8) bytes, bit ``i % 8`` (LSB first) of byte ``i // 8`` set iff index i is sent;
+  padding bits after n must be zero.
+
+Decoding treats every field as hostile: :func:`parse` checks modes, sizes, exact payload length, index
+validity and finite scales/values before any accumulator is touched, and raises
+:class:`WireFormatError` (a :class:`fedpeft_edge.errors.WireError`) with a ``reason`` code.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from fedpeft_edge import kernels
+from fedpeft_edge.errors import NonFiniteError, WireError
+from fedpeft_edge.errors import ValueError as FpeValueError
+
+MODES: Final = ("fp32", "int8", "topk_fp32", "topk_int8")
+DENSE_MODES: Final = ("fp32", "int8")
+SPARSE_MODES: Final = ("topk_fp32", "topk_int8")
+INDEX_CODINGS: Final = ("none", "varint", "bitmap")
+MAX_VARINT_BYTES: Final = 5  # 5 x 7 bits covers uint32
+# Hard ceiling on vector length: indices travel as uint32 and the C core needs n < 2**32.
+MAX_PARAMS_HARD: Final = 2**31
+
+_F32 = np.dtype("<f4")
+
+
+class Reason:
+    """Reason codes carried by :class:`WireFormatError` (and used as counter names by the aggregator)."""
+
+    OVERSIZED = "oversized"  # message/field larger than the configured limit
+    TRUNCATED = "truncated"  # bytes end before the structure does
+    TRAILING = "trailing_data"  # bytes after a complete message
+    MALFORMED = "malformed"  # not valid msgpack / not a map
+    BAD_VERSION = "bad_version"
+    BAD_KIND = "bad_kind"  # wrong "t" message type
+    BAD_KEYS = "bad_keys"  # unknown or missing keys
+    BAD_TYPE = "bad_type"  # a field has the wrong type (bool where int expected counts)
+    OUT_OF_RANGE = "out_of_range"  # a number outside its allowed range
+    BAD_STRING = "bad_string"  # charset/length of an identifier
+    NON_FINITE = "non_finite"  # NaN/Inf in metrics, scales or values
+    CHECKSUM = "checksum"
+    BAD_MODE = "bad_mode"  # unknown codec mode / index coding, or fields inconsistent with it
+    LENGTH_MISMATCH = "length_mismatch"  # declared lengths disagree with the payload size
+    BAD_INDEX = "bad_index"  # index out of range, not strictly increasing, wrong count
+    VARINT = "varint"  # overlong / overflowing / non-canonical varint
+    CHUNK = "chunk"  # inconsistent chunk (count, total, duplicate with other data)
+
+
+class WireFormatError(WireError):
+    """Bytes or fields from the network were rejected; ``reason`` is one of :class:`Reason`'s codes."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def reason_of(exc: BaseException) -> str:
+    """The reason code of any error raised while reading untrusted bytes ("invalid" if it has none)."""
+    return getattr(exc, "reason", "invalid")
+
+
+def _fail(reason: str, message: str) -> WireFormatError:
+    return WireFormatError(reason, message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and the encoded form
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How a site compresses its updates.
+
+    ``error_feedback`` keeps what was not sent (top-k remainder, int8 rounding) for the next round; it
+    applies to every lossy mode (``fp32`` is lossless and never has a residual).
+    """
+
+    mode: str = "topk_int8"
+    topk_ratio: float = 0.01
+    block: int = 256
+    stochastic_rounding: bool = False
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise FpeValueError(f"codec mode must be one of {MODES}, got {self.mode!r}")
+        if not (isinstance(self.topk_ratio, float | int) and 0.0 < float(self.topk_ratio) <= 1.0):
+            raise FpeValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or not 1 <= self.block <= 65536:
+            raise FpeValueError(f"block must be an int in [1, 65536], got {self.block!r}")
+
+    def k_for(self, n: int) -> int:
+        """Values sent per message for a vector of ``n`` parameters (``n`` for dense modes)."""
+        if self.mode in DENSE_MODES:
+            return n
+        return min(n, max(1, round(self.topk_ratio * n)))
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """One encoded vector: codec fields plus the payload bytes (exactly what travels in the envelope).
+
+    ``block`` is 0 for the fp32 modes; ``index_coding`` is "none" for dense modes; ``index_nbytes`` is the
+    length of the index section inside the payload (0 for dense modes).
+    """
+
+    mode: str
+    n: int
+    k: int
+    block: int
+    index_coding: str
+    index_nbytes: int
+    payload: bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes on the wire (the envelope adds a fixed ~150 bytes, see wire.py)."""
+        return len(self.payload)
+
+    @property
+    def density(self) -> float:
+        return self.k / self.n if self.n else 0.0
+
+
+def _nblocks(count: int, block: int) -> int:
+    return -(-count // block)
+
+
+def expected_payload_len(mode: str, n: int, k: int, block: int, index_nbytes: int) -> int:
+    """Exact payload length implied by the declared codec fields (no allocation, safe on any ints)."""
+    if mode == "fp32":
+        return 4 * n
+    if mode == "int8":
+        return 4 * _nblocks(n, block) + n
+    if mode == "topk_fp32":
+        return 4 * k + index_nbytes
+    return 4 * _nblocks(k, block) + index_nbytes + k
+
+
+# --------------------------------------------------------------------------------------------------
+# Index coding
+
+
+def _varint_lengths(values: np.ndarray) -> np.ndarray:
+    """Bytes per LEB128 varint for uint32 values (vectorised)."""
+    v = values.astype(np.uint32, copy=False)
+    return (1 + (v >= 1 << 7).astype(np.int64) + (v >= 1 << 14) + (v >= 1 << 21) + (v >= 1 << 28))
+
+
+def _gaps(indices: np.ndarray) -> np.ndarray:
+    gaps = np.empty(indices.size, dtype=np.uint32)
+    if indices.size:
+        gaps[0] = indices[0]
+        np.subtract(indices[1:], indices[:-1], out=gaps[1:])
+        gaps[1:] -= 1
+    return gaps
+
+
+def encode_varint_indices(indices: np.ndarray) -> bytes:
+    """Delta-coded LEB128 varints of strictly increasing uint32 indices."""
+    gaps = _gaps(indices)
+    lens = _varint_lengths(gaps)
+    starts = np.cumsum(lens) - lens
+    out = np.zeros(int(lens.sum()), dtype=np.uint8)
+    g = gaps.astype(np.uint64)
+    for j in range(MAX_VARINT_BYTES):
+        sel = lens > j
+        if not sel.any():
+            break
+        byte = (g[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (lens[sel] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[sel] + j] = (byte | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def decode_varint_indices(data: bytes | memoryview | np.ndarray, k: int, n: int) -> np.ndarray:
+    """Inverse of :func:`encode_varint_indices`, safe on hostile bytes.
+
+    Checks: exactly ``k`` varints filling ``data`` exactly, each at most 5 bytes, canonical, value
+    < 2**32, and the resulting indices < ``n`` (strictly increasing by construction). Fully vectorised:
+    no data-dependent Python loop, so hostile input cannot make it slow.
+    """
+    b = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    if b.size < k or b.size > MAX_VARINT_BYTES * k:
+        raise _fail(Reason.LENGTH_MISMATCH, f"{b.size} index bytes cannot hold {k} varints")
+    if k == 0:
+        return np.empty(0, dtype=np.uint32)
+    ends = np.flatnonzero(b < 0x80)  # last byte of every varint
+    if ends.size != k:
+        reason = Reason.TRUNCATED if ends.size < k else Reason.BAD_INDEX
+        raise _fail(reason, f"index section holds {ends.size} varints, header says {k}")
+    if ends[-1] != b.size - 1:
+        raise _fail(Reason.TRUNCATED, "index section ends inside a varint")
+    starts = np.empty(k, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lens = ends - starts + 1
+    if int(lens.max()) > MAX_VARINT_BYTES:
+        raise _fail(Reason.VARINT, "varint longer than 5 bytes")
+    if np.any((lens > 1) & (b[ends] == 0)):
+        raise _fail(Reason.VARINT, "non-canonical varint (trailing zero byte)")
+    five = lens == MAX_VARINT_BYTES
+    if five.any() and np.any(b[ends[five]] > 0x0F):
+        raise _fail(Reason.VARINT, "varint value exceeds 32 bits")
+    # Position of every byte inside its varint, then sum the 7-bit groups per varint.
+    pos = np.arange(b.size, dtype=np.int64) - np.repeat(starts, lens)
+    parts = (b & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
+    gaps = np.add.reduceat(parts, starts)
+    # idx[j] = sum(gaps[:j+1]) + j; < k * (2**32 + 1) so uint64 cannot overflow for k < 2**31.
+    idx = np.cumsum(gaps)
+    idx += np.arange(k, dtype=np.uint64)
+    if int(idx[-1]) >= n:
+        raise _fail(Reason.BAD_INDEX, f"index {int(idx[-1])} out of range for n={n}")
+    return idx.astype(np.uint32)
+
+
+def encode_bitmap_indices(indices: np.ndarray, n: int) -> bytes:
+    bits = np.zeros(n, dtype=np.uint8)
+    bits[indices] = 1
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def decode_bitmap_indices(data: bytes | memoryview | np.ndarray, k: int, n: int) -> np.ndarray:
+    b = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    if b.size != _nblocks(n, 8):
+        raise _fail(Reason.LENGTH_MISMATCH, f"bitmap has {b.size} bytes, n={n} needs {_nblocks(n, 8)}")
+    bits = np.unpackbits(b, bitorder="little")
+    if bits[n:].any():
+        raise _fail(Reason.BAD_INDEX, "bitmap has bits set past n")
+    idx = np.flatnonzero(bits[:n])
+    if idx.size != k:
+        raise _fail(Reason.BAD_INDEX, f"bitmap marks {idx.size} indices, header says {k}")
+    return idx.astype(np.uint32)
+
+
+def encode_indices(indices: np.ndarray, n: int) -> tuple[str, bytes]:
+    """The smaller of varint and bitmap coding for these indices (ties go to varint)."""
+    varint_len = int(_varint_lengths(_gaps(indices)).sum())
+    if varint_len <= _nblocks(n, 8):
+        return "varint", encode_varint_indices(indices)
+    return "bitmap", encode_bitmap_indices(indices, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+
+
+class UpdateEncoder:
+    """Edge-side encoder with its error-feedback residual (one per site and adapter).
+
+    ``encode(delta)`` does not modify ``delta``. The residual survives restarts through
+    :meth:`state_arrays` / :meth:`load_state_arrays` (plain arrays; save them with ``np.savez``).
+    """
+
+    def __init__(self, config: CodecConfig, n_params: int, *, seed: int | None = None) -> None:
+        if isinstance(n_params, bool) or not isinstance(n_params, int) or not 1 <= n_params < MAX_PARAMS_HARD:
+            raise FpeValueError(f"n_params must be an int in [1, 2**31), got {n_params!r}")
+        self.config = config
+        self.n_params = n_params
+        self._residual = np.zeros(n_params, dtype=np.float32)
+        self._seed = secrets.randbits(63) if seed is None else int(seed) & (2**63 - 1)
+        self._messages = 0  # stochastic-rounding stream position; advances per encode
+
+    @property
+    def residual(self) -> np.ndarray:
+        """Read-only view of the error-feedback residual (float32[n])."""
+        view = self._residual.view()
+        view.flags.writeable = False
+        return view
+
+    def reset_residual(self) -> None:
+        self._residual.fill(0.0)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "residual": self._residual.copy(),
+            "rng": np.array([self._seed, self._messages], dtype=np.uint64),
+        }
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        res = np.asarray(arrays["residual"])
+        if res.dtype != np.float32 or res.shape != (self.n_params,):
+            raise FpeValueError(f"residual must be float32[{self.n_params}], got {res.dtype}{res.shape}")
+        if not kernels.all_finite(np.ascontiguousarray(res)):
+            raise FpeValueError("residual holds NaN/Inf")
+        rng = np.asarray(arrays["rng"])
+        if rng.shape != (2,):
+            raise FpeValueError("rng state must hold 2 integers")
+        self._residual[...] = res
+        self._seed, self._messages = int(rng[0]), int(rng[1])
+
+    def _stochastic_seed(self) -> int | None:
+        if not self.config.stochastic_rounding:
+            return None
+        self._messages += 1
+        # Distinct stream per message; the counter keeps element positions from repeating draws.
+        return (self._seed + self._messages * 0x9E3779B97F4A7C15) & (2**64 - 1)
+
+    def encode(self, delta: np.ndarray) -> EncodedUpdate:
+        cfg = self.config
+        u = np.ascontiguousarray(delta, dtype=np.float32)
+        if u.shape != (self.n_params,):
+            raise FpeValueError(f"delta must have shape ({self.n_params},), got {u.shape}")
+        n = self.n_params
+        if cfg.mode == "fp32":
+            if not kernels.all_finite(u):
+                raise NonFiniteError("delta holds NaN/Inf")
+            return EncodedUpdate("fp32", n, n, 0, "none", 0, u.astype(_F32, copy=False).tobytes())
+
+        ef = cfg.error_feedback
+        seed = self._stochastic_seed()
+        if cfg.mode == "int8":
+            s = u + self._residual if ef else u
+            q, scales = kernels.quantize_int8(s, cfg.block, stochastic_seed=seed)
+            if ef:
+                # new residual = s - dequant(q); computed in place into the residual buffer.
+                kernels.dequantize_int8(q, scales, cfg.block, out=self._residual)
+                np.subtract(s, self._residual, out=self._residual)
+            payload = scales.astype(_F32, copy=False).tobytes() + q.tobytes()
+            return EncodedUpdate("int8", n, n, cfg.block, "none", 0, payload)
+
+        k = cfg.k_for(n)
+        zero = self._residual if ef else np.zeros(n, dtype=np.float32)
+        # topk_ef validates finiteness before writing; a NonFiniteError leaves the residual intact.
+        new_res = np.empty(n, dtype=np.float32)
+        idx, vals, new_res = kernels.topk_ef(u, zero, k, out_residual=new_res)
+        coding, index_bytes = encode_indices(idx, n)
+        if cfg.mode == "topk_fp32":
+            payload = vals.astype(_F32, copy=False).tobytes() + index_bytes
+            block = 0
+        else:
+            q, scales = kernels.quantize_int8(vals, cfg.block, stochastic_seed=seed)
+            sent = kernels.dequantize_int8(q, scales, cfg.block)
+            # true error feedback: the rounding error of the sent values is sent later too
+            new_res[idx] = vals - sent
+            payload = scales.astype(_F32, copy=False).tobytes() + index_bytes + q.tobytes()
+            block = cfg.block
+        if ef:
+            self._residual = new_res
+        return EncodedUpdate(cfg.mode, n, k, block, coding, len(index_bytes), payload)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoder side
+
+
+@dataclass(frozen=True)
+class ParsedUpdate:
+    """Validated views into an :class:`EncodedUpdate` payload (no copies where alignment allows)."""
+
+    mode: str
+    n: int
+    indices: np.ndarray | None  # uint32[k], strictly increasing, < n (sparse modes)
+    values: np.ndarray | None  # float32 (fp32 modes)
+    q: np.ndarray | None  # int8 (int8 modes)
+    scales: np.ndarray | None  # float32 (int8 modes)
+    block: int
+
+
+def _f32_view(buf: memoryview, offset: int, count: int) -> np.ndarray:
+    arr = np.frombuffer(buf, dtype=_F32, count=count, offset=offset)
+    if not arr.flags.aligned or arr.dtype != np.float32:
+        arr = arr.astype(np.float32)  # copy to native, aligned memory before handing it to C
+    return arr
+
+
+def check_fields(mode: object, n: object, k: object, block: object, index_coding: object,
+                 index_nbytes: object, payload_len: int, *, max_params: int = MAX_PARAMS_HARD) -> None:
+    """Validate declared codec fields against each other and the payload length, before any allocation."""
+    for name, val in (("n", n), ("k", k), ("block", block), ("index_nbytes", index_nbytes)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise _fail(Reason.BAD_TYPE, f"codec field {name} must be int, got {type(val).__name__}")
+    assert isinstance(n, int) and isinstance(k, int) and isinstance(block, int)  # for type checkers
+    assert isinstance(index_nbytes, int)
+    if mode not in MODES:
+        raise _fail(Reason.BAD_MODE, f"unknown codec mode {mode!r}")
+    if index_coding not in INDEX_CODINGS:
+        raise _fail(Reason.BAD_MODE, f"unknown index coding {index_coding!r}")
+    if not 1 <= n <= min(max_params, MAX_PARAMS_HARD):
+        raise _fail(Reason.OUT_OF_RANGE, f"n={n} outside [1, {min(max_params, MAX_PARAMS_HARD)}]")
+    if mode in DENSE_MODES:
+        if k != n or index_coding != "none" or index_nbytes != 0:
+            raise _fail(Reason.BAD_MODE, f"dense mode {mode} needs k == n, no index section")
+    else:
+        if not 1 <= k <= n:
+            raise _fail(Reason.OUT_OF_RANGE, f"k={k} outside [1, n={n}]")
+        if index_coding == "none":
+            raise _fail(Reason.BAD_MODE, f"sparse mode {mode} needs an index coding")
+        if index_coding == "bitmap" and index_nbytes != _nblocks(n, 8):
+            raise _fail(Reason.LENGTH_MISMATCH,
+                        f"bitmap of n={n} is {_nblocks(n, 8)} bytes, not {index_nbytes}")
+        if index_coding == "varint" and not k <= index_nbytes <= MAX_VARINT_BYTES * k:
+            raise _fail(Reason.LENGTH_MISMATCH, f"{index_nbytes} bytes cannot hold {k} varints")
+    if mode.endswith("int8"):
+        if not 1 <= block <= 65536:
+            raise _fail(Reason.OUT_OF_RANGE, f"block={block} outside [1, 65536]")
+    elif block != 0:
+        raise _fail(Reason.BAD_MODE, f"mode {mode} carries no quantisation block, got block={block}")
+    want = expected_payload_len(mode, n, k, block, index_nbytes)
+    if payload_len != want:
+        raise _fail(Reason.LENGTH_MISMATCH, f"payload has {payload_len} bytes, fields imply {want}")
+
+
+def parse(enc: EncodedUpdate, *, n_params: int | None = None, max_params: int = MAX_PARAMS_HARD
+          ) -> ParsedUpdate:
+    """Validate ``enc`` completely and return typed views of its sections.
+
+    Raises :class:`WireFormatError` on any inconsistency: unknown mode, ``n != n_params``, payload length
+    not exactly what the fields imply, bad indices (count, order, range, varint form), non-finite
+    scales or values.
+    """
+    payload = enc.payload
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise _fail(Reason.BAD_TYPE, "payload must be bytes")
+    buf = memoryview(payload).cast("B")
+    check_fields(enc.mode, enc.n, enc.k, enc.block, enc.index_coding, enc.index_nbytes, buf.nbytes,
+                 max_params=max_params)
+    n, k, block = enc.n, enc.k, enc.block
+    if n_params is not None and n != n_params:
+        raise _fail(Reason.OUT_OF_RANGE, f"update has n={n}, expected {n_params}")
+
+    if enc.mode == "fp32":
+        vals = _f32_view(buf, 0, n)
+        if not kernels.all_finite(vals):
+            raise _fail(Reason.NON_FINITE, "fp32 payload holds NaN/Inf")
+        return ParsedUpdate("fp32", n, None, vals, None, None, 0)
+    if enc.mode == "int8":
+        nb = _nblocks(n, block)
+        scales = _f32_view(buf, 0, nb)
+        _check_scales(scales)
+        q = np.frombuffer(buf, dtype=np.int8, count=n, offset=4 * nb)
+        _check_q(q)
+        return ParsedUpdate("int8", n, None, None, q, scales, block)
+
+    if enc.mode == "topk_fp32":
+        vals = _f32_view(buf, 0, k)
+        if not kernels.all_finite(vals):
+            raise _fail(Reason.NON_FINITE, "top-k values hold NaN/Inf")
+        idx = _decode_indices(enc.index_coding, buf[4 * k :], k, n)
+        return ParsedUpdate("topk_fp32", n, idx, vals, None, None, 0)
+    nb = _nblocks(k, block)
+    scales = _f32_view(buf, 0, nb)
+    _check_scales(scales)
+    ix_end = 4 * nb + enc.index_nbytes
+    q = np.frombuffer(buf, dtype=np.int8, count=k, offset=ix_end)
+    _check_q(q)
+    idx = _decode_indices(enc.index_coding, buf[4 * nb : ix_end], k, n)
+    return ParsedUpdate("topk_int8", n, idx, None, q, scales, block)
+
+
+def _check_scales(scales: np.ndarray) -> None:
+    if not kernels.all_finite(scales):
+        raise _fail(Reason.NON_FINITE, "quantisation scales hold NaN/Inf")
+    if scales.size and float(scales.min()) < 0.0:
+        raise _fail(Reason.OUT_OF_RANGE, "negative quantisation scale")
+
+
+def _check_q(q: np.ndarray) -> None:
+    # The quantiser never emits -128; rejecting it keeps |q| <= 127 an invariant norm bounds can use.
+    if q.size and int(q.min()) < -127:
+        raise _fail(Reason.OUT_OF_RANGE, "int8 value -128 is never produced by the quantiser")
+
+
+def _decode_indices(coding: str, data: memoryview, k: int, n: int) -> np.ndarray:
+    if coding == "varint":
+        return decode_varint_indices(data, k, n)
+    return decode_bitmap_indices(data, k, n)
+
+
+def _as_parsed(enc: EncodedUpdate | ParsedUpdate, n_params: int | None) -> ParsedUpdate:
+    if isinstance(enc, ParsedUpdate):
+        if n_params is not None and enc.n != n_params:
+            raise _fail(Reason.OUT_OF_RANGE, f"update has n={enc.n}, expected {n_params}")
+        return enc
+    return parse(enc, n_params=n_params)
+
+
+def decode_dense(enc: EncodedUpdate | ParsedUpdate, n_params: int | None = None) -> np.ndarray:
+    """The update as a dense float32[n] vector (what the aggregator adds, before weighting)."""
+    p = _as_parsed(enc, n_params)
+    out = np.zeros(p.n, dtype=np.float32)
+    _accumulate_parsed(p, out, 1.0)
+    return out
+
+
+def accumulate_into(enc: EncodedUpdate | ParsedUpdate, acc: np.ndarray, weight: float) -> None:
+    """``acc += weight * decode(enc)`` through the fused kernels; validates everything first.
+
+    On any :class:`WireFormatError` ``acc`` is untouched. ``acc`` must be a writable, contiguous
+    float32 vector of length ``enc.n``.
+    """
+    if not isinstance(acc, np.ndarray) or acc.dtype != np.float32 or acc.ndim != 1:
+        raise FpeValueError("acc must be a 1-D float32 numpy array")
+    w = float(weight)
+    if not np.isfinite(w):
+        raise FpeValueError(f"weight must be finite, got {weight!r}")
+    p = _as_parsed(enc, acc.shape[0])
+    _accumulate_parsed(p, acc, w)
+
+
+def _accumulate_parsed(p: ParsedUpdate, acc: np.ndarray, w: float) -> None:
+    if p.mode == "fp32":
+        kernels.axpy(acc, p.values, w)
+    elif p.mode == "int8":
+        kernels.dequant_accumulate(acc, p.q, p.scales, p.block, w)
+    elif p.mode == "topk_fp32":
+        kernels.scatter_add(acc, p.indices, p.values, w)
+    else:
+        kernels.sparse_dequant_accumulate(acc, p.indices, p.q, p.scales, p.block, w)
+
+
+def update_l2_norm(enc: EncodedUpdate | ParsedUpdate) -> float:
+    """L2 norm of the decoded update without building the dense vector.
+
+    int8 modes use ``sum_b scale_b**2 * sum_{i in b} q_i**2`` in float64 (exact for the dequantised
+    values up to float32 rounding of ``q * scale``).
+    """
+    p = _as_parsed(enc, None)
+    if p.values is not None:
+        return float(kernels.l2_norm(p.values))
+    assert p.q is not None and p.scales is not None
+    q32 = p.q.astype(np.int32)
+    sq = q32 * q32
+    per_block = np.add.reduceat(sq, np.arange(0, sq.size, p.block)) if sq.size else np.zeros(0)
+    total = float(np.dot(per_block.astype(np.float64), p.scales.astype(np.float64) ** 2))
+    return float(np.sqrt(total))
+
+
+# --------------------------------------------------------------------------------------------------
+# Downlink (global model)
+
+
+def encode_global(vec: np.ndarray, mode: str = "fp32", *, block: int = 256) -> EncodedUpdate:
+    """Encode a global adapter vector for the downlink: ``fp32`` (default, exact) or ``int8`` (dense)."""
+    if mode not in DENSE_MODES:
+        raise FpeValueError(f"global mode must be one of {DENSE_MODES}, got {mode!r}")
+    v = np.ascontiguousarray(vec, dtype=np.float32)
+    if v.ndim != 1 or not 1 <= v.size < MAX_PARAMS_HARD:
+        raise FpeValueError(f"global vector must be 1-D with 1..2**31-1 elements, got shape {v.shape}")
+    enc = UpdateEncoder(CodecConfig(mode=mode, block=block, error_feedback=False), int(v.size), seed=0)
+    return enc.encode(v)
+
+
+def decode_global(enc: EncodedUpdate, n_params: int | None = None) -> np.ndarray:
+    """Decode a downlink vector; only dense modes are valid for a global model."""
+    if enc.mode not in DENSE_MODES:
+        raise _fail(Reason.BAD_MODE, f"a global vector must be dense, got mode {enc.mode!r}")
+    return decode_dense(enc, n_params)
+
+
+__all__ = [
+    "DENSE_MODES",
+    "MODES",
+    "SPARSE_MODES",
+    "CodecConfig",
+    "EncodedUpdate",
+    "ParsedUpdate",
+    "Reason",
+    "UpdateEncoder",
+    "WireFormatError",
+    "accumulate_into",
+    "check_fields",
+    "decode_dense",
+    "decode_global",
+    "encode_global",
+    "parse",
+    "reason_of",
+    "update_l2_norm",
+]

@@ -1,0 +1,559 @@
+"""Aggregator round state, persisted crash-safely, and the transport-free aggregation core.
+
+:class:`RoundState` is everything an aggregator must not lose: round number, global vector, the
+running weighted sum of the open round, the accepted ``(client_id, round)`` pairs, the server
+optimiser state and counters. It lives in ONE file, ``<dir>/round_state.npz`` (``np.savez``, loaded
+with ``allow_pickle=False``; non-array fields as JSON stored in a uint8 array), replaced atomically:
+write ``.round_state.npz.tmp-*`` in the same directory, flush + fsync, ``os.replace``, fsync the
+directory. A reader sees the old file or the new one, never a mix; stray temp files are ignored.
+
+Exactly-once counting with an MQTT QoS 1 subscriber: the accumulator sum and the accepted pair set are
+written in the same atomic file, so
+
+* crash after ``offer`` but before the save → neither the sum nor the pair contain the update; the
+  broker redelivers (not yet acknowledged) and it is counted then;
+* crash after the save but before the acknowledgement → the redelivery is recognised as a duplicate.
+
+So: persist (``autosave=True`` does it inside :meth:`AggregatorCore.offer`, or call
+:meth:`AggregatorCore.checkpoint` after a batch) BEFORE acknowledging the MQTT message (paho 2.x:
+``Client(manual_ack=True)`` + ``client.ack(mid, qos)``).
+
+:class:`AggregatorCore` applies the policy of an :class:`AggregatorConfig`; the MQTT service loop
+drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a timer,
+``close_round(now)`` → publish the new global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from fedpeft_edge import kernels
+from fedpeft_edge.errors import ValueError as FpeValueError
+from fedpeft_edge.federation.codec import WireFormatError, parse, update_l2_norm
+from fedpeft_edge.federation.strategy import (
+    LATE_POLICIES,
+    NORM_MODES,
+    SERVER_OPTIMIZERS,
+    NormBound,
+    RoundAccumulator,
+    ServerOptimizer,
+    make_server_optimizer,
+    staleness_weight,
+)
+from fedpeft_edge.federation.wire import UpdateMessage
+
+STATE_FILE: Final = "round_state.npz"
+STATE_FORMAT: Final = 1
+HISTORY_KEEP: Final = 1000
+
+
+class StateError(FpeValueError):
+    """The persisted round state is unreadable, inconsistent, or belongs to another configuration."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Policy knobs of one fleet's aggregator.
+
+    A round closes as soon as ``quorum`` updates were accepted, or once ``round_deadline_s`` passed with
+    at least ``min_clients``. Late updates (trained from an older global) are dropped or, with
+    ``late_policy="stale_weighted"``, counted with weight ``samples·(1+staleness)^-staleness_alpha`` up
+    to ``max_staleness`` rounds behind. ``norm_bound`` clips (``norm_mode="clip"``) or rejects updates
+    whose L2 norm exceeds it. ``weighting`` is ``"samples"`` (FedAvg) or ``"uniform"``; a claimed
+    ``num_samples`` above ``max_samples_weight`` counts as that many (a lying site cannot dominate).
+    """
+
+    fleet: str
+    n_params: int
+    spec_hash: str
+    min_clients: int = 1
+    quorum: int = 2
+    round_deadline_s: float = 300.0
+    late_policy: str = "drop"
+    staleness_alpha: float = 0.5
+    max_staleness: int = 4
+    norm_bound: float | None = None
+    norm_mode: str = "clip"
+    server_optimizer: str = "fedavg"
+    server_opt_params: dict[str, float] = field(default_factory=dict)
+    max_rounds: int | None = None
+    weighting: str = "samples"
+    max_samples_weight: int = 1_000_000
+    global_mode: str = "fp32"  # downlink codec (codec.encode_global)
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, val: object) -> None:
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise FpeValueError(f"AggregatorConfig.{name} must be a positive int, got {val!r}")
+
+        positive_int("n_params", self.n_params)
+        positive_int("min_clients", self.min_clients)
+        positive_int("quorum", self.quorum)
+        positive_int("max_samples_weight", self.max_samples_weight)
+        if self.quorum < self.min_clients:
+            raise FpeValueError("quorum must be >= min_clients")
+        if self.max_rounds is not None:
+            positive_int("max_rounds", self.max_rounds)
+        if not (math.isfinite(self.round_deadline_s) and self.round_deadline_s > 0):
+            raise FpeValueError("round_deadline_s must be finite and > 0")
+        if self.late_policy not in LATE_POLICIES:
+            raise FpeValueError(f"late_policy must be one of {LATE_POLICIES}")
+        if self.norm_mode not in NORM_MODES:
+            raise FpeValueError(f"norm_mode must be one of {NORM_MODES}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise FpeValueError(f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}")
+        if self.weighting not in ("samples", "uniform"):
+            raise FpeValueError("weighting must be 'samples' or 'uniform'")
+        ms = self.max_staleness
+        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+            raise FpeValueError("max_staleness must be an int >= 0")
+        if self.global_mode not in ("fp32", "int8"):
+            raise FpeValueError("global_mode must be 'fp32' or 'int8'")
+        staleness_weight(0, self.staleness_alpha)  # validates alpha
+        if self.norm_bound is not None:
+            NormBound(self.norm_bound, self.norm_mode)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a persisted state must agree with to be resumed under this config."""
+        return {"fleet": self.fleet, "n_params": self.n_params, "spec_hash": self.spec_hash,
+                "server_optimizer": self.server_optimizer}
+
+
+# --------------------------------------------------------------------------------------------------
+# Persisted state
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"participants": [], "bytes_in": 0, "late_accepted": 0, "clipped": 0,
+            "metric_wsum": {}, "metric_w": {}}
+
+
+@dataclass
+class RoundState:
+    """Everything the aggregator needs after a restart (see module docstring for the file format)."""
+
+    fingerprint: dict[str, Any]
+    round: int
+    global_vec: np.ndarray
+    acc_sum: np.ndarray
+    acc_total_weight: float = 0.0
+    acc_count: int = 0
+    # (client_id, round the update was trained from) -> round in which it was counted
+    accepted: dict[tuple[str, int], int] = field(default_factory=dict)
+    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    round_started_at: float = 0.0
+    stats: dict[str, Any] = field(default_factory=_new_stats)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, config: AggregatorConfig, initial_global: np.ndarray | None, now: float) -> RoundState:
+        n = config.n_params
+        if initial_global is None:
+            g = np.zeros(n, dtype=np.float32)
+        else:
+            g = np.array(initial_global, dtype=np.float32, copy=True)
+            if g.shape != (n,) or not kernels.all_finite(g):
+                raise FpeValueError(f"initial global must be finite float32[{n}]")
+        return cls(config.fingerprint(), 0, g, np.zeros(n, dtype=np.float32), round_started_at=now)
+
+    # ---- persistence -------------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "fingerprint": self.fingerprint, "round": self.round,
+            "acc_total_weight": self.acc_total_weight, "acc_count": self.acc_count,
+            "accepted": [[c, r, at] for (c, r), at in sorted(self.accepted.items())],
+            "optimizer_keys": sorted(self.optimizer_state), "counters": self.counters,
+            "round_started_at": self.round_started_at, "stats": self.stats, "history": self.history,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Atomically replace ``<directory>/round_state.npz``; returns its path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps(self._meta(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+        arrays = {"global": self.global_vec, "acc_sum": self.acc_sum,
+                  "meta_json": np.frombuffer(meta, dtype=np.uint8)}
+        for key, val in self.optimizer_state.items():
+            arrays[f"opt__{key}"] = val
+        final = d / STATE_FILE
+        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.tmp-", dir=d)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(d)
+        return final
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> RoundState | None:
+        """The persisted state, or ``None`` if the directory holds none. Corrupt state → StateError."""
+        path = Path(directory) / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = {name: z[name] for name in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise StateError(f"cannot read {path}: {exc}") from exc
+        try:
+            meta = json.loads(bytes(files.pop("meta_json")).decode("utf-8"))
+            if meta.get("format") != STATE_FORMAT:
+                raise StateError(f"unsupported state format {meta.get('format')!r}")
+            g, acc = files.pop("global"), files.pop("acc_sum")
+            opt = {k[len("opt__"):]: v for k, v in files.items() if k.startswith("opt__")}
+            if sorted(opt) != meta["optimizer_keys"]:
+                raise StateError("optimizer arrays do not match the recorded keys")
+            n = int(meta["fingerprint"]["n_params"])
+            for name, arr in (("global", g), ("acc_sum", acc)):
+                if arr.dtype != np.float32 or arr.shape != (n,) or not kernels.all_finite(arr):
+                    raise StateError(f"{name} must be finite float32[{n}]")
+            accepted = {(str(c), int(r)): int(at) for c, r, at in meta["accepted"]}
+            return cls(
+                fingerprint=meta["fingerprint"], round=int(meta["round"]), global_vec=g, acc_sum=acc,
+                acc_total_weight=float(meta["acc_total_weight"]), acc_count=int(meta["acc_count"]),
+                accepted=accepted, optimizer_state=opt,
+                counters={str(k): int(v) for k, v in meta["counters"].items()},
+                round_started_at=float(meta["round_started_at"]), stats=meta["stats"],
+                history=list(meta["history"]),
+            )
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise StateError(f"inconsistent state in {path}: {exc!r}") from exc
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decisions and the core
+
+
+ACCEPTED: Final = "accepted"
+DUPLICATE: Final = "duplicate"
+LATE: Final = "late"
+REJECTED: Final = "rejected"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to an offered update. ``reason`` is a short code ("" when accepted)."""
+
+    status: str  # accepted | duplicate | late | rejected
+    reason: str = ""
+    weight: float = 0.0
+    staleness: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ACCEPTED
+
+
+class AggregatorCore:
+    """Round logic over :class:`RoundState`: validation, dedup, lateness, norm bound, weighted sum,
+    server optimiser, round closing. No I/O except the state file in ``state_dir``.
+
+    ``state_dir=None`` keeps everything in memory (tests, simulations). With a directory, an existing
+    state is resumed if its fingerprint (fleet, n_params, spec_hash, server_optimizer) matches the
+    config, else :class:`StateError`.
+    """
+
+    def __init__(self, config: AggregatorConfig, state_dir: str | os.PathLike[str] | None = None, *,
+                 initial_global: np.ndarray | None = None, autosave: bool = True,
+                 now: float | None = None) -> None:
+        self.config = config
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.autosave = autosave
+        self._norm = NormBound(config.norm_bound, config.norm_mode) if config.norm_bound is not None else None
+        now = time.time() if now is None else now
+        loaded = RoundState.load(self.state_dir) if self.state_dir is not None else None
+        if loaded is None:
+            self._state = RoundState.fresh(config, initial_global, now)
+            self._optimizer = make_server_optimizer(config.server_optimizer, config.n_params,
+                                                    **config.server_opt_params)
+            self._store_optimizer()
+            if self.state_dir is not None:
+                self._state.save(self.state_dir)
+        else:
+            if loaded.fingerprint != config.fingerprint():
+                raise StateError(f"state in {self.state_dir} belongs to {loaded.fingerprint}, "
+                                 f"not {config.fingerprint()}")
+            self._state = loaded
+            self._optimizer = self._restore_optimizer(loaded)
+        self._acc = RoundAccumulator(config.n_params)
+        self._acc.sum = self._state.acc_sum  # shared buffer: the state always holds the live sum
+        self._acc.total_weight, self._acc.count = self._state.acc_total_weight, self._state.acc_count
+
+    # ---- read-only views -----------------------------------------------------------------------------
+
+    @property
+    def round(self) -> int:
+        """The open round: sites train from ``global_vector`` and send updates tagged with this round."""
+        return self._state.round
+
+    @property
+    def global_vector(self) -> np.ndarray:
+        view = self._state.global_vec.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def finished(self) -> bool:
+        return self.config.max_rounds is not None and self._state.round >= self.config.max_rounds
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Cumulative counts: accepted, duplicate, late, late_accepted, clipped, bytes_in,
+        ``rejected`` and ``rejected:<reason>``."""
+        return dict(self._state.counters)
+
+    @property
+    def accepted_this_round(self) -> int:
+        return self._acc.count
+
+    @property
+    def participants(self) -> list[str]:
+        return list(self._state.stats["participants"])
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self._state.history)
+
+    @property
+    def optimizer(self) -> ServerOptimizer:
+        return self._optimizer
+
+    @property
+    def round_started_at(self) -> float:
+        return self._state.round_started_at
+
+    # ---- ingest --------------------------------------------------------------------------------------
+
+    def _count(self, key: str, amount: int = 1) -> None:
+        self._state.counters[key] = self._state.counters.get(key, 0) + amount
+
+    def note_rejected(self, reason: str, nbytes: int = 0) -> Decision:
+        """Count a message rejected before it reached :meth:`offer` (e.g. wire decoding failed)."""
+        self._count("rejected")
+        self._count(f"rejected:{reason}")
+        if nbytes:
+            self._count("bytes_rejected", int(nbytes))
+        return Decision(REJECTED, reason)
+
+    def offer(self, msg: UpdateMessage, *, sender: str | None = None, nbytes: int | None = None,
+              now: float | None = None) -> Decision:
+        """Validate and (maybe) accumulate one decoded update; persists when ``autosave``.
+
+        ``sender`` is the client id the transport vouches for (MQTT topic level); a different
+        ``msg.client_id`` is rejected. ``nbytes`` is the envelope size for byte accounting.
+        """
+        cfg, st = self.config, self._state
+        if self.finished:
+            return self.note_rejected("finished", nbytes or 0)
+        if sender is not None and sender != msg.client_id:
+            return self.note_rejected("client_mismatch", nbytes or 0)
+        if msg.fleet != cfg.fleet:
+            return self.note_rejected("wrong_fleet", nbytes or 0)
+        if msg.spec_hash != cfg.spec_hash:
+            return self.note_rejected("spec_hash", nbytes or 0)
+        if msg.round > st.round:
+            return self.note_rejected("future_round", nbytes or 0)
+        key = (msg.client_id, msg.round)
+        if key in st.accepted:
+            self._count("duplicate")
+            return Decision(DUPLICATE, "already counted")
+        staleness = st.round - msg.round
+        if staleness > 0 and (cfg.late_policy == "drop" or staleness > cfg.max_staleness):
+            self._count("late")
+            return Decision(LATE, f"{staleness} round(s) behind", staleness=staleness)
+        try:
+            parsed = parse(msg.update, n_params=cfg.n_params)
+            norm = update_l2_norm(parsed)
+        except WireFormatError as exc:
+            return self.note_rejected(exc.reason, nbytes or 0)
+        scale = 1.0
+        if self._norm is not None:
+            s = self._norm.scale_for(norm)
+            if s is None:
+                return self.note_rejected("norm_bound", nbytes or 0)
+            scale = s
+        elif not math.isfinite(norm):
+            return self.note_rejected("non_finite", nbytes or 0)
+        samples = min(msg.num_samples, cfg.max_samples_weight)
+        weight = float(samples) if cfg.weighting == "samples" else 1.0
+        if staleness:
+            weight *= staleness_weight(staleness, cfg.staleness_alpha)
+
+        self._acc.accumulate(parsed, weight, scale)
+        st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
+        st.accepted[key] = st.round
+        stats = st.stats
+        stats["participants"].append(msg.client_id)
+        stats["bytes_in"] += int(nbytes or msg.update.nbytes)
+        for name, val in msg.metrics.items():
+            stats["metric_wsum"][name] = stats["metric_wsum"].get(name, 0.0) + weight * val
+            stats["metric_w"][name] = stats["metric_w"].get(name, 0.0) + weight
+        self._count("accepted")
+        self._count("bytes_in", int(nbytes or msg.update.nbytes))
+        if staleness:
+            stats["late_accepted"] += 1
+            self._count("late_accepted")
+        if scale < 1.0:
+            stats["clipped"] += 1
+            self._count("clipped")
+        if self.autosave:
+            self.checkpoint()
+        return Decision(ACCEPTED, "", weight, staleness)
+
+    # ---- round control -----------------------------------------------------------------------------
+
+    def deadline_passed(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return now - self._state.round_started_at >= self.config.round_deadline_s
+
+    def ready_to_close(self, now: float | None = None) -> bool:
+        """Quorum reached, or deadline passed with at least ``min_clients`` accepted updates."""
+        if self.finished or self._acc.count == 0:
+            return False
+        if self._acc.count >= self.config.quorum:
+            return True
+        return self._acc.count >= self.config.min_clients and self.deadline_passed(now)
+
+    def restart_round_clock(self, now: float | None = None) -> None:
+        """Start the deadline again (e.g. after the global was (re)published following a restart)."""
+        self._state.round_started_at = time.time() if now is None else now
+        if self.autosave:
+            self.checkpoint()
+
+    def close_round(self, now: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Apply the server optimiser to the round's weighted mean, open the next round, persist.
+
+        Returns ``(new_global, metrics)``; metrics: round, participants, num_updates, total_weight,
+        bytes_in, duration_s, update_norm, late_accepted, clipped, the weighted mean of every client
+        metric (loss, accuracy, train_seconds, ...), server_optimizer.
+        """
+        if self._acc.count == 0:
+            raise FpeValueError("cannot close a round without accepted updates")
+        now = time.time() if now is None else now
+        st = self._state
+        mean = self._acc.mean()
+        before = self._optimizer.state_arrays()
+        new_global = self._optimizer.step(st.global_vec, mean)
+        if not kernels.all_finite(new_global):
+            self._optimizer.load_state_arrays(before)
+            raise FpeValueError("server optimizer produced NaN/Inf; round left open")
+        stats = st.stats
+        metrics: dict[str, Any] = {
+            "round": st.round,
+            "participants": list(stats["participants"]),
+            "num_updates": self._acc.count,
+            "total_weight": self._acc.total_weight,
+            "bytes_in": stats["bytes_in"],
+            "duration_s": max(0.0, now - st.round_started_at),
+            "update_norm": float(kernels.l2_norm(mean)),
+            "late_accepted": stats["late_accepted"],
+            "clipped": stats["clipped"],
+            "server_optimizer": self._optimizer.name,
+        }
+        for name, wsum in stats["metric_wsum"].items():
+            metrics[name] = wsum / stats["metric_w"][name]
+        st.global_vec = new_global
+        st.round += 1
+        self._acc.reset()
+        st.acc_total_weight, st.acc_count = 0.0, 0
+        st.stats = _new_stats()
+        st.round_started_at = now
+        keep_from = st.round - self.config.max_staleness - 1
+        st.accepted = {k: at for k, at in st.accepted.items() if k[1] >= keep_from}
+        st.history.append(metrics)
+        del st.history[:-HISTORY_KEEP]
+        self._store_optimizer()
+        self._count("rounds_closed")
+        self.checkpoint()  # always, whatever autosave: a closed round must never be re-closed after a crash
+        return new_global.copy(), metrics
+
+    def checkpoint(self) -> None:
+        """Persist the state now (no-op without ``state_dir``). On failure the in-memory state is
+        rolled back to the last persisted one, so memory never runs ahead of disk."""
+        if self.state_dir is None:
+            return
+        try:
+            self._state.save(self.state_dir)
+        except BaseException:
+            self._reload()
+            raise
+
+    def _reload(self) -> None:
+        assert self.state_dir is not None
+        loaded = RoundState.load(self.state_dir)
+        if loaded is None:
+            raise StateError("state vanished from disk")
+        self._state = loaded
+        self._optimizer = self._restore_optimizer(loaded)
+        self._acc.sum = loaded.acc_sum
+        self._acc.total_weight, self._acc.count = loaded.acc_total_weight, loaded.acc_count
+
+    def _store_optimizer(self) -> None:
+        self._state.optimizer_state = self._optimizer.state_arrays()
+
+    def _restore_optimizer(self, st: RoundState) -> ServerOptimizer:
+        opt = make_server_optimizer(self.config.server_optimizer, self.config.n_params,
+                                    **self.config.server_opt_params)
+        try:
+            opt.load_state_arrays(st.optimizer_state)
+        except (KeyError, FpeValueError) as exc:
+            raise StateError(f"server optimizer state unusable: {exc}") from exc
+        return opt
+
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-able snapshot for logs and status pages."""
+        return {"round": self.round, "accepted_this_round": self._acc.count, "finished": self.finished,
+                "participants": self.participants, "counters": self.counters,
+                "config": {k: v for k, v in asdict(self.config).items() if k != "server_opt_params"}}
+
+
+__all__ = [
+    "ACCEPTED",
+    "DUPLICATE",
+    "LATE",
+    "REJECTED",
+    "STATE_FILE",
+    "AggregatorConfig",
+    "AggregatorCore",
+    "Decision",
+    "RoundState",
+    "StateError",
+]

@@ -1,0 +1,312 @@
+"""Aggregation maths, free of transport and persistence.
+
+Convention: a site sends ``delta = local_after_training - global_it_started_from``. The aggregator
+forms the weighted mean ``Δ = Σ w_i·delta_i / Σ w_i`` (:class:`RoundAccumulator`, streaming, O(n)
+memory whatever the number of sites) and a :class:`ServerOptimizer` turns ``(global, Δ)`` into the next
+global. ``-Δ`` is the "pseudo-gradient" of Reddi et al. 2021 (Adaptive Federated Optimization):
+
+* FedAvg:  ``x ← x + η·Δ``                                   (η = 1 is plain FedAvg)
+* FedAvgM: ``m ← β·m + Δ;  x ← x + η·m``                      (Hsu et al. 2019)
+* FedAdam: ``m ← β1·m + (1-β1)·Δ;  v ← β2·v + (1-β2)·Δ²;  x ← x + η·m / (√v + τ)``
+* FedYogi: as FedAdam with ``v ← v - (1-β2)·Δ²·sign(v - Δ²)``
+
+(Reddi et al. use no bias correction; ``bias_correction=True`` adds Adam's, off by default.)
+
+Late updates can still count, down-weighted by staleness ``s`` (rounds behind):
+``weight = num_samples · (1 + s)^-alpha`` (polynomial staleness, as in FedAsync / FedBuff).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+import numpy as np
+
+from fedpeft_edge import kernels
+from fedpeft_edge.errors import ValueError as FpeValueError
+from fedpeft_edge.federation.codec import EncodedUpdate, ParsedUpdate, accumulate_into
+
+LATE_POLICIES: Final = ("drop", "stale_weighted")
+NORM_MODES: Final = ("clip", "reject")
+
+
+def staleness_weight(staleness: int, alpha: float) -> float:
+    """Polynomial staleness discount ``(1 + staleness)^-alpha`` (1 for a fresh update)."""
+    if staleness < 0:
+        raise FpeValueError(f"staleness must be >= 0, got {staleness}")
+    if alpha < 0 or not math.isfinite(alpha):
+        raise FpeValueError(f"staleness alpha must be finite and >= 0, got {alpha}")
+    return float((1.0 + staleness) ** (-alpha))
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """Updates with L2 norm above ``bound`` are clipped to it (``mode="clip"``) or refused (``"reject"``)."""
+
+    bound: float
+    mode: str = "clip"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bound) and self.bound > 0):
+            raise FpeValueError(f"norm bound must be finite and > 0, got {self.bound}")
+        if self.mode not in NORM_MODES:
+            raise FpeValueError(f"norm bound mode must be one of {NORM_MODES}, got {self.mode!r}")
+
+    def scale_for(self, norm: float) -> float | None:
+        """Multiplier applied to the update (1.0 if within bound), or None if it must be rejected."""
+        if not math.isfinite(norm):
+            return None
+        if norm <= self.bound:
+            return 1.0
+        return None if self.mode == "reject" else self.bound / norm
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming weighted sum
+
+
+class RoundAccumulator:
+    """``Σ w_i · update_i`` and ``Σ w_i`` for one round, through the fused kernels.
+
+    ``accumulate(enc, weight, scale)`` adds ``weight·scale·decode(enc)`` to the sum and ``weight`` to the
+    total (``scale`` is the norm-clipping factor, which shrinks the update but not its say in the mean).
+    Invalid updates raise WireFormatError and leave the sum untouched.
+    """
+
+    def __init__(self, n_params: int) -> None:
+        if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 1:
+            raise FpeValueError(f"n_params must be a positive int, got {n_params!r}")
+        self.n_params = n_params
+        self.sum = np.zeros(n_params, dtype=np.float32)
+        self.total_weight = 0.0
+        self.count = 0
+
+    def accumulate(self, enc: EncodedUpdate | ParsedUpdate, weight: float, scale: float = 1.0) -> None:
+        if not (math.isfinite(weight) and weight > 0 and math.isfinite(scale) and scale >= 0):
+            raise FpeValueError(f"weight must be finite > 0 and scale finite >= 0, got {weight}, {scale}")
+        accumulate_into(enc, self.sum, weight * scale)
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def accumulate_dense(self, vec: np.ndarray, weight: float) -> None:
+        """Add an already-decoded update (or a partial weighted *mean* from a lower aggregation tier)."""
+        v = np.ascontiguousarray(vec, dtype=np.float32)
+        if v.shape != (self.n_params,):
+            raise FpeValueError(f"vector must have shape ({self.n_params},), got {v.shape}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise FpeValueError(f"weight must be finite and > 0, got {weight}")
+        if not kernels.all_finite(v):
+            raise FpeValueError("vector holds NaN/Inf")
+        kernels.axpy(self.sum, v, float(weight))
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def merge(self, other: RoundAccumulator) -> None:
+        """Fold another accumulator's sum into this one (hierarchical aggregation)."""
+        if other.n_params != self.n_params:
+            raise FpeValueError("accumulators differ in n_params")
+        kernels.axpy(self.sum, other.sum, 1.0)
+        self.total_weight += other.total_weight
+        self.count += other.count
+
+    def mean(self) -> np.ndarray:
+        """The weighted mean update (a new array). Needs at least one accumulated update."""
+        if self.total_weight <= 0:
+            raise FpeValueError("no updates accumulated")
+        return (self.sum / np.float32(self.total_weight)).astype(np.float32, copy=False)
+
+    def reset(self) -> None:
+        self.sum.fill(0.0)
+        self.total_weight = 0.0
+        self.count = 0
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"sum": self.sum.copy(), "meta": np.array([self.total_weight, float(self.count)], np.float64)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        s, meta = np.asarray(arrays["sum"]), np.asarray(arrays["meta"])
+        if s.dtype != np.float32 or s.shape != (self.n_params,) or meta.shape != (2,):
+            raise FpeValueError("accumulator state has the wrong shape or dtype")
+        self.sum[...] = s
+        self.total_weight, self.count = float(meta[0]), int(meta[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Server optimisers
+
+
+class ServerOptimizer:
+    """Turns the round's weighted mean update into the next global vector.
+
+    ``step(global_vec, mean_delta)`` returns a new float32 array and advances the optimiser state.
+    ``state_arrays()`` / ``load_state_arrays()`` give plain arrays (no pickle) for RoundState.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, n_params: int, *, lr: float = 1.0) -> None:
+        if not (math.isfinite(lr) and lr > 0):
+            raise FpeValueError(f"server lr must be finite and > 0, got {lr}")
+        self.n_params = n_params
+        self.lr = float(lr)
+        self.steps = 0
+
+    def params(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+    def _check(self, global_vec: np.ndarray, mean_delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(global_vec, dtype=np.float32)
+        d = np.ascontiguousarray(mean_delta, dtype=np.float32)
+        if x.shape != (self.n_params,) or d.shape != (self.n_params,):
+            raise FpeValueError(f"vectors must have shape ({self.n_params},), got {x.shape}, {d.shape}")
+        if not kernels.all_finite(d):
+            raise FpeValueError("mean update holds NaN/Inf")
+        return x, d
+
+    def step(self, global_vec: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"steps": np.array([self.steps], dtype=np.int64)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.steps = int(np.asarray(arrays["steps"]).reshape(-1)[0])
+
+    def _load_vec(self, arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+        a = np.asarray(arrays[key])
+        if a.dtype != np.float32 or a.shape != (self.n_params,):
+            raise FpeValueError(f"optimizer state {key!r} must be float32[{self.n_params}]")
+        return a.copy()
+
+
+class FedAvg(ServerOptimizer):
+    name = "fedavg"
+
+    def step(self, global_vec: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        x, d = self._check(global_vec, mean_delta)
+        out = x.copy()
+        kernels.axpy(out, d, self.lr)
+        self.steps += 1
+        return out
+
+
+class FedAvgM(ServerOptimizer):
+    name = "fedavgm"
+
+    def __init__(self, n_params: int, *, lr: float = 1.0, momentum: float = 0.9) -> None:
+        super().__init__(n_params, lr=lr)
+        if not 0.0 <= momentum < 1.0:
+            raise FpeValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+        self.m = np.zeros(n_params, dtype=np.float32)
+
+    def params(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def step(self, global_vec: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        x, d = self._check(global_vec, mean_delta)
+        self.m *= np.float32(self.momentum)
+        self.m += d
+        out = x.copy()
+        kernels.axpy(out, self.m, self.lr)
+        self.steps += 1
+        return out
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {**super().state_arrays(), "m": self.m.copy()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        m = self._load_vec(arrays, "m")
+        super().load_state_arrays(arrays)
+        self.m = m
+
+
+class FedAdam(ServerOptimizer):
+    """Server Adam on the pseudo-gradient (Reddi et al. 2021); ``tau`` bounds the adaptivity."""
+
+    name = "fedadam"
+
+    def __init__(self, n_params: int, *, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3, bias_correction: bool = False) -> None:
+        super().__init__(n_params, lr=lr)
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and math.isfinite(tau) and tau > 0):
+            raise FpeValueError(f"need 0 <= beta1, beta2 < 1 and tau > 0, got {beta1}, {beta2}, {tau}")
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+        self.bias_correction = bool(bias_correction)
+        self.m = np.zeros(n_params, dtype=np.float32)
+        # Reddi et al. initialise v to tau^2 (Algorithm 2), so the first steps are not huge.
+        self.v = np.full(n_params, self.tau**2, dtype=np.float32)
+
+    def params(self) -> dict[str, float]:
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau,
+                "bias_correction": float(self.bias_correction)}
+
+    def _update_v(self, d2: np.ndarray) -> None:
+        self.v *= np.float32(self.beta2)
+        self.v += np.float32(1.0 - self.beta2) * d2
+
+    def step(self, global_vec: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        x, d = self._check(global_vec, mean_delta)
+        self.steps += 1
+        self.m *= np.float32(self.beta1)
+        self.m += np.float32(1.0 - self.beta1) * d
+        self._update_v(d * d)
+        m_hat, v_hat = self.m, self.v
+        if self.bias_correction:
+            m_hat = self.m / np.float32(1.0 - self.beta1**self.steps)
+            v_hat = self.v / np.float32(1.0 - self.beta2**self.steps)
+        upd = m_hat / (np.sqrt(v_hat) + np.float32(self.tau))
+        return (x + np.float32(self.lr) * upd).astype(np.float32, copy=False)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {**super().state_arrays(), "m": self.m.copy(), "v": self.v.copy()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        m, v = self._load_vec(arrays, "m"), self._load_vec(arrays, "v")
+        if float(v.min(initial=0.0)) < 0:
+            raise FpeValueError("optimizer state 'v' must be >= 0")
+        super().load_state_arrays(arrays)
+        self.m, self.v = m, v
+
+
+class FedYogi(FedAdam):
+    """FedAdam with Yogi's additive second-moment update (Reddi et al. 2021)."""
+
+    name = "fedyogi"
+
+    def _update_v(self, d2: np.ndarray) -> None:
+        self.v -= np.float32(1.0 - self.beta2) * d2 * np.sign(self.v - d2)
+
+
+SERVER_OPTIMIZERS: Final[dict[str, type[ServerOptimizer]]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi)
+}
+
+
+def make_server_optimizer(name: str, n_params: int, **params: float) -> ServerOptimizer:
+    """``make_server_optimizer("fedadam", n, lr=0.01, tau=1e-3)``; unknown names/params → ValueError."""
+    cls = SERVER_OPTIMIZERS.get(name)
+    if cls is None:
+        raise FpeValueError(f"unknown server optimizer {name!r}; choose from {sorted(SERVER_OPTIMIZERS)}")
+    try:
+        return cls(n_params, **params)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise FpeValueError(f"bad parameters for {name}: {exc}") from exc
+
+
+__all__ = [
+    "LATE_POLICIES",
+    "NORM_MODES",
+    "SERVER_OPTIMIZERS",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedYogi",
+    "NormBound",
+    "RoundAccumulator",
+    "ServerOptimizer",
+    "make_server_optimizer",
+    "staleness_weight",
+]
