@@ -496,8 +496,8 @@ def apply_peft(model: onnx.ModelProto, spec: PeftSpec, *, adapters: bool = True
         _apply_adapter(gv, spec, rng)
     elif spec.method == "prompt":
         _apply_prompt(gv, spec, rng)
-    if spec.head_classes is not None:
-        _add_head(gv, spec, rng)
+    if spec.head_classes is not None:  # own stream: the head starts equal whatever else was drawn
+        _add_head(gv, spec, np.random.default_rng([spec.seed, 1]))
     elif len(gv.g.output) != 1:
         raise SpecError("without head_classes the model must have exactly one output (the logits)")
     gv.topo_sort()

@@ -123,6 +123,12 @@ class OrtTrainer:
             out[slot.offset:slot.offset + slot.size] = params[slot.name].data.reshape(-1)
         return out
 
+    def parameter(self, name: str) -> np.ndarray:
+        """A copy of any checkpoint parameter, trainable or frozen (tests check the base stays put)."""
+        if name not in self._state.parameters:
+            raise ValueError(f"no parameter {name!r} in the checkpoint state")
+        return np.array(self._state.parameters[name].data, copy=True)
+
     def _write(self, flat: np.ndarray) -> None:
         rt = ort()
         c_state = self._state._state  # write through the C state so we control the OrtValue lifetime
@@ -147,7 +153,8 @@ class OrtTrainer:
         if flat is None:
             self._w_ref = None
             return
-        if not isinstance(flat, np.ndarray) or flat.dtype != np.float32 or flat.shape != (self._layout.total,):
+        if (not isinstance(flat, np.ndarray) or flat.dtype != np.float32
+                or flat.shape != (self._layout.total,)):
             raise ValueError(f"prox reference must be float32 of shape ({self._layout.total},)")
         self._w_ref = np.array(flat, np.float32, order="C")
 
@@ -230,7 +237,7 @@ class OrtTrainer:
                 if max_steps is not None and steps >= max_steps:
                     break
                 loss, logits = self.train_step(batch)
-                n = int(len(batch["labels"]))
+                n = len(batch["labels"])
                 total_loss += loss * n
                 samples += n
                 steps += 1
@@ -240,7 +247,8 @@ class OrtTrainer:
                 self._w_ref = None
         return TrainMetrics(loss=total_loss / max(samples, 1), samples=samples, steps=steps,
                             seconds=time.perf_counter() - started,
-                            accuracy=correct / samples if samples else None, extra={"lr": self.lr_at(self.step)})
+                            accuracy=correct / samples if samples else None,
+                            extra={"lr": self.lr_at(self.step)})
 
     def evaluate(self, batches: Iterable[Mapping[str, np.ndarray]]) -> EvalMetrics:
         self._module.eval()
@@ -248,7 +256,7 @@ class OrtTrainer:
         try:
             for batch in batches:
                 loss, logits = self._module(*self._feeds(batch))
-                n = int(len(batch["labels"]))
+                n = len(batch["labels"])
                 total_loss += float(loss) * n
                 samples += n
                 correct += int((np.argmax(logits, axis=1) == batch["labels"]).sum())
