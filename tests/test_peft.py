@@ -23,7 +23,8 @@ QV = [r"attention\.self\.(query|value)"]
 
 
 def _run(model_or_path, feeds):
-    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    src = (model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto)
+           else str(model_or_path))
     return ort().InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
@@ -35,7 +36,8 @@ def test_spec_round_trip_and_hash_is_canonical():
     # key order of the source dict must not matter
     reordered = PeftSpec.from_dict(dict(reversed(list(spec.to_dict().items()))))
     assert reordered.spec_hash() == spec.spec_hash()
-    assert PeftSpec("lora", targets=["q", "v"], rank=8, alpha=8, head_classes=3).spec_hash() != spec.spec_hash()
+    other = PeftSpec("lora", targets=["q", "v"], rank=8, alpha=8, head_classes=3)
+    assert other.spec_hash() != spec.spec_hash()
     sha = "ab" * 32
     assert spec.spec_hash(sha) != spec.spec_hash() and spec.spec_hash(sha) == again.spec_hash(sha)
 

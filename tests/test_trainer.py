@@ -35,7 +35,8 @@ DATA = {"tf": text_data, "conv": image_data, "gemm": None}
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
-    paths = {"tf": save(transformer_model(), root / "tf.onnx"), "conv": save(conv_model(), root / "conv.onnx"),
+    paths = {"tf": save(transformer_model(), root / "tf.onnx"),
+             "conv": save(conv_model(), root / "conv.onnx"),
              "gemm": save(mlp_model(gemm=True), root / "gemm.onnx")}
     cache = {}
 
