@@ -10,12 +10,7 @@ so every cell of an experiment grid and every demo run reuse the same artifacts.
 from __future__ import annotations
 
 import builtins
-import contextlib
-import json
-import os
 import shutil
-import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,11 +206,9 @@ def partition_indices(
     labels: np.ndarray, groups: np.ndarray | None, split: SplitConfig, num_sites: int, *, seed: int
 ) -> list[np.ndarray]:
     """Index lists per site, from the data layer's partitioner."""
-    from fedpeft_edge.data import partition as partition_module
+    from fedpeft_edge.data.partition import partition
 
-    fn = getattr(partition_module, "partition", None)
-    ensure(callable(fn), "fedpeft_edge.data.partition.partition is missing", raising=FedPeftError)
-    parts = fn(split.mode, labels, groups, num_sites, split.alpha, seed)
+    parts = partition(split.mode, labels, groups, num_sites, split.alpha, seed)
     return [np.asarray(p, dtype=np.int64) for p in parts]
 
 
@@ -281,29 +274,15 @@ def get_bundle(prepared: Any, spec: Any, cache_dir: Path | None = None, *, log: 
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "bundles"
     root.mkdir(parents=True, exist_ok=True)
     final = root / bundle_cache_key(prepared, spec)
-    marker = final / "faces-complete.json"
-    if marker.is_file():
-        with contextlib.suppress(Exception):
-            return ArtifactBundle.load(final)
-        shutil.rmtree(final, ignore_errors=True)  # an unreadable entry is rebuilt, never half-used
-    if log is not None:
-        log(f"generating training artifacts for {spec.method} on {prepared.kind} (first run only) ...")
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-bundle-"))
-    try:
-        generate_artifacts(prepared.onnx_path, spec, tmp / "bundle")
-        (tmp / "bundle" / "faces-complete.json").write_text(
-            json.dumps({"spec": spec.to_dict(), "seconds": round(time.perf_counter() - started, 2)})
-        )
+    if final.exists():
         try:
-            os.rename(tmp / "bundle", final)
-        except OSError:
-            if not marker.is_file():  # somebody else's broken entry; ours replaces it
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp / "bundle", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ArtifactBundle.load(final)
+            return ArtifactBundle.load(final)
+        except FedPeftError:
+            shutil.rmtree(final, ignore_errors=True)  # an unreadable entry is rebuilt, never half-used
+    if log is not None:
+        log(f"generating training artifacts for {spec.method} on the {prepared.kind} model (first run only)")
+    # generate_artifacts builds in a private temp dir and renames into place when complete.
+    return generate_artifacts(prepared.onnx_path, spec, final)
 
 
 @dataclass

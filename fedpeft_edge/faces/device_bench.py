@@ -1,0 +1,396 @@
+"""``fedpeft-edge bench``: the on-device check a plant engineer runs on a target gateway before deploying.
+
+Checks, each with a verdict (ok / warn / fail) and the figures behind it:
+
+- ``kernels``: which C path is active (or that the numpy fallback was forced) and the throughput of the
+  hot kernels (int8 quantisation, top-k with error feedback, AdamW, accumulation) over 1M floats;
+- ``training``: load the configured model + PEFT method and time a few training steps (first step apart:
+  it includes session warm-up);
+- ``memory``: peak resident set size of this process, against a limit;
+- ``codec``: bytes of one adapter update in each codec mode, with encode time;
+- ``mqtt`` (with ``--broker host:port``): connect, publish a message of the update's size with QoS 1 to
+  a private topic and receive it back, timing the round trip.
+
+Everything is written as JSON (``--out``); the verdict table is printed. Exit code 0 unless a check failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft_edge.errors import FedPeftError, ValueError, ensure
+from fedpeft_edge.faces import report as rep
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skipped"
+BENCH_KEYS = ("system", "kernels", "training", "memory", "codec", "mqtt", "verdicts", "passed")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    task: str = "text"
+    method: str = "lora"
+    batch_size: int = 16
+    seq_len: int = 64
+    image_size: int = 32
+    num_classes: int = 8
+    steps: int = 3
+    threads: int = 1
+    kernel_elements: int = 1 << 20
+    broker: str | None = None
+    bundle_dir: Path | None = None
+    cache_dir: Path | None = None
+    rss_limit_mb: float = 400.0
+    step_limit_s: float = 2.0
+    skip_training: bool = False
+
+
+def _timed(fn: Callable[[], Any], repeat: int = 5) -> float:
+    """Median seconds of ``repeat`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_kernels(n: int) -> dict[str, Any]:
+    from fedpeft_edge import kernels
+
+    info = dict(kernels.backend_info())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n).astype(np.float32)
+    residual = np.zeros(n, dtype=np.float32)
+    k = max(1, n // 100)
+    w, g = x.copy(), rng.standard_normal(n).astype(np.float32)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    acc = np.zeros(n, np.float32)
+    q, scales = kernels.quantize_int8(x, 256)
+    idx, vals, _ = kernels.topk_ef(x, residual, k)
+    step = [0]
+
+    def adamw() -> None:
+        step[0] += 1
+        kernels.adamw_step(w, g, m, v, step=step[0], lr=1e-3)
+
+    timings = {
+        "quantize_int8": _timed(lambda: kernels.quantize_int8(x, 256)),
+        "dequantize_int8": _timed(lambda: kernels.dequantize_int8(q, scales, 256)),
+        "topk_ef_1pct": _timed(lambda: kernels.topk_ef(x, residual, k)),
+        "adamw_step": _timed(adamw),
+        "dequant_accumulate": _timed(lambda: kernels.dequant_accumulate(acc, q, scales, 256, 0.5)),
+        "scatter_add_1pct": _timed(lambda: kernels.scatter_add(acc, idx, vals, 0.5)),
+    }
+    info["elements"] = n
+    info["throughput_melem_s"] = {name: n / t / 1e6 for name, t in timings.items()}
+    info["median_ms"] = {name: 1000 * t for name, t in timings.items()}
+    return info
+
+
+def _synthetic_batch(opts: BenchOptions, bundle: Any) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    b = opts.batch_size
+    batch: dict[str, np.ndarray] = {}
+    if opts.task == "text":
+        ids = rng.integers(1000, 20000, size=(b, opts.seq_len), dtype=np.int64)
+        ids[:, 0] = 101  # [CLS]
+        mask = np.ones((b, opts.seq_len), dtype=np.int64)
+        mask[: b // 2, opts.seq_len // 2 :] = 0  # half the batch padded, as real text is
+        batch = {"input_ids": ids, "attention_mask": mask}
+    else:
+        shape = (b, 3, opts.image_size, opts.image_size)
+        batch = {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
+    names = set(bundle.input_names) - {"labels"}
+    ensure(names <= set(batch), f"the bundle needs inputs {sorted(names)}; the bench feeds {sorted(batch)}")
+    batch = {k: v for k, v in batch.items() if k in names}
+    batch["labels"] = rng.integers(0, opts.num_classes, size=b, dtype=np.int64)
+    return batch
+
+
+def _load_bundle(opts: BenchOptions, log: Callable[[str], None]) -> Any:
+    from fedpeft_edge.peft.artifacts import ArtifactBundle
+
+    if opts.bundle_dir is not None:
+        return ArtifactBundle.load(opts.bundle_dir)
+    # No bundle given: the central-side prepare step (needs the [prepare] extra on a cache miss).
+    from fedpeft_edge.faces.tasks import TaskConfig, get_bundle, method_spec, prepare_backbone
+
+    kind = opts.task
+    task = TaskConfig(kind=kind, dataset="reuters_r8" if kind == "text" else "mnist5k",
+                      max_len=opts.seq_len, image_size=opts.image_size)
+    prepared = prepare_backbone(task, opts.cache_dir)
+    spec = method_spec(opts.method, kind, opts.num_classes)
+    return get_bundle(prepared, spec, opts.cache_dir, log=log)
+
+
+def bench_training(opts: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    from fedpeft_edge.training.ort_trainer import OrtTrainer
+
+    t0 = time.perf_counter()
+    bundle = _load_bundle(opts, log)
+    t_bundle = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer = OrtTrainer(bundle, threads=opts.threads, lr=1e-3)
+    t_load = time.perf_counter() - t0
+    batch = _synthetic_batch(opts, bundle)
+    step_times = []
+    losses = []
+    for _ in range(opts.steps + 1):
+        metrics = trainer.train([batch], max_steps=1)
+        step_times.append(metrics.seconds)
+        losses.append(metrics.loss)
+    flat = trainer.get_flat()
+    return {
+        "task": opts.task,
+        "method": bundle.spec.method,
+        "spec_hash": bundle.spec_hash,
+        "bundle_dir": str(bundle.directory),
+        "trainable_params": int(flat.size),
+        "batch_size": opts.batch_size,
+        "seq_len": opts.seq_len if opts.task == "text" else None,
+        "image_size": opts.image_size if opts.task == "image" else None,
+        "threads": opts.threads,
+        "bundle_seconds": t_bundle,
+        "session_load_seconds": t_load,
+        "first_step_seconds": step_times[0],
+        "step_seconds_median": statistics.median(step_times[1:]),
+        "samples_per_second": opts.batch_size / statistics.median(step_times[1:]),
+        "losses": losses,
+        "loss_finite": bool(np.all(np.isfinite(losses))),
+        "_flat": flat,
+    }
+
+
+def bench_codec(n: int) -> dict[str, Any]:
+    from fedpeft_edge.federation.codec import CodecConfig, UpdateEncoder, decode_dense
+
+    rng = np.random.default_rng(1)
+    delta = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    out: dict[str, Any] = {"params": n, "dense_fp32_bytes": 4 * n, "modes": {}}
+    for mode in ("fp32", "int8", "topk_int8"):
+        encoder = UpdateEncoder(CodecConfig(mode=mode), n, seed=0)
+        t0 = time.perf_counter()
+        encoded = encoder.encode(delta)
+        t_enc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        decoded = decode_dense(encoded, n)
+        t_dec = time.perf_counter() - t0
+        err = float(np.linalg.norm(decoded - delta) / max(np.linalg.norm(delta), 1e-30))
+        out["modes"][mode] = {"bytes": encoded.nbytes, "ratio_vs_fp32": encoded.nbytes / (4 * n),
+                              "encode_ms": 1000 * t_enc, "decode_ms": 1000 * t_dec, "relative_error": err}
+    return out
+
+
+def bench_mqtt(broker: str, payload_bytes: int, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Publish ``payload_bytes`` with QoS 1 to a private topic and receive it back; times in ms."""
+    import paho.mqtt.client as mqtt
+
+    host, _, port_text = broker.rpartition(":")
+    ensure(host and port_text.isdigit(), f"--broker must be host:port, got {broker!r}")
+    port = int(port_text)
+    topic = f"fedpeft/bench/{secrets.token_hex(6)}"
+    received: dict[str, Any] = {}
+    got = threading.Event()
+    subscribed = threading.Event()
+    connected = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fedpeft-bench-{secrets.token_hex(4)}",
+                         protocol=mqtt.MQTTv311)
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        received["connect_reason"] = str(reason)
+        if not reason.is_failure:
+            connected.set()
+            c.subscribe(topic, qos=1)
+
+    def on_subscribe(*args: Any) -> None:
+        subscribed.set()
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        received.setdefault("arrivals", []).append((time.perf_counter(), len(msg.payload)))
+        got.set()
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    result: dict[str, Any] = {"broker": broker, "payload_bytes": payload_bytes}
+    t0 = time.perf_counter()
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        result.update(ok=False, error=f"cannot connect: {exc}")
+        return result
+    client.loop_start()
+    try:
+        if not connected.wait(timeout):
+            result.update(ok=False, error=f"no CONNACK within {timeout} s ({received.get('connect_reason')})")
+            return result
+        result["connect_ms"] = 1000 * (time.perf_counter() - t0)
+        if not subscribed.wait(timeout):
+            result.update(ok=False, error="no SUBACK")
+            return result
+        rtts = []
+        for size in (64, payload_bytes):
+            got.clear()
+            received.pop("arrivals", None)
+            start = time.perf_counter()
+            client.publish(topic, os.urandom(size), qos=1)
+            if not got.wait(timeout):
+                result.update(ok=False, error=f"a {size}-byte message did not come back within {timeout} s")
+                return result
+            arrival, length = received["arrivals"][0]
+            ensure(length == size, f"message came back with {length} bytes, not {size}", raising=FedPeftError)
+            rtts.append(1000 * (arrival - start))
+        result.update(ok=True, rtt_small_ms=rtts[0], rtt_update_ms=rtts[1])
+        return result
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    import psutil
+
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return max(usage / 1024.0 * 1.048576, psutil.Process().memory_info().rss / 1e6)
+
+
+def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every check; return the JSON-ready result with per-check verdicts."""
+    ensure(opts.task in ("text", "image"), f"task must be text or image, got {opts.task!r}")
+    ensure(opts.steps >= 1, "steps must be >= 1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))
+    import fedpeft_edge
+
+    result: dict[str, Any] = {
+        "system": {
+            "fedpeft_edge": fedpeft_edge.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+    }
+    verdicts: list[dict[str, str]] = []
+
+    def verdict(check: str, status: str, detail: str) -> None:
+        verdicts.append({"check": check, "status": status, "detail": detail})
+
+    log("kernels ...")
+    try:
+        result["kernels"] = bench_kernels(opts.kernel_elements)
+        k = result["kernels"]
+        status = OK if k["backend"] == "c" else WARN
+        verdict("C core", status, f"backend {k['backend']}, path {k.get('cpu_path')}; quantize "
+                f"{k['throughput_melem_s']['quantize_int8']:.0f} M/s, top-k "
+                f"{k['throughput_melem_s']['topk_ef_1pct']:.0f} M/s")
+    except (FedPeftError, ImportError) as exc:
+        result["kernels"] = {"error": str(exc)}
+        verdict("C core", FAIL, str(exc))
+
+    n_params = 100_000
+    if opts.skip_training:
+        result["training"] = {"skipped": True}
+        verdict("training step", SKIP, "skipped (--skip-training)")
+    else:
+        log(f"training: {opts.task} / {opts.method}, batch {opts.batch_size} ...")
+        try:
+            training = bench_training(opts, log)
+            flat = training.pop("_flat")
+            n_params = int(flat.size)
+            result["training"] = training
+            med = training["step_seconds_median"]
+            status = OK if training["loss_finite"] and med <= opts.step_limit_s else (
+                FAIL if not training["loss_finite"] else WARN)
+            verdict("training step", status,
+                    f"{med * 1000:.0f} ms/step median ({training['samples_per_second']:.1f} samples/s), "
+                    f"{training['trainable_params']:,} trainable parameters")
+        except (FedPeftError, ImportError, OSError) as exc:
+            result["training"] = {"error": str(exc)}
+            verdict("training step", FAIL, str(exc))
+
+    peak = _peak_rss_mb()
+    result["memory"] = {"peak_rss_mb": peak, "limit_mb": opts.rss_limit_mb}
+    verdict("peak memory", OK if peak <= opts.rss_limit_mb else WARN,
+            f"{peak:.0f} MB peak RSS (limit {opts.rss_limit_mb:.0f} MB)")
+
+    log("codec ...")
+    try:
+        result["codec"] = bench_codec(n_params)
+        modes = result["codec"]["modes"]
+        verdict("codec", OK, ", ".join(f"{m} {rep.human_bytes(v['bytes'])}" for m, v in modes.items())
+                + f" for {n_params:,} parameters")
+    except (FedPeftError, ImportError) as exc:
+        result["codec"] = {"error": str(exc)}
+        verdict("codec", FAIL, str(exc))
+
+    if opts.broker:
+        log(f"MQTT round trip via {opts.broker} ...")
+        size = int(result.get("codec", {}).get("modes", {}).get("topk_int8", {}).get("bytes", 4096)) + 200
+        try:
+            result["mqtt"] = bench_mqtt(opts.broker, size)
+        except (FedPeftError, OSError) as exc:
+            result["mqtt"] = {"ok": False, "error": str(exc)}
+        m = result["mqtt"]
+        if m.get("ok"):
+            verdict("MQTT round trip", OK, f"{m['rtt_small_ms']:.1f} ms (64 B), {m['rtt_update_ms']:.1f} ms "
+                    f"({rep.human_bytes(m['payload_bytes'])} update) via {opts.broker}")
+        else:
+            verdict("MQTT round trip", FAIL, m.get("error", "failed"))
+    else:
+        result["mqtt"] = {"skipped": True}
+        verdict("MQTT round trip", SKIP, "no --broker given")
+
+    result["verdicts"] = verdicts
+    result["passed"] = all(v["status"] != FAIL for v in verdicts)
+    return result
+
+
+def verdict_table(result: dict[str, Any]) -> str:
+    return rep.markdown_table(["check", "verdict", "details"],
+                              [[v["check"], v["status"].upper(), v["detail"]] for v in result["verdicts"]])
+
+
+def print_verdicts(result: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is optional for printing; plain Markdown is as readable
+        print(verdict_table(result))
+        return
+    colours = {OK: "green", WARN: "yellow", FAIL: "red", SKIP: "dim"}
+    table = Table(title="fedpeft-edge device check")
+    for col in ("check", "verdict", "details"):
+        table.add_column(col)
+    for v in result["verdicts"]:
+        table.add_row(v["check"], f"[{colours[v['status']]}]{v['status'].upper()}[/]", v["detail"])
+    Console().print(table)
+
+
+def main_bench(opts: BenchOptions, out: Path | None) -> int:
+    result = run_bench(opts)
+    print_verdicts(result)
+    if out is not None:
+        rep.write_json(out, result)
+        print(f"wrote {out}")
+    return 0 if result["passed"] else 1
+
+
+def load_bench_json(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    missing = [k for k in BENCH_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path} lacks keys {missing}")
+    return data
