@@ -103,26 +103,28 @@ class BrokerSettings:
 
 @dataclass
 class AggregatorSettings:
-    """``fedpeft-edge aggregate``: the central aggregation service."""
+    """``fedpeft-edge aggregate``: the central aggregation service (names follow AggregatorConfig)."""
 
     client_id: str = "aggregator"
     state_dir: str = "fedpeft-state/aggregator"
     max_rounds: int = 10
-    min_clients: int = 2  # quorum: close the round once this many updates were accepted ...
-    expected_clients: int = 0  # ... or at once when this many arrived (0: = min_clients)
-    round_deadline_s: float = 300.0  # ... or at the deadline if at least min_clients_at_deadline arrived
-    min_clients_at_deadline: int = 1
-    strategy: str = "fedavg"  # fedavg | fedavgm | fedadam
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
-    late_policy: str = "drop"  # what to do with an update for an already closed round
-    initial_global: str | None = None  # .npy vector; else the trainer's initial parameters
-    n_params: int | None = None
-    spec_hash: str | None = None
+    quorum: int = 2  # close the round as soon as this many updates were accepted ...
+    min_clients: int = 1  # ... or at the deadline if at least this many arrived
+    round_deadline_s: float = 300.0
+    late_policy: str = "drop"  # drop | stale_weighted (updates trained from an older global)
+    staleness_alpha: float = 0.5
+    max_staleness: int = 4
+    norm_bound: float | None = None
+    norm_mode: str = "clip"  # clip | reject
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
+    server_opt_params: dict[str, float] = field(default_factory=dict)  # e.g. {lr = 1.0, momentum = 0.9}
+    weighting: str = "samples"  # samples | uniform
+    global_mode: str = "fp32"  # fp32 | int8 (downlink encoding of the global adapter)
+    initial_global: str | None = None  # .npy float32 vector; else the trainer's initial parameters
+    spec_hash: str | None = None  # else the bundle's, else one derived from the vector length
     max_update_bytes: int = 64 * 1024 * 1024
     metrics_file: str | None = None  # default: <state_dir>/metrics.jsonl
-    weight_by: str = "samples"  # samples | uniform
-    extra: dict[str, Any] = field(default_factory=dict)  # passed through to the aggregation core
+    chunk_timeout_s: float = 120.0
 
 
 @dataclass

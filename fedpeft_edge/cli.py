@@ -1,0 +1,325 @@
+"""``fedpeft-edge``: command line of the edge runtime.
+
+Subcommands live in a registry (:data:`COMMANDS`); each has its own argument builder and runner, so
+new ones (demo, experiment, bench, prepare) are added with :func:`register` without touching the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FedPeftError
+
+log = logging.getLogger("fedpeft_edge.cli")
+
+EPILOG_TOPICS = """\
+MQTT topics (fleet = [fleet] name):
+  fedpeft/<fleet>/global            retained global adapter, published by the aggregator
+  fedpeft/<fleet>/update/<site>     one site's compressed update per round (QoS 1)
+  fedpeft/<fleet>/status/<site>     retained online/offline status (offline = last will)
+"""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(cmd: Command) -> Command:
+    if cmd.name in COMMANDS:
+        raise ValueError(f"command {cmd.name!r} registered twice")
+    COMMANDS[cmd.name] = cmd
+    return cmd
+
+
+# --- shared options ------------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE.toml",
+                   help="TOML configuration file; the flags below override single values")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-file", type=Path, help="also write the log to this file")
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker connection ([connection] section)")
+    g.add_argument("--host", help="broker host name or address (default 127.0.0.1)")
+    g.add_argument("--port", type=int, help="broker port (default 1883; 8883 is usual for TLS)")
+    g.add_argument("--username", help="MQTT user name (sites: their site id)")
+    g.add_argument("--password-file", help="file whose first line is the MQTT password")
+    g.add_argument("--tls-ca", help="CA certificate that signed the broker certificate (enables TLS)")
+    g.add_argument("--tls-cert", help="this client's certificate (mutual TLS)")
+    g.add_argument("--tls-key", help="this client's private key (mutual TLS)")
+    g.add_argument("--protocol", choices=["auto", "5", "3.1.1"], help="MQTT version (auto: 5, else 3.1.1)")
+    g.add_argument("--fleet", help="fleet name: which group of sites trains one shared adapter")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if getattr(args, "log_file", None):
+        handlers.append(logging.FileHandler(args.log_file))
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    fmt.converter = time.gmtime  # UTC timestamps: logs from sites in different time zones line up
+    root = logging.getLogger()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(getattr(logging, args.log_level))
+    for noisy in ("amqtt", "transitions", "fedpeft_edge.federation.transport.paho"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _load(args: argparse.Namespace):  # -> ServiceConfig
+    from .federation.config import load_config, override
+
+    cfg = load_config(args.config) if args.config else load_config()
+    if hasattr(args, "host"):
+        override(cfg.connection, host=args.host, port=args.port, username=args.username,
+                 password_file=args.password_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                 tls_key=args.tls_key, protocol=args.protocol)
+        override(cfg.fleet, name=args.fleet)
+    return cfg
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("signal %d received: stopping after the current step", signum)
+        stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+# --- broker ------------------------------------------------------------------------------------------
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker ([broker] section)")
+    g.add_argument("--port", type=int, help="port to listen on (default 1883; 0 = any free port)")
+    g.add_argument("--bind", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all interfaces)")
+    g.add_argument("--kind", choices=["dev", "plant"],
+                   help="dev: loopback, no login. plant: TLS + passwords + per-site ACL")
+    g.add_argument("--prefer", choices=["auto", "mosquitto", "embedded"],
+                   help="auto: Mosquitto if installed, else the embedded amqtt broker (MQTT 3.1.1)")
+    g.add_argument("--data-dir", help="where the generated config, the log and retained/queued messages "
+                   "are kept (default: a temporary directory)")
+    g.add_argument("--max-packet-size", type=int, help="largest MQTT packet in bytes")
+    g.add_argument("--cafile", help="plant: CA certificate")
+    g.add_argument("--certfile", help="plant: broker certificate")
+    g.add_argument("--keyfile", help="plant: broker private key")
+    g.add_argument("--password-file", help="plant: Mosquitto password file (mosquitto_passwd -c -b ...)")
+    g.add_argument("--acl-file", help="plant: ACL file (default: broker_config/acl.conf for this fleet)")
+    g.add_argument("--require-certificate", action="store_true", default=None,
+                   help="plant: sites must present a client certificate (mutual TLS)")
+    g.add_argument("--fleet", help="plant: restrict the generated ACL to this fleet (default: all)")
+
+
+def _broker_run(args: argparse.Namespace) -> int:
+    from .federation.broker import PlantOptions, start_local_broker
+    from .federation.config import override
+
+    cfg = _load(args)
+    b = cfg.broker
+    override(b, port=args.port, bind=args.bind, kind=args.kind, prefer=args.prefer, data_dir=args.data_dir,
+             max_packet_size=args.max_packet_size, cafile=args.cafile, certfile=args.certfile,
+             keyfile=args.keyfile, password_file=args.password_file, acl_file=args.acl_file,
+             require_certificate=args.require_certificate)
+    plant = None
+    if b.kind == "plant":
+        missing = [n for n in ("cafile", "certfile", "keyfile", "password_file") if not getattr(b, n)]
+        if missing:
+            raise FedPeftError(f"--kind plant needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        plant = PlantOptions(Path(b.cafile), Path(b.certfile), Path(b.keyfile), Path(b.password_file),  # type: ignore[arg-type]
+                             Path(b.acl_file) if b.acl_file else None, b.require_certificate,
+                             args.fleet or "+")
+    handle = start_local_broker(b.port, b.prefer, b.kind, bind=b.bind, data_dir=b.data_dir,  # type: ignore[arg-type]
+                                max_packet_size=b.max_packet_size, plant=plant)
+    log.info("%s broker running on %s:%d (%s config); state and log in %s; Ctrl-C stops it",
+             handle.kind, handle.host, handle.port, b.kind, handle.data_dir)
+    print(f"BROKER {handle.host}:{handle.port}", flush=True)  # machine-readable line for scripts
+    stopping = [False]
+
+    def stop() -> None:
+        stopping[0] = True
+
+    _stop_on_signals(stop)
+    try:
+        while not stopping[0] and handle.is_running():
+            time.sleep(0.2)
+    finally:
+        handle.stop(keep_dir=b.data_dir is not None)
+    return 0 if stopping[0] else 1
+
+
+register(Command(
+    "broker", "run a local MQTT broker (Mosquitto, or embedded amqtt) in the foreground",
+    "Start an MQTT broker for fedpeft-edge and keep it running until Ctrl-C.\n\n"
+    "dev: listens on loopback only, no login (one machine, demos, tests).\n"
+    "plant: TLS listener, user names + passwords, and an ACL so each site may publish only its own\n"
+    "update/status topics and read only the global adapter (see broker_config/README.md).\n"
+    "Mosquitto keeps retained messages and queued updates in --data-dir across restarts.",
+    _broker_args, _broker_run))
+
+
+# --- aggregate ---------------------------------------------------------------------------------------
+def _aggregate_args(p: argparse.ArgumentParser) -> None:
+    _add_connection(p)
+    g = p.add_argument_group("aggregation ([aggregator] section)")
+    g.add_argument("--client-id", help="MQTT client id / user of the aggregator (default aggregator)")
+    g.add_argument("--state-dir", help="where round state (resumable after a crash) and metrics.jsonl live")
+    g.add_argument("--rounds", type=int, dest="max_rounds", help="number of rounds, then stop")
+    g.add_argument("--quorum", type=int, help="close a round as soon as this many updates arrived")
+    g.add_argument("--min-clients", type=int, help="at the deadline, close with at least this many updates")
+    g.add_argument("--deadline", type=float, dest="round_deadline_s", help="round deadline in seconds")
+    g.add_argument("--late-policy", choices=["drop", "stale_weighted"],
+                   help="updates trained from an older global: drop, or count them down-weighted")
+    g.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"])
+    g.add_argument("--initial-global", help=".npy float32 vector to start from (else the trainer's)")
+    g.add_argument("--spec-hash", help="PEFT spec hash every update must carry")
+    g.add_argument("--metrics-file",
+                   help="JSON lines, one per closed round (default <state-dir>/metrics.jsonl)")
+    _add_trainer_flags(p)
+
+
+def _aggregate_run(args: argparse.Namespace) -> int:
+    from .federation.aggregator import AggregatorService
+    from .federation.config import override
+
+    cfg = _load(args)
+    override(cfg.aggregator, client_id=args.client_id, state_dir=args.state_dir, max_rounds=args.max_rounds,
+             quorum=args.quorum, min_clients=args.min_clients, round_deadline_s=args.round_deadline_s,
+             late_policy=args.late_policy, server_optimizer=args.server_optimizer,
+             initial_global=args.initial_global, spec_hash=args.spec_hash, metrics_file=args.metrics_file)
+    _apply_trainer_flags(cfg, args)
+    svc = AggregatorService(cfg)
+    _stop_on_signals(svc.stop)
+    result = svc.run()
+    log.info("aggregator stopped at round %d (%s); counters %s", result.final_round,
+             "finished" if result.finished else "not finished", result.counters)
+    return 0
+
+
+register(Command(
+    "aggregate", "run the central aggregator (collects site updates, publishes the global adapter)",
+    "Collect the sites' compressed adapter updates from fedpeft/<fleet>/update/+, check every message\n"
+    "(size, format, round, spec hash, duplicates), average them (FedAvg or a server optimizer) when a\n"
+    "round reaches its quorum or deadline, and publish the new global adapter retained on\n"
+    "fedpeft/<fleet>/global. State is saved in --state-dir after every accepted update, so the service\n"
+    "resumes where it stopped after a crash or reboot. Stops after --rounds rounds.",
+    _aggregate_args, _aggregate_run))
+
+
+# --- agent -------------------------------------------------------------------------------------------
+def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trainer and local data ([trainer], [data] sections)")
+    g.add_argument("--bundle-dir", help="PEFT artifact bundle (made by the prepare step)")
+    g.add_argument("--trainer-factory", help="module:function returning a TrainerSetup (custom trainers)")
+    g.add_argument("--dataset", help="dataset name (e.g. reuters_r8, 20newsgroups, fashion_mnist)")
+    g.add_argument("--client-index", type=int, help="which share of the dataset this site holds")
+    g.add_argument("--num-clients", type=int, help="number of shares the dataset is split into")
+    g.add_argument("--partition", choices=["iid", "dirichlet", "group"])
+    g.add_argument("--alpha", type=float, help="Dirichlet concentration (small = very uneven labels)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-samples", type=int, help="use at most this many local samples")
+    g.add_argument("--batch-size", type=int)
+
+
+def _apply_trainer_flags(cfg, args: argparse.Namespace) -> None:  # cfg: ServiceConfig
+    from .federation.config import override
+
+    override(cfg.trainer, bundle_dir=args.bundle_dir, factory=args.trainer_factory)
+    if args.trainer_factory:
+        cfg.trainer.kind = "factory"
+    override(cfg.data, dataset=args.dataset, client_index=args.client_index, num_clients=args.num_clients,
+             partition=args.partition, alpha=args.alpha, seed=args.seed, max_samples=args.max_samples,
+             batch_size=args.batch_size)
+
+
+def _agent_args(p: argparse.ArgumentParser) -> None:
+    _add_connection(p)
+    g = p.add_argument_group("agent ([agent], [codec] sections)")
+    g.add_argument("--client-id", help="this site's id (also its MQTT client id and topic level)")
+    g.add_argument("--state-dir", help="where the outbox, error-feedback residual and trainer state live")
+    g.add_argument("--local-epochs", type=int)
+    g.add_argument("--local-steps", type=int, help="cap on training steps per round")
+    g.add_argument("--threads", type=int, help="CPU threads for training (leave cores for the plant)")
+    g.add_argument("--max-rounds", type=int, help="stop after sending this many updates")
+    g.add_argument("--newer-global-policy", choices=["finish", "abandon"],
+                   help="a newer global arrives while training: finish and send, or abandon the round")
+    g.add_argument("--idle-exit", type=float, dest="idle_exit_s",
+                   help="stop when no new global arrived for this many seconds")
+    g.add_argument("--dump-updates", action="store_true", default=None,
+                   help="keep a copy of every sent update in <state-dir>/sent/")
+    g.add_argument("--codec", choices=["fp32", "int8", "topk_fp32", "topk_int8"], dest="codec_mode")
+    g.add_argument("--topk-ratio", type=float, help="fraction of coordinates sent per round (top-k)")
+    _add_trainer_flags(p)
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    from .federation.agent import EdgeAgent, build_trainer_setup
+    from .federation.config import override
+
+    cfg = _load(args)
+    override(cfg.agent, client_id=args.client_id, state_dir=args.state_dir, local_epochs=args.local_epochs,
+             local_steps=args.local_steps, threads=args.threads, max_rounds=args.max_rounds,
+             newer_global_policy=args.newer_global_policy, idle_exit_s=args.idle_exit_s,
+             dump_updates=args.dump_updates)
+    override(cfg.codec, mode=args.codec_mode, topk_ratio=args.topk_ratio)
+    _apply_trainer_flags(cfg, args)
+    if cfg.connection.username is None and cfg.connection.password_file:
+        cfg.connection.username = cfg.agent.client_id
+    setup = build_trainer_setup(cfg)
+    agent = EdgeAgent(cfg, setup.trainer, setup.train_batches_fn, setup.eval_batches_fn,
+                      spec_hash=setup.spec_hash)
+    _stop_on_signals(agent.stop)
+    result = agent.run()
+    return 0 if result.final_seen or result.reason in ("max_rounds reached", "idle timeout", "stopped") else 1
+
+
+register(Command(
+    "agent", "run a site's training agent (trains locally, sends only compressed adapter updates)",
+    "Wait for the global adapter on fedpeft/<fleet>/global, train it on this site's own data, and send\n"
+    "only the compressed change (never the data) to fedpeft/<fleet>/update/<site>. Updates are kept in\n"
+    "<state-dir>/outbox until the broker confirms them, so nothing is lost when the network or the\n"
+    "broker is down; the agent resumes after a restart. Runs until the aggregator's last round.",
+    _agent_args, _agent_run))
+
+
+# --- entry point -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedpeft-edge", description="Federated fine-tuning of adapters on edge devices over MQTT.",
+        epilog=EPILOG_TOPICS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description, epilog=EPILOG_TOPICS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        return int(args._run(args))
+    except FedPeftError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Aggregator service: the MQTT loop around :class:`~fedpeft_edge.federation.round_state.AggregatorCore`.
+
+Subscribes to ``fedpeft/{fleet}/update/+`` (QoS 1, persistent session, manual PUBACK) and
+``fedpeft/{fleet}/status/+``; publishes the global adapter retained on ``fedpeft/{fleet}/global``.
+
+Per incoming update: size cap → chunk reassembly (per sender = topic level) → wire decoding (hostile
+input, typed reasons) → ``core.offer`` (sender must match the envelope, spec hash, round, dedup by
+(client, round), late policy, norm bound) → the core persists its state atomically → only then the
+PUBACK goes out. A kill -9 at any point therefore loses nothing and counts nothing twice: an update
+not yet persisted is redelivered by the broker, one already persisted is recognised as a duplicate.
+(Limitation: chunks of a multi-part update are acknowledged on arrival; a crash while a multi-part
+update is half received loses that update, which then falls under the late policy if re-sent.)
+
+A round closes on quorum or at its deadline (with ``min_clients``); the server optimiser makes the
+next global, which is published retained with QoS 1; one JSON line per round goes to the metrics file.
+After ``max_rounds`` the final global is published with ``meta.final = true`` and the service exits.
+Every rejected message is logged with its reason and counted; nothing a peer sends can crash the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FedPeftError, ValueError
+from . import chunking, wire
+from .codec import WireFormatError, encode_global, reason_of
+from .config import ServiceConfig
+from .round_state import AggregatorConfig, AggregatorCore
+from .topics import Topics
+from .transport import Message, MqttTransport, Will
+
+log = logging.getLogger(__name__)
+
+
+def load_vector(path: str | Path) -> np.ndarray:
+    """A 1-D float32 vector from a .npy file (no pickles)."""
+    try:
+        arr = np.load(Path(path), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read initial global {path}: {exc}") from exc
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"initial global {path} must be a non-empty 1-D array")
+    if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"initial global {path} must hold finite floats")
+    return arr.astype(np.float32)
+
+
+@dataclass
+class AggregatorResult:
+    rounds_closed: int
+    final_round: int
+    finished: bool
+    counters: dict[str, int]
+    global_vector: np.ndarray
+
+
+class AggregatorService:
+    """``run()`` serves rounds until ``max_rounds`` is reached or ``stop()`` is called."""
+
+    def __init__(self, config: ServiceConfig, *, initial_global: np.ndarray | None = None,
+                 spec_hash: str | None = None, limits: wire.WireLimits | None = None) -> None:
+        a = config.aggregator
+        self.cfg = config
+        self.topics = Topics(config.fleet.name)
+        self.state_dir = Path(a.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = Path(a.metrics_file) if a.metrics_file else self.state_dir / "metrics.jsonl"
+        if initial_global is None and a.initial_global:
+            initial_global = load_vector(a.initial_global)
+        if initial_global is None:
+            initial_global, bundle_hash = _initial_from_trainer(config)
+            spec_hash = spec_hash or bundle_hash
+        from .agent import default_spec_hash
+
+        n = int(initial_global.size)
+        self.spec_hash = a.spec_hash or spec_hash or default_spec_hash(n)
+        self.limits = limits or wire.WireLimits(max_message_bytes=int(a.max_update_bytes),
+                                                max_params=max(n, 1))
+        self.core_config = AggregatorConfig(
+            fleet=config.fleet.name, n_params=n, spec_hash=self.spec_hash, min_clients=a.min_clients,
+            quorum=a.quorum, round_deadline_s=float(a.round_deadline_s), late_policy=a.late_policy,
+            staleness_alpha=float(a.staleness_alpha), max_staleness=int(a.max_staleness),
+            norm_bound=a.norm_bound, norm_mode=a.norm_mode, server_optimizer=a.server_optimizer,
+            server_opt_params={k: float(v) for k, v in a.server_opt_params.items()},
+            max_rounds=int(a.max_rounds), weighting=a.weighting, global_mode=a.global_mode)
+        self.core = AggregatorCore(self.core_config, self.state_dir, initial_global=initial_global)
+        self.reassembler = chunking.Reassembler(
+            max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s))
+        self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
+        self._stop = threading.Event()
+        self.transport: MqttTransport | None = None
+        self._round_rejections_base = dict(self.core.counters)
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _global_payload(self) -> bytes:
+        core = self.core
+        last = core.history[-1] if core.history else {}
+        meta: dict[str, Any] = {"final": bool(core.finished),
+                                "max_rounds": int(self.core_config.max_rounds or 0)}
+        if last:
+            meta.update(participants=len(last.get("participants", [])),
+                        **{k: float(last[k]) for k in ("loss", "accuracy") if k in last})
+        enc = encode_global(np.ascontiguousarray(core.global_vector), self.core_config.global_mode)
+        msg = wire.GlobalMessage(self.topics.fleet, core.round, self.spec_hash, enc, meta)
+        return wire.encode_global(msg, self.limits)
+
+    def _publish_global(self, timeout: float = 30.0) -> int:
+        assert self.transport is not None
+        data = self._global_payload()
+        if len(data) > self.transport.max_payload(self.topics.global_):
+            raise ValueError(f"global message of {len(data)} bytes exceeds the broker packet limit; "
+                             "raise max_packet_size or use global_mode = 'int8'")
+        handle = self.transport.publish(self.topics.global_, data, qos=1, retain=True)
+        if not handle.wait(timeout):
+            log.warning("global for round %d not yet acknowledged by the broker (will be resent)",
+                        self.core.round)
+        log.info("global published for round %d (%d bytes%s)", self.core.round, len(data),
+                 ", final" if self.core.finished else "")
+        return len(data)
+
+    def _reject(self, sender: str | None, reason: str, detail: str, nbytes: int) -> None:
+        self.core.note_rejected(reason, nbytes)
+        self.rejections[reason] += 1
+        log.warning("update from %s rejected (%s): %s", sender or "?", reason, detail)
+
+    # --- message handling -------------------------------------------------------------------------
+    def handle(self, msg: Message, now: float | None = None) -> str:
+        """Process one MQTT message; returns a short outcome code. Never raises for bad input."""
+        now = time.time() if now is None else now
+        sender = self.topics.client_of(msg.topic)
+        if msg.topic.startswith(f"fedpeft/{self.topics.fleet}/status/"):
+            self._log_status(sender, msg.payload)
+            return "status"
+        if sender is None:
+            self._reject(None, "bad_topic", f"topic {msg.topic!r}", len(msg.payload))
+            return "rejected"
+        size = len(msg.payload)
+        try:
+            if chunking.is_chunk(msg.payload):
+                whole = self.reassembler.feed(sender, msg.payload, now)
+                if whole is None:
+                    return "chunk"
+                data = whole
+            else:
+                if size > self.limits.max_message_bytes:
+                    raise WireFormatError("oversized", f"{size} bytes > {self.limits.max_message_bytes}")
+                data = msg.payload
+            upd = wire.decode_update(data, self.limits)
+        except WireFormatError as exc:
+            self._reject(sender, reason_of(exc), str(exc), size)
+            return "rejected"
+        decision = self.core.offer(upd, sender=sender, nbytes=len(data), now=now)
+        if decision.accepted:
+            log.info("update from %s for round %d accepted (%d samples, weight %.1f%s); %d/%d this round",
+                     sender, upd.round, upd.num_samples, decision.weight,
+                     f", {decision.staleness} round(s) late" if decision.staleness else "",
+                     self.core.accepted_this_round, self.core_config.quorum)
+        elif decision.status == "rejected":
+            self.rejections[decision.reason] += 1
+            log.warning("update from %s for round %d rejected (%s)", sender, upd.round, decision.reason)
+        else:
+            log.info("update from %s for round %d %s (%s)", sender, upd.round, decision.status,
+                     decision.reason)
+        return decision.status
+
+    def _log_status(self, sender: str | None, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            st = wire.decode_status(payload, self.limits)
+        except WireFormatError as exc:
+            log.debug("unreadable status from %s: %s", sender, exc)
+            return
+        where = f" (round {st.round})" if st.round is not None else ""
+        log.info("site %s is %s%s", st.client_id, st.state, where)
+
+    # --- rounds -----------------------------------------------------------------------------------
+    def _close_round(self, now: float) -> None:
+        closing = self.core.round
+        _, metrics = self.core.close_round(now)
+        counters = self.core.counters
+        rejected = {k.split(":", 1)[1]: v - self._round_rejections_base.get(k, 0)
+                    for k, v in counters.items() if k.startswith("rejected:")}
+        self._round_rejections_base = counters
+        bytes_out = self._publish_global()
+        line = dict(metrics, bytes_out=bytes_out, closed_at=now, next_round=self.core.round,
+                    rejected={k: v for k, v in rejected.items() if v},
+                    chunk_drops=dict(self.reassembler.drops))
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(line, default=float) + "\n")
+        log.info("round %d closed: %d participant(s) %s, %.1f s, mean client loss %s; next round %d",
+                 closing, metrics["num_updates"], metrics["participants"], metrics["duration_s"],
+                 f"{metrics['loss']:.4f}" if "loss" in metrics else "n/a", self.core.round)
+
+    def run(self, *, connect_timeout: float | None = 60.0) -> AggregatorResult:
+        a = self.cfg.aggregator
+        from .agent import transport_config
+
+        tcfg = transport_config(self.cfg, a.client_id, manual_ack=True)
+        offline = wire.encode_status(wire.StatusMessage(a.client_id, "offline", time.time(), None),
+                                     self.limits)
+        self.transport = MqttTransport(tcfg, will=Will(self.topics.status(a.client_id), offline))
+        self.transport.subscribe(self.topics.updates_filter, qos=1)
+        self.transport.subscribe(self.topics.status_filter, qos=1)
+        self.transport.connect(connect_timeout)
+        log.info("aggregator for fleet %s: round %d, %d parameters, spec %s, quorum %d, deadline %.0f s, "
+                 "max rounds %s, state in %s", self.topics.fleet, self.core.round, self.core_config.n_params,
+                 self.spec_hash, self.core_config.quorum, self.core_config.round_deadline_s,
+                 self.core_config.max_rounds, self.state_dir)
+        closed = 0
+        try:
+            # (Re)publish the current global: after a crash between closing a round and publishing,
+            # this is what completes the round's hand-over.
+            self._publish_global()
+            while not self._stop.is_set() and not self.core.finished:
+                msg = self.transport.get(0.1)
+                now = time.time()
+                if msg is not None:
+                    try:
+                        self.handle(msg, now)
+                    except FedPeftError as exc:  # e.g. state could not be saved: do not ack
+                        log.error("could not process message on %s: %s", msg.topic, exc)
+                        continue
+                    except Exception:  # never let one message kill the service
+                        log.exception("unexpected error on message from %s", msg.topic)
+                        self.core.note_rejected("internal_error", len(msg.payload))
+                    self.transport.ack(msg)
+                self.reassembler.purge(now)
+                if self.core.ready_to_close(now):
+                    self._close_round(now)
+                    closed += 1
+            if self.core.finished:
+                log.info("all %d rounds done; final global published", self.core_config.max_rounds)
+        finally:
+            self.transport.close()
+        return AggregatorResult(closed, self.core.round, self.core.finished, self.core.counters,
+                                np.array(self.core.global_vector))
+
+
+def _initial_from_trainer(cfg: ServiceConfig) -> tuple[np.ndarray, str | None]:
+    from .agent import build_trainer_setup
+
+    try:
+        setup = build_trainer_setup(cfg)
+    except FedPeftError as exc:
+        raise ValueError("aggregator needs an initial global: set aggregator.initial_global (.npy) or a "
+                         f"[trainer] section ({exc})") from exc
+    return setup.trainer.get_flat(), setup.spec_hash
