@@ -199,6 +199,7 @@ def _build_entry(
     cache_dir.mkdir(parents=True, exist_ok=True)
     final_dir = cache_dir / entry_name
     tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tmp-{entry_name}-"))
+    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; a shared cache must stay readable by others
     try:
         record = build(tmp_dir)
         onnx_path = tmp_dir / record["onnx_file"]
