@@ -187,6 +187,10 @@ def _unpack(data: bytes | bytearray | memoryview, limits: WireLimits, kind: str)
         text = str(exc)
         if "incomplete" in text:
             raise WireFormatError(Reason.TRUNCATED, "message ends early") from exc
+        if "max_ext_len" in text:
+            raise WireFormatError(Reason.MALFORMED, "msgpack ext types are not allowed") from exc
+        if "max_array_len" in text:
+            raise WireFormatError(Reason.BAD_TYPE, "arrays are not part of wire v1") from exc
         if "exceeds" in text or "max_" in text:
             raise WireFormatError(Reason.OVERSIZED, text) from exc
         raise WireFormatError(Reason.MALFORMED, f"invalid msgpack: {text}") from exc
