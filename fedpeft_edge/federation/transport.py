@@ -105,9 +105,14 @@ class PublishHandle:
         return int(self._info.mid)
 
     def is_published(self) -> bool:
+        # paho's is_published() raises for a message given while disconnected (rc NO_CONN) even after
+        # paho re-sent it on reconnect and got its PUBACK; the completion flag itself is right.
+        flag = getattr(self._info, "_published", None)
+        if isinstance(flag, bool):
+            return flag
         try:
             return bool(self._info.is_published())
-        except (RuntimeError, ValueError):  # paho raises when the message was refused outright
+        except (RuntimeError, ValueError):
             return False
 
     def wait(self, timeout: float | None = None) -> bool:
