@@ -40,20 +40,35 @@ def register_demo(subparsers: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", choices=("text", "cv"), default="text",
-                   help="text: MiniLM on Reuters R8; cv: EfficientNet-Lite0 on MNIST-5k/Fashion-MNIST")
-    p.add_argument("--dataset", default=None,
-                   help="override the data set (text: reuters_r8, 20newsgroups; cv: mnist5k, fashion_mnist)")
+    p.add_argument(
+        "--task",
+        choices=("text", "cv"),
+        default="text",
+        help="text: MiniLM on Reuters R8; cv: EfficientNet-Lite0 on MNIST-5k/Fashion-MNIST",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="override the data set (text: reuters_r8, 20newsgroups; cv: mnist5k, fashion_mnist)",
+    )
     p.add_argument("--method", default=None, help="PEFT method (lora, ffa_lora, adapter, bitfit, head_only)")
     p.add_argument("--agents", type=int, default=None, help="number of plant agents (default 4)")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default from the demo config)")
     p.add_argument("--local-steps", type=int, default=None, help="optimizer steps per agent per round")
-    p.add_argument("--codec", choices=("fp32", "int8", "topk_int8"), default=None,
-                   help="update compression (default topk_int8 for text)")
+    p.add_argument(
+        "--codec",
+        choices=("fp32", "int8", "topk_int8"),
+        default=None,
+        help="update compression (default topk_int8 for text)",
+    )
     p.add_argument("--topk-ratio", type=float, default=None, help="share of values sent by top-k")
     p.add_argument("--split", default=None, help="iid | group | dirichlet:<alpha> (default dirichlet:0.5)")
-    p.add_argument("--broker", choices=("embedded", "mosquitto", "auto"), default="embedded",
-                   help="local broker to start: embedded amqtt (nothing to install) or Mosquitto")
+    p.add_argument(
+        "--broker",
+        choices=("embedded", "mosquitto", "auto"),
+        default="embedded",
+        help="local broker to start: embedded amqtt (nothing to install) or Mosquitto",
+    )
     p.add_argument("--config", type=Path, default=None, help="demo TOML (see configs/demo.toml)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
     p.add_argument("--work-dir", type=Path, default=None, help="where services keep state (default: temp)")
@@ -85,8 +100,9 @@ def register_experiment(subparsers: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", type=Path, default=Path("configs/experiment-small.toml"),
-                   help="grid definition (TOML)")
+    p.add_argument(
+        "--config", type=Path, default=Path("configs/experiment-small.toml"), help="grid definition (TOML)"
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default reports/experiment-<name>)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (overrides the config)")
     p.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
@@ -115,8 +131,12 @@ def register_bench(subparsers: Any) -> None:
     )
     p.add_argument("--task", choices=("text", "image"), default="text")
     p.add_argument("--method", default="lora")
-    p.add_argument("--bundle", type=Path, default=None,
-                   help="artifact bundle made by `fedpeft-edge prepare` (no torch needed on the device)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="artifact bundle made by `fedpeft-edge prepare` (no torch needed on the device)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--image-size", type=int, default=32)
@@ -133,10 +153,20 @@ def register_bench(subparsers: Any) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from fedpeft_edge.faces.device_bench import BenchOptions, main_bench
 
-    opts = BenchOptions(task=args.task, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
-                        image_size=args.image_size, steps=args.steps, threads=args.threads,
-                        broker=args.broker, bundle_dir=args.bundle, cache_dir=args.cache_dir,
-                        rss_limit_mb=args.rss_limit_mb, skip_training=args.skip_training)
+    opts = BenchOptions(
+        task=args.task,
+        method=args.method,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        image_size=args.image_size,
+        steps=args.steps,
+        threads=args.threads,
+        broker=args.broker,
+        bundle_dir=args.bundle,
+        cache_dir=args.cache_dir,
+        rss_limit_mb=args.rss_limit_mb,
+        skip_training=args.skip_training,
+    )
     return main_bench(opts, args.out)
 
 
@@ -156,7 +186,7 @@ def register_prepare(subparsers: Any) -> None:
     )
     p.add_argument("--task", choices=("text", "image"), default="text")
     p.add_argument("--method", default="lora")
-    p.add_argument("--classes", type=int, default=None, help="labels of the new head (default: the data set's)")
+    p.add_argument("--classes", type=int, default=None, help="labels of the new head")
     p.add_argument("--dataset", default=None, help="data set whose label count sizes the head")
     p.add_argument("--spec", type=Path, default=None, help="PEFT spec as TOML/JSON (overrides --method)")
     p.add_argument("--max-len", type=int, default=64)

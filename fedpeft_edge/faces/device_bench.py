@@ -129,8 +129,12 @@ def _load_bundle(opts: BenchOptions, log: Callable[[str], None]) -> Any:
     from fedpeft_edge.faces.tasks import TaskConfig, get_bundle, method_spec, prepare_backbone
 
     kind = opts.task
-    task = TaskConfig(kind=kind, dataset="reuters_r8" if kind == "text" else "mnist5k",
-                      max_len=opts.seq_len, image_size=opts.image_size)
+    task = TaskConfig(
+        kind=kind,
+        dataset="reuters_r8" if kind == "text" else "mnist5k",
+        max_len=opts.seq_len,
+        image_size=opts.image_size,
+    )
     prepared = prepare_backbone(task, opts.cache_dir)
     spec = method_spec(opts.method, kind, opts.num_classes)
     return get_bundle(prepared, spec, opts.cache_dir, log=log)
@@ -189,8 +193,13 @@ def bench_codec(n: int) -> dict[str, Any]:
         decoded = decode_dense(encoded, n)
         t_dec = time.perf_counter() - t0
         err = float(np.linalg.norm(decoded - delta) / max(np.linalg.norm(delta), 1e-30))
-        out["modes"][mode] = {"bytes": encoded.nbytes, "ratio_vs_fp32": encoded.nbytes / (4 * n),
-                              "encode_ms": 1000 * t_enc, "decode_ms": 1000 * t_dec, "relative_error": err}
+        out["modes"][mode] = {
+            "bytes": encoded.nbytes,
+            "ratio_vs_fp32": encoded.nbytes / (4 * n),
+            "encode_ms": 1000 * t_enc,
+            "decode_ms": 1000 * t_dec,
+            "relative_error": err,
+        }
     return out
 
 
@@ -206,8 +215,11 @@ def bench_mqtt(broker: str, payload_bytes: int, *, timeout: float = 10.0) -> dic
     got = threading.Event()
     subscribed = threading.Event()
     connected = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fedpeft-bench-{secrets.token_hex(4)}",
-                         protocol=mqtt.MQTTv311)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"fedpeft-bench-{secrets.token_hex(4)}",
+        protocol=mqtt.MQTTv311,
+    )
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         received["connect_reason"] = str(reason)
@@ -293,9 +305,13 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
         result["kernels"] = bench_kernels(opts.kernel_elements)
         k = result["kernels"]
         status = OK if k["backend"] == "c" else WARN
-        verdict("C core", status, f"backend {k['backend']}, path {k.get('cpu_path')}; quantize "
-                f"{k['throughput_melem_s']['quantize_int8']:.0f} M/s, top-k "
-                f"{k['throughput_melem_s']['topk_ef_1pct']:.0f} M/s")
+        verdict(
+            "C core",
+            status,
+            f"backend {k['backend']}, path {k.get('cpu_path')}; quantize "
+            f"{k['throughput_melem_s']['quantize_int8']:.0f} M/s, top-k "
+            f"{k['throughput_melem_s']['topk_ef_1pct']:.0f} M/s",
+        )
     except (FedPeftError, ImportError) as exc:
         result["kernels"] = {"error": str(exc)}
         verdict("C core", FAIL, str(exc))
@@ -312,26 +328,39 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
             n_params = int(flat.size)
             result["training"] = training
             med = training["step_seconds_median"]
-            status = OK if training["loss_finite"] and med <= opts.step_limit_s else (
-                FAIL if not training["loss_finite"] else WARN)
-            verdict("training step", status,
-                    f"{med * 1000:.0f} ms/step median ({training['samples_per_second']:.1f} samples/s), "
-                    f"{training['trainable_params']:,} trainable parameters")
+            status = (
+                OK
+                if training["loss_finite"] and med <= opts.step_limit_s
+                else (FAIL if not training["loss_finite"] else WARN)
+            )
+            verdict(
+                "training step",
+                status,
+                f"{med * 1000:.0f} ms/step median ({training['samples_per_second']:.1f} samples/s), "
+                f"{training['trainable_params']:,} trainable parameters",
+            )
         except (FedPeftError, ImportError, OSError) as exc:
             result["training"] = {"error": str(exc)}
             verdict("training step", FAIL, str(exc))
 
     peak = _peak_rss_mb()
     result["memory"] = {"peak_rss_mb": peak, "limit_mb": opts.rss_limit_mb}
-    verdict("peak memory", OK if peak <= opts.rss_limit_mb else WARN,
-            f"{peak:.0f} MB peak RSS (limit {opts.rss_limit_mb:.0f} MB)")
+    verdict(
+        "peak memory",
+        OK if peak <= opts.rss_limit_mb else WARN,
+        f"{peak:.0f} MB peak RSS (limit {opts.rss_limit_mb:.0f} MB)",
+    )
 
     log("codec ...")
     try:
         result["codec"] = bench_codec(n_params)
         modes = result["codec"]["modes"]
-        verdict("codec", OK, ", ".join(f"{m} {rep.human_bytes(v['bytes'])}" for m, v in modes.items())
-                + f" for {n_params:,} parameters")
+        verdict(
+            "codec",
+            OK,
+            ", ".join(f"{m} {rep.human_bytes(v['bytes'])}" for m, v in modes.items())
+            + f" for {n_params:,} parameters",
+        )
     except (FedPeftError, ImportError) as exc:
         result["codec"] = {"error": str(exc)}
         verdict("codec", FAIL, str(exc))
@@ -345,8 +374,12 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
             result["mqtt"] = {"ok": False, "error": str(exc)}
         m = result["mqtt"]
         if m.get("ok"):
-            verdict("MQTT round trip", OK, f"{m['rtt_small_ms']:.1f} ms (64 B), {m['rtt_update_ms']:.1f} ms "
-                    f"({rep.human_bytes(m['payload_bytes'])} update) via {opts.broker}")
+            verdict(
+                "MQTT round trip",
+                OK,
+                f"{m['rtt_small_ms']:.1f} ms (64 B), {m['rtt_update_ms']:.1f} ms "
+                f"({rep.human_bytes(m['payload_bytes'])} update) via {opts.broker}",
+            )
         else:
             verdict("MQTT round trip", FAIL, m.get("error", "failed"))
     else:
@@ -359,8 +392,10 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
 
 
 def verdict_table(result: dict[str, Any]) -> str:
-    return rep.markdown_table(["check", "verdict", "details"],
-                              [[v["check"], v["status"].upper(), v["detail"]] for v in result["verdicts"]])
+    return rep.markdown_table(
+        ["check", "verdict", "details"],
+        [[v["check"], v["status"].upper(), v["detail"]] for v in result["verdicts"]],
+    )
 
 
 def print_verdicts(result: dict[str, Any]) -> None:

@@ -76,10 +76,14 @@ class FederationSettings:
     def __post_init__(self) -> None:
         for name in ("rounds", "clients", "local_steps", "batch_size", "eval_batch_size", "threads"):
             value = getattr(self, name)
-            ensure(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                   f"experiment.{name} must be a positive integer, got {value!r}")
-        ensure(isinstance(self.personalise_steps, int) and self.personalise_steps >= 0,
-               f"experiment.personalise_steps must be >= 0, got {self.personalise_steps!r}")
+            ensure(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"experiment.{name} must be a positive integer, got {value!r}",
+            )
+        ensure(
+            isinstance(self.personalise_steps, int) and self.personalise_steps >= 0,
+            f"experiment.personalise_steps must be >= 0, got {self.personalise_steps!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,19 @@ class ExperimentConfig:
         comp_over = {k: dict(v) for k, v in data.get("compression", {}).items()}
         if out_dir is not None and base_dir is not None and not Path(out_dir).is_absolute():
             out_dir = Path(out_dir)
-        return cls(name=name, settings=settings, tasks=tasks, methods=methods, splits=splits,
-                   compressions=compressions, lr=lr, spec_overrides=overrides,
-                   compression_overrides=comp_over, skip_cells=skip,
-                   out_dir=Path(out_dir) if out_dir else None)
+        return cls(
+            name=name,
+            settings=settings,
+            tasks=tasks,
+            methods=methods,
+            splits=splits,
+            compressions=compressions,
+            lr=lr,
+            spec_overrides=overrides,
+            compression_overrides=comp_over,
+            skip_cells=skip,
+            out_dir=Path(out_dir) if out_dir else None,
+        )
 
     def lr_for(self, task: str, method: str) -> float:
         return self.lr[task].get(method, self.lr[task]["*"])
@@ -302,8 +315,13 @@ def run_cell(
     init_acc, _ = evaluate(trainer, task.test_inputs, task.test_labels, s.eval_batch_size)
     site_state = [work_dir / f"site{i}.state" for i in range(s.clients)]
     site_batches = [
-        iterate(take(task.train_inputs, sh.train_idx), task.train_labels[sh.train_idx], s.batch_size,
-                shuffle=True, seed=s.seed * 7919 + i)
+        iterate(
+            take(task.train_inputs, sh.train_idx),
+            task.train_labels[sh.train_idx],
+            s.batch_size,
+            shuffle=True,
+            seed=s.seed * 7919 + i,
+        )
         for i, sh in enumerate(shards)
     ]
     acc_rounds: list[float] = []
@@ -334,8 +352,10 @@ def run_cell(
             trainer.set_flat(global_flat)
             acc, _ = evaluate(trainer, task.test_inputs, task.test_labels, s.eval_batch_size)
             acc_rounds.append(acc)
-            log(f"    round {rnd + 1}/{s.rounds}: train loss {loss_rounds[-1]:.3f}, global acc {acc:.3f}, "
-                f"up {rep.human_bytes(round_bytes)}")
+            log(
+                f"    round {rnd + 1}/{s.rounds}: train loss {loss_rounds[-1]:.3f}, global acc {acc:.3f}, "
+                f"up {rep.human_bytes(round_bytes)}"
+            )
         else:
             acc_rounds.append(math.nan)
     final_acc = acc_rounds[-1]
@@ -355,15 +375,27 @@ def run_cell(
         site_personal.append(evaluate(trainer, local_test, local_labels, s.eval_batch_size)[0])
     full_params = _full_model_params(task)
     return CellResult(
-        task=task_name, method=method, split=split.label, compression=compression, trainable_params=n,
-        rounds=s.rounds, clients=s.clients, initial_accuracy=init_acc, global_accuracy=final_acc,
-        accuracy_per_round=acc_rounds, loss_per_round=loss_rounds,
-        site_accuracy_global=site_global, site_accuracy_personalised=site_personal,
+        task=task_name,
+        method=method,
+        split=split.label,
+        compression=compression,
+        trainable_params=n,
+        rounds=s.rounds,
+        clients=s.clients,
+        initial_accuracy=init_acc,
+        global_accuracy=final_acc,
+        accuracy_per_round=acc_rounds,
+        loss_per_round=loss_rounds,
+        site_accuracy_global=site_global,
+        site_accuracy_personalised=site_personal,
         bytes_up_per_round=float(np.mean(bytes_rounds)),
         bytes_up_per_client_update=float(np.sum(bytes_rounds)) / max(1, updates),
-        dense_fp32_bytes=4 * n, full_model_fp32_bytes=4 * full_params,
-        step_ms=1000.0 * step_seconds / max(1, steps), peak_rss_mb=peak.peak_mb,
-        seconds=time.perf_counter() - started, lr=config.lr_for(task_name, method),
+        dense_fp32_bytes=4 * n,
+        full_model_fp32_bytes=4 * full_params,
+        step_ms=1000.0 * step_seconds / max(1, steps),
+        peak_rss_mb=peak.peak_mb,
+        seconds=time.perf_counter() - started,
+        lr=config.lr_for(task_name, method),
     )
 
 
@@ -399,22 +431,27 @@ def run_experiment(
     results: list[CellResult] = []
     failures: list[dict[str, str]] = []
     cells = config.cells()
-    log(f"experiment {config.name!r}: {len(cells)} cells, {s.clients} sites x {s.rounds} rounds x "
-        f"{s.local_steps} local steps")
+    log(
+        f"experiment {config.name!r}: {len(cells)} cells, {s.clients} sites x {s.rounds} rounds x "
+        f"{s.local_steps} local steps"
+    )
     work_root = Path(tempfile.mkdtemp(prefix="fedpeft-exp-"))
     try:
         with PeakRss() as peak:
             for task_name, task_cfg in config.tasks.items():
-                log(f"task {task_name}: {task_cfg.kind} / {task_cfg.dataset} "
-                    f"(train {task_cfg.train_size}, test {task_cfg.test_size})")
+                log(
+                    f"task {task_name}: {task_cfg.kind} / {task_cfg.dataset} "
+                    f"(train {task_cfg.train_size}, test {task_cfg.test_size})"
+                )
                 task = load_task(task_cfg, cache_dir=cache_dir)
                 for method in config.methods:
                     method_cells = [c for c in cells if c[0] == task_name and c[1] == method]
                     if not method_cells:
                         continue
                     try:
-                        spec = method_spec(method, task.kind, task.num_classes,
-                                           config.spec_overrides[task_name][method])
+                        spec = method_spec(
+                            method, task.kind, task.num_classes, config.spec_overrides[task_name][method]
+                        )
                         bundle = get_bundle(task.prepared, spec, cache_dir, log=log)
                         trainer = make_trainer(bundle, threads=s.threads, lr=config.lr_for(task_name, method))
                     except FedPeftError as exc:
@@ -429,19 +466,36 @@ def run_experiment(
                     for _, _, split, compression in method_cells:
                         log(f"  cell {task_name} / {method} / {split.label} / {compression}")
                         try:
-                            result = run_cell(task, task_name, bundle, method, split, compression, config,
-                                              trainer=trainer, initial_state=initial_state, work_dir=work,
-                                              peak=peak, log=log)
+                            result = run_cell(
+                                task,
+                                task_name,
+                                bundle,
+                                method,
+                                split,
+                                compression,
+                                config,
+                                trainer=trainer,
+                                initial_state=initial_state,
+                                work_dir=work,
+                                peak=peak,
+                                log=log,
+                            )
                         except FedPeftError as exc:
-                            failures.append({"cell": f"{task_name}/{method}/{split.label}/{compression}",
-                                             "error": str(exc)})
+                            failures.append(
+                                {
+                                    "cell": f"{task_name}/{method}/{split.label}/{compression}",
+                                    "error": str(exc),
+                                }
+                            )
                             log(f"    failed: {exc}")
                             continue
                         results.append(result)
-                        log(f"    -> global {result.global_accuracy:.3f}, personalised mean "
+                        log(
+                            f"    -> global {result.global_accuracy:.3f}, personalised mean "
                             f"{result.personalised_mean:.3f} / worst {result.personalised_worst:.3f}, "
                             f"{rep.human_bytes(result.bytes_up_per_client_update)} per update, "
-                            f"{result.step_ms:.0f} ms/step ({result.seconds:.1f} s)")
+                            f"{result.step_ms:.0f} ms/step ({result.seconds:.1f} s)"
+                        )
                     del trainer
                     shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -450,21 +504,36 @@ def run_experiment(
         "name": config.name,
         "settings": asdict(config.settings),
         "tasks": {k: asdict(v) for k, v in config.tasks.items()},
-        "grid": {"methods": list(config.methods), "splits": [s_.label for s_ in config.splits],
-                 "compressions": list(config.compressions)},
+        "grid": {
+            "methods": list(config.methods),
+            "splits": [s_.label for s_ in config.splits],
+            "compressions": list(config.compressions),
+        },
         "cells": [r.to_dict() for r in results],
         "failures": failures,
         "seconds": time.perf_counter() - started,
     }
     write_experiment_report(summary, out_dir)
-    log(f"wrote {out_dir / 'results.md'} ({len(results)} cells, {len(failures)} failed, "
-        f"{summary['seconds']:.0f} s)")
+    log(
+        f"wrote {out_dir / 'results.md'} ({len(results)} cells, {len(failures)} failed, "
+        f"{summary['seconds']:.0f} s)"
+    )
     return summary
 
 
 RESULT_COLUMNS = (
-    "task", "method", "split", "compression", "params", "global acc", "site acc (global)",
-    "personalised mean", "personalised worst", "bytes up / update", "% of full FT fp32", "step ms",
+    "task",
+    "method",
+    "split",
+    "compression",
+    "params",
+    "global acc",
+    "site acc (global)",
+    "personalised mean",
+    "personalised worst",
+    "bytes up / update",
+    "% of full FT fp32",
+    "step ms",
     "peak RSS MB",
 )
 
@@ -473,12 +542,23 @@ def result_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     rows = []
     for c in cells:
         site_global = c["site_accuracy_global"]
-        rows.append([
-            c["task"], c["method"], c["split"], c["compression"], int(c["trainable_params"]),
-            c["global_accuracy"], float(np.mean(site_global)) if site_global else None,
-            c["personalised_mean"], c["personalised_worst"], round(c["bytes_up_per_client_update"]),
-            100.0 * c["bytes_ratio_vs_full_fp32"], c["step_ms"], c["peak_rss_mb"],
-        ])
+        rows.append(
+            [
+                c["task"],
+                c["method"],
+                c["split"],
+                c["compression"],
+                int(c["trainable_params"]),
+                c["global_accuracy"],
+                float(np.mean(site_global)) if site_global else None,
+                c["personalised_mean"],
+                c["personalised_worst"],
+                round(c["bytes_up_per_client_update"]),
+                100.0 * c["bytes_ratio_vs_full_fp32"],
+                c["step_ms"],
+                c["peak_rss_mb"],
+            ]
+        )
     return rows
 
 
@@ -488,13 +568,17 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
     cells = summary["cells"]
     lines = [f"# Experiment `{summary['name']}`", ""]
     st = summary["settings"]
-    lines.append(f"{st['clients']} sites, {st['rounds']} rounds, {st['local_steps']} local steps of batch "
-                 f"{st['batch_size']}, {st['personalise_steps']} personalisation steps, strategy "
-                 f"{st['strategy']}; {len(cells)} cells in {summary['seconds']:.0f} s.")
+    lines.append(
+        f"{st['clients']} sites, {st['rounds']} rounds, {st['local_steps']} local steps of batch "
+        f"{st['batch_size']}, {st['personalise_steps']} personalisation steps, strategy "
+        f"{st['strategy']}; {len(cells)} cells in {summary['seconds']:.0f} s."
+    )
     lines.append("")
     for name, t in summary["tasks"].items():
-        lines.append(f"- task `{name}`: {t['kind']} on `{t['dataset']}`, {t['train_size']} training / "
-                     f"{t['test_size']} test samples")
+        lines.append(
+            f"- task `{name}`: {t['kind']} on `{t['dataset']}`, {t['train_size']} training / "
+            f"{t['test_size']} test samples"
+        )
     lines.append("")
     lines.append(rep.markdown_table(RESULT_COLUMNS, result_rows(cells)))
     if summary.get("failures"):
@@ -507,23 +591,38 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
             task_cells = [c for c in cells if c["task"] == task]
             series = {
                 f"{c['method']}/{c['split']}/{c['compression']}": (
-                    list(range(1, len(c["accuracy_per_round"]) + 1)), c["accuracy_per_round"])
+                    list(range(1, len(c["accuracy_per_round"]) + 1)),
+                    c["accuracy_per_round"],
+                )
                 for c in task_cells
             }
             plots[f"accuracy_{task}"] = rep.line_plot(
-                out_dir / f"accuracy_{task}.png", series, title=f"{task}: global test accuracy per round",
-                xlabel="round", ylabel="accuracy")
+                out_dir / f"accuracy_{task}.png",
+                series,
+                title=f"{task}: global test accuracy per round",
+                xlabel="round",
+                ylabel="accuracy",
+            )
             labels = [f"{c['method']}/{c['split']}/{c['compression']}" for c in task_cells]
             plots[f"bytes_{task}"] = rep.bar_plot(
-                out_dir / f"bytes_{task}.png", labels,
+                out_dir / f"bytes_{task}.png",
+                labels,
                 {"bytes up per update": [c["bytes_up_per_client_update"] for c in task_cells]},
-                title=f"{task}: bytes uploaded per site update", ylabel="bytes", log_y=True)
+                title=f"{task}: bytes uploaded per site update",
+                ylabel="bytes",
+                log_y=True,
+            )
             plots[f"personalised_{task}"] = rep.bar_plot(
-                out_dir / f"personalised_{task}.png", labels,
-                {"global model": [c["global_accuracy"] for c in task_cells],
-                 "personalised mean": [c["personalised_mean"] for c in task_cells],
-                 "personalised worst": [c["personalised_worst"] for c in task_cells]},
-                title=f"{task}: accuracy, global vs personalised", ylabel="accuracy")
+                out_dir / f"personalised_{task}.png",
+                labels,
+                {
+                    "global model": [c["global_accuracy"] for c in task_cells],
+                    "personalised mean": [c["personalised_mean"] for c in task_cells],
+                    "personalised worst": [c["personalised_worst"] for c in task_cells],
+                },
+                title=f"{task}: accuracy, global vs personalised",
+                ylabel="accuracy",
+            )
         lines.append("## Plots\n")
         lines.extend(f"![{k}]({p.name})" for k, p in plots.items())
         lines.append("")
@@ -536,8 +635,13 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
     return paths
 
 
-def main_experiment(config_path: Path, out_dir: Path | None = None, *, cache_dir: Path | None = None,
-                    threads: int | None = None) -> dict[str, Any]:
+def main_experiment(
+    config_path: Path,
+    out_dir: Path | None = None,
+    *,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     config = ExperimentConfig.load(config_path)
     if threads is not None:
         config = _with_threads(config, threads)

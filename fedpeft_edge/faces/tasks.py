@@ -72,7 +72,7 @@ class SplitConfig:
         for prefix in ("dirichlet:", "dirichlet", "dir:", "dir"):
             if lowered.startswith(prefix):
                 try:
-                    return cls(mode="dirichlet", alpha=float(lowered[len(prefix):]))
+                    return cls(mode="dirichlet", alpha=float(lowered[len(prefix) :]))
                 except builtins.ValueError as exc:
                     raise ValueError(f"bad Dirichlet alpha in split {text!r}") from exc
         raise ValueError(f"unknown split {text!r}; use iid, group or dirichlet:<alpha>")
