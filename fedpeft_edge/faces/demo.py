@@ -523,9 +523,9 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     )
 
     # 2. broker and services -------------------------------------------------------------------
-    from fedpeft_edge.federation.broker import start_local_broker
-
     import logging
+
+    from fedpeft_edge.federation.broker import start_local_broker
 
     # The embedded broker runs in this process; its per-connection chatter would drown the progress display.
     for noisy in ("amqtt", "transitions"):
