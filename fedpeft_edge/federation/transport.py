@@ -183,6 +183,7 @@ class MqttTransport:
         for i, proto in enumerate(candidates):
             self._first_result.clear()
             self._first_reason = None
+            self._socket_opened_at = None  # reset before the network thread can open the socket
             client = self._make_client(proto)
             self._client = client
             kwargs: dict[str, object] = {}
@@ -195,7 +196,7 @@ class MqttTransport:
             client.connect_async(self.cfg.host, int(self.cfg.port), keepalive=int(self.cfg.keepalive),
                                  **kwargs)  # type: ignore[arg-type]
             client.loop_start()
-            silent_after = 3.0 if (proto == mqtt.MQTTv5 and i + 1 < len(candidates)) else None
+            silent_after = 2.0 if (proto == mqtt.MQTTv5 and i + 1 < len(candidates)) else None
             if self._wait_first_connack(timeout, silent_after):
                 return
             reason = self._first_reason
@@ -221,7 +222,6 @@ class MqttTransport:
     def _wait_first_connack(self, timeout: float | None, silent_after: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         self._silent = False
-        self._socket_opened_at = None
         while True:
             if self._connected.is_set():
                 return True
