@@ -21,6 +21,7 @@ from fedpeft_edge.data import (
     group_partition,
     iid_partition,
     iterate_batches,
+    iterate_encoded_batches,
     label_skew,
     load_20newsgroups,
     load_bbc_news,
@@ -402,12 +403,17 @@ def test_group_partition_property(n, num_groups, num_clients, seed) -> None:
 # ----------------------------------------------------------------------------------------------- tokeniser
 
 
-def test_text_encoder_matches_hugging_face_tokenizer(r8_train: TextDataset) -> None:
+def test_text_encoder_matches_hugging_face_tokenizer(r8_train: TextDataset, ng_train: TextDataset) -> None:
     import transformers  # test-only reference; the module itself never imports it
 
     reference = transformers.AutoTokenizer.from_pretrained(str(MINILM_DIR), local_files_only=True)
+    longest = np.argsort([-len(t) for t in ng_train.texts])[:5]
     texts = [
         *r8_train.texts[:40],  # many exceed 64 tokens: truncation must match too
+        *(ng_train.texts[i] for i in longest),  # 20k+ characters: exercises the pre-cut of long texts
+        "\x00" * 3000
+        + " real words at last" * 30,  # the cut holds no tokens: must fall back to the full text
+        "x" * 5000,  # no whitespace at all: cannot be cut
         "",
         "Crème brûlée costs £5 — naïve café façade!",
         "UPPER lower MiXeD 12345 3.14 e-mail@example.com",
@@ -575,3 +581,17 @@ def test_encode_for_model_text_and_image(r8_train: TextDataset) -> None:
         encode_for_model(small, text_meta, "audio")
     with pytest.raises(ValueError, match="max_len"):
         encode_for_model(small, {"tokenizer_json": str(TOKENIZER_JSON)}, "text")
+
+
+def test_iterate_encoded_batches_equals_eager_path() -> None:
+    image_meta = {"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+    digits = subsample(load_digits(), 45, seed=2)
+    eager = list(
+        iterate_batches(encode_for_model(digits, image_meta, "image"), digits.labels, 8, shuffle=True, seed=5)
+    )
+    lazy = list(iterate_encoded_batches(digits, image_meta, "image", 8, shuffle=True, seed=5))
+    assert len(eager) == len(lazy) == 6
+    for a, b in zip(eager, lazy, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

@@ -17,7 +17,7 @@ from fedpeft_edge.data.datasets import (
     subsample,
     train_test_split,
 )
-from fedpeft_edge.data.features import encode_for_model
+from fedpeft_edge.data.features import encode_for_model, iterate_encoded_batches
 from fedpeft_edge.data.images import preprocess_images
 from fedpeft_edge.data.partition import (
     PARTITION_SCHEMES,
@@ -42,6 +42,7 @@ __all__ = [
     "group_partition",
     "iid_partition",
     "iterate_batches",
+    "iterate_encoded_batches",
     "label_skew",
     "load_20newsgroups",
     "load_bbc_news",

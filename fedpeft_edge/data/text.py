@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedpeft_edge.errors import MissingDependencyError, TypeError, ensure
 
 TOKENIZERS_INSTALL = "pip install tokenizers"
+# Characters per token budget when pre-cutting long texts; English WordPiece averages 4-5 characters per
+# token, so 12 leaves a wide margin (a cut that proves too short is re-encoded in full).
+_CHARS_PER_TOKEN_BUDGET = 12
+_ASCII_WHITESPACE = " \t\n\r"
 
 
 class TextEncoder:
@@ -49,6 +54,11 @@ class TextEncoder:
         self._tokenizer.enable_padding(length=max_len, pad_id=self.pad_token_id, pad_token="[PAD]")
         self._configured_len = max_len
 
+    def _encode_batch(self, texts: list[str]) -> list[Any]:
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which we never use.
+        fast = getattr(self._tokenizer, "encode_batch_fast", None)
+        return fast(texts) if fast is not None else self._tokenizer.encode_batch(texts)
+
     def encode(self, texts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
         """``{"input_ids": int64 [N, max_len], "attention_mask": int64 [N, max_len]}`` (C-contiguous)."""
         if isinstance(texts, str):
@@ -64,10 +74,31 @@ class TextEncoder:
             empty = np.zeros((0, max_len), dtype=np.int64)
             return {"input_ids": empty, "attention_mask": empty.copy()}
         self._configure(max_len)
-        encodings = self._tokenizer.encode_batch(texts)
+        # Long documents (20 Newsgroups has 30k-character posts) are cut at a whitespace well past what
+        # max_len tokens can cover. BERT pre-tokenisation splits on whitespace, so the tokens of the
+        # complete words before the cut are exactly the first tokens of the full text; a cut row whose
+        # encoding is not full (could have used more text) is re-encoded from the full text.
+        budget = max_len * _CHARS_PER_TOKEN_BUDGET
+        cut = [_cut_at_whitespace(t, budget) for t in texts]
+        encodings = self._encode_batch(cut)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        redo = [i for i, t in enumerate(cut) if len(t) < len(texts[i]) and not mask[i, -1]]
+        if redo:
+            for i, enc in zip(redo, self._encode_batch([texts[i] for i in redo]), strict=True):
+                ids[i] = enc.ids
+                mask[i] = enc.attention_mask
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def _cut_at_whitespace(text: str, budget: int) -> str:
+    """``text`` up to the first ASCII whitespace at or after ``budget`` characters (whole text if none)."""
+    if len(text) <= budget:
+        return text
+    for pos in range(budget, len(text)):
+        if text[pos] in _ASCII_WHITESPACE:
+            return text[:pos]
+    return text
 
 
 __all__ = ["TextEncoder"]
