@@ -768,6 +768,8 @@ def read_sent_updates(agent_dir: Path) -> list[dict[str, Any]]:
                 "codec": msg.update.mode,
                 "k": msg.update.k,
                 "n": msg.update.n,
+                "block": msg.update.block,
+                "index_nbytes": msg.update.index_nbytes,
                 "num_samples": msg.num_samples,
                 "metrics": dict(msg.metrics),
             }

@@ -1,0 +1,128 @@
+"""The demo end to end in its reduced configuration, on the embedded broker and on Mosquitto, and README's
+main-job command exactly as written (reduced through FEDPEFT_EDGE_DEMO_QUICK=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedpeft_edge.errors import ValueError as FpeValueError
+from fedpeft_edge.faces.demo import QUICK_ENV, DemoOptions, load_shard, run_demo, save_shard
+from fedpeft_edge.federation import wire
+from fedpeft_edge.federation.broker import find_mosquitto
+from fedpeft_edge.federation.codec import expected_payload_len
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check_report(summary: dict, out: Path, work: Path, agents: int, rounds: int) -> None:
+    assert summary["ok"], summary["failure"]
+    for name in ("report.json", "report.md", "accuracy.png", "bytes.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 100, name
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["global"]["accuracy_after"] == pytest.approx(summary["global"]["accuracy_after"])
+
+    # Accuracy: clearly above the untrained head (same global test set, same evaluator).
+    g = summary["global"]
+    assert 0.0 <= g["accuracy_before"] <= 1.0 and 0.0 <= g["accuracy_after"] <= 1.0
+    assert g["accuracy_after"] >= g["accuracy_before"] + 0.1, g
+    assert len(g["accuracy_per_round"]) == rounds + 1
+    assert len(summary["sites"]) == agents
+    for site in summary["sites"]:
+        assert 0.0 <= site["accuracy_after"] <= 1.0
+
+    # Bytes: every update the agents sent, decoded from their audit copies, is exactly what the codec's own
+    # accounting says its fields imply; the aggregator's byte count per round equals the wire bytes sent.
+    assert len(summary["rounds"]) == rounds
+    for r in summary["rounds"]:
+        assert r["participants"] == agents
+        rnd = r["round"] - 1
+        wire_total, payload_total = 0, 0
+        for i in range(agents):
+            sent = work / f"site-{i + 1}" / "sent" / f"r{rnd:08d}.msg"
+            data = sent.read_bytes()
+            enc = wire.decode_update(data).update
+            assert enc.nbytes == expected_payload_len(enc.mode, enc.n, enc.k, enc.block, enc.index_nbytes)
+            assert enc.n == summary["peft"]["trainable_params"]
+            wire_total += len(data)
+            payload_total += enc.nbytes
+        assert r["payload_bytes_up"] == payload_total
+        assert r["wire_bytes_up"] == wire_total
+        assert r["bytes_in_aggregator"] == wire_total
+        assert r["bytes_per_site_vs_full_ft_percent"] < 1.0
+        assert r["local_train_seconds_mean"] > 0
+    md = (out / "report.md").read_text()
+    assert "Accuracy before and after" in md and "site-1" in md
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_quick_demo_end_to_end(tmp_path: Path, broker: str) -> None:
+    if broker == "mosquitto":
+        assert find_mosquitto() is not None, "Mosquitto must be installed for this test (scripts/install.sh)"
+    out, work = tmp_path / "report", tmp_path / "work"
+    summary = run_demo(DemoOptions(quick=True, broker=broker, out=out, work_dir=work, plain=True))
+    assert summary["options"]["agents"] == 2 and summary["options"]["rounds"] == 2
+    _check_report(summary, out, work, agents=2, rounds=2)
+
+
+def test_readme_main_job_command_as_written(tmp_path: Path) -> None:
+    """README's main-job command is `fedpeft-edge demo`; here reduced by the documented env var."""
+    exe = shutil.which("fedpeft-edge")
+    assert exe is not None, "the fedpeft-edge command is not installed (pip install -e .)"
+    env = dict(os.environ, **{QUICK_ENV: "1"})
+    proc = subprocess.run(["fedpeft-edge", "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = sorted((tmp_path / "reports").glob("demo-*/report.json"))
+    assert len(reports) == 1, proc.stdout[-2000:]
+    summary = json.loads(reports[0].read_text())
+    assert summary["ok"] and summary["options"]["quick"]
+    assert summary["global"]["accuracy_after"] > summary["global"]["accuracy_before"]
+    assert "accuracy after" in proc.stdout
+
+
+def test_quick_env_var_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(QUICK_ENV, "1")
+    from fedpeft_edge.faces.demo import quick_requested
+
+    assert quick_requested()
+    quick = DemoOptions(quick=True, agents=8, rounds=9).resolved()
+    assert (quick.agents, quick.rounds) == (2, 2)  # quick caps even explicit sizes
+    full = DemoOptions(agents=3).resolved()
+    assert full.agents == 3 and full.rounds >= 3 and full.method == "lora"
+    with pytest.raises(FpeValueError):
+        DemoOptions(task="audio").resolved()
+    with pytest.raises(FpeValueError):
+        DemoOptions(agents=0).resolved()
+    with pytest.raises(FpeValueError):
+        DemoOptions(codec="zip").resolved()
+
+
+def test_shard_round_trip_and_bad_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4)
+    path = tmp_path / "s.npz"
+    save_shard(path, {"input_ids": ids}, np.array([0, 1, 2]), {"input_ids": ids[:1]}, np.array([1]))
+    train, ty, _test, tey = load_shard(path)
+    assert np.array_equal(train["input_ids"], ids) and ty.tolist() == [0, 1, 2] and tey.tolist() == [1]
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(FpeValueError):
+        load_shard(tmp_path / "bad.npz")
+
+
+def test_demo_help_is_instant() -> None:
+    proc = subprocess.run([sys.executable, "-c", "import sys, argparse;"
+                           "from fedpeft_edge.faces.cli_commands import register;"
+                           "p = argparse.ArgumentParser(prog='fedpeft-edge'); register(p.add_subparsers());"
+                           "p.parse_args(['demo', '--help'])"], capture_output=True, text=True, cwd=REPO,
+                          check=False)
+    assert proc.returncode == 0 and "FEDPEFT_EDGE_DEMO_QUICK" in proc.stdout
+    assert "torch" not in proc.stderr
