@@ -106,12 +106,13 @@ class NumpyBackend:
         n = qa.shape[0]
         nfull = n // b
         group = max(1, _CHUNK // b)
-        for first in range(0, nfull, group):
-            last = min(nfull, first + group)
-            lo, hi = first * b, last * b
-            np.multiply(qa[lo:hi].reshape(-1, b), sa[first:last, None], out=o[lo:hi].reshape(-1, b))
-        if nfull * b < n:
-            np.multiply(qa[nfull * b:], sa[nfull], out=o[nfull * b:])
+        with np.errstate(over="ignore"):  # q * scale may round past FLT_MAX, as in C: Inf, no warning
+            for first in range(0, nfull, group):
+                last = min(nfull, first + group)
+                lo, hi = first * b, last * b
+                np.multiply(qa[lo:hi].reshape(-1, b), sa[first:last, None], out=o[lo:hi].reshape(-1, b))
+            if nfull * b < n:
+                np.multiply(qa[nfull * b:], sa[nfull], out=o[nfull * b:])
         return o
 
     def uniform(self, seed, i):
@@ -211,6 +212,7 @@ class NumpyBackend:
 
     def clip_by_global_norm(self, g, max_norm):
         ga, mx = V.check_clip(g, max_norm)
+        mx = float(np.float32(mx))  # the C core receives max_norm as float
         norm = self._l2(ga)
         if not math.isfinite(norm):
             raise V.nonfinite("g")
@@ -223,9 +225,10 @@ class NumpyBackend:
     def axpy(self, acc, x, weight):
         a, xa, w = V.check_axpy(acc, x, weight)
         w32 = np.float32(w)
-        for lo in _chunks(a.shape[0]):
-            hi = lo + _CHUNK
-            a[lo:hi] += xa[lo:hi] * w32
+        with np.errstate(over="ignore", invalid="ignore"):  # x is unchecked by contract: Inf like C
+            for lo in _chunks(a.shape[0]):
+                hi = lo + _CHUNK
+                a[lo:hi] += xa[lo:hi] * w32
 
     def scatter_add(self, acc, indices, values, weight):
         a, idx, val, w = V.check_scatter(acc, indices, values, weight)

@@ -86,7 +86,7 @@ def block_size(block: object) -> int:
 
 
 def integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or isinstance(value, np.bool_):
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got bool")
     try:
         return operator.index(value)  # type: ignore[arg-type]
@@ -118,12 +118,10 @@ def step_count(step: object) -> int:
 def real(name: str, value: object, *, low: float | None = None, high: float | None = None,
          low_open: bool = False, high_open: bool = False) -> float:
     """A finite Python number that stays finite as float32, within [low, high] (optionally open)."""
-    if isinstance(value, bool) or isinstance(value, np.bool_):
-        raise TypeError(f"{name} must be a real number, got bool")
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (builtins.TypeError, builtins.ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    # float() would also parse strings: accept only real numbers (Python or numpy scalars).
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
     if not math.isfinite(v) or abs(v) > _F32_MAX:
         raise ValueError(f"{name} must be finite in float32, got {v!r}")
     if low is not None and (v < low or (low_open and v == low)):
