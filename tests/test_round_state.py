@@ -315,3 +315,38 @@ def test_sigkill_at_a_random_moment_keeps_sum_and_set_consistent(tmp_path: Path)
     for i in range(len(got) + 3):
         core.offer(_msg(f"c{i}", seed=i))
     assert core.accepted_this_round == len(got) + 3
+
+
+def test_huge_finite_update_cannot_overflow_the_round() -> None:
+    core = R.AggregatorCore(_config(quorum=2))
+    assert core.offer(_msg("a")).accepted
+    huge = np.zeros(N, np.float32)
+    huge[:10] = 3e38
+    enc = C.UpdateEncoder(C.CodecConfig(mode="fp32"), N).encode(huge)
+    d = core.offer(_msg("b", update=enc, samples=10**6))
+    assert d.status == R.REJECTED and d.reason == "overflow"
+    assert core.offer(_msg("c")).accepted
+    g, _ = core.close_round()
+    assert np.isfinite(g).all()
+
+
+def test_absurd_metric_values_are_ignored_not_persisted(tmp_path: Path) -> None:
+    core = R.AggregatorCore(_config(quorum=2), tmp_path)
+    assert core.offer(_msg("a", metrics={"loss": 1e308, "accuracy": 0.5}, samples=1000)).accepted
+    assert core.counters["metric_ignored"] == 1
+    assert core.offer(_msg("b", metrics={"loss": 2.0}, samples=1000)).accepted
+    _, metrics = core.close_round()
+    assert metrics["loss"] == 2.0 and metrics["accuracy"] == 0.5
+    assert R.AggregatorCore(_config(quorum=2), tmp_path).round == 1
+
+
+def test_global_message_round_trips_through_the_wire() -> None:
+    core = R.AggregatorCore(_config(quorum=1, min_clients=1, global_mode="int8"))
+    first = W.decode_global(W.encode_global(core.global_message()))
+    assert first.round == 0 and "participants" not in first.meta and first.meta["finished"] is False
+    core.offer(_msg("a", loss=0.25))
+    g, _ = core.close_round()
+    msg = W.decode_global(W.encode_global(core.global_message({"note": "pilot"})))
+    assert msg.round == 1 and msg.spec_hash == SPEC and msg.vector.mode == "int8"
+    assert msg.meta["participants"] == 1 and msg.meta["loss"] == 0.25 and msg.meta["note"] == "pilot"
+    np.testing.assert_allclose(C.decode_global(msg.vector, N), g, atol=float(np.abs(g).max()) / 127)
