@@ -21,12 +21,13 @@ from fedpeft_edge.errors import FedPeftError, MissingDependencyError
 from fedpeft_edge.models import PreparedModel, default_cache_dir, prepare_image_model, prepare_text_model
 from fedpeft_edge.models import prepare as prepare_mod
 from fedpeft_edge.models.onnx_utils import check_onnx_model
+from fedpeft_edge.training import ort_import
 
 PARITY_ATOL = 1e-5
 
 
 def _ort_features(prepared: PreparedModel, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
+    ort = ort_import.ort()  # never a bare `import onnxruntime`: it would drag torch into the process
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -293,3 +294,64 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
     check_onnx_model(second.onnx_path)
     record = json.loads((second.onnx_path.parent / "prepared.json").read_text())
     assert record["meta"]["image_size"] == 48 and record["meta"]["parity_max_abs_diff"] <= 1e-4
+
+
+def _train_mode_loss(prepared: PreparedModel, workdir: Path, pixels: np.ndarray, labels: np.ndarray) -> float:
+    """Loss of the ORT *training* graph (base frozen, a fixed random head) on one batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(prepared.onnx_path))
+    head = np.random.default_rng(0).normal(0, 0.05, (prepared.feature_dim, 10)).astype(np.float32)
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(head, "head.weight"),
+            numpy_helper.from_array(np.zeros(10, np.float32), "head.bias"),
+        ]
+    )
+    model.graph.node.append(helper.make_node("Gemm", ["features", "head.weight", "head.bias"], ["logits"]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]))
+    frozen = [
+        i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) >= 1
+    ]
+    frozen = [name for name in frozen if not name.startswith("head.")]
+    artifacts, api = ort_import.training_artifacts(), ort_import.training_api()
+    out = workdir / "artifacts"
+    out.mkdir(parents=True)
+    artifacts.generate_artifacts(
+        model,
+        requires_grad=["head.weight", "head.bias"],
+        frozen_params=frozen,
+        loss=artifacts.LossType.CrossEntropyLoss,
+        optimizer=artifacts.OptimType.AdamW,
+        artifact_directory=str(out),
+    )
+    state = api.CheckpointState.load_checkpoint(str(out / "checkpoint"))
+    module = api.Module(str(out / "training_model.onnx"), state, str(out / "eval_model.onnx"))
+    module.train()
+    return float(module(pixels, labels))
+
+
+@pytest.mark.slow
+def test_folded_batchnorm_trains_like_inference_in_ort(
+    prepare_cache: Path, image_model: PreparedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why BN folding is the default: ORT Training's graph uses batch statistics for BatchNormalization."""
+    monkeypatch.chdir(tmp_path)  # generate_artifacts writes temp.onnx into the working directory
+    images = subsample(load_fashion_mnist("test"), 8, seed=3)
+    pixels = encode_for_model(images, image_model.meta, "image")["pixel_values"]
+    head = np.random.default_rng(0).normal(0, 0.05, (1280, 10)).astype(np.float32)
+
+    def inference_loss(prepared: PreparedModel) -> float:
+        logits = _ort_features(prepared, {"pixel_values": pixels}).astype(np.float64) @ head
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return float(-log_probs[np.arange(len(images)), images.labels].mean())
+
+    folded_train = _train_mode_loss(image_model, tmp_path / "folded", pixels, images.labels)
+    assert abs(folded_train - inference_loss(image_model)) < 1e-4
+    raw = prepare_image_model(cache_dir=prepare_cache, image_size=32, fold_batchnorm=False)
+    raw_train = _train_mode_loss(raw, tmp_path / "raw", pixels, images.labels)
+    # Same network, same batch, yet the unfolded training graph computes another loss (batch statistics).
+    assert abs(raw_train - inference_loss(raw)) > 1e-2

@@ -29,7 +29,10 @@ def check_onnx_model(path: str | Path) -> ModelSummary:
     Raises :class:`~fedpeft_edge.errors.FedPeftError` if either rejects the file.
     """
     import onnx
-    import onnxruntime as ort
+
+    from fedpeft_edge.training.ort_import import ort as _ort  # the torch-free way to import onnxruntime
+
+    ort = _ort()
 
     path = Path(path)
     ensure(path.is_file(), f"model file not found: {path}")

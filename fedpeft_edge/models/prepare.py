@@ -224,7 +224,9 @@ def _build_entry(
 
 
 def _ort_run(onnx_path: Path, feeds: dict[str, Any]) -> Any:
-    import onnxruntime as ort
+    from fedpeft_edge.training.ort_import import ort as _ort  # the torch-free way to import onnxruntime
+
+    ort = _ort()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
