@@ -10,7 +10,10 @@
 
 /* Run-time x86 dispatch needs GCC/Clang target attributes and SSE arithmetic (not x87 excess
  * precision), so 32-bit x86 only qualifies when it already does float maths in SSE2 registers. */
-#if defined(__GNUC__) && (defined(__x86_64__) || (defined(__i386__) && defined(__SSE2_MATH__)))
+/* -DFPE_PORTABLE_ONLY builds only the plain C loops (no x86 attributes or intrinsics): the test
+ * Makefile uses it to run the code other architectures get on this machine too. */
+#if !defined(FPE_PORTABLE_ONLY) && defined(__GNUC__) &&                                          \
+    (defined(__x86_64__) || (defined(__i386__) && defined(__SSE2_MATH__)))
 #define FPE_X86_DISPATCH 1
 #else
 #define FPE_X86_DISPATCH 0

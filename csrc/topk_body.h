@@ -3,6 +3,30 @@
 
 #define FPE_TOPK_CHUNK 2048
 
+/* s[0..len) = u + r; returns the OR of non-finite terms (flag bit 31). */
+static FPE_TARGET uint32_t FPE_FN(sum_chunk)(const float *restrict u, const float *restrict r,
+                                             float *restrict s, size_t len) {
+    uint32_t bad = 0;
+    for (size_t i = 0; i < len; ++i) {
+        float v = u[i] + r[i];
+        s[i] = v;
+        bad |= FPE_NONFINITE_TERM(fpe__f2u(v));
+    }
+    return bad;
+}
+
+/* s = u + s, for s aliasing one operand (float addition is commutative, so the bits match). */
+static FPE_TARGET uint32_t FPE_FN(sum_chunk_inplace)(const float *restrict u, float *restrict s,
+                                                     size_t len) {
+    uint32_t bad = 0;
+    for (size_t i = 0; i < len; ++i) {
+        float v = u[i] + s[i];
+        s[i] = v;
+        bad |= FPE_NONFINITE_TERM(fpe__f2u(v));
+    }
+    return bad;
+}
+
 /* Histogram the top 11 key bits of s[0..len) into two interleaved tables (halves the store-to-load
  * chains when neighbours share a bucket). */
 static FPE_TARGET void FPE_FN(hist_chunk)(const float *restrict s, size_t len,
@@ -16,48 +40,220 @@ static FPE_TARGET void FPE_FN(hist_chunk)(const float *restrict s, size_t len,
         hist[(fpe__f2u(s[i]) & FPE_ABS_MASK) >> 20]++;
 }
 
-/* s = u + r, histogram of |s| top bits; returns the OR of non-finite terms (flag bit 31). */
-static FPE_TARGET uint32_t FPE_FN(sum_hist)(const float *restrict u, const float *restrict r,
-                                            float *restrict s, size_t n, uint32_t *restrict hist) {
+/* s = u + r (r == NULL: s = u + s in place) with an optional histogram of s. Returns the
+ * non-finite flags. */
+static FPE_TARGET uint32_t FPE_FN(sum_hist)(const float *u, const float *r, float *s, size_t n,
+                                            uint32_t *restrict hist) {
     uint32_t bad = 0;
     for (size_t start = 0; start < n; start += FPE_TOPK_CHUNK) {
         size_t len = fpe__min(FPE_TOPK_CHUNK, n - start);
-        const float *uc = u + start, *rc = r + start;
-        float *sc = s + start;
-        for (size_t i = 0; i < len; ++i) {
-            float v = uc[i] + rc[i];
-            sc[i] = v;
-            bad |= FPE_NONFINITE_TERM(fpe__f2u(v));
-        }
+        bad |= r != NULL ? FPE_FN(sum_chunk)(u + start, r + start, s + start, len)
+                         : FPE_FN(sum_chunk_inplace)(u + start, s + start, len);
         if (hist != NULL)
-            FPE_FN(hist_chunk)(sc, len, hist);
+            FPE_FN(hist_chunk)(s + start, len, hist);
     }
     return bad;
 }
 
-/* Same with s aliasing one operand: s = u + s (float addition is commutative, so the bits match). */
-static FPE_TARGET uint32_t FPE_FN(sum_hist_inplace)(const float *restrict u, float *restrict s,
-                                                    size_t n, uint32_t *restrict hist) {
+/* s = u + r (r == NULL: s = u + s in place) while appending every (index, bits of s) with
+ * key >= lo to the candidate lists. Returns the candidate count, or cap + 1 once the lists
+ * overflow (s is still completed then); *bad_out gets the non-finite flags.
+ *
+ * On x86 the loop is written with SSE2 / AVX2 intrinsics: one pass adds, stores, checks finiteness
+ * and builds a 16-bit mask of candidates per 16 elements, so the scalar append only visits the
+ * hits (movemask + count-trailing-zeros has no portable C spelling the vectoriser would find).
+ * The add is the same IEEE single add on every path, so the bits match the portable loop. */
+#if FPE_TOPK_SIMD == 8 || FPE_TOPK_SIMD == 4
+#if FPE_TOPK_SIMD == 8
+#define FPE_VF __m256
+#define FPE_VI __m256i
+#define FPE_V_ADD _mm256_add_ps
+#define FPE_V_LOAD _mm256_loadu_ps
+#define FPE_V_AND _mm256_and_si256
+#define FPE_V_OR _mm256_or_si256
+#define FPE_V_ADDI _mm256_add_epi32
+#define FPE_V_CMPGT _mm256_cmpgt_epi32
+#define FPE_V_SET1 _mm256_set1_epi32
+#define FPE_V_ZERO _mm256_setzero_si256
+#define FPE_V_F2I _mm256_castps_si256
+#define FPE_V_I2F _mm256_castsi256_ps
+#define FPE_V_MASK _mm256_movemask_ps
+#define FPE_V_STOREI(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#define FPE_V_STOREU _mm256_storeu_ps
+#else
+#define FPE_VF __m128
+#define FPE_VI __m128i
+#define FPE_V_ADD _mm_add_ps
+#define FPE_V_LOAD _mm_loadu_ps
+#define FPE_V_AND _mm_and_si128
+#define FPE_V_OR _mm_or_si128
+#define FPE_V_ADDI _mm_add_epi32
+#define FPE_V_CMPGT _mm_cmpgt_epi32
+#define FPE_V_SET1 _mm_set1_epi32
+#define FPE_V_ZERO _mm_setzero_si128
+#define FPE_V_F2I _mm_castps_si128
+#define FPE_V_I2F _mm_castsi128_ps
+#define FPE_V_MASK _mm_movemask_ps
+#define FPE_V_STOREI(p, v) _mm_storeu_si128((__m128i *)(p), v)
+#define FPE_V_STOREU _mm_storeu_ps
+#endif
+
+/* One group of 16 elements at i: add, store with STORE, finiteness, candidate mask, append. */
+#define FPE_TOPK_GROUP(STORE)                                                                  \
+    do {                                                                                       \
+        unsigned mask = 0;                                                                     \
+        FPE_VF av[16 / FPE_TOPK_SIMD];                                                         \
+        for (size_t v = 0; v < 16 / FPE_TOPK_SIMD; ++v) {                                      \
+            const size_t o = i + v * FPE_TOPK_SIMD;                                            \
+            FPE_VF a = FPE_V_ADD(FPE_V_LOAD(u + o), FPE_V_LOAD(rr + o));                       \
+            av[v] = a;                                                                         \
+            STORE(s + o, a);                                                                   \
+            FPE_VI key = FPE_V_AND(FPE_V_F2I(a), absm);                                        \
+            badv = FPE_V_OR(badv, FPE_V_ADDI(key, fin));                                       \
+            mask |= (unsigned)FPE_V_MASK(FPE_V_I2F(FPE_V_CMPGT(key, lom1)))                    \
+                    << (v * FPE_TOPK_SIMD);                                                    \
+        }                                                                                      \
+        if (mask == 0 || full)                                                                 \
+            break;                                                                             \
+        /* values from registers via L1: re-reading a streamed s line would stall */           \
+        float grp[16];                                                                         \
+        for (size_t v = 0; v < 16 / FPE_TOPK_SIMD; ++v)                                        \
+            FPE_V_STOREU(grp + v * FPE_TOPK_SIMD, av[v]);                                      \
+        while (mask != 0) {                                                                    \
+            unsigned j = (unsigned)__builtin_ctz(mask);                                        \
+            mask &= mask - 1;                                                                  \
+            if (c == cap) {                                                                    \
+                full = 1;                                                                      \
+                break;                                                                         \
+            }                                                                                  \
+            cidx[c] = (uint32_t)(i + j);                                                       \
+            cbits[c] = fpe__f2u(grp[j]);                                                       \
+            ++c;                                                                               \
+        }                                                                                      \
+    } while (0)
+
+/* One scalar element at i (head / tail of the vector loop). */
+#define FPE_TOPK_SCALAR()                                                                      \
+    do {                                                                                       \
+        float sv = u[i] + rr[i];                                                               \
+        s[i] = sv;                                                                             \
+        uint32_t bits = fpe__f2u(sv);                                                          \
+        bad |= FPE_NONFINITE_TERM(bits);                                                       \
+        if ((bits & FPE_ABS_MASK) >= lo && !full) {                                            \
+            if (c == cap) {                                                                    \
+                full = 1;                                                                      \
+            } else {                                                                           \
+                cidx[c] = (uint32_t)i;                                                         \
+                cbits[c] = bits;                                                               \
+                ++c;                                                                           \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+
+#if FPE_TOPK_SIMD == 8
+#define FPE_STORE_U(p, v) _mm256_storeu_ps(p, v)
+#define FPE_STORE_NT(p, v) _mm256_stream_ps(p, v)
+#else
+#define FPE_STORE_U(p, v) _mm_storeu_ps(p, v)
+#define FPE_STORE_NT(p, v) _mm_stream_ps(p, v)
+#endif
+
+static FPE_TARGET size_t FPE_FN(sum_collect)(const float *u, const float *r, float *s, size_t n,
+                                             uint32_t lo, uint32_t *restrict cidx,
+                                             uint32_t *restrict cbits, size_t cap,
+                                             uint32_t *bad_out) {
+    const float *rr = r != NULL ? r : s; /* loads precede the store at the same index */
+    const FPE_VI absm = FPE_V_SET1(0x7fffffff), fin = FPE_V_SET1(0x00800000);
+    const FPE_VI lom1 = FPE_V_SET1((int32_t)lo - 1); /* keys and lo are < 2^31: signed compare */
+    FPE_VI badv = FPE_V_ZERO();
     uint32_t bad = 0;
+    size_t c = 0, i = 0;
+    int full = 0;
+    /* Big outputs (beyond the caches anyway) are written with streaming stores: no read-for-
+     * ownership of s, a quarter less memory traffic. They need aligned addresses: scalar head. */
+    if (n >= ((size_t)1 << 21) && ((uintptr_t)s % sizeof(float)) == 0) {
+        while (i < n && ((uintptr_t)(s + i) % (FPE_TOPK_SIMD * sizeof(float))) != 0) {
+            FPE_TOPK_SCALAR();
+            ++i;
+        }
+        for (; i + 16 <= n; i += 16)
+            FPE_TOPK_GROUP(FPE_STORE_NT);
+        _mm_sfence(); /* order the streaming stores before anything that follows */
+    } else {
+        for (; i + 16 <= n; i += 16)
+            FPE_TOPK_GROUP(FPE_STORE_U);
+    }
+    for (; i < n; ++i)
+        FPE_TOPK_SCALAR();
+    uint32_t lanes[FPE_TOPK_SIMD];
+    FPE_V_STOREI(lanes, badv);
+    for (size_t j = 0; j < FPE_TOPK_SIMD; ++j)
+        bad |= lanes[j];
+    *bad_out = bad;
+    return full ? cap + 1 : c;
+}
+#undef FPE_VF
+#undef FPE_VI
+#undef FPE_V_ADD
+#undef FPE_V_LOAD
+#undef FPE_V_AND
+#undef FPE_V_OR
+#undef FPE_V_ADDI
+#undef FPE_V_CMPGT
+#undef FPE_V_SET1
+#undef FPE_V_ZERO
+#undef FPE_V_F2I
+#undef FPE_V_I2F
+#undef FPE_V_MASK
+#undef FPE_V_STOREI
+#undef FPE_V_STOREU
+#undef FPE_TOPK_GROUP
+#undef FPE_TOPK_SCALAR
+#undef FPE_STORE_U
+#undef FPE_STORE_NT
+#else
+/* Portable version: vectorised sum per chunk, then a scan of the chunk (still in L1) that skips
+ * runs of 16 without a candidate and appends branch-free inside the others. */
+static FPE_TARGET size_t FPE_FN(sum_collect)(const float *u, const float *r, float *s, size_t n,
+                                             uint32_t lo, uint32_t *restrict cidx,
+                                             uint32_t *restrict cbits, size_t cap,
+                                             uint32_t *bad_out) {
+    uint32_t bad = 0;
+    size_t c = 0;
+    int full = 0;
     for (size_t start = 0; start < n; start += FPE_TOPK_CHUNK) {
         size_t len = fpe__min(FPE_TOPK_CHUNK, n - start);
-        const float *uc = u + start;
-        float *sc = s + start;
-        for (size_t i = 0; i < len; ++i) {
-            float v = uc[i] + sc[i];
-            sc[i] = v;
-            bad |= FPE_NONFINITE_TERM(fpe__f2u(v));
+        const float *sc = s + start;
+        bad |= r != NULL ? FPE_FN(sum_chunk)(u + start, r + start, s + start, len)
+                         : FPE_FN(sum_chunk_inplace)(u + start, s + start, len);
+        if (full)
+            continue;
+        for (size_t i = 0; i < len; i += 16) {
+            size_t m = fpe__min(16, len - i);
+            uint32_t any = 0;
+            for (size_t j = 0; j < m; ++j)
+                any |= (fpe__f2u(sc[i + j]) & FPE_ABS_MASK) >= lo;
+            if (!any)
+                continue;
+            if (c + m > cap) { /* no room for a branch-free group: stop collecting */
+                full = 1;
+                break;
+            }
+            for (size_t j = i; j < i + m; ++j) {
+                uint32_t bits = fpe__f2u(sc[j]);
+                cidx[c] = (uint32_t)(start + j);
+                cbits[c] = bits;
+                c += (bits & FPE_ABS_MASK) >= lo;
+            }
         }
-        if (hist != NULL)
-            FPE_FN(hist_chunk)(sc, len, hist);
     }
-    return bad;
+    *bad_out = bad;
+    return full ? cap + 1 : c;
 }
+#endif
 
 /* One pass over s: indices with key >= (tb + 1) << 20 go to above[] (all of them are selected),
- * indices with key in bucket tb go to cand[]. Runs of 16 with no key >= tb << 20 are skipped after a
- * vectorised test, so the branchy part only sees the few interesting runs. Returns the count
- * written to cand (the caller knows both counts from the histogram). */
+ * indices with key in bucket tb go to cand[]. */
 static FPE_TARGET void FPE_FN(collect)(const float *restrict s, size_t n, uint32_t tb,
                                        uint32_t *restrict above, uint32_t *restrict cand) {
     const uint32_t lo = tb << 20;

@@ -362,6 +362,74 @@ static void test_topk(void) {
         }
         free(u), free(r);
     }
+    /* Large n takes the sampled-threshold path (n >= 2^17). White-box layouts also force both of
+     * its exact fallbacks: too many candidates for the buffer, and fewer candidates than k. The
+     * sample is 64 runs of 512 elements starting at (n - 512) * run / 63. */
+    {
+        const size_t n = 300000;
+        float *u = falloc(n), *r = falloc(n);
+        for (int layout = 0; layout < 5; ++layout) {
+            rng_seed(777 + (uint64_t)layout);
+            for (size_t i = 0; i < n; ++i) {
+                size_t run = i * 63 / (n - 512);
+                int in_sample = 0;
+                for (size_t q = run > 0 ? run - 1 : 0; q <= run + 1 && q < 64; ++q) {
+                    size_t st = (n - 512) * q / 63;
+                    in_sample |= i >= st && i < st + 512;
+                }
+                float noise = 1e-3f * rng_normalish();
+                switch (layout) {
+                case 0: /* smooth random: the sample guesses well */
+                    u[i] = rng_normalish(), r[i] = 0.1f * rng_normalish();
+                    break;
+                case 1: /* big values hidden between the runs: sample too low -> overflow */
+                    u[i] = in_sample ? noise : (i % 50 == 0 ? 100.0f + rng_unit() : noise), r[i] = 0;
+                    break;
+                case 2: /* big values only inside the runs: sample too high -> too few */
+                    u[i] = in_sample ? 100.0f + rng_unit() : noise, r[i] = noise;
+                    break;
+                case 3: /* one magnitude everywhere: every element is a candidate */
+                    u[i] = (i % 3) ? 2.0f : -2.0f, r[i] = 0.0f;
+                    break;
+                default: /* coarse ties */
+                    u[i] = (float)(int)(rng_next() % 7) - 3.0f, r[i] = 0.0f;
+                    break;
+                }
+            }
+            static const size_t ks[] = {1, 10, 300, 3000, 30000};
+            for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ++ki)
+                check_topk_case(u, r, n, ks[ki], "large");
+        }
+        /* 2^21+ elements: streaming stores with a scalar head (misaligned output) and tail */
+        {
+            const size_t nh = ((size_t)1 << 21) + 13, kh = 2000;
+            float *uh = falloc(nh), *rh = falloc(nh), *buf = falloc(nh + 1), *vh = falloc(kh),
+                  *ref = falloc(nh), *vref = falloc(kh);
+            uint32_t *ih = (uint32_t *)calloc(kh, 4), *iref = (uint32_t *)calloc(kh, 4);
+            rng_seed(4242);
+            for (size_t i = 0; i < nh; ++i)
+                uh[i] = rng_normalish(), rh[i] = 0.01f * rng_normalish();
+            check_topk_case(uh, rh, nh, kh, "huge");
+            CHECK_RC(fpe_topk_ef(uh, rh, nh, kh, iref, vref, ref), FPE_OK);
+            CHECK_RC(fpe_topk_ef(uh, rh, nh, kh, ih, vh, buf + 1), FPE_OK);
+            CHECK(memcmp(ih, iref, kh * 4) == 0 && bits_equal(vh, vref, kh) &&
+                      bits_equal(buf + 1, ref, nh),
+                  "misaligned residual_out changes the result");
+            free(uh), free(rh), free(buf), free(vh), free(ref), free(vref), free(ih), free(iref);
+        }
+        /* non-finite inside and outside the sampled runs */
+        uint32_t *idx = (uint32_t *)calloc(3000, 4);
+        float *val = falloc(3000), *out = falloc(n);
+        size_t where[2] = {0, 5000};
+        for (int w = 0; w < 2; ++w) {
+            float keep = u[where[w]];
+            u[where[w]] = f_of(0xff800000u);
+            CHECK_RC(fpe_topk_ef(u, r, n, 3000, idx, val, out), FPE_ENONFINITE);
+            CHECK_RC(fpe_topk_ef(u, r, n, 1, idx, val, out), FPE_ENONFINITE);
+            u[where[w]] = keep;
+        }
+        free(u), free(r), free(idx), free(val), free(out);
+    }
     /* errors */
     {
         float u[40], r[40], v[40];
