@@ -93,11 +93,12 @@ class SoftmaxRegressionTrainer:
             self.set_flat(z["flat"])
 
 
-def site_data(client_index: int, seed: int = 0, n: int = 120) -> tuple[np.ndarray, np.ndarray]:
+def site_data(client_index: int, seed: int = 0, n: int = 120, features: int = FEATURES
+              ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, client_index])
-    centers = np.random.default_rng(seed).standard_normal((CLASSES, FEATURES)) * 2.0
+    centers = np.random.default_rng(seed).standard_normal((CLASSES, features)) * 2.0
     y = rng.integers(0, CLASSES, n)
-    x = centers[y] + rng.standard_normal((n, FEATURES)) + 0.3 * client_index
+    x = centers[y] + rng.standard_normal((n, features)) + 0.3 * client_index
     return x.astype(np.float32), y.astype(np.int64)
 
 
@@ -108,10 +109,12 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict[str,
 
 def make(cfg: ServiceConfig) -> TrainerSetup:
     d = cfg.data
-    x, y = site_data(d.client_index, d.seed, int(d.options.get("samples", 120)))
+    opts = cfg.trainer.options
+    features = int(opts.get("features", FEATURES))
+    x, y = site_data(d.client_index, d.seed, int(d.options.get("samples", 120)), features)
     split = int(0.8 * len(y))
-    trainer = SoftmaxRegressionTrainer(lr=float(cfg.trainer.options.get("lr", 0.2)), seed=d.seed)
-    delay = float(cfg.trainer.options.get("step_delay_s", 0.0))
+    trainer = SoftmaxRegressionTrainer(features, lr=float(opts.get("lr", 0.2)), seed=d.seed)
+    delay = float(opts.get("step_delay_s", 0.0))
 
     def train_fn() -> Iterator[dict[str, np.ndarray]]:
         for b in batches(x[:split], y[:split], d.batch_size):

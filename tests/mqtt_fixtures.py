@@ -138,3 +138,106 @@ def plant_broker(plant_pki: PlantPki) -> BrokerHandle:
     handle = start_plant_broker(plant_pki)
     yield handle
     handle.stop()
+
+
+# --- helpers for service tests that run the CLI as separate processes ---------------------------------
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
+
+
+def service_env() -> dict[str, str]:
+    """Environment for CLI subprocesses: tests/ importable (the numpy trainer factory), one thread."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO_DIR), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def spawn_cli(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m fedpeft_edge.cli ARGS`` with stdout+stderr into ``log_path``."""
+    import sys
+
+    with open(log_path, "ab") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "fedpeft_edge.cli", *args], stdout=fh,
+                                stderr=subprocess.STDOUT, env=service_env(), cwd=str(REPO_DIR))
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05, procs: list | None = None,
+             logs: Path | None = None) -> None:
+    """Poll ``cond()`` until true; on timeout fail with ``what``, processes that already died and the
+    tails of the ``*.log`` files in ``logs``."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(interval)
+    dead = [(p.args[3:5], p.returncode) for p in (procs or []) if p.poll() is not None]
+    tails = ""
+    if logs is not None:
+        for f in sorted(logs.glob("*.log")):
+            tails += f"\n--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; exited processes: {dead}{tails}")
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def sent_updates(agent_state_dir: Path) -> dict[int, bytes]:
+    """The exact update envelopes an agent sent (``dump_updates = true``), by round."""
+    return {int(f.stem[1:]): f.read_bytes() for f in sorted((agent_state_dir / "sent").glob("r*.msg"))}
+
+
+def reference_fedavg(initial, rounds: list[list[bytes]]):
+    """FedAvg recomputed offline from the sent envelopes: per round ``g += Σ n_i·Δ_i / Σ n_i``
+    (float64), decoded with the codec's own decoder."""
+    import numpy as np
+
+    from fedpeft_edge.federation import wire
+    from fedpeft_edge.federation.codec import decode_dense
+
+    g = np.asarray(initial, dtype=np.float64).copy()
+    for envelopes in rounds:
+        msgs = [wire.decode_update(e) for e in envelopes]
+        total = sum(m.num_samples for m in msgs)
+        g += sum(m.num_samples * decode_dense(m.update, g.size).astype(np.float64) for m in msgs) / total
+    return g
+
+
+def read_metrics(path: Path) -> list[dict]:
+    import json
+
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def retained_global(broker: BrokerHandle, fleet: str, timeout: float = 5.0):
+    """The retained global message of ``fleet`` as the broker holds it now."""
+    from fedpeft_edge.federation import wire
+    from fedpeft_edge.federation.topics import Topics
+    from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+
+    t = MqttTransport(TransportConfig(host=broker.host, port=broker.port, client_id="test-reader",
+                                      clean_start=True))
+    t.subscribe(Topics(fleet).global_)
+    t.connect(10)
+    try:
+        msg = t.get(timeout)
+        assert msg is not None, "no retained global"
+        return wire.decode_global(msg.payload)
+    finally:
+        t.close()

@@ -62,7 +62,8 @@ class TransportConfig:
     session_expiry: int = 7 * 24 * 3600  # seconds the broker keeps a persistent MQTT 5 session
     reconnect_min: float = 0.5
     reconnect_max: float = 10.0
-    max_packet_size: int = 16 * 1024 * 1024  # our own cap; the broker's CONNACK value wins when smaller
+    max_packet_size: int = 16 * 1024 * 1024  # cap on what we send; the broker's CONNACK value wins if smaller
+    max_incoming_packet_size: int | None = None  # told to the broker (MQTT 5): it drops larger messages
     manual_ack: bool = False
     max_inflight: int = 20
 
@@ -191,7 +192,9 @@ class MqttTransport:
                 props = Properties(PacketTypes.CONNECT)
                 if not self.cfg.clean_start:
                     props.SessionExpiryInterval = int(self.cfg.session_expiry)
-                props.MaximumPacketSize = int(self.cfg.max_packet_size)
+                if self.cfg.max_incoming_packet_size:
+                    # MQTT 5 brokers silently drop (never deliver) messages larger than this.
+                    props.MaximumPacketSize = int(self.cfg.max_incoming_packet_size)
                 kwargs = {"clean_start": self.cfg.clean_start, "properties": props}
             client.connect_async(self.cfg.host, int(self.cfg.port), keepalive=int(self.cfg.keepalive),
                                  **kwargs)  # type: ignore[arg-type]
