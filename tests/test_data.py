@@ -116,9 +116,11 @@ def test_fashion_mnist() -> None:
     assert np.bincount(train.labels).tolist() == [6000] * 10
     assert np.bincount(test.labels).tolist() == [1000] * 10
     assert train.classes[9] == "Ankle boot"
-    assert train.groups is not None and train.group_names == ["tops", "trousers", "footwear", "bags"]
+    assert train.groups is not None
+    assert train.group_names == ["tops", "trousers_dresses", "footwear", "bags"]
     # Sandal (5), Sneaker (7), Ankle boot (9) are footwear.
     assert set(np.unique(train.groups[np.isin(train.labels, [5, 7, 9])]).tolist()) == {2}
+    assert np.bincount(train.groups).tolist() == [24000, 12000, 18000, 6000]
 
 
 def test_digits() -> None:

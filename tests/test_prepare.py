@@ -18,7 +18,13 @@ import pytest
 
 from fedpeft_edge.data import encode_for_model, load_fashion_mnist, load_reuters_r8, subsample
 from fedpeft_edge.errors import FedPeftError, MissingDependencyError
-from fedpeft_edge.models import PreparedModel, default_cache_dir, prepare_image_model, prepare_text_model
+from fedpeft_edge.models import (
+    PreparedModel,
+    default_cache_dir,
+    load_prepared,
+    prepare_image_model,
+    prepare_text_model,
+)
 from fedpeft_edge.models import prepare as prepare_mod
 from fedpeft_edge.models.onnx_utils import check_onnx_model
 from fedpeft_edge.training import ort_import
@@ -355,3 +361,23 @@ def test_folded_batchnorm_trains_like_inference_in_ort(
     raw_train = _train_mode_loss(raw, tmp_path / "raw", pixels, images.labels)
     # Same network, same batch, yet the unfolded training graph computes another loss (batch statistics).
     assert abs(raw_train - inference_loss(raw)) > 1e-2
+
+
+@pytest.mark.slow
+def test_load_prepared_reopens_a_copied_directory(text_model: PreparedModel, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "device_copy"
+    shutil.copytree(text_model.onnx_path.parent, copy)
+    reopened = load_prepared(copy, max_len=40)
+    assert reopened.onnx_path == copy / "model.onnx" and reopened.meta["max_len"] == 40
+    assert reopened.meta["tokenizer_json"] == str(copy / "tokenizer.json")  # paths follow the copy
+    assert reopened.input_names == text_model.input_names and reopened.feature_dim == 384
+    with pytest.raises(ValueError):
+        load_prepared(copy, max_len=0)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(FedPeftError, match="not a complete"):
+        load_prepared(copy)
+    (copy / "prepared.json").write_text("{not json")
+    with pytest.raises(FedPeftError, match="not a complete"):
+        load_prepared(copy)

@@ -31,9 +31,10 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
-# Natural super-groups of Fashion-MNIST (a feature-skewed non-IID split): tops, bottoms, shoes, bags.
-FASHION_MNIST_SUPERGROUPS = np.array([0, 1, 0, 0, 0, 2, 0, 2, 3, 2], dtype=np.int64)
-FASHION_MNIST_SUPERGROUP_NAMES = ["tops", "trousers", "footwear", "bags"]
+# Natural super-groups of Fashion-MNIST (a non-IID split by kind of article): upper-body garments
+# (T-shirt, pullover, coat, shirt), trousers and dresses, footwear (sandal, sneaker, ankle boot), bags.
+FASHION_MNIST_SUPERGROUPS = np.array([0, 1, 0, 1, 0, 2, 0, 2, 3, 2], dtype=np.int64)
+FASHION_MNIST_SUPERGROUP_NAMES = ["tops", "trousers_dresses", "footwear", "bags"]
 
 
 @dataclass
@@ -339,7 +340,7 @@ def _read_idx(path: Path) -> np.ndarray:
 def load_fashion_mnist(split: str = "train", *, root: Path | None = None) -> ImageDataset:
     """Fashion-MNIST (60,000 train / 10,000 test, 28x28) from Debian's ``dataset-fashion-mnist``.
 
-    ``groups`` = clothing super-group (tops, trousers, footwear, bags).
+    ``groups`` = super-group (tops, trousers_dresses, footwear, bags).
     """
     split = _split_arg(split)
     folder = Path(root) if root is not None else FASHION_MNIST_DIR

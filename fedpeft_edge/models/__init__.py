@@ -5,6 +5,7 @@ from fedpeft_edge.models.prepare import (
     OPSET,
     PreparedModel,
     default_cache_dir,
+    load_prepared,
     prepare_image_model,
     prepare_text_model,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "OPSET",
     "PreparedModel",
     "default_cache_dir",
+    "load_prepared",
     "prepare_image_model",
     "prepare_text_model",
 ]
