@@ -166,6 +166,7 @@ def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
     samples is skipped.
     """
     labels = _as_labels(labels)
+    ensure(labels.size == 0 or int(labels.min()) >= 0, "labels must be non-negative class ids")
     num_classes = int(labels.max()) + 1 if labels.size else 0
     global_dist = np.bincount(labels, minlength=num_classes) / max(labels.size, 1)
     distances = []
