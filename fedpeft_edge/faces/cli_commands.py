@@ -8,7 +8,6 @@ stays instant.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,8 @@ def register_demo(subparsers: Any) -> None:
     p.add_argument(
         "--task",
         choices=("text", "cv"),
-        default="text",
-        help="text: MiniLM on Reuters R8; cv: EfficientNet-Lite0 on MNIST-5k/Fashion-MNIST",
+        default=None,
+        help="text (the default): MiniLM on Reuters R8; cv: EfficientNet-Lite0 on MNIST-5k/Fashion-MNIST",
     )
     p.add_argument(
         "--dataset",
@@ -66,8 +65,8 @@ def register_demo(subparsers: Any) -> None:
     p.add_argument(
         "--broker",
         choices=("embedded", "mosquitto", "auto"),
-        default="embedded",
-        help="local broker to start: embedded amqtt (nothing to install) or Mosquitto",
+        default=None,
+        help="local broker to start: embedded amqtt (the default, nothing to install) or Mosquitto",
     )
     p.add_argument("--config", type=Path, default=None, help="demo TOML (see configs/demo.toml)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
@@ -234,8 +233,3 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(f"method:    {spec.method}, {bundle.num_trainable:,} trainable parameters")
     print(f"spec hash: {bundle.spec_hash}")
     return 0
-
-
-def quick_requested(flag: bool = False) -> bool:
-    """The demo's documented reduction switch: ``--quick`` or ``FEDPEFT_EDGE_DEMO_QUICK=1``."""
-    return flag or os.environ.get("FEDPEFT_EDGE_DEMO_QUICK", "").strip().lower() in ("1", "true", "yes", "on")

@@ -566,6 +566,8 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     agent_dirs = []
     codec = {"mode": opts.codec, "topk_ratio": float(opts.topk_ratio or 0.01), "error_feedback": True}
     rounds_seen: list[dict[str, Any]] = []
+    acc_per_round: dict[int, float | None] = {}
+    site_before: dict[int, float | None] = {}
     ok = False
     failure = ""
     try:
@@ -608,7 +610,12 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
             procs.append(_spawn(name, service_command("agent", cfg_path), work / f"{name}.log", env))
         log(f"started the aggregator and {opts.agents} agents (logs in {work})")
 
+        def accuracy_of(vec: np.ndarray, shard: Any) -> float | None:
+            return evaluator_accuracy(evaluator, task, vec, shard)
+
         # 3. follow the rounds -------------------------------------------------------------------
+        # While the sites train, this process evaluates each published global on the global test set
+        # (one evaluation per loop turn, so the display keeps moving) and the sites' starting accuracy.
         deadline = time.monotonic() + opts.timeout_s
         with Progress(opts.rounds, opts.plain) as progress:
             while True:
@@ -617,6 +624,12 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
                     rounds_seen.append(line)
                     progress.advance(len(rounds_seen))
                     progress.line(_round_line(line, opts.rounds, opts.agents, full_params))
+                pending = [r for r in sorted(collector.globals) if r not in acc_per_round]
+                if pending:
+                    acc_per_round[pending[0]] = accuracy_of(collector.globals[pending[0]], None)
+                elif len(site_before) < len(shards):
+                    site = len(site_before)
+                    site_before[site] = accuracy_of(initial, shards[site])
                 agg = procs[0]
                 if not agg.alive():
                     if agg.popen.returncode == 0 and len(rounds_seen) >= opts.rounds:
@@ -652,17 +665,14 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     # 4. evaluation and report ------------------------------------------------------------------
     globals_by_round = dict(collector.globals) if collector is not None else {}
     globals_by_round.setdefault(0, initial)
-    log("evaluating the global adapter of every round on the global test set ...")
-    acc_per_round = {}
+    log("evaluating the final global adapter on the global test set and on each site's own test data ...")
     for rnd in sorted(globals_by_round):
-        evaluator.set_flat(globals_by_round[rnd])
-        acc_per_round[rnd] = evaluator.evaluate(
-            iterate(task.test_inputs, task.test_labels, 64, shuffle=False)
-        ).accuracy
+        if rnd not in acc_per_round:
+            acc_per_round[rnd] = evaluator_accuracy(evaluator, task, globals_by_round[rnd], None)
     final_round = max(globals_by_round)
     sites = []
     for shard, adir in zip(shards, agent_dirs, strict=False):
-        test_in, test_y = take(task.train_inputs, shard.test_idx), task.train_labels[shard.test_idx]
+        test_y = task.train_labels[shard.test_idx]
         entry: dict[str, Any] = {
             "site": f"site-{shard.site + 1}",
             "train_samples": shard.num_train,
@@ -672,12 +682,13 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
             ).tolist(),
         }
         if test_y.size:
-            for label, vec in (
-                ("accuracy_before", initial),
-                ("accuracy_after", globals_by_round[final_round]),
-            ):
-                evaluator.set_flat(vec)
-                entry[label] = evaluator.evaluate(iterate(test_in, test_y, 64, shuffle=False)).accuracy
+            before = site_before.get(shard.site)
+            if before is None:
+                before = evaluator_accuracy(evaluator, task, initial, shard)
+            entry["accuracy_before"] = before
+            entry["accuracy_after"] = evaluator_accuracy(
+                evaluator, task, globals_by_round[final_round], shard
+            )
         entry["updates"] = read_sent_updates(adir)
         sites.append(entry)
     summary = build_summary(
@@ -703,6 +714,18 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     elif not ok:
         log(f"service logs kept in {work}")
     return summary
+
+
+def evaluator_accuracy(evaluator: Any, task: TaskData, vec: np.ndarray, shard: Any) -> float | None:
+    """Accuracy of an adapter on the global test set (``shard`` None) or on a site's own test data."""
+    if shard is None:
+        inputs, labels = task.test_inputs, task.test_labels
+    else:
+        inputs, labels = take(task.train_inputs, shard.test_idx), task.train_labels[shard.test_idx]
+    if labels.size == 0:
+        return None
+    evaluator.set_flat(vec)
+    return float(evaluator.evaluate(iterate(inputs, labels, 64, shuffle=False)).accuracy)
 
 
 def _new_lines(path: Path, already: int) -> list[dict[str, Any]]:
