@@ -101,7 +101,7 @@ def equal_magnitudes(draw: st.DrawFn, max_len: int = 300) -> np.ndarray:
 
 
 def moderate_f32(lo: float = -10.0, hi: float = 10.0) -> st.SearchStrategy[float]:
-    return st.floats(lo, hi, width=32, allow_subnormal=False)
+    return st.floats(float(np.float32(lo)), float(np.float32(hi)), width=32, allow_subnormal=False)
 
 
 BLOCKS = st.sampled_from([1, 2, 3, 7, 16, 64, 255, 256])

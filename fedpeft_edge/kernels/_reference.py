@@ -40,6 +40,11 @@ def splitmix_uniform(seed: int, counters: np.ndarray) -> np.ndarray:
     return z.astype(np.float32) * _TWO_M24
 
 
+def _overflow_like_c() -> np.errstate:
+    """Float32 overflow gives Inf (and Inf - Inf NaN) silently, exactly as in the C core."""
+    return np.errstate(over="ignore", invalid="ignore")
+
+
 def _chunks(n: int, size: int = _CHUNK) -> range:
     return range(0, n, size)
 
@@ -225,7 +230,7 @@ class NumpyBackend:
     def axpy(self, acc, x, weight):
         a, xa, w = V.check_axpy(acc, x, weight)
         w32 = np.float32(w)
-        with np.errstate(over="ignore", invalid="ignore"):  # x is unchecked by contract: Inf like C
+        with _overflow_like_c():  # x is unchecked by contract
             for lo in _chunks(a.shape[0]):
                 hi = lo + _CHUNK
                 a[lo:hi] += xa[lo:hi] * w32
@@ -235,7 +240,8 @@ class NumpyBackend:
         V.sorted_indices(idx, a.shape[0])
         _finite_or_raise(val, "values")
         if idx.shape[0]:
-            a[idx] += val * np.float32(w)
+            with _overflow_like_c():
+                a[idx] += val * np.float32(w)
 
     def dequant_accumulate(self, acc, q, scales, block, weight):
         a, qa, sa, b, w = V.check_dequant_acc(acc, q, scales, block, weight)
@@ -244,16 +250,17 @@ class NumpyBackend:
         n = qa.shape[0]
         nfull = n // b
         group = max(1, _CHUNK // b)
-        for first in range(0, nfull, group):
-            last = min(nfull, first + group)
-            lo, hi = first * b, last * b
-            t = qa[lo:hi].reshape(-1, b) * sa[first:last, None]
-            t *= w32
-            a[lo:hi] += t.reshape(-1)
-        if nfull * b < n:
-            t = qa[nfull * b:] * sa[nfull]
-            t *= w32
-            a[nfull * b:] += t
+        with _overflow_like_c():
+            for first in range(0, nfull, group):
+                last = min(nfull, first + group)
+                lo, hi = first * b, last * b
+                t = qa[lo:hi].reshape(-1, b) * sa[first:last, None]
+                t *= w32
+                a[lo:hi] += t.reshape(-1)
+            if nfull * b < n:
+                t = qa[nfull * b:] * sa[nfull]
+                t *= w32
+                a[nfull * b:] += t
 
     def sparse_dequant_accumulate(self, acc, indices, q, scales, block, weight):
         a, idx, qa, sa, b, w = V.check_sparse_dequant_acc(acc, indices, q, scales, block, weight)
@@ -262,9 +269,10 @@ class NumpyBackend:
         nnz = qa.shape[0]
         if nnz == 0:
             return
-        t = qa * np.repeat(sa, b)[:nnz]
-        t *= np.float32(w)
-        a[idx] += t
+        with _overflow_like_c():
+            t = qa * np.repeat(sa, b)[:nnz]
+            t *= np.float32(w)
+            a[idx] += t
 
     # ---- reductions --------------------------------------------------------------------------------
 
