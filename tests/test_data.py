@@ -16,6 +16,7 @@ from fedpeft_edge.data import (
     ImageDataset,
     TextDataset,
     TextEncoder,
+    class_histograms,
     dirichlet_partition,
     encode_for_model,
     group_partition,
@@ -33,6 +34,7 @@ from fedpeft_edge.data import (
     num_batches,
     partition,
     preprocess_images,
+    split_clients,
     subsample,
     train_test_split,
 )
@@ -343,6 +345,21 @@ def test_group_partition_keeps_groups_whole(ng_train: TextDataset) -> None:
     assert all(u.size == 1 for u in per_client)
     assert {int(u[0]) for u in per_client} == set(range(7))
     assert label_skew(ng_train.labels, parts) > 0.6
+
+
+def test_split_clients_and_histograms() -> None:
+    fashion = subsample(load_fashion_mnist("test"), 2000, seed=0)
+    clients = split_clients(fashion, "dirichlet", 5, alpha=0.2, seed=1, min_size=10)
+    assert len(clients) == 5 and sum(len(c) for c in clients) == 2000
+    assert all(len(c) >= 10 and c.name.endswith(f"#client{k}") for k, c in enumerate(clients))
+    assert all(c.classes == fashion.classes for c in clients)
+    parts = partition("dirichlet", fashion.labels, fashion.groups, 5, 0.2, 1, min_size=10)
+    hist = class_histograms(fashion.labels, parts, num_classes=10)
+    assert hist.shape == (5, 10) and hist.dtype == np.int64
+    assert hist.sum(axis=0).tolist() == np.bincount(fashion.labels, minlength=10).tolist()
+    assert [np.bincount(c.labels, minlength=10).tolist() for c in clients] == hist.tolist()
+    by_group = split_clients(fashion, "group", 4, seed=0)
+    assert sorted(int(np.unique(c.groups).item()) for c in by_group) == [0, 1, 2, 3]
 
 
 def test_partition_errors() -> None:

