@@ -70,7 +70,9 @@ def transport_config(cfg: ServiceConfig, client_id: str, *, manual_ack: bool = F
     return TransportConfig(host=c.host, port=c.port, client_id=client_id, username=c.username,
                            password=c.resolved_password(), tls_ca=c.tls_ca, tls_cert=c.tls_cert,
                            tls_key=c.tls_key, tls_insecure=c.tls_insecure, protocol=c.protocol,
-                           keepalive=c.keepalive, max_packet_size=c.max_packet_size, manual_ack=manual_ack)
+                           keepalive=c.keepalive, max_packet_size=c.max_packet_size,
+                           max_incoming_packet_size=c.max_incoming_packet_size,
+                           reconnect_max=c.reconnect_max_s, manual_ack=manual_ack)
 
 
 @dataclass

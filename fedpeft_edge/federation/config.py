@@ -67,7 +67,9 @@ class ConnectionSettings:
     tls_insecure: bool = False
     protocol: str = "auto"
     keepalive: int = 30
-    max_packet_size: int = 16 * 1024 * 1024
+    max_packet_size: int = 16 * 1024 * 1024  # largest packet we send (larger updates are chunked)
+    max_incoming_packet_size: int | None = None  # MQTT 5: the broker drops messages to us above this
+    reconnect_max_s: float = 10.0  # reconnect backoff ceiling after a lost connection
 
     def resolved_password(self) -> str | None:
         if self.password is not None:
