@@ -297,6 +297,13 @@ register(Command(
 
 
 # --- entry point -------------------------------------------------------------------------------------
+# demo, experiment, bench, prepare: the faces layer's commands (fedpeft_edge/faces/cli_commands.py).
+from .faces.cli_commands import commands as _faces_commands  # noqa: E402
+
+for _cmd in _faces_commands(Command):
+    register(_cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpeft-edge", description="Federated fine-tuning of adapters on edge devices over MQTT.",

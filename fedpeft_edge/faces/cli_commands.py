@@ -1,8 +1,8 @@
 """Sub-commands of ``fedpeft-edge`` that live in the faces layer: demo, experiment, bench, prepare.
 
-``register(subparsers)`` adds all four to the main parser; each sets ``func`` to a handler taking the
-parsed namespace and returning the exit code. Heavy imports happen inside the handlers so ``--help``
-stays instant.
+:func:`commands` hands them to the CLI's command registry (``fedpeft_edge.cli``), which adds the common
+options (``--config``, ``--log-level``, ``--log-file``) to each. Heavy imports happen inside the runners, so
+``--help`` stays instant and never imports torch or ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -13,68 +13,79 @@ from typing import Any
 
 from fedpeft_edge.errors import FedPeftError
 
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def commands(command_cls: Any) -> list[Any]:
+    """The four commands as ``command_cls(name, help, description, add_arguments, run)`` records, the shape
+    of ``fedpeft_edge.cli.Command`` (passed in, so this module never imports the CLI it plugs into)."""
+    return [command_cls(*entry) for entry in _COMMANDS]
+
 
 def register(subparsers: Any) -> None:
-    """Add ``demo``, ``experiment``, ``bench`` and ``prepare`` to an argparse sub-parser collection."""
-    register_demo(subparsers)
-    register_experiment(subparsers)
-    register_bench(subparsers)
-    register_prepare(subparsers)
+    """Add the four commands to an argparse sub-parser collection (standalone use)."""
+    for name, help_text, description, add_arguments, run in _COMMANDS:
+        p = subparsers.add_parser(name, help=help_text, description=description)
+        p.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+        add_arguments(p)
+        p.set_defaults(_run=run)
 
 
 # ------------------------------------------------------------------------------------------------ demo
 
+DEMO_HELP = "run a whole local federation: broker, aggregator and plant agents as separate processes"
+DEMO_DESCRIPTION = """\
+Starts a local MQTT broker, an aggregator and N agents (separate processes), each agent with its own
+non-IID shard of a real data set; fine-tunes a PEFT adapter of a pretrained model for R rounds with live
+progress; prints a before/after table and writes a report folder (JSON, Markdown, PNG plots).
+Default: all-MiniLM-L6-v2 + LoRA (r=8, query/value) + head on Reuters R8, 4 agents, 5 rounds,
+top-k + int8 updates with error feedback, embedded broker. The first run exports the model and builds
+the training artifacts (cached for later runs). --config reads a [demo] table (configs/demo.toml).
 
-def register_demo(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="run a whole local federation: broker, aggregator and plant agents as separate processes",
-        description=(
-            "Starts a local MQTT broker, an aggregator and N agents (separate processes), each agent with "
-            "its own non-IID shard of a real data set, trains a PEFT adapter on a pretrained model for R "
-            "rounds with live progress, then prints and writes a report (JSON, Markdown, PNG plots). "
-            "The first run exports the model and builds the training artifacts (cached for later runs). "
-            "Set FEDPEFT_EDGE_DEMO_QUICK=1 (or pass --quick) for a reduced run: 2 agents, 2 rounds, a small "
-            "subset."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
+Reduced run for CI: FEDPEFT_EDGE_DEMO_QUICK=1 (or --quick): 2 agents, 2 rounds, a small subset.
+"""
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("demo")
+    g.add_argument(
         "--task",
         choices=("text", "cv"),
         default=None,
-        help="text (the default): MiniLM on Reuters R8; cv: EfficientNet-Lite0 on MNIST-5k/Fashion-MNIST",
+        help="text (default): MiniLM on Reuters R8; cv: EfficientNet-Lite0 on MNIST-5k",
     )
-    p.add_argument(
+    g.add_argument(
         "--dataset",
         default=None,
-        help="override the data set (text: reuters_r8, 20newsgroups; cv: mnist5k, fashion_mnist)",
+        help="text: reuters_r8 (default), 20newsgroups; cv: mnist5k (default), fashion_mnist",
     )
-    p.add_argument("--method", default=None, help="PEFT method (lora, ffa_lora, adapter, bitfit, head_only)")
-    p.add_argument("--agents", type=int, default=None, help="number of plant agents (default 4)")
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default from the demo config)")
-    p.add_argument("--local-steps", type=int, default=None, help="optimizer steps per agent per round")
-    p.add_argument(
+    g.add_argument(
+        "--method", default=None, help="PEFT method: lora (default), ffa_lora, adapter, bitfit, head_only"
+    )
+    g.add_argument("--agents", type=int, default=None, help="number of plant agents (default 4)")
+    g.add_argument("--rounds", type=int, default=None, help="federated rounds (default 5)")
+    g.add_argument("--local-steps", type=int, default=None, help="optimizer steps per agent per round")
+    g.add_argument(
         "--codec",
         choices=("fp32", "int8", "topk_int8"),
         default=None,
-        help="update compression (default topk_int8 for text)",
+        help="update compression (default topk_int8)",
     )
-    p.add_argument("--topk-ratio", type=float, default=None, help="share of values sent by top-k")
-    p.add_argument("--split", default=None, help="iid | group | dirichlet:<alpha> (default dirichlet:0.5)")
-    p.add_argument(
+    g.add_argument("--topk-ratio", type=float, default=None, help="share of values top-k sends (default 0.1)")
+    g.add_argument("--split", default=None, help="iid | group | dirichlet:<alpha> (default dirichlet:0.5)")
+    g.add_argument(
         "--broker",
         choices=("embedded", "mosquitto", "auto"),
         default=None,
-        help="local broker to start: embedded amqtt (the default, nothing to install) or Mosquitto",
+        help="local broker: embedded amqtt (default, nothing to install) or Mosquitto",
     )
-    p.add_argument("--config", type=Path, default=None, help="demo TOML (see configs/demo.toml)")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
-    p.add_argument("--work-dir", type=Path, default=None, help="where services keep state (default: temp)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
-    p.add_argument("--quick", action="store_true", help="reduced run (same as FEDPEFT_EDGE_DEMO_QUICK=1)")
-    p.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")
-    p.set_defaults(func=_run_demo)
+    g.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
+    g.add_argument(
+        "--work-dir", type=Path, default=None, help="where the services keep state (default: temp)"
+    )
+    g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
+    g.add_argument("--quick", action="store_true", help="reduced run (same as FEDPEFT_EDGE_DEMO_QUICK=1)")
+    g.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -87,66 +98,62 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ experiment
 
+EXPERIMENT_HELP = "compare PEFT methods x data splits x compression x tasks in one process (no broker)"
+EXPERIMENT_DESCRIPTION = """\
+Runs a grid of federations in one process with the same codec and aggregation code as the services and
+writes results.md (table), results.json and plots: global accuracy, per-site accuracy after local
+personalisation, bytes up per round, client step time and peak memory per cell.
+--config selects the grid (default configs/experiment-small.toml, the CI grid; see also
+configs/experiment-medium.toml and configs/experiment-full.toml).
+"""
 
-def register_experiment(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "experiment",
-        help="compare PEFT methods x data splits x compression x tasks in one process (no broker)",
-        description=(
-            "Runs a grid of federations in one process with the same codec and aggregation code as the "
-            "services and writes a Markdown table, plots and JSON: global accuracy, per-site accuracy after "
-            "local personalisation, bytes up per round, client step time and peak memory per cell."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--config", type=Path, default=Path("configs/experiment-small.toml"), help="grid definition (TOML)"
-    )
-    p.add_argument("--out", type=Path, default=None, help="output folder (default reports/experiment-<name>)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (overrides the config)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
-    p.set_defaults(func=_run_experiment)
+
+def default_experiment_config() -> Path:
+    local = Path("configs/experiment-small.toml")
+    return local if local.is_file() else REPO_CONFIGS / "experiment-small.toml"
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment")
+    g.add_argument("--out", type=Path, default=None, help="output folder (default reports/experiment-<name>)")
+    g.add_argument("--threads", type=int, default=None, help="intra-op threads (overrides the config)")
+    g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
     from fedpeft_edge.faces.experiment import main_experiment
 
-    summary = main_experiment(args.config, args.out, cache_dir=args.cache_dir, threads=args.threads)
+    summary = main_experiment(
+        args.config or default_experiment_config(), args.out, cache_dir=args.cache_dir, threads=args.threads
+    )
     return 0 if summary["cells"] and not summary["failures"] else 1
 
 
 # ----------------------------------------------------------------------------------------------- bench
 
+BENCH_HELP = "check this device: C kernels, one training step, memory, codec, MQTT round trip"
+BENCH_DESCRIPTION = """\
+The on-device check to run on a gateway before deploying an agent. Prints a verdict table (ok / warn /
+fail) and writes the figures as JSON. Exit code 1 if a check failed. On a device, pass the artifact
+bundle made centrally by `fedpeft-edge prepare` with --bundle (then no torch is needed).
+"""
 
-def register_bench(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "bench",
-        help="check this device: C kernels, one training step, memory, codec, MQTT round trip",
-        description=(
-            "The on-device check to run on a gateway before deploying an agent. Prints a verdict table "
-            "(ok / warn / fail) and writes the figures as JSON. Exit code 1 if a check failed."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--task", choices=("text", "image"), default="text")
-    p.add_argument("--method", default="lora")
-    p.add_argument(
-        "--bundle",
-        type=Path,
-        default=None,
-        help="artifact bundle made by `fedpeft-edge prepare` (no torch needed on the device)",
-    )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up step)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--broker", default=None, help="host:port of an MQTT broker for the round-trip check")
-    p.add_argument("--rss-limit-mb", type=float, default=400.0)
-    p.add_argument("--skip-training", action="store_true", help="kernels, codec and MQTT only")
-    p.add_argument("--out", type=Path, default=Path("fedpeft-bench.json"), help="JSON output")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.set_defaults(func=_run_bench)
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("bench")
+    g.add_argument("--task", choices=("text", "image"), default="text", help="model family (default text)")
+    g.add_argument("--method", default="lora", help="PEFT method when no --bundle is given (default lora)")
+    g.add_argument("--bundle", type=Path, default=None, help="artifact bundle from `fedpeft-edge prepare`")
+    g.add_argument("--batch-size", type=int, default=16, help="default 16")
+    g.add_argument("--seq-len", type=int, default=64, help="tokens per text sample (default 64)")
+    g.add_argument("--image-size", type=int, default=32, help="default 32")
+    g.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up (default 3)")
+    g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    g.add_argument("--broker", default=None, help="host:port of an MQTT broker for the round-trip check")
+    g.add_argument("--rss-limit-mb", type=float, default=400.0, help="peak memory limit (default 400)")
+    g.add_argument("--skip-training", action="store_true", help="kernels, codec and MQTT only")
+    g.add_argument("--out", type=Path, default=Path("fedpeft-bench.json"), help="JSON output file")
+    g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -171,28 +178,26 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- prepare
 
+PREPARE_HELP = "central side: export the model to ONNX and build the training artifact bundle"
+PREPARE_DESCRIPTION = """\
+Exports the pretrained backbone (needs the [prepare] extra: torch, transformers) and generates the ORT
+training artifacts for a PEFT method. Copy the bundle folder to the sites; they train it without torch.
+"""
 
-def register_prepare(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "prepare",
-        help="central side: export the model to ONNX and build the training artifact bundle for a spec",
-        description=(
-            "Exports the pretrained backbone (needs the [prepare] extra: torch, transformers) and generates "
-            "the ORT training artifacts for a PEFT method. Copy the resulting bundle folder to the sites; "
-            "they train it without torch."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prepare")
+    g.add_argument("--task", choices=("text", "image"), default="text", help="default text")
+    g.add_argument("--method", default="lora", help="PEFT method (default lora)")
+    g.add_argument(
+        "--classes", type=int, default=None, help="labels of the new head (default: the data set's)"
     )
-    p.add_argument("--task", choices=("text", "image"), default="text")
-    p.add_argument("--method", default="lora")
-    p.add_argument("--classes", type=int, default=None, help="labels of the new head")
-    p.add_argument("--dataset", default=None, help="data set whose label count sizes the head")
-    p.add_argument("--spec", type=Path, default=None, help="PEFT spec as TOML/JSON (overrides --method)")
-    p.add_argument("--max-len", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--out", type=Path, default=None, help="copy the bundle here (default: print cache path)")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.set_defaults(func=_run_prepare)
+    g.add_argument("--dataset", default=None, help="data set whose label count sizes the head")
+    g.add_argument("--spec", type=Path, default=None, help="PEFT spec as TOML/JSON (overrides --method)")
+    g.add_argument("--max-len", type=int, default=64, help="default 64")
+    g.add_argument("--image-size", type=int, default=32, help="default 32")
+    g.add_argument("--out", type=Path, default=None, help="copy the bundle to this new folder")
+    g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
@@ -233,3 +238,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(f"method:    {spec.method}, {bundle.num_trainable:,} trainable parameters")
     print(f"spec hash: {bundle.spec_hash}")
     return 0
+
+
+_COMMANDS = (
+    ("demo", DEMO_HELP, DEMO_DESCRIPTION, _demo_args, _run_demo),
+    ("experiment", EXPERIMENT_HELP, EXPERIMENT_DESCRIPTION, _experiment_args, _run_experiment),
+    ("bench", BENCH_HELP, BENCH_DESCRIPTION, _bench_args, _run_bench),
+    ("prepare", PREPARE_HELP, PREPARE_DESCRIPTION, _prepare_args, _run_prepare),
+)

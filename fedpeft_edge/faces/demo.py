@@ -296,8 +296,8 @@ def write_service_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) 
 
 
 def service_command(role: str, config_path: Path) -> list[str]:
-    """How a service process is started: the ``fedpeft-edge`` command's own sub-commands."""
-    return [sys.executable, "-m", "fedpeft_edge.faces.demo_worker", role, str(config_path)]
+    """A service process is started exactly as an operator would: the ``fedpeft-edge`` sub-command."""
+    return [sys.executable, "-m", "fedpeft_edge", role, "--config", str(config_path), "--log-level", "INFO"]
 
 
 @dataclass
