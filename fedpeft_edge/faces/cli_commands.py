@@ -117,6 +117,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--out", type=Path, default=None, help="output folder (default reports/experiment-<name>)")
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (overrides the config)")
+    g.add_argument("--tasks", default=None, help="comma-separated subset of the grid's tasks, e.g. image")
     g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
 
 
@@ -124,7 +125,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from fedpeft_edge.faces.experiment import main_experiment
 
     summary = main_experiment(
-        args.config or default_experiment_config(), args.out, cache_dir=args.cache_dir, threads=args.threads
+        args.config or default_experiment_config(),
+        args.out,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        tasks=[t for t in (args.tasks or "").split(",") if t] or None,
     )
     return 0 if summary["cells"] and not summary["failures"] else 1
 

@@ -490,6 +490,11 @@ def run_experiment(
                             log(f"    failed: {exc}")
                             continue
                         results.append(result)
+                        # a long grid leaves its finished cells on disk even if it is stopped
+                        rep.write_json(
+                            out_dir / "results.partial.json",
+                            _summary(config, results, failures, time.perf_counter() - started),
+                        )
                         log(
                             f"    -> global {result.global_accuracy:.3f}, personalised mean "
                             f"{result.personalised_mean:.3f} / worst {result.personalised_worst:.3f}, "
@@ -500,7 +505,20 @@ def run_experiment(
                     shutil.rmtree(work, ignore_errors=True)
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
-    summary = {
+    summary = _summary(config, results, failures, time.perf_counter() - started)
+    write_experiment_report(summary, out_dir)
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
+    log(
+        f"wrote {out_dir / 'results.md'} ({len(results)} cells, {len(failures)} failed, "
+        f"{summary['seconds']:.0f} s)"
+    )
+    return summary
+
+
+def _summary(
+    config: ExperimentConfig, results: list[CellResult], failures: list[dict[str, str]], seconds: float
+) -> dict[str, Any]:
+    return {
         "name": config.name,
         "settings": asdict(config.settings),
         "tasks": {k: asdict(v) for k, v in config.tasks.items()},
@@ -511,14 +529,20 @@ def run_experiment(
         },
         "cells": [r.to_dict() for r in results],
         "failures": failures,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
-    write_experiment_report(summary, out_dir)
-    log(
-        f"wrote {out_dir / 'results.md'} ({len(results)} cells, {len(failures)} failed, "
-        f"{summary['seconds']:.0f} s)"
-    )
-    return summary
+
+
+def merge_summaries(parts: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
+    """One summary from runs of the same grid split by task (e.g. run in parallel processes)."""
+    ensure(len(parts) > 0, "nothing to merge")
+    merged = dict(parts[0])
+    merged["name"] = name
+    merged["tasks"] = {k: v for p in parts for k, v in p["tasks"].items()}
+    merged["cells"] = [c for p in parts for c in p["cells"]]
+    merged["failures"] = [f for p in parts for f in p["failures"]]
+    merged["seconds"] = max(p["seconds"] for p in parts)
+    return merged
 
 
 RESULT_COLUMNS = (
@@ -641,10 +665,17 @@ def main_experiment(
     *,
     cache_dir: Path | None = None,
     threads: int | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    import dataclasses
+
     config = ExperimentConfig.load(config_path)
     if threads is not None:
         config = _with_threads(config, threads)
+    if tasks:
+        unknown = sorted(set(tasks) - set(config.tasks))
+        ensure(not unknown, f"--tasks {unknown} not in the config's grid ({', '.join(config.tasks)})")
+        config = dataclasses.replace(config, tasks={t: config.tasks[t] for t in config.tasks if t in tasks})
     target = out_dir or config.out_dir or Path("reports") / f"experiment-{config.name}"
     with contextlib.suppress(OSError):
         Path(target).mkdir(parents=True, exist_ok=True)
