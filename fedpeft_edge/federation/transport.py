@@ -153,7 +153,11 @@ class MqttTransport:
         v5 = proto == mqtt.MQTTv5
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=c.client_id, protocol=proto,
                              clean_session=None if v5 else c.clean_start)
-        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        paho_log = logging.getLogger(__name__ + ".paho")
+        if paho_log.level == logging.NOTSET:
+            # paho logs socket errors around every reconnect at ERROR; our own log says what happened.
+            paho_log.setLevel(logging.CRITICAL)
+        client.enable_logger(paho_log)
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.tls_ca is not None:
