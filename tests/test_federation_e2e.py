@@ -104,3 +104,110 @@ def test_three_sites_three_rounds_match_offline_fedavg(mosquitto_broker, tmp_pat
     # The chunked site really was chunked, and its chunks reassembled.
     assert "2 part(s)" in logs["site-2.log"]
     assert "round 2 closed" in logs["agg.log"] and "global published for round 3" in logs["agg.log"]
+
+
+# --- agent behaviour against a scripted "aggregator" (a plain client publishing globals) -------------
+def _publish_global(broker, fleet: str, rnd: int, vec: np.ndarray, spec: str, final: bool = False) -> None:
+    from fedpeft_edge.federation import wire
+    from fedpeft_edge.federation.codec import encode_global
+    from fedpeft_edge.federation.topics import Topics
+    from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+
+    t = MqttTransport(TransportConfig(host=broker.host, port=broker.port, client_id=f"pub-{fleet}-{rnd}",
+                                      clean_start=True))
+    t.connect(10)
+    msg = wire.GlobalMessage(fleet, rnd, spec, encode_global(vec), {"final": final})
+    assert t.publish(Topics(fleet).global_, wire.encode_global(msg), retain=True).wait(5)
+    t.close()
+
+
+def _update_listener(broker, fleet: str):
+    from fedpeft_edge.federation.topics import Topics
+    from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+
+    t = MqttTransport(TransportConfig(host=broker.host, port=broker.port, client_id=f"listen-{fleet}",
+                                      clean_start=True))
+    t.subscribe(Topics(fleet).updates_filter)
+    t.connect(10)
+    return t
+
+
+def _drain_rounds(t, seconds: float) -> list[int]:
+    import time
+
+    from fedpeft_edge.federation import wire
+
+    rounds, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        m = t.get(0.05)
+        if m is not None:
+            rounds.append(wire.decode_update(m.payload).round)
+    return rounds
+
+
+def _agent(broker, fleet: str, tmp: Path, policy: str = "finish", delay: float = 0.0, **agent_kw):
+    import fed_numpy_trainer as fnt
+
+    from fedpeft_edge.federation.agent import EdgeAgent
+    from fedpeft_edge.federation.config import load_config
+
+    extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in agent_kw.items())
+    cfg = load_config(text=f"""
+[connection]
+port = {broker.port}
+[fleet]
+name = "{fleet}"
+[agent]
+client_id = "site-0"
+state_dir = "{tmp}/site-0"
+newer_global_policy = "{policy}"
+{extra}
+[codec]
+mode = "fp32"
+[trainer]
+options = {{ step_delay_s = {delay} }}
+""")
+    s = fnt.make(cfg)
+    return EdgeAgent(cfg, s.trainer, s.train_batches_fn, s.eval_batches_fn)
+
+
+def test_agent_restart_does_not_retrain_or_resend_a_round(mosquitto_broker, tmp_path: Path) -> None:
+    fleet, spec = "skip", "00112233aabbccdd"
+    _publish_global(mosquitto_broker, fleet, 0, np.zeros(27, np.float32), spec)
+    listener = _update_listener(mosquitto_broker, fleet)
+    try:
+        first = _agent(mosquitto_broker, fleet, tmp_path, max_rounds=1).run(connect_timeout=10)
+        assert first.rounds_sent == [0]
+        second = _agent(mosquitto_broker, fleet, tmp_path, idle_exit_s=1.0).run(connect_timeout=10)
+        assert second.rounds_sent == [] and second.last_global_round == 0  # saw round 0, skipped it
+        assert _drain_rounds(listener, 0.5) == [0]  # exactly one update ever published
+    finally:
+        listener.close()
+
+
+def test_newer_global_while_training_abandon_vs_finish(mosquitto_broker, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    for policy in ("abandon", "finish"):
+        fleet, spec = f"newer-{policy}", "00112233aabbccdd"
+        _publish_global(mosquitto_broker, fleet, 0, np.zeros(27, np.float32), spec)
+        listener = _update_listener(mosquitto_broker, fleet)
+        agent = _agent(mosquitto_broker, fleet, tmp_path / policy, policy=policy, delay=0.15, max_rounds=2,
+                       idle_exit_s=1.5)
+        runner = threading.Thread(target=agent.run, kwargs={"connect_timeout": 10})
+        runner.start()
+        try:
+            mf.wait_for(lambda a=agent: a.last_global_round == 0, 10, "round 0 to start")
+            time.sleep(0.2)  # training round 0 (6 steps x 0.15 s)
+            _publish_global(mosquitto_broker, fleet, 1, np.ones(27, np.float32), spec)
+            runner.join(30)
+            got = _drain_rounds(listener, 0.5)
+        finally:
+            agent.stop()
+            runner.join(10)
+            listener.close()
+        if policy == "abandon":
+            assert got == [1] and agent.rounds_sent == [1]  # round 0 dropped mid-training
+        else:
+            assert got == [0, 1] and agent.rounds_sent == [0, 1]  # round 0 finished and sent (late)
