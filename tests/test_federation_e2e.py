@@ -211,3 +211,68 @@ def test_newer_global_while_training_abandon_vs_finish(mosquitto_broker, tmp_pat
             assert got == [1] and agent.rounds_sent == [1]  # round 0 dropped mid-training
         else:
             assert got == [0, 1] and agent.rounds_sent == [0, 1]  # round 0 finished and sent (late)
+
+
+def test_ort_lora_sites_through_the_cli(mosquitto_broker, tmp_path: Path) -> None:
+    """The same federation with the real ORT Training backend: LoRA on a tiny synthetic transformer,
+    spec hash from the artifact bundle, initial global = the bundle's initial adapter."""
+    from conftest_models import save, transformer_model
+
+    from fedpeft_edge.federation import wire
+    from fedpeft_edge.peft.artifacts import generate_artifacts
+    from fedpeft_edge.peft.spec import PeftSpec
+
+    spec = PeftSpec("lora", targets=[r"attention\.self\.(query|value)"], rank=4, head_classes=3)
+    bundle = generate_artifacts(save(transformer_model(), tmp_path / "tf.onnx"), spec, tmp_path / "bundle")
+    base = f"""
+[connection]
+port = {mosquitto_broker.port}
+[fleet]
+name = "ort"
+[aggregator]
+state_dir = "{tmp_path}/agg"
+max_rounds = 2
+quorum = 3
+round_deadline_s = 60
+[codec]
+mode = "topk_int8"
+topk_ratio = 0.2
+block = 64
+[trainer]
+kind = "factory"
+factory = "fed_ort_trainer:make"
+bundle_dir = "{bundle.directory}"
+"""
+    procs = [mf.spawn_cli(["aggregate", "--config", str(mf.write_toml(tmp_path / "agg.toml", base))],
+                          tmp_path / "agg.log")]
+    for i in range(3):
+        cfg = mf.write_toml(tmp_path / f"site-{i}.toml", base + f"""
+[agent]
+client_id = "site-{i}"
+state_dir = "{tmp_path}/site-{i}"
+dump_updates = true
+idle_exit_s = 60
+[data]
+client_index = {i}
+""")
+        procs.append(mf.spawn_cli(["agent", "--config", str(cfg)], tmp_path / f"site-{i}.log"))
+    try:
+        mf.wait_for(lambda: all(p.poll() is not None for p in procs), 120, "ORT federation to finish",
+                    interval=0.2, logs=tmp_path)
+    finally:
+        mf.stop_all(procs)
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    sent = {i: mf.sent_updates(tmp_path / f"site-{i}") for i in range(3)}
+    envelopes = [wire.decode_update(env) for s in sent.values() for env in s.values()]
+    assert len(envelopes) == 6 and all(m.spec_hash == bundle.spec_hash for m in envelopes)
+    state = RoundState.load(tmp_path / "agg")
+    assert state is not None and state.round == 2 and state.fingerprint["spec_hash"] == bundle.spec_hash
+    assert state.fingerprint["n_params"] == bundle.num_trainable
+    # Initial global = the bundle's initial trainable parameters (as a fresh trainer holds them).
+    import fed_ort_trainer
+
+    from fedpeft_edge.federation.config import load_config
+
+    initial = fed_ort_trainer.make(load_config(text=base)).trainer.get_flat()
+    ref = mf.reference_fedavg(initial, [[sent[i][r] for i in range(3)] for r in range(2)])
+    np.testing.assert_allclose(state.global_vec, ref, rtol=1e-5, atol=1e-6)
