@@ -233,7 +233,7 @@ def test_failed_save_rolls_memory_back_to_disk(tmp_path: Path, monkeypatch: pyte
         raise OSError("disk full")
 
     monkeypatch.setattr(R.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(R.StateError):
         core.offer(_msg("b"))
     monkeypatch.undo()
     assert core.participants == ["a"] and core.accepted_this_round == 1

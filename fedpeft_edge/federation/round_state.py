@@ -526,11 +526,16 @@ class AggregatorCore:
 
     def checkpoint(self) -> None:
         """Persist the state now (no-op without ``state_dir``). On failure the in-memory state is
-        rolled back to the last persisted one, so memory never runs ahead of disk."""
+        rolled back to the last persisted one, so memory never runs ahead of disk, and
+        :class:`StateError` is raised (the caller must then NOT acknowledge the message)."""
         if self.state_dir is None:
             return
         try:
             self._state.save(self.state_dir)
+        except OSError as exc:
+            self._reload()
+            # A FedPeftError, so a service loop can tell "not persisted: do not acknowledge" apart.
+            raise StateError(f"could not persist round state in {self.state_dir}: {exc}") from exc
         except BaseException:
             self._reload()
             raise

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Literal
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from fedpeft_edge import kernels
 from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.federation.codec import EncodedUpdate, ParsedUpdate, accumulate_into
 
+LatePolicy = Literal["drop", "stale_weighted"]  # drop late updates, or count them down-weighted
 LATE_POLICIES: Final = ("drop", "stale_weighted")
 NORM_MODES: Final = ("clip", "reject")
 
@@ -304,6 +305,7 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedYogi",
+    "LatePolicy",
     "NormBound",
     "RoundAccumulator",
     "ServerOptimizer",
