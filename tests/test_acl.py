@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import mqtt_fixtures
+import numpy as np
 import pytest
 from mqtt_fixtures import PLANT_FLEET, PlantPki, start_plant_broker
 
@@ -124,3 +125,59 @@ def test_mutual_tls_requires_client_certificate(plant_pki: PlantPki) -> None:
         with_cert.close()
     finally:
         broker.stop()
+
+
+def test_federation_round_over_tls_with_passwords_and_acl(plant_broker: BrokerHandle, plant_pki: PlantPki,
+                                                          tmp_path) -> None:
+    """The services work within the ACL they are given: aggregator + two sites over TLS with passwords
+    (each site's last will and status on its own topic, updates on its own topic, global read-only)."""
+    import threading
+
+    import fed_numpy_trainer as fnt
+
+    from fedpeft_edge.federation.agent import EdgeAgent
+    from fedpeft_edge.federation.aggregator import AggregatorService
+    from fedpeft_edge.federation.config import load_config
+
+    def conn(user: str) -> str:
+        (tmp_path / f"{user}.pass").write_text(plant_pki.passwords[user] + "\n")
+        return f"""
+[connection]
+host = "localhost"
+port = {plant_broker.port}
+username = "{user}"
+password_file = "{tmp_path / (user + '.pass')}"
+tls_ca = "{plant_pki.ca}"
+[fleet]
+name = "{PLANT_FLEET}"
+"""
+
+    agg_cfg = load_config(text=conn("aggregator") + f"""
+[aggregator]
+state_dir = "{tmp_path}/agg"
+max_rounds = 2
+quorum = 2
+""")
+    svc = AggregatorService(agg_cfg, initial_global=np.zeros(27, np.float32))
+    threads = [threading.Thread(target=svc.run, daemon=True)]
+    agents = []
+    for i, site in enumerate(("site-a", "site-b")):
+        cfg = load_config(text=conn(site) + f"""
+[agent]
+client_id = "{site}"
+state_dir = "{tmp_path}/{site}"
+idle_exit_s = 20
+[data]
+client_index = {i}
+""")
+        s = fnt.make(cfg)
+        agents.append(EdgeAgent(cfg, s.trainer, s.train_batches_fn, s.eval_batches_fn))
+        threads.append(threading.Thread(target=agents[-1].run, daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert not any(t.is_alive() for t in threads)
+    assert svc.core.finished and svc.core.counters["accepted"] == 4
+    assert not svc.core.counters.get("rejected")
+    assert all(a.rounds_sent == [0, 1] for a in agents)
