@@ -30,6 +30,8 @@ static double prof_now(void) {
 
 #if FPE_X86_DISPATCH && defined(__SSE2__)
 #include <immintrin.h>
+
+#include "topk_lut.h"
 #define FPE_TOPK_SIMD_BASE 4 /* SSE2 is part of the x86-64 (and our i386) baseline */
 #else
 #define FPE_TOPK_SIMD_BASE 0
@@ -88,27 +90,37 @@ static uint32_t threshold_bucket(const uint32_t *hist, uint32_t nbuckets, size_t
 /* Exact threshold among keys[0..c): the key T of the need-th largest, and how many keys equal to
  * T are taken (the rest of the need are > T). Three digit passes: 11, 11 and 9 bits. */
 static uint32_t exact_threshold(uint32_t *keys, /* not const: dodges a GCC 12 false -Wmaybe-uninitialized */ size_t c, size_t need, size_t *ties) {
-    uint32_t h[2048];
+    /* Candidates crowd into a few buckets, so four interleaved tables break the increment chains. */
+    uint32_t h[4][2048];
+    size_t above1, above2, above3, j;
     memset(h, 0, sizeof h);
-    for (size_t j = 0; j < c; ++j)
-        h[(keys[j] & FPE_ABS_MASK) >> 20]++;
-    size_t above1, above2, above3;
-    const uint32_t b1 = threshold_bucket(h, 2048, need, &above1);
+    for (j = 0; j + 4 <= c; j += 4)
+        for (size_t t = 0; t < 4; ++t)
+            h[t][(keys[j + t] & FPE_ABS_MASK) >> 20]++;
+    for (; j < c; ++j)
+        h[0][(keys[j] & FPE_ABS_MASK) >> 20]++;
+    for (size_t b = 0; b < 2048; ++b)
+        h[0][b] += h[1][b] + h[2][b] + h[3][b];
+    const uint32_t b1 = threshold_bucket(h[0], 2048, need, &above1);
     memset(h, 0, sizeof h);
-    for (size_t j = 0; j < c; ++j) {
+    for (j = 0; j < c; ++j) {
         uint32_t key = keys[j] & FPE_ABS_MASK;
         if ((key >> 20) == b1)
-            h[(key >> 9) & 0x7ffu]++;
+            h[j & 3][(key >> 9) & 0x7ffu]++;
     }
-    const uint32_t b2 = threshold_bucket(h, 2048, need - above1, &above2);
+    for (size_t b = 0; b < 2048; ++b)
+        h[0][b] += h[1][b] + h[2][b] + h[3][b];
+    const uint32_t b2 = threshold_bucket(h[0], 2048, need - above1, &above2);
     const uint32_t prefix = (b1 << 11) | b2; /* == key >> 9 for keys in that bucket */
     memset(h, 0, sizeof h);
-    for (size_t j = 0; j < c; ++j) {
+    for (j = 0; j < c; ++j) {
         uint32_t key = keys[j] & FPE_ABS_MASK;
         if ((key >> 9) == prefix)
-            h[key & 0x1ffu]++;
+            h[j & 3][key & 0x1ffu]++;
     }
-    const uint32_t b3 = threshold_bucket(h, 512, need - above1 - above2, &above3);
+    for (size_t b = 0; b < 512; ++b)
+        h[0][b] += h[1][b] + h[2][b] + h[3][b];
+    const uint32_t b3 = threshold_bucket(h[0], 512, need - above1 - above2, &above3);
     *ties = need - above1 - above2 - above3;
     return (prefix << 9) | b3;
 }
@@ -216,6 +228,31 @@ static int general_path(float *s, size_t n, size_t k, uint32_t *idx, float *val)
     return select_with_hist(s, n, k, hist, idx, val);
 }
 
+/* General path from scratch: s = u2 + r2 (r2 == NULL: in place) with the level-1 histogram. */
+static int hist_path(const float *u2, const float *r2, float *s, size_t n, size_t k, uint32_t *idx,
+                     float *val) {
+    uint32_t hist[2 * 2048];
+    const int need_hist = k > 0 && k < n;
+    if (need_hist)
+        memset(hist, 0, sizeof hist);
+    uint32_t bad = FPE_DISPATCH(sum_hist, (u2, r2, s, n, need_hist ? hist : NULL));
+    if (bad & FPE_NONFINITE_FLAG)
+        return FPE_ENONFINITE;
+    if (k == 0)
+        return FPE_OK;
+    if (k == n) {
+        for (size_t i = 0; i < n; ++i) {
+            idx[i] = (uint32_t)i;
+            val[i] = s[i];
+            s[i] = 0.0f;
+        }
+        return FPE_OK;
+    }
+    for (size_t b = 0; b < 2048; ++b)
+        hist[b] += hist[2048 + b];
+    return select_with_hist(s, n, k, hist, idx, val);
+}
+
 int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *idx, float *val,
                 float *residual_out) {
     if (k > n || (uint64_t)n > UINT64_C(0xFFFFFFFF))
@@ -246,8 +283,9 @@ int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *id
     PROF_START;
     if (k > 0 && k < n && sample_threshold(u, r, n, k, &lo, &cap)) {
         PROF("sample");
-        uint32_t *cidx = (uint32_t *)malloc(cap * sizeof *cidx);
-        uint32_t *cbits = (uint32_t *)malloc(cap * sizeof *cbits);
+        /* 16 entries of slack: the AVX2 collector stores whole vectors before testing cap */
+        uint32_t *cidx = (uint32_t *)malloc((cap + 16) * sizeof *cidx);
+        uint32_t *cbits = (uint32_t *)malloc((cap + 16) * sizeof *cbits);
         if (cidx == NULL || cbits == NULL) {
             free(cidx);
             free(cbits);
@@ -261,7 +299,7 @@ int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *id
             return FPE_ENONFINITE;
         }
         PROF("collect");
-        if (c < k || c > cap) { /* the sample misjudged: exact general path on s */
+        if (c < k || c > cap) { /* the sample misjudged: exact general path */
             free(cidx);
             free(cbits);
             return general_path(s, n, k, idx, val);
@@ -286,25 +324,5 @@ int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *id
         PROF("zero");
         return FPE_OK;
     }
-
-    uint32_t hist[2 * 2048];
-    const int need_hist = k > 0 && k < n;
-    if (need_hist)
-        memset(hist, 0, sizeof hist);
-    uint32_t bad = FPE_DISPATCH(sum_hist, (u2, r2, s, n, need_hist ? hist : NULL));
-    if (bad & FPE_NONFINITE_FLAG)
-        return FPE_ENONFINITE;
-    if (k == 0)
-        return FPE_OK;
-    if (k == n) {
-        for (size_t i = 0; i < n; ++i) {
-            idx[i] = (uint32_t)i;
-            val[i] = s[i];
-            s[i] = 0.0f;
-        }
-        return FPE_OK;
-    }
-    for (size_t b = 0; b < 2048; ++b)
-        hist[b] += hist[2048 + b];
-    return select_with_hist(s, n, k, hist, idx, val);
+    return hist_path(u2, r2, s, n, k, idx, val);
 }

@@ -115,6 +115,29 @@ static FPE_TARGET uint32_t FPE_FN(sum_hist)(const float *u, const float *r, floa
         }                                                                                      \
         if (mask == 0 || full)                                                                 \
             break;                                                                             \
+        FPE_TOPK_APPEND();                                                                     \
+    } while (0)
+
+#if FPE_TOPK_SIMD == 8
+/* Branch-free append of a group: permute the selected lanes to the front (table lookup on each
+ * 8-bit mask) and store whole vectors; the buffers have 16 entries of slack past cap. */
+#define FPE_TOPK_APPEND()                                                                      \
+    do {                                                                                       \
+        for (size_t v = 0; v < 2; ++v) {                                                       \
+            unsigned m8 = (mask >> (8 * v)) & 0xffu;                                           \
+            __m256i perm = _mm256_cvtepu8_epi32(                                               \
+                _mm_loadl_epi64((const __m128i *)&fpe__compact_lut[m8]));                      \
+            __m256i iv = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(i + 8 * v)), iota);      \
+            _mm256_storeu_si256((__m256i *)(cidx + c), _mm256_permutevar8x32_epi32(iv, perm)); \
+            _mm256_storeu_ps((float *)(cbits + c), _mm256_permutevar8x32_ps(av[v], perm));    \
+            c += (size_t)__builtin_popcount(m8);                                               \
+        }                                                                                      \
+        if (c > cap)                                                                           \
+            full = 1;                                                                          \
+    } while (0)
+#else
+#define FPE_TOPK_APPEND()                                                                      \
+    do {                                                                                       \
         /* values from registers via L1: re-reading a streamed s line would stall */           \
         float grp[16];                                                                         \
         for (size_t v = 0; v < 16 / FPE_TOPK_SIMD; ++v)                                        \
@@ -131,6 +154,7 @@ static FPE_TARGET uint32_t FPE_FN(sum_hist)(const float *u, const float *r, floa
             ++c;                                                                               \
         }                                                                                      \
     } while (0)
+#endif
 
 /* One scalar element at i (head / tail of the vector loop). */
 #define FPE_TOPK_SCALAR()                                                                      \
@@ -165,6 +189,9 @@ static FPE_TARGET size_t FPE_FN(sum_collect)(const float *u, const float *r, flo
     const float *rr = r != NULL ? r : s; /* loads precede the store at the same index */
     const FPE_VI absm = FPE_V_SET1(0x7fffffff), fin = FPE_V_SET1(0x00800000);
     const FPE_VI lom1 = FPE_V_SET1((int32_t)lo - 1); /* keys and lo are < 2^31: signed compare */
+#if FPE_TOPK_SIMD == 8
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#endif
     FPE_VI badv = FPE_V_ZERO();
     uint32_t bad = 0;
     size_t c = 0, i = 0;
@@ -209,6 +236,7 @@ static FPE_TARGET size_t FPE_FN(sum_collect)(const float *u, const float *r, flo
 #undef FPE_V_STOREU
 #undef FPE_TOPK_GROUP
 #undef FPE_TOPK_SCALAR
+#undef FPE_TOPK_APPEND
 #undef FPE_STORE_U
 #undef FPE_STORE_NT
 #else
@@ -280,3 +308,4 @@ static FPE_TARGET void FPE_FN(collect)(const float *restrict s, size_t n, uint32
             cand[nc++] = (uint32_t)i;
     }
 }
+
