@@ -105,3 +105,63 @@ def test_kind_and_port_validation() -> None:
         start_local_broker(prefer="rabbit")  # type: ignore[arg-type]
     with pytest.raises(FpeValueError):
         start_local_broker(port=70000)
+
+
+# --- the command line -------------------------------------------------------------------------------
+def test_cli_broker_runs_in_foreground_until_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedpeft_edge.cli", "broker", "--port", "0",
+                             "--data-dir", str(tmp_path / "state")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=mqtt_fixtures.service_env(), text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("BROKER 127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
+        port = int(line.strip().rsplit(":", 1)[1])
+        assert port != 1883 and port_accepts("127.0.0.1", port)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        time.sleep(0.1)
+        assert not port_accepts("127.0.0.1", port)
+        assert (tmp_path / "state" / "mosquitto.conf").exists()  # kept: it was an explicit data dir
+        assert "broker running on 127.0.0.1" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_cli_help_explains_topics_and_state() -> None:
+    import subprocess
+    import sys
+
+    def helptext(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", *args, "--help"], capture_output=True,
+                             text=True, env=mqtt_fixtures.service_env(), check=True)
+        return out.stdout
+
+    top = helptext()
+    for cmd in ("broker", "aggregate", "agent"):
+        assert cmd in top
+    agent = helptext("agent")
+    assert "fedpeft/<fleet>/update/<site>" in agent and "--state-dir" in agent and "outbox" in agent
+    agg = helptext("aggregate")
+    assert "--rounds" in agg and "resumes" in agg
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agent]\nclient_idd = 'x'\n")
+    out = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "agent", "--config", str(bad)],
+                         capture_output=True, text=True, env=mqtt_fixtures.service_env(), timeout=60)
+    assert out.returncode == 2
+    assert "unknown key(s) ['client_idd']" in out.stderr and "Traceback" not in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "broker", "--kind", "plant"],
+                             capture_output=True, text=True, env=mqtt_fixtures.service_env(), timeout=60)
+    assert missing.returncode == 2 and "--cafile" in missing.stderr

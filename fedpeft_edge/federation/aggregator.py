@@ -227,7 +227,13 @@ class AggregatorService:
         tcfg = transport_config(self.cfg, a.client_id, manual_ack=True)
         offline = wire.encode_status(wire.StatusMessage(a.client_id, "offline", time.time(), None),
                                      self.limits)
-        self.transport = MqttTransport(tcfg, will=Will(self.topics.status(a.client_id), offline))
+        status_topic = self.topics.status(a.client_id)
+
+        def announce(t: MqttTransport) -> None:  # paho's thread, on every (re)connect
+            online = wire.StatusMessage(a.client_id, "online", time.time(), self.core.round)
+            t.publish(status_topic, wire.encode_status(online, self.limits), retain=True)
+
+        self.transport = MqttTransport(tcfg, will=Will(status_topic, offline), on_connect=announce)
         self.transport.subscribe(self.topics.updates_filter, qos=1)
         self.transport.subscribe(self.topics.status_filter, qos=1)
         self.transport.connect(connect_timeout)
@@ -267,7 +273,9 @@ class AggregatorService:
             if self.core.finished:
                 log.info("all %d rounds done; final global published", self.core_config.max_rounds)
         finally:
-            self.transport.close()
+            final_state = "done" if self.core.finished else "offline"
+            bye = wire.StatusMessage(a.client_id, final_state, time.time(), self.core.round)
+            self.transport.close(final=(status_topic, wire.encode_status(bye, self.limits)))
         return AggregatorResult(closed, self.core.round, self.core.finished, self.core.counters,
                                 np.array(self.core.global_vector))
 
