@@ -62,6 +62,10 @@ float fpe_uniform(uint64_t seed, uint64_t i);
  * s = u + r (float32). Select exactly k indices with the largest |s|; ties broken by lower index.
  * |s| compares as IEEE magnitude (-0 ties with +0; denormals order normally). Non-finite s (NaN/Inf in
  * u or r, or u + r overflowing) -> FPE_ENONFINITE. k > n -> FPE_EINVAL. Expected O(n) radix select.
+ * residual_out may be r or u itself (same pointer); partially overlapping buffers are not allowed,
+ * and idx/val must not overlap anything else. Scratch: about 10 bytes per selected element for
+ * large n with k well below n; up to 8 bytes per element when many magnitudes tie at the threshold
+ * (FPE_ENOMEM if that allocation fails). Reentrant: no state is kept between calls.
  * Writes idx (ascending, uint32), val = s[idx], residual_out = s with selected entries set to 0,
  * so val scattered + residual_out == u + r exactly. residual_out may alias r (in place). n < 2^32. */
 int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *idx, float *val,
