@@ -55,7 +55,7 @@ from fedpeft_edge.federation.wire import GlobalMessage, UpdateMessage
 
 STATE_FILE: Final = "round_state.npz"
 STATE_FORMAT: Final = 1
-HISTORY_KEEP: Final = 1000
+HISTORY_KEEP: Final = 20  # closed-round metrics kept in the state file (it is rewritten on every save)
 MIN_WEIGHT: Final = 1e-9  # below this a stale update is treated as late (its weight would vanish)
 MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38)
 
