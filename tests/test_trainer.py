@@ -210,3 +210,20 @@ def test_lr_schedules():
     assert lr_at(t, 10) == pytest.approx(0.0)
     t.lr_schedule = "cosine"
     assert lr_at(t, 6) == pytest.approx(0.5)
+
+
+def test_training_on_device_never_imports_torch(bundles):
+    """Torch is installed here, yet a trainer process must not load it (ORT imports it opportunistically)."""
+    import subprocess
+    import sys
+
+    bundle = bundles("lora")
+    code = ("import sys, numpy as np\n"
+            "from fedpeft_edge.training.ort_trainer import OrtTrainer\n"
+            f"t = OrtTrainer({str(bundle.directory)!r})\n"
+            "b = {'input_ids': np.ones((2, 5), np.int64), 'attention_mask': np.ones((2, 5), np.int64),"
+            " 'labels': np.zeros(2, np.int64)}\n"
+            "t.train([b])\n"
+            "print('torch' in sys.modules, 'onnxruntime.training.api' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
