@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedpeft_edge.federation import codec as C
 from fedpeft_edge.federation import round_state as R
@@ -350,3 +352,31 @@ def test_global_message_round_trips_through_the_wire() -> None:
     assert msg.round == 1 and msg.spec_hash == SPEC and msg.vector.mode == "int8"
     assert msg.meta["participants"] == 1 and msg.meta["loss"] == 0.25 and msg.meta["note"] == "pilot"
     np.testing.assert_allclose(C.decode_global(msg.vector, N), g, atol=float(np.abs(g).max()) / 127)
+
+
+_POOL = [_msg(f"s{i}", r, seed=100 * i + r, samples=10 + i) for i in range(4) for r in range(3)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_POOL) - 1), st.booleans()), max_size=25),
+       st.sampled_from(["drop", "stale_weighted"]))
+def test_offer_sequences_keep_the_books_straight(ops: list[tuple[int, bool]], policy: str) -> None:
+    """Any sequence of offers/round closes: sum == Σ weight·update over exactly the accepted ones."""
+    core = R.AggregatorCore(_config(quorum=100, min_clients=1, late_policy=policy, max_staleness=1))
+    expect = np.zeros(N, np.float64)
+    seen: set[tuple[str, int]] = set()
+    for idx, close in ops:
+        m = _POOL[idx]
+        d = core.offer(m)
+        if d.accepted:
+            assert (m.client_id, m.round) not in seen
+            seen.add((m.client_id, m.round))
+            expect += d.weight * C.decode_dense(m.update).astype(np.float64)
+        elif (m.client_id, m.round) in seen:
+            assert d.status in (R.DUPLICATE, R.LATE)
+        if close and core.accepted_this_round:
+            core.close_round()
+            expect[:] = 0
+    np.testing.assert_allclose(core._acc.sum, expect, rtol=1e-5, atol=1e-4)
+    assert core.accepted_this_round == len(core.participants)
+    assert core.counters.get("accepted", 0) == len(seen)
