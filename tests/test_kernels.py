@@ -236,18 +236,20 @@ def test_topk_ef_properties(kernels, case):
 
 @hyp
 @given(case=topk_case())
-def test_topk_ef_in_place_residual(kernels, case):
+@pytest.mark.parametrize("alias", ["residual", "update"])
+def test_topk_ef_in_place(kernels, case, alias):
     u, r, k = case
     s = _finite_sum(u, r)
-    r_before = r.copy()
+    target = r if alias == "residual" else u
+    before = target.copy()
     if s is None:
         with pytest.raises(errors.NonFiniteError):
-            kernels.topk_ef(u, r, k, out_residual=r)
+            kernels.topk_ef(u, r, k, out_residual=target)
         # The error-feedback state survives a rejected update.
-        np.testing.assert_array_equal(r.view(np.uint32), r_before.view(np.uint32))
+        np.testing.assert_array_equal(target.view(np.uint32), before.view(np.uint32))
         return
-    idx, val, res = kernels.topk_ef(u, r, k, out_residual=r)
-    assert res is r
+    idx, val, res = kernels.topk_ef(u, r, k, out_residual=target)
+    assert res is target
     _check_topk(s, k, idx, val, res)
 
 

@@ -104,16 +104,22 @@ def test_uniform_parity(c_path, ref, seed, i):
 @hyp
 @given(u=st.one_of(f32_arrays(max_len=600), equal_magnitudes(600),
                    f32_arrays(max_len=600, elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-45]))),
-       data=st.data(), in_place=st.booleans())
-def test_topk_ef_parity(c_path, ref, u, data, in_place):
+       data=st.data(), alias=st.sampled_from([None, "residual", "update"]))
+def test_topk_ef_parity(c_path, ref, u, data, alias):
     r = data.draw(st.one_of(st.just(np.zeros_like(u)), f32_arrays(min_len=u.size, max_len=u.size)))
     k = data.draw(st.integers(0, u.size))
-    r_c, r_r = r.copy(), r.copy()
-    kw_c = {"out_residual": r_c} if in_place else {}
-    kw_r = {"out_residual": r_r} if in_place else {}
-    out = _same_outcome(lambda: c_path.topk_ef(u, r_c, k, **kw_c), lambda: ref.topk_ef(u, r_r, k, **kw_r))
-    if out is None:
-        assert_bits_equal(r_c, r, "residual after a rejected call")
+    inputs = {name: (u.copy(), r.copy()) for name in ("c", "ref")}
+
+    def call(backend, name):
+        uu, rr = inputs[name]
+        # out_residual may be the residual or the update itself (in place)
+        out = {"residual": rr, "update": uu}.get(alias)
+        return backend.topk_ef(uu, rr, k, **({"out_residual": out} if out is not None else {}))
+
+    out = _same_outcome(lambda: call(c_path, "c"), lambda: call(ref, "ref"))
+    if out is None:  # rejected: the buffers are as they were, in place or not
+        assert_bits_equal(inputs["c"][0], u, "update after a rejected call")
+        assert_bits_equal(inputs["c"][1], r, "residual after a rejected call")
         return
     for got, want, what in zip(out[0], out[1], ("indices", "values", "residual"), strict=True):
         assert_bits_equal(got, want, what)

@@ -127,8 +127,8 @@ def topk_ef(update: np.ndarray, residual: np.ndarray, k: int, *, out_indices: np
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k with error feedback on s = update + residual: (uint32 ascending indices, s[idx], new residual).
 
-    Exactly k entries of largest |s| (ties → lower index). ``out_residual`` may be ``residual`` itself
-    (in place); on NonFiniteError the residual is left as it was.
+    Exactly k entries of largest |s| (ties → lower index). ``out_residual`` may be ``residual`` (or
+    ``update``) itself, in place; on NonFiniteError that buffer is left as it was.
     """
     return _active.topk_ef(update, residual, k, out_indices=out_indices, out_values=out_values,
                            out_residual=out_residual)

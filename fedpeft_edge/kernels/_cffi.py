@@ -133,8 +133,9 @@ class CBackend:
         u, r, kk, idx, val, res = V.check_topk(update, residual, k, out_indices, out_values, out_residual)
         n = u.shape[0]
         target = res
-        if n and res.ctypes.data == r.ctypes.data and not self._sum_surely_finite(u, r):
-            # In place, the C core overwrites the residual before it can report NaN/Inf in u + r; the
+        in_place = n and res.ctypes.data in (r.ctypes.data, u.ctypes.data)
+        if in_place and not self._sum_surely_finite(u, r):
+            # In place, the C core overwrites its input before it can report NaN/Inf in u + r; the
             # error-feedback state must survive a rejected update, so work on scratch in that case.
             target = np.empty_like(r)
         rc = lib.fpe_topk_ef(_ptr("float[]", u), _ptr("float[]", r), n, kk,

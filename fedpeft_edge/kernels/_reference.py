@@ -129,7 +129,8 @@ class NumpyBackend:
     def topk_ef(self, update, residual, k, *, out_indices=None, out_values=None, out_residual=None):
         u, r, kk, idx, val, res = V.check_topk(update, residual, k, out_indices, out_values, out_residual)
         n = u.shape[0]
-        in_place = res is r or (n > 0 and res.ctypes.data == r.ctypes.data)
+        # out_residual may be residual or update itself (validated: identical or disjoint)
+        in_place = n > 0 and res.ctypes.data in (r.ctypes.data, u.ctypes.data)
         # s goes straight into the output unless that would overwrite the residual before the NaN check.
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as NonFiniteError below
             s = np.add(u, r) if in_place else np.add(u, r, out=res)

@@ -180,7 +180,7 @@ def check_topk(update: object, residual: object, k: object, out_indices: object,
     val = optional_output("out_values", out_values, F32, kk)
     res = optional_output("out_residual", out_residual, F32, n)
     no_overlap(("out_residual", res), ("update", u), ("residual", r), ("out_indices", idx),
-               ("out_values", val), allow_identical=frozenset({"residual"}))
+               ("out_values", val), allow_identical=frozenset({"residual", "update"}))
     no_overlap(("out_indices", idx), ("update", u), ("residual", r), ("out_values", val))
     no_overlap(("out_values", val), ("update", u), ("residual", r))
     return u, r, kk, idx, val, res
