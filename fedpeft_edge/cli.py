@@ -143,17 +143,17 @@ def _broker_run(args: argparse.Namespace) -> int:
         plant = PlantOptions(Path(b.cafile), Path(b.certfile), Path(b.keyfile), Path(b.password_file),  # type: ignore[arg-type]
                              Path(b.acl_file) if b.acl_file else None, b.require_certificate,
                              args.fleet or "+")
-    handle = start_local_broker(b.port, b.prefer, b.kind, bind=b.bind, data_dir=b.data_dir,  # type: ignore[arg-type]
-                                max_packet_size=b.max_packet_size, plant=plant)
-    log.info("%s broker running on %s:%d (%s config); state and log in %s; Ctrl-C stops it",
-             handle.kind, handle.host, handle.port, b.kind, handle.data_dir)
-    print(f"BROKER {handle.host}:{handle.port}", flush=True)  # machine-readable line for scripts
     stopping = [False]
 
     def stop() -> None:
         stopping[0] = True
 
-    _stop_on_signals(stop)
+    _stop_on_signals(stop)  # before the broker starts: a signal must never skip its clean stop
+    handle = start_local_broker(b.port, b.prefer, b.kind, bind=b.bind, data_dir=b.data_dir,  # type: ignore[arg-type]
+                                max_packet_size=b.max_packet_size, plant=plant)
+    log.info("%s broker running on %s:%d (%s config); state and log in %s; Ctrl-C stops it",
+             handle.kind, handle.host, handle.port, b.kind, handle.data_dir)
+    print(f"BROKER {handle.host}:{handle.port}", flush=True)  # machine-readable line for scripts
     try:
         while not stopping[0] and handle.is_running():
             time.sleep(0.2)

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft_edge.federation.broker import BrokerHandle, PlantOptions, find_mosquitto, start_local_broker
+from fedpeft_edge.federation.broker import (
+    BrokerHandle,
+    PlantOptions,
+    die_with_parent,
+    find_mosquitto,
+    start_local_broker,
+)
 
 PLANT_FLEET = "plant"
 PLANT_USERS = {"aggregator": "agg-secret", "site-a": "a-secret", "site-b": "b-secret"}
@@ -166,8 +172,10 @@ def spawn_cli(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     import sys
 
     with open(log_path, "ab") as fh:  # the child keeps its own copy of the descriptor
+        # die_with_parent: a killed test run must not leave services behind.
         return subprocess.Popen([sys.executable, "-m", "fedpeft_edge.cli", *args], stdout=fh,
-                                stderr=subprocess.STDOUT, env=service_env(), cwd=str(REPO_DIR))
+                                stderr=subprocess.STDOUT, env=service_env(), cwd=str(REPO_DIR),
+                                preexec_fn=die_with_parent)
 
 
 def wait_for(cond, timeout: float, what: str, interval: float = 0.05, procs: list | None = None,

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +44,21 @@ def template_dir() -> Path:
         if (cand / "mosquitto-dev.conf").is_file():
             return cand
     raise BrokerError("broker_config/ templates not found beside the package or the source checkout")
+
+
+def die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the launching thread dies, so a killed test run or
+    CLI never leaves an orphan broker behind. Elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def find_mosquitto() -> str | None:
@@ -193,7 +209,7 @@ class BrokerHandle:
         self._log_fh = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
             [exe, "-c", str(self.config_path)], stdout=self._log_fh, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
