@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from fedpeft_edge.faces.cli_commands import register
+from fedpeft_edge.cli import main as cli_main
 from fedpeft_edge.faces.device_bench import BENCH_KEYS, BenchOptions, bench_mqtt, load_bench_json, run_bench
 from fedpeft_edge.federation.broker import free_port, start_local_broker
 
 pytestmark = pytest.mark.slow
 
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedpeft-edge")
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_bench_cli_writes_json_with_every_check(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     with start_local_broker(port=0, prefer="embedded") as broker:
-        code = _cli(["bench", "--task", "image", "--method", "lora", "--steps", "2", "--batch-size", "8",
+        code = cli_main(["bench", "--task", "image", "--method", "lora", "--steps", "2", "--batch-size", "8",
                      "--broker", f"{broker.host}:{broker.port}", "--out", str(out), "--rss-limit-mb", "4000"])
     assert code == 0
     data = load_bench_json(out)

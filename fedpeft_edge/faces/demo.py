@@ -18,6 +18,7 @@ What happens, in order:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -256,7 +257,7 @@ def load_shard(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str,
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, builtins.ValueError) as exc:  # numpy raises the builtin (e.g. "pickled data")
         raise ValueError(f"unreadable site shard {path}: {exc}") from exc
     for key in ("train/labels", "test/labels"):
         ensure(key in data, f"site shard {path} lacks {key}")
@@ -464,6 +465,8 @@ def full_model_params(task: TaskData) -> int:
 def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[str, Any]:
     """Run the whole demo; returns the report summary (also written to ``<out>/report.json``)."""
     opts = options.resolved()
+    if not sys.stdout.isatty():  # logs and pipes get plain lines and Markdown tables, not live widgets
+        opts = dataclasses.replace(opts, plain=True)
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(opts.out) if opts.out else Path("reports") / f"demo-{stamp}"
@@ -632,6 +635,11 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
                     site_before[site] = accuracy_of(initial, shards[site])
                 agg = procs[0]
                 if not agg.alive():
+                    # it may have written its last metrics line just before exiting
+                    for line in _new_lines(metrics_path, len(rounds_seen)):
+                        rounds_seen.append(line)
+                        progress.advance(len(rounds_seen))
+                        progress.line(_round_line(line, opts.rounds, opts.agents, full_params))
                     if agg.popen.returncode == 0 and len(rounds_seen) >= opts.rounds:
                         break
                     failure = f"aggregator exited with code {agg.popen.returncode}:\n{agg.tail()}"
