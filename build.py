@@ -92,6 +92,8 @@ else:
         "-Werror",
         "-ffp-contract=off",
         "-fno-math-errno",
+        # Only PyInit__core needs exporting; keeps fpe_* symbols from clashing with other modules.
+        "-fvisibility=hidden",
     ]
     LIBRARIES = ["m"]
 

@@ -13,7 +13,7 @@
 
 #include <stdlib.h>
 
-#ifdef FPE_PROFILE /* developer timing of the phases: cc -DFPE_PROFILE ... (never in the module) */
+#ifdef FPE_PROFILE /* phase timings for development: cc -DFPE_PROFILE -D_POSIX_C_SOURCE=199309L */
 #include <stdio.h>
 #include <time.h>
 static double prof_now(void) {
@@ -141,17 +141,14 @@ static int sample_threshold(const float *u, const float *r, size_t n, size_t k, 
     if (c > (double)(n / 4))
         return 0;
     const size_t rank = (size_t)want;
-    uint32_t keys[SAMPLE_RUN_LEN];
     uint32_t *skeys = (uint32_t *)malloc(SAMPLE_SIZE * sizeof *skeys);
     if (skeys == NULL)
-        return 0;
+        return 0; /* the general path needs no sample */
     for (size_t run = 0; run < SAMPLE_RUNS; ++run) {
         size_t start = (size_t)((uint64_t)(n - SAMPLE_RUN_LEN) * run / (SAMPLE_RUNS - 1));
-        for (size_t j = 0; j < SAMPLE_RUN_LEN; ++j) {
-            float v = u[start + j] + r[start + j];
-            keys[j] = fpe__f2u(v) & FPE_ABS_MASK;
-        }
-        memcpy(skeys + run * SAMPLE_RUN_LEN, keys, sizeof keys);
+        uint32_t *dst = skeys + run * SAMPLE_RUN_LEN;
+        for (size_t j = 0; j < SAMPLE_RUN_LEN; ++j)
+            dst[j] = fpe__f2u(u[start + j] + r[start + j]) & FPE_ABS_MASK;
     }
     size_t ties;
     *lo = exact_threshold(skeys, SAMPLE_SIZE, rank, &ties);
