@@ -66,10 +66,12 @@ def summarize(report: dict) -> str:
             f"{_fmt_ms(ref)} | {r.get('numpy', 0) / 1e6:.0f} | {_fmt_ratio(ref, c)} | "
             f"{_fmt_ratio(c, copyto.get(size))} | {_fmt_ratio(base, c)} | {checked} |"
         )
-    for size, median in sorted(copyto.items()):
-        n = {"1M": 1 << 20, "16M": 1 << 24}.get(size)
+    lines.append("")
+    elements = {"1M": 1 << 20, "16M": 1 << 24}
+    for size, median in sorted(copyto.items(), key=lambda item: elements.get(item[0], 0)):
+        n = elements.get(size)
         rate = f", {n / median / 1e6:.0f} M el/s" if n else ""
-        lines.append(f"\n`np.copyto` {size} float32: {_fmt_ms(median)} ms{rate} (bandwidth yardstick).")
+        lines.append(f"`np.copyto` {size} float32: {_fmt_ms(median)} ms{rate} (bandwidth yardstick).  ")
     return "\n".join(lines)
 
 
