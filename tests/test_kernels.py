@@ -783,3 +783,19 @@ def test_module_functions_delegate_to_active_backend():
     assert K.l2_norm(x) == active.l2_norm(x)
     with pytest.raises(errors.ValueError):
         K.get_backend("fortran")
+
+
+def test_c_cpu_path_switch_is_scoped_and_checked():
+    c = K.get_backend("c")
+    before = c.cpu_path
+    paths = c.supported_paths()
+    assert before in paths
+    for path in paths:
+        with c.using_cpu(path) as active:
+            assert active == path == c.cpu_path
+        assert c.cpu_path == before  # restored
+    with c.using_cpu("baseline"):
+        assert c.cpu_path in ("baseline", "neon")  # NEON is the baseline on aarch64
+    with pytest.raises(errors.ValueError, match="unknown CPU path"):
+        c.select_cpu("avx9000")
+    assert c.cpu_path == before
