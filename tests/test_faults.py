@@ -172,8 +172,8 @@ def test_offline_site_stores_update_and_delivers_it_late(broker: BrokerHandle, t
     killed; after restart (uplink back) the stored update is sent and counted under the late policy."""
     _initial(tmp_path)
     proxy = mf.TcpProxy(broker.port)
-    # Sites 0 and 1 keep rounds 1-3 going for ~4 s: time for site-2 to come back before the end.
-    base = _base(broker.port, tmp_path, "late", rounds=4, quorum=2, late="stale_weighted", delay=0.25)
+    # Sites 0 and 1 keep rounds 1-4 going for ~6 s: time for site-2 to come back before the end.
+    base = _base(broker.port, tmp_path, "late", rounds=5, quorum=2, late="stale_weighted", delay=0.25)
     via_proxy = base.replace(f"port = {broker.port}\n", f"port = {proxy.port}\n", 1)
     via_proxy = via_proxy.replace("step_delay_s = 0.25", "step_delay_s = 0.4")
     agg_cfg = mf.write_toml(tmp_path / "agg.toml", base)
@@ -203,7 +203,7 @@ def test_offline_site_stores_update_and_delivers_it_late(broker: BrokerHandle, t
     resumed = "resuming: last update sent for round 0, 1 update(s) waiting in the outbox"
     assert resumed in _log(tmp_path, "site-2")
     state = RoundState.load(tmp_path / "agg")
-    assert state is not None and state.round == 4
+    assert state is not None and state.round == 5
     assert ("site-2", 0) in state.accepted and state.accepted[("site-2", 0)] >= 1  # counted in a later round
     assert state.counters.get("late_accepted", 0) >= 1
     assert sum(m["late_accepted"] for m in state.history) == state.counters["late_accepted"]
