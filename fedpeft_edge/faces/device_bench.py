@@ -16,6 +16,7 @@ Everything is written as JSON (``--out``); the verdict table is printed. Exit co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -116,7 +117,8 @@ def _synthetic_batch(opts: BenchOptions, bundle: Any) -> dict[str, np.ndarray]:
     names = set(bundle.input_names) - {"labels"}
     ensure(names <= set(batch), f"the bundle needs inputs {sorted(names)}; the bench feeds {sorted(batch)}")
     batch = {k: v for k, v in batch.items() if k in names}
-    batch["labels"] = rng.integers(0, opts.num_classes, size=b, dtype=np.int64)
+    classes = getattr(bundle.spec, "head_classes", None) or opts.num_classes
+    batch["labels"] = rng.integers(0, classes, size=b, dtype=np.int64)
     return batch
 
 
@@ -146,6 +148,10 @@ def bench_training(opts: BenchOptions, log: Callable[[str], None]) -> dict[str, 
     t0 = time.perf_counter()
     bundle = _load_bundle(opts, log)
     t_bundle = time.perf_counter() - t0
+    # A given bundle decides the model family, whatever --task said.
+    kind = "image" if "pixel_values" in bundle.input_names else "text"
+    if kind != opts.task:
+        opts = dataclasses.replace(opts, task=kind)
     t0 = time.perf_counter()
     trainer = OrtTrainer(bundle, threads=opts.threads, lr=1e-3)
     t_load = time.perf_counter() - t0
