@@ -63,7 +63,8 @@ float fpe_uniform(uint64_t seed, uint64_t i);
  * |s| compares as IEEE magnitude (-0 ties with +0; denormals order normally). Non-finite s (NaN/Inf in
  * u or r, or u + r overflowing) -> FPE_ENONFINITE. k > n -> FPE_EINVAL. Expected O(n) radix select.
  * residual_out may be r or u itself (same pointer); partially overlapping buffers are not allowed,
- * and idx/val must not overlap anything else. Scratch: about 20 bytes per selected element for
+ * and idx/val must not overlap anything else. In place, FPE_EINVAL and FPE_ENONFINITE leave the
+ * aliased buffer untouched (a read-only pre-pass checks u + r); after FPE_ENOMEM it may hold u + r. Scratch: about 20 bytes per selected element for
  * large n with k well below n; up to 8 bytes per element when many magnitudes tie at the threshold
  * (FPE_ENOMEM if that allocation fails). Reentrant: no state is kept between calls.
  * Writes idx (ascending, uint32), val = s[idx], residual_out = s with selected entries set to 0,

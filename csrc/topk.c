@@ -255,6 +255,10 @@ int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *id
     if (k > n || (uint64_t)n > UINT64_C(0xFFFFFFFF))
         return FPE_EINVAL;
     float *s = residual_out;
+    /* In place, a rejected update must not cost the caller its residual: one read-only pass checks
+     * u + r first (cheaper than any copy), so FPE_ENONFINITE leaves the buffer untouched. */
+    if ((s == r || s == u) && (FPE_DISPATCH(sum_bad, (u, r, n)) & FPE_NONFINITE_FLAG))
+        return FPE_ENONFINITE;
     /* Operand layout for the sum kernels: r2 == NULL means s aliases the other operand. */
     const float *u2 = u, *r2 = r;
     if (s == r && s == u) {

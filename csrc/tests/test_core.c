@@ -417,18 +417,26 @@ static void test_topk(void) {
                   "misaligned residual_out changes the result");
             free(uh), free(rh), free(buf), free(vh), free(ref), free(vref), free(ih), free(iref);
         }
-        /* non-finite inside and outside the sampled runs */
+        /* non-finite inside and outside the sampled runs; in place the residual survives */
         uint32_t *idx = (uint32_t *)calloc(3000, 4);
-        float *val = falloc(3000), *out = falloc(n);
-        size_t where[2] = {0, 5000};
-        for (int w = 0; w < 2; ++w) {
+        float *val = falloc(3000), *out = falloc(n), *rcopy = falloc(n);
+        size_t where[3] = {0, 5000, n - 1};
+        memcpy(rcopy, r, n * 4);
+        for (int w = 0; w < 3; ++w) {
             float keep = u[where[w]];
             u[where[w]] = f_of(0xff800000u);
             CHECK_RC(fpe_topk_ef(u, r, n, 3000, idx, val, out), FPE_ENONFINITE);
             CHECK_RC(fpe_topk_ef(u, r, n, 1, idx, val, out), FPE_ENONFINITE);
+            static const size_t kin[4] = {0, 1, 3000, 150000};
+            for (int ki = 0; ki < 4; ++ki) {
+                CHECK_RC(fpe_topk_ef(u, r, n, kin[ki], idx, val, r), FPE_ENONFINITE);
+                CHECK_RC(fpe_topk_ef(r, u, n, kin[ki] < 3000 ? kin[ki] : 3000, idx, val, r),
+                         FPE_ENONFINITE);
+            }
+            CHECK(bits_equal(r, rcopy, n), "in-place top-k modified the residual before failing");
             u[where[w]] = keep;
         }
-        free(u), free(r), free(idx), free(val), free(out);
+        free(u), free(r), free(idx), free(val), free(out), free(rcopy);
     }
     /* errors */
     {
@@ -441,6 +449,8 @@ static void test_topk(void) {
         CHECK_RC(fpe_topk_ef(u, r, 40, 3, idx, v, v), FPE_ENONFINITE);
         u[39] = 3.0e38f, r[39] = 3.0e38f; /* finite inputs whose sum overflows */
         CHECK_RC(fpe_topk_ef(u, r, 40, 3, idx, v, v), FPE_ENONFINITE);
+        CHECK_RC(fpe_topk_ef(u, r, 40, 3, idx, v, r), FPE_ENONFINITE); /* in place: r kept */
+        CHECK(r[39] == 3.0e38f && r[0] == 1.0f, "in-place overflow modified r");
         CHECK_RC(fpe_topk_ef(u, r, 40, 0, idx, v, v), FPE_ENONFINITE);
         CHECK_RC(fpe_topk_ef(u, r, 40, 40, idx, v, v), FPE_ENONFINITE);
         /* u, r and the output all one buffer: s = 2u */
