@@ -238,7 +238,7 @@ class BrokerHandle:
         }
         # amqtt and its state machine log every transition at INFO; keep our own log readable.
         for noisy in ("amqtt", "transitions"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)  # it logs every refused MQTT 5 CONNECT
         loop = asyncio.new_event_loop()
         started = threading.Event()
         errors: list[BaseException] = []

@@ -247,7 +247,9 @@ class MqttTransport:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
                     reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
-            log.warning("broker refused connection of %s: %s", self.cfg.client_id, reason)
+            expected = int(reason.value) in _UNSUPPORTED_PROTOCOL and self.cfg.protocol == "auto"
+            log.log(logging.DEBUG if expected else logging.WARNING, "broker refused connection of %s: %s",
+                    self.cfg.client_id, reason)
             self._first_reason = reason
             self._first_result.set()
             if int(reason.value) in _FATAL_CONNACK:
