@@ -276,3 +276,42 @@ client_index = {i}
     initial = fed_ort_trainer.make(load_config(text=base)).trainer.get_flat()
     ref = mf.reference_fedavg(initial, [[sent[i][r] for i in range(3)] for r in range(2)])
     np.testing.assert_allclose(state.global_vec, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_federation_over_embedded_amqtt_broker(tmp_path: Path) -> None:
+    """Without Mosquitto: the embedded broker (MQTT 3.1.1) carries the same rounds; every client falls
+    back from MQTT 5 on its own."""
+    import threading
+
+    import fed_numpy_trainer as fnt
+
+    from fedpeft_edge.federation.agent import EdgeAgent
+    from fedpeft_edge.federation.aggregator import AggregatorService
+    from fedpeft_edge.federation.broker import start_local_broker
+    from fedpeft_edge.federation.config import load_config
+
+    broker = start_local_broker(prefer="embedded")
+    try:
+        base = f'[connection]\nport = {broker.port}\n[fleet]\nname = "amqtt"\n'
+        svc = AggregatorService(load_config(text=base + f'[aggregator]\nstate_dir = "{tmp_path}/agg"\n'
+                                            "max_rounds = 2\nquorum = 2\n"),
+                                initial_global=np.zeros(27, np.float32))
+        agents = []
+        for i in range(2):
+            cfg = load_config(text=base + f'[agent]\nclient_id = "site-{i}"\nstate_dir = "{tmp_path}/s{i}"\n'
+                              f"idle_exit_s = 20\n[data]\nclient_index = {i}\n")
+            s = fnt.make(cfg)
+            agents.append(EdgeAgent(cfg, s.trainer, s.train_batches_fn, s.eval_batches_fn))
+        threads = [threading.Thread(target=svc.run, daemon=True)]
+        threads += [threading.Thread(target=a.run, daemon=True) for a in agents]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+        assert not any(t.is_alive() for t in threads)
+        assert svc.core.finished and svc.core.counters["accepted"] == 4
+        used = [svc.transport.protocol_used] + [a.transport.protocol_used for a in agents]  # type: ignore[union-attr]
+        assert used == ["3.1.1"] * 3
+        assert all(a.rounds_sent == [0, 1] for a in agents)
+    finally:
+        broker.stop()
