@@ -15,12 +15,10 @@ static FPE_TARGET int32_t FPE_FN(absmax_key)(const float *restrict x, size_t len
 static FPE_TARGET void FPE_FN(quant_run)(const float *restrict x, size_t len, float inv,
                                          int8_t *restrict q) {
     for (size_t i = 0; i < len; ++i) {
+        /* No clamp needed: |x| <= a gives |x * inv| <= fl(a * fl(127 / a)) <= 127 * (1 + 2^-24)^2,
+         * which rounds to 127. (A clamp here made GCC emit byte-level blends: 1.5x slower.) */
         float v = x[i] * inv;
-        float r = FPE_RINT_SMALL(v);
-        /* |x| <= absmax keeps |r| <= 127 already; the clamp is a cheap guard. */
-        r = r > 127.0f ? 127.0f : r;
-        r = r < -127.0f ? -127.0f : r;
-        q[i] = (int8_t)(int32_t)r;
+        q[i] = (int8_t)(int32_t)FPE_RINT_SMALL(v);
     }
 }
 

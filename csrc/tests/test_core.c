@@ -198,6 +198,28 @@ static void test_quantize(void) {
         CHECK(memcmp(q, want, 8) == 0 && s == 1.0f, "half-even rounding");
         record(q, 8);
     }
+    /* the extreme of every block maps to exactly +-127 for any absmax (no clamp in the kernel):
+     * sweep absmax over the whole finite range, including denormal scales */
+    {
+        int ok = 1;
+        rng_seed(99);
+        for (int t = 0; t < 200000 && ok; ++t) {
+            uint32_t bits = 0x00800000u + (uint32_t)(rng_next() % (0x7f7fffffu - 0x00800000u));
+            if (t < 1000)
+                bits = 0x7f7fffffu - (uint32_t)t; /* near FLT_MAX */
+            float a = f_of(bits);
+            float x[4] = {a, -a, f_of(bits - 1), -f_of(bits - 1)};
+            int8_t q[4];
+            float sc;
+            if (fpe_quantize_int8(x, 4, 4, q, &sc) != FPE_OK)
+                ok = 0;
+            else if (sc != 0.0f)
+                ok = q[0] == 127 && q[1] == -127 && q[2] >= 126 && q[3] <= -126;
+            if (!ok)
+                fprintf(stderr, "absmax %a gives q %d %d %d %d\n", (double)a, q[0], q[1], q[2], q[3]);
+        }
+        CHECK(ok, "block extreme not +-127");
+    }
     /* zero block, and an absmax so tiny that 127/absmax overflows: both give scale 0, q 0 */
     {
         float x[6] = {0.0f, -0.0f, 0.0f, 1e-38f, -2e-38f, f_of(1)};
