@@ -41,19 +41,14 @@ from ..errors import FedPeftError, ValueError, WireError
 from ..training.base import LocalTrainer
 from . import chunking, wire
 from .codec import CodecConfig, UpdateEncoder, decode_global
-from .config import ServiceConfig
+from .config import ServiceConfig, default_spec_hash, transport_config  # noqa: F401 - re-exported
 from .topics import Topics
-from .transport import MqttTransport, PublishHandle, TransportConfig, Will
+from .transport import MqttTransport, PublishHandle, Will
 
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, np.ndarray]
 BatchesFn = Callable[[], Iterable[Batch]]
-
-
-def default_spec_hash(n_params: int) -> str:
-    """Spec hash used when no PEFT bundle names one: pins only the vector length."""
-    return hashlib.sha256(f"fedpeft-flat-vector:{n_params}".encode()).hexdigest()[:16]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -63,16 +58,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def transport_config(cfg: ServiceConfig, client_id: str, *, manual_ack: bool = False) -> TransportConfig:
-    c = cfg.connection
-    return TransportConfig(host=c.host, port=c.port, client_id=client_id, username=c.username,
-                           password=c.resolved_password(), tls_ca=c.tls_ca, tls_cert=c.tls_cert,
-                           tls_key=c.tls_key, tls_insecure=c.tls_insecure, protocol=c.protocol,
-                           keepalive=c.keepalive, max_packet_size=c.max_packet_size,
-                           max_incoming_packet_size=c.max_incoming_packet_size,
-                           reconnect_max=c.reconnect_max_s, manual_ack=manual_ack)
 
 
 @dataclass

@@ -32,8 +32,9 @@ import numpy as np
 
 from ..errors import FedPeftError, ValueError
 from . import chunking, wire
+from .agent import build_trainer_setup
 from .codec import WireFormatError, encode_global, reason_of
-from .config import ServiceConfig
+from .config import ServiceConfig, default_spec_hash, transport_config
 from .round_state import AggregatorConfig, AggregatorCore
 from .topics import Topics
 from .transport import Message, MqttTransport, Will
@@ -79,8 +80,6 @@ class AggregatorService:
         if initial_global is None:
             initial_global, bundle_hash = _initial_from_trainer(config)
             spec_hash = spec_hash or bundle_hash
-        from .agent import default_spec_hash
-
         n = int(initial_global.size)
         self.spec_hash = a.spec_hash or spec_hash or default_spec_hash(n)
         self.limits = limits or wire.WireLimits(max_message_bytes=int(a.max_update_bytes),
@@ -222,8 +221,6 @@ class AggregatorService:
 
     def run(self, *, connect_timeout: float | None = 60.0) -> AggregatorResult:
         a = self.cfg.aggregator
-        from .agent import transport_config
-
         tcfg = transport_config(self.cfg, a.client_id, manual_ack=True)
         offline = wire.encode_status(wire.StatusMessage(a.client_id, "offline", time.time(), None),
                                      self.limits)
@@ -281,8 +278,6 @@ class AggregatorService:
 
 
 def _initial_from_trainer(cfg: ServiceConfig) -> tuple[np.ndarray, str | None]:
-    from .agent import build_trainer_setup
-
     try:
         setup = build_trainer_setup(cfg)
     except FedPeftError as exc:

@@ -37,12 +37,14 @@ Example (agent)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import ValueError
+from .transport import TransportConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -232,3 +234,19 @@ def override(section: object, **values: object) -> None:
         if key not in names:
             raise ValueError(f"{type(section).__name__} has no setting {key!r}")
         setattr(section, key, val)
+
+
+def default_spec_hash(n_params: int) -> str:
+    """Spec hash used when no PEFT bundle names one: pins only the vector length."""
+    return hashlib.sha256(f"fedpeft-flat-vector:{n_params}".encode()).hexdigest()[:16]
+
+
+def transport_config(cfg: ServiceConfig, client_id: str, *, manual_ack: bool = False) -> TransportConfig:
+    """The transport settings of ``[connection]`` for one MQTT client id."""
+    c = cfg.connection
+    return TransportConfig(host=c.host, port=c.port, client_id=client_id, username=c.username,
+                           password=c.resolved_password(), tls_ca=c.tls_ca, tls_cert=c.tls_cert,
+                           tls_key=c.tls_key, tls_insecure=c.tls_insecure, protocol=c.protocol,
+                           keepalive=c.keepalive, max_packet_size=c.max_packet_size,
+                           max_incoming_packet_size=c.max_incoming_packet_size,
+                           reconnect_max=c.reconnect_max_s, manual_ack=manual_ack)
