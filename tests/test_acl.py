@@ -98,7 +98,7 @@ def test_wrong_password_is_refused(plant_broker: BrokerHandle, plant_pki: PlantP
 def test_plain_tcp_to_tls_listener_fails(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
     plain = _client(plant_broker, plant_pki, "site-a", tls=False)
     with pytest.raises(TransportError):
-        plain.connect(2)
+        plain.connect(1)
     plain.close()
 
 
@@ -117,7 +117,7 @@ def test_mutual_tls_requires_client_certificate(plant_pki: PlantPki) -> None:
     try:
         without = _client(broker, plant_pki, "site-a")
         with pytest.raises(TransportError):
-            without.connect(2)
+            without.connect(1)
         without.close()
         with_cert = _client(broker, plant_pki, "site-a", cert=True)
         with_cert.connect(10)
