@@ -12,3 +12,6 @@ settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+
+# Real-Mosquitto session fixtures (each test session starts its own brokers on free ports).
+from mqtt_fixtures import mosquitto_broker, plant_broker, plant_pki  # noqa: E402, F401

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import mqtt_fixtures
 import numpy as np
 import pytest
 from mqtt_fixtures import PLANT_FLEET, PlantPki, start_plant_broker
@@ -14,9 +13,6 @@ from fedpeft_edge.federation.topics import Topics
 from fedpeft_edge.federation.transport import MqttTransport, TransportConfig, TransportError
 
 T = Topics(PLANT_FLEET)
-# Session fixtures (drop these two lines once tests/conftest.py imports them from mqtt_fixtures).
-plant_pki = mqtt_fixtures.plant_pki
-plant_broker = mqtt_fixtures.plant_broker
 
 
 def _client(broker: BrokerHandle, pki: PlantPki, user: str, *, password: str | None = None,

@@ -20,8 +20,6 @@ from fedpeft_edge.federation.config import load_config
 from fedpeft_edge.federation.topics import Topics
 from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
 
-mosquitto_broker = mf.mosquitto_broker  # drop once tests/conftest.py imports it
-
 FLEET = "hostile"
 N = 27  # fed_numpy_trainer: 8 features x 3 classes + 3 biases
 MAX_UPDATE_BYTES = 64 * 1024

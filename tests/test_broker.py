@@ -54,7 +54,6 @@ def test_plant_template_writes_acl_for_fleet(plant_pki, tmp_path: Path) -> None:
     assert "{fleet}" not in acl
 
 
-plant_pki = mqtt_fixtures.plant_pki
 
 
 def test_mosquitto_start_restart_keeps_port_and_retained_messages() -> None:

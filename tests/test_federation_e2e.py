@@ -15,8 +15,6 @@ import numpy as np
 
 from fedpeft_edge.federation.round_state import RoundState
 
-mosquitto_broker = mf.mosquitto_broker  # drop once tests/conftest.py imports it
-
 FLEET = "e2e"
 FEATURES = 100  # 303 parameters: an fp32 update (~1.4 KB) needs two chunks under a 1200-byte packet cap
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import time
 
-import mqtt_fixtures
 import pytest
 
 from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.federation.broker import start_local_broker
 from fedpeft_edge.federation.transport import MqttTransport, TransportConfig, TransportError
-
-mosquitto_broker = mqtt_fixtures.mosquitto_broker  # drop once tests/conftest.py imports it
 
 
 def _t(broker, cid: str, **kw) -> MqttTransport:
