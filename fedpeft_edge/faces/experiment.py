@@ -50,6 +50,7 @@ COMPRESSIONS = {
     "int8": {"mode": "int8"},
     "topk_int8": {"mode": "topk_int8", "topk_ratio": 0.01},
     "topk_fp32": {"mode": "topk_fp32", "topk_ratio": 0.01},
+    "topk10_int8": {"mode": "topk_int8", "topk_ratio": 0.1},
 }
 
 
