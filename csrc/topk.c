@@ -21,8 +21,9 @@ static double prof_now(void) {
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+static double prof_t0;
 #define PROF(label) fprintf(stderr, "  %-10s %7.3f ms\n", label, 1e3 * (prof_now() - prof_t0)), prof_t0 = prof_now()
-#define PROF_START double prof_t0 = prof_now()
+#define PROF_START prof_t0 = prof_now()
 #else
 #define PROF(label) ((void)0)
 #define PROF_START ((void)0)
@@ -69,7 +70,6 @@ static double prof_now(void) {
 #define SAMPLE_SIZE (SAMPLE_RUNS * SAMPLE_RUN_LEN)
 #define SAMPLE_MIN_N ((size_t)1 << 17)
 
-static inline uint32_t key_of(const float *s, uint32_t i) { return fpe__f2u(s[i]) & FPE_ABS_MASK; }
 
 /* Walk buckets from the top; stop at the bucket holding the need-th largest key. *above gets the
  * count strictly above that bucket (< need <= *above + hist[result]). Requires need <= sum(hist). */
@@ -171,11 +171,10 @@ static void zero_selected(float *s, const uint32_t *idx, size_t k) {
         s[idx[j]] = 0.0f;
 }
 
-/* General path on a computed s with its level-1 histogram. */
-static int select_with_hist(float *s, size_t n, size_t k, uint32_t *hist, uint32_t *idx, float *val) {
-    (void)n;
-    size_t n_above;
-    const uint32_t tb = threshold_bucket(hist, 2048, k, &n_above);
+/* Sparse variant of the general path: the threshold bucket holds few elements, so collect them
+ * (and everything above) in one pass and refine among them. hist is the merged level-1 table. */
+static int select_sparse(float *s, size_t n, size_t k, const uint32_t *hist, uint32_t tb,
+                         size_t n_above, uint32_t *idx, float *val) {
     const size_t n_cand = hist[tb];
     uint32_t *cand = (uint32_t *)malloc(n_cand * sizeof *cand);
     uint32_t *ckeys = (uint32_t *)malloc(n_cand * sizeof *ckeys);
@@ -186,7 +185,7 @@ static int select_with_hist(float *s, size_t n, size_t k, uint32_t *hist, uint32
     }
     FPE_DISPATCH_VOID(collect, (s, n, tb, idx, cand));
     for (size_t j = 0; j < n_cand; ++j)
-        ckeys[j] = key_of(s, cand[j]);
+        ckeys[j] = fpe__f2u(s[cand[j]]) & FPE_ABS_MASK;
     const size_t need = k - n_above;
     size_t ties;
     const uint32_t T = exact_threshold(ckeys, n_cand, need, &ties);
@@ -216,19 +215,49 @@ static int select_with_hist(float *s, size_t n, size_t k, uint32_t *hist, uint32
     return FPE_OK;
 }
 
+/* General path on a computed s with its level-1 histogram hist[4][2048] (0 < k < n). Usually the
+ * threshold bucket is sparse (select_sparse). When it is crowded (ties, narrow value ranges), two
+ * more digit passes over s pin the exact threshold key T (11 + 11 + 9 bits) and one branch-free
+ * pass selects: no scratch memory, and ties cost no more than distinct values. */
+static int select_general(float *s, size_t n, size_t k, uint32_t *hist, uint32_t *idx, float *val) {
+    size_t above1, above2, above3;
+    for (size_t b = 0; b < 2048; ++b)
+        hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+    const uint32_t b1 = threshold_bucket(hist, 2048, k, &above1);
+    /* Few members in the threshold bucket (the usual case): refine among them only. Crowded
+     * buckets (ties, narrow value ranges) take the scratch-free passes below instead. */
+    if (hist[b1] <= n / 16)
+        return select_sparse(s, n, k, hist, b1, above1, idx, val);
+    memset(hist, 0, 4 * 2048 * sizeof *hist);
+    FPE_DISPATCH_VOID(hist_level, (s, n, 20, b1, 9, 0x7ffu, hist));
+    for (size_t b = 0; b < 2048; ++b)
+        hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+    const uint32_t b2 = threshold_bucket(hist, 2048, k - above1, &above2);
+    const uint32_t prefix = (b1 << 11) | b2; /* == key >> 9 for keys in that bucket */
+    memset(hist, 0, 4 * 2048 * sizeof *hist);
+    FPE_DISPATCH_VOID(hist_level, (s, n, 9, prefix, 0, 0x1ffu, hist));
+    for (size_t b = 0; b < 512; ++b)
+        hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+    const uint32_t b3 = threshold_bucket(hist, 512, k - above1 - above2, &above3);
+    const uint32_t T = (prefix << 9) | b3;
+    const size_t ties = k - above1 - above2 - above3; /* >= 1 keys equal to T, lowest index first */
+    PROF("refine");
+    FPE_DISPATCH_VOID(select_pass, (s, n, k, T, ties, idx, val));
+    PROF("select");
+    return FPE_OK;
+}
+
 static int general_path(float *s, size_t n, size_t k, uint32_t *idx, float *val) {
-    uint32_t hist[2 * 2048];
+    uint32_t hist[4 * 2048];
     memset(hist, 0, sizeof hist);
     FPE_DISPATCH_VOID(hist_chunk, (s, n, hist));
-    for (size_t b = 0; b < 2048; ++b)
-        hist[b] += hist[2048 + b];
-    return select_with_hist(s, n, k, hist, idx, val);
+    return select_general(s, n, k, hist, idx, val);
 }
 
 /* General path from scratch: s = u2 + r2 (r2 == NULL: in place) with the level-1 histogram. */
 static int hist_path(const float *u2, const float *r2, float *s, size_t n, size_t k, uint32_t *idx,
                      float *val) {
-    uint32_t hist[2 * 2048];
+    uint32_t hist[4 * 2048];
     const int need_hist = k > 0 && k < n;
     if (need_hist)
         memset(hist, 0, sizeof hist);
@@ -245,9 +274,8 @@ static int hist_path(const float *u2, const float *r2, float *s, size_t n, size_
         }
         return FPE_OK;
     }
-    for (size_t b = 0; b < 2048; ++b)
-        hist[b] += hist[2048 + b];
-    return select_with_hist(s, n, k, hist, idx, val);
+    PROF("sum+hist");
+    return select_general(s, n, k, hist, idx, val);
 }
 
 int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *idx, float *val,

@@ -41,17 +41,68 @@ static FPE_TARGET uint32_t FPE_FN(sum_bad)(const float *restrict u, const float 
     return bad;
 }
 
-/* Histogram the top 11 key bits of s[0..len) into two interleaved tables (halves the store-to-load
- * chains when neighbours share a bucket). */
+/* Histogram the top 11 key bits of s[0..len) into four interleaved tables (hist[4][2048]): ties
+ * and crowded buckets would otherwise chain every increment on the one before. */
 static FPE_TARGET void FPE_FN(hist_chunk)(const float *restrict s, size_t len,
                                           uint32_t *restrict hist) {
     size_t i = 0;
-    for (; i + 2 <= len; i += 2) {
+    for (; i + 4 <= len; i += 4)
+        for (size_t t = 0; t < 4; ++t)
+            hist[t * 2048 + ((fpe__f2u(s[i + t]) & FPE_ABS_MASK) >> 20)]++;
+    for (; i < len; ++i)
         hist[(fpe__f2u(s[i]) & FPE_ABS_MASK) >> 20]++;
-        hist[2048 + ((fpe__f2u(s[i + 1]) & FPE_ABS_MASK) >> 20)]++;
+}
+
+/* Refinement histogram over all of s: for keys with (key >> shift) == match, count digit
+ * (key >> dshift) & dmask into hist[4][2048]. Branch-free: every element adds its match bit
+ * (0 or 1) to its digit's bucket, so mixed data costs no mispredictions. */
+static FPE_TARGET void FPE_FN(hist_level)(const float *restrict s, size_t n, unsigned shift,
+                                          uint32_t match, unsigned dshift, uint32_t dmask,
+                                          uint32_t *restrict hist) {
+    /* keys with the prefix form one range [lo, hi]; runs of 16 without one are skipped after a
+     * vectorised test (signed compares: keys < 2^31) */
+    const int32_t lo = (int32_t)(match << shift), hi = (int32_t)(((match + 1u) << shift) - 1u);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        uint32_t any = 0;
+        for (size_t j = 0; j < 16; ++j) {
+            int32_t key = (int32_t)(fpe__f2u(s[i + j]) & FPE_ABS_MASK);
+            any |= (uint32_t)(key >= lo) & (uint32_t)(key <= hi);
+        }
+        if (!any)
+            continue;
+        for (size_t j = 0; j < 16; j += 4)
+            for (size_t t = 0; t < 4; ++t) {
+                uint32_t key = fpe__f2u(s[i + j + t]) & FPE_ABS_MASK;
+                hist[t * 2048 + ((key >> dshift) & dmask)] += (key >> shift) == match;
+            }
     }
-    if (i < len)
-        hist[(fpe__f2u(s[i]) & FPE_ABS_MASK) >> 20]++;
+    for (; i < n; ++i) {
+        uint32_t key = fpe__f2u(s[i]) & FPE_ABS_MASK;
+        hist[(key >> dshift) & dmask] += (key >> shift) == match;
+    }
+}
+
+/* Final pass of the general path: select key > T, plus the first `ties` keys == T in index order;
+ * write idx/val in ascending order and zero the selected entries of s. Branch-free except for
+ * stopping once all k are found (none can follow). Requires 1 <= k. */
+static FPE_TARGET void FPE_FN(select_pass)(float *restrict s, size_t n, size_t k, uint32_t T,
+                                           size_t ties, uint32_t *restrict idx,
+                                           float *restrict val) {
+    size_t o = 0;
+    for (size_t i = 0; i < n; ++i) {
+        float v = s[i];
+        uint32_t key = fpe__f2u(v) & FPE_ABS_MASK;
+        size_t eq = key == T;
+        size_t sel = (size_t)(key > T) | (eq & (ties > 0));
+        ties -= eq & sel;
+        idx[o] = (uint32_t)i; /* o < k here: overwritten unless selected */
+        val[o] = v;
+        s[i] = fpe__u2f(fpe__f2u(v) & (uint32_t)(sel - 1)); /* +0 when selected, no branch */
+        o += sel;
+        if (o == k)
+            break;
+    }
 }
 
 /* s = u + r (r == NULL: s = u + s in place) with an optional histogram of s. Returns the
@@ -323,4 +374,3 @@ static FPE_TARGET void FPE_FN(collect)(const float *restrict s, size_t n, uint32
             cand[nc++] = (uint32_t)i;
     }
 }
-
