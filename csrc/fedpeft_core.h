@@ -64,9 +64,10 @@ float fpe_uniform(uint64_t seed, uint64_t i);
  * u or r, or u + r overflowing) -> FPE_ENONFINITE. k > n -> FPE_EINVAL. Expected O(n) radix select.
  * residual_out may be r or u itself (same pointer); partially overlapping buffers are not allowed,
  * and idx/val must not overlap anything else. In place, FPE_EINVAL and FPE_ENONFINITE leave the
- * aliased buffer untouched (a read-only pre-pass checks u + r); after FPE_ENOMEM it may hold u + r. Scratch: about 20 bytes per selected element for
- * large n with k well below n; up to 8 bytes per element when many magnitudes tie at the threshold
- * (FPE_ENOMEM if that allocation fails). Reentrant: no state is kept between calls.
+ * aliased buffer untouched (a read-only pre-pass checks u + r); after FPE_ENOMEM it may hold u + r.
+ * Scratch (malloc, freed before returning; FPE_ENOMEM if refused): about 20 bytes per selected
+ * element for large n with k well below n, never more than about 2 bytes per element of n.
+ * Reentrant: no state is kept between calls.
  * Writes idx (ascending, uint32), val = s[idx], residual_out = s with selected entries set to 0,
  * so val scattered + residual_out == u + r exactly. residual_out may alias r (in place). n < 2^32. */
 int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *idx, float *val,
