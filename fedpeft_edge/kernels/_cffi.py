@@ -28,8 +28,6 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 PATH_NAMES = {lib.FPE_PATH_BASELINE: "baseline", lib.FPE_PATH_SSE41: "sse4.1", lib.FPE_PATH_AVX2: "avx2",
               lib.FPE_PATH_NEON: "neon"}
 PATH_CODES = {name: code for code, name in PATH_NAMES.items()}
-# Any float32 sum a + b with |a| + |b| below this stays finite (FLT_MAX is about 3.4028e38).
-_SAFE_SUM_BOUND = 3.4e38
 
 
 def _ptr(ctype: str, arr: np.ndarray | None, *, writable: bool = False) -> object:
@@ -131,33 +129,19 @@ class CBackend:
 
     def topk_ef(self, update, residual, k, *, out_indices=None, out_values=None, out_residual=None):
         u, r, kk, idx, val, res = V.check_topk(update, residual, k, out_indices, out_values, out_residual)
-        n = u.shape[0]
-        target = res
-        in_place = n and res.ctypes.data in (r.ctypes.data, u.ctypes.data)
-        if in_place and not self._sum_surely_finite(u, r):
-            # In place, the C core overwrites its input before it can report NaN/Inf in u + r; the
-            # error-feedback state must survive a rejected update, so work on scratch in that case.
-            target = np.empty_like(r)
-        rc = lib.fpe_topk_ef(_ptr("float[]", u), _ptr("float[]", r), n, kk,
+        # In place (out_residual is residual or update), the C core checks u + r in a read-only
+        # pre-pass, so a rejected update leaves the error-feedback state untouched (tested).
+        rc = lib.fpe_topk_ef(_ptr("float[]", u), _ptr("float[]", r), u.shape[0], kk,
                              _ptr("uint32_t[]", idx, writable=True), _ptr("float[]", val, writable=True),
-                             _ptr("float[]", target, writable=True))
+                             _ptr("float[]", res, writable=True))
         _raise_for(rc, "topk_ef", "update + residual")
-        if target is not res:
-            np.copyto(res, target)
         return idx, val, res
-
-    def _sum_surely_finite(self, u: np.ndarray, r: np.ndarray) -> bool:
-        """True when u + r cannot hold NaN/Inf: both finite and ||u|| + ||r|| (>= any |u_i + r_i|) < FLT_MAX.
-
-        Two bandwidth-bound reads, no allocation; huge or non-finite inputs take the scratch path.
-        """
-        return self._l2(u) + self._l2(r) < _SAFE_SUM_BOUND
 
     @staticmethod
     def _l2(xa: np.ndarray) -> float:
         out = ffi.new("double *")
         _raise_for(lib.fpe_l2_norm(_ptr("float[]", xa), xa.shape[0], out), "l2_norm")
-        return float(out[0])  # NaN/Inf when xa holds NaN/Inf: the comparison above is then False
+        return float(out[0])
 
     # ---- optimizer steps ---------------------------------------------------------------------------
 
