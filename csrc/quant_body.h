@@ -25,13 +25,21 @@ static FPE_TARGET void FPE_FN(quant_run)(const float *restrict x, size_t len, fl
 static FPE_TARGET void FPE_FN(quant_run_stochastic)(const float *restrict x, size_t len, float inv,
                                                     uint64_t seed, uint64_t first,
                                                     int8_t *restrict q) {
-    for (size_t i = 0; i < len; ++i) {
-        float y = x[i] * inv + fpe__uniform(seed, first + i);
-        float r = FPE_RINT_SMALL(y);
-        r = r > y ? r - 1.0f : r; /* nearest -> floor */
-        r = r > 127.0f ? 127.0f : r;
-        r = r < -127.0f ? -127.0f : r;
-        q[i] = (int8_t)(int32_t)r;
+    float u[256];
+    for (size_t start = 0; start < len; start += 256) {
+        size_t m = fpe__min(256, len - start);
+        for (size_t i = 0; i < m; ++i)
+            u[i] = fpe__uniform(seed, first + start + i);
+        /* floor by truncation (|y| < 2^22) minus one below negative non-integers, then an integer
+         * clamp: all branch-free, so the loop vectorises */
+        for (size_t i = 0; i < m; ++i) {
+            float y = x[start + i] * inv + u[i];
+            int32_t t = (int32_t)y;
+            t -= y < (float)t;
+            t = t > 127 ? 127 : t;
+            t = t < -127 ? -127 : t;
+            q[start + i] = (int8_t)t;
+        }
     }
 }
 
