@@ -22,6 +22,7 @@ import builtins
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -526,8 +527,6 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     )
 
     # 2. broker and services -------------------------------------------------------------------
-    import logging
-
     from fedpeft_edge.federation.broker import start_local_broker
 
     # The embedded broker runs in this process; its per-connection chatter would drown the progress display.
@@ -663,8 +662,14 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     finally:
         _stop(procs)
         if collector is not None:
+            # paho logs an error when asked to disconnect a session the broker already dropped; at the
+            # end of the demo that is expected, not news
+            paho_log = logging.getLogger("fedpeft_edge.federation.transport.paho")
+            level = paho_log.level
+            paho_log.setLevel(logging.CRITICAL)
             with contextlib.suppress(Exception):
                 collector.close()
+            paho_log.setLevel(level)
         broker.stop()
     if failure:
         log(f"demo FAILED: {failure}")

@@ -621,13 +621,18 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
                 )
                 for c in task_cells
             }
-            plots[f"accuracy_{task}"] = rep.line_plot(
-                out_dir / f"accuracy_{task}.png",
-                series,
-                title=f"{task}: global test accuracy per round",
-                xlabel="round",
-                ylabel="accuracy",
-            )
+            # one point per cell (eval_every_round = false) makes no curve: the bar charts carry it then
+            if any(
+                sum(1 for a in c["accuracy_per_round"] if a is not None and math.isfinite(a)) > 1
+                for c in task_cells
+            ):
+                plots[f"accuracy_{task}"] = rep.line_plot(
+                    out_dir / f"accuracy_{task}.png",
+                    series,
+                    title=f"{task}: global test accuracy per round",
+                    xlabel="round",
+                    ylabel="accuracy",
+                )
             labels = [f"{c['method']}/{c['split']}/{c['compression']}" for c in task_cells]
             plots[f"bytes_{task}"] = rep.bar_plot(
                 out_dir / f"bytes_{task}.png",
@@ -641,9 +646,13 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
                 out_dir / f"personalised_{task}.png",
                 labels,
                 {
-                    "global model": [c["global_accuracy"] for c in task_cells],
-                    "personalised mean": [c["personalised_mean"] for c in task_cells],
-                    "personalised worst": [c["personalised_worst"] for c in task_cells],
+                    "global model, global test": [c["global_accuracy"] for c in task_cells],
+                    "global model, sites' own test (mean)": [
+                        float(np.mean(c["site_accuracy_global"])) if c["site_accuracy_global"] else None
+                        for c in task_cells
+                    ],
+                    "personalised, sites' own test (mean)": [c["personalised_mean"] for c in task_cells],
+                    "personalised, sites' own test (worst)": [c["personalised_worst"] for c in task_cells],
                 },
                 title=f"{task}: accuracy, global vs personalised",
                 ylabel="accuracy",

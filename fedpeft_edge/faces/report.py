@@ -29,6 +29,7 @@ def write_json(path: Path, data: Any) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; reports are meant to be read and shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -147,10 +148,9 @@ def line_plot(
         ax.grid(True, alpha=0.3)
         if series or hline:
             ax.legend(fontsize=8)
-        fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight")  # room for long rotated labels
     finally:
         plt.close(fig)
     return path
@@ -169,7 +169,8 @@ def bar_plot(
     plt = _pyplot()
     n_groups = max(len(groups), 1)
     width = 0.8 / n_groups
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(labels) * n_groups), 4.2), dpi=110)
+    fig_width = min(24.0, max(6.4, 0.18 * len(labels) * n_groups + 2.0))  # readable, never a banner
+    fig, ax = plt.subplots(figsize=(fig_width, 4.8), dpi=100)
     try:
         for j, (name, values) in enumerate(groups.items()):
             xs = [i + (j - (n_groups - 1) / 2) * width for i in range(len(labels))]
@@ -184,10 +185,9 @@ def bar_plot(
         ax.grid(True, axis="y", alpha=0.3)
         if groups:
             ax.legend(fontsize=8)
-        fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight")  # room for long rotated labels
     finally:
         plt.close(fig)
     return path
