@@ -345,7 +345,7 @@ def test_absurd_metric_values_are_ignored_not_persisted(tmp_path: Path) -> None:
 def test_global_message_round_trips_through_the_wire() -> None:
     core = R.AggregatorCore(_config(quorum=1, min_clients=1, global_mode="int8"))
     first = W.decode_global(W.encode_global(core.global_message()))
-    assert first.round == 0 and "participants" not in first.meta and first.meta["finished"] is False
+    assert first.round == 0 and "participants" not in first.meta and first.meta["final"] is False
     core.offer(_msg("a", loss=0.25))
     g, _ = core.close_round()
     msg = W.decode_global(W.encode_global(core.global_message({"note": "pilot"})))
@@ -380,3 +380,30 @@ def test_offer_sequences_keep_the_books_straight(ops: list[tuple[int, bool]], po
     np.testing.assert_allclose(core._acc.sum, expect, rtol=1e-5, atol=1e-4)
     assert core.accepted_this_round == len(core.participants)
     assert core.counters.get("accepted", 0) == len(seen)
+
+
+def test_failure_half_way_through_counting_refuses_to_persist(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception while the sum is being updated leaves memory untrustworthy: StateError (so the
+    service does not acknowledge), and nothing more is ever saved from that core."""
+    core = R.AggregatorCore(_config(), tmp_path)
+    assert core.offer(_msg("a")).accepted
+    before = R.RoundState.load(tmp_path)
+    assert before is not None
+
+    def broken(self: object, *args: object, **kw: object) -> None:
+        raise RuntimeError("kernel failed half-way")
+
+    monkeypatch.setattr(R.RoundAccumulator, "accumulate", broken)
+    with pytest.raises(R.StateError):
+        core.offer(_msg("b"))
+    monkeypatch.undo()
+    with pytest.raises(R.StateError):
+        core.checkpoint()
+    with pytest.raises(R.StateError):
+        core.offer(_msg("c"))
+    after = R.RoundState.load(tmp_path)
+    assert after is not None and set(after.accepted) == {("a", 0)}
+    np.testing.assert_array_equal(after.acc_sum, before.acc_sum)
+    resumed = R.AggregatorCore(_config(), tmp_path)  # a restart from disk is usable again
+    assert resumed.offer(_msg("b")).accepted and resumed.accepted_this_round == 2

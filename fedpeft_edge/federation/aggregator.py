@@ -5,11 +5,24 @@ Subscribes to ``fedpeft/{fleet}/update/+`` (QoS 1, persistent session, manual PU
 
 Per incoming update: size cap → chunk reassembly (per sender = topic level) → wire decoding (hostile
 input, typed reasons) → ``core.offer`` (sender must match the envelope, spec hash, round, dedup by
-(client, round), late policy, norm bound) → the core persists its state atomically → only then the
-PUBACK goes out. A kill -9 at any point therefore loses nothing and counts nothing twice: an update
-not yet persisted is redelivered by the broker, one already persisted is recognised as a duplicate.
-(Limitation: chunks of a multi-part update are acknowledged on arrival; a crash while a multi-part
-update is half received loses that update, which then falls under the late policy if re-sent.)
+(client, round), late policy, norm bound). Per batch of messages, in this order: the chunks received
+are fsynced to the chunk spool (``<state_dir>/chunks``), the core persists its state atomically, the
+spool forgets the chunks of messages that were consumed, and only then the batch is acknowledged
+(PUBACK). A kill -9 at any point therefore loses nothing and counts nothing twice: a message not yet
+persisted is redelivered by the broker, one already persisted is recognised as a duplicate, and the
+acknowledged chunks of a half-received multi-part update are reloaded from the spool on restart.
+
+What gets acknowledged (the broker redelivers whatever is not):
+
+* a message rejected for its content (wire decoding, policy, or an unexpected exception while
+  processing it, which is deterministic in the bytes: ``internal_error``, a copy is kept in
+  ``<state_dir>/quarantine``) is acknowledged, or it would come back forever;
+* a failure to persist (round state or chunk spool, :class:`StateError` / :class:`SpoolError`, or
+  ``MemoryError``) acknowledges nothing of the batch: ``run()`` stops with the error (crash-only: the
+  next start reloads the persisted state and the broker redelivers the batch).
+
+On start the deadline clock of the open round is restarted (a resumed round gets its full deadline
+again instead of closing at once with ``min_clients`` after a long outage).
 
 A round closes on quorum or at its deadline (with ``min_clients``); the server optimiser makes the
 next global, which is published retained with QoS 1; one JSON line per round goes to the metrics file.
@@ -19,6 +32,7 @@ Every rejected message is logged with its reason and counted; nothing a peer sen
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -26,20 +40,23 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import FedPeftError, ValueError
 from . import chunking, wire
 from .agent import build_trainer_setup
-from .codec import WireFormatError, encode_global, reason_of
+from .codec import WireFormatError, reason_of
 from .config import ServiceConfig, default_spec_hash, transport_config
-from .round_state import AggregatorConfig, AggregatorCore
+from .round_state import AggregatorConfig, AggregatorCore, StateError
 from .topics import Topics
 from .transport import Message, MqttTransport, Will
 
 log = logging.getLogger(__name__)
+
+QUARANTINE_KEEP = 64  # newest messages kept that failed with an unexpected error
+# Failures after which memory may be ahead of disk: acknowledge nothing, stop, restart from disk.
+PERSISTENCE_FAILURES: tuple[type[BaseException], ...] = (StateError, chunking.SpoolError, MemoryError)
 
 
 def load_vector(path: str | Path) -> np.ndarray:
@@ -95,10 +112,13 @@ class AggregatorService:
         # guarantee as saving per update, without one fsync per update under load.
         self.core = AggregatorCore(self.core_config, self.state_dir, initial_global=initial_global,
                                    autosave=False)
+        # Chunks are acknowledged as they arrive, so they are journalled on disk first (see module doc).
         self.reassembler = chunking.Reassembler(
-            max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s))
+            max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s),
+            spool=chunking.ChunkSpool(self.state_dir / "chunks"))
         self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
         self._stop = threading.Event()
+        self.serving = threading.Event()  # set once recovery is done and the message loop runs
         self.transport: MqttTransport | None = None
         self._round_rejections_base = dict(self.core.counters)
 
@@ -107,16 +127,7 @@ class AggregatorService:
         self._stop.set()
 
     def _global_payload(self) -> bytes:
-        core = self.core
-        last = core.history[-1] if core.history else {}
-        meta: dict[str, Any] = {"final": bool(core.finished),
-                                "max_rounds": int(self.core_config.max_rounds or 0)}
-        if last:
-            meta.update(participants=len(last.get("participants", [])),
-                        **{k: float(last[k]) for k in ("loss", "accuracy") if k in last})
-        enc = encode_global(np.ascontiguousarray(core.global_vector), self.core_config.global_mode)
-        msg = wire.GlobalMessage(self.topics.fleet, core.round, self.spec_hash, enc, meta)
-        return wire.encode_global(msg, self.limits)
+        return wire.encode_global(self.core.global_message(), self.limits)
 
     def _publish_global(self, timeout: float = 30.0) -> int:
         assert self.transport is not None
@@ -152,7 +163,8 @@ class AggregatorService:
 
     # --- message handling -------------------------------------------------------------------------
     def handle(self, msg: Message, now: float | None = None) -> str:
-        """Process one MQTT message; returns a short outcome code. Never raises for bad input."""
+        """Process one MQTT message; returns a short outcome code. Never raises for bad input; raises
+        :data:`PERSISTENCE_FAILURES` when a chunk or the state cannot be made durable."""
         now = time.time() if now is None else now
         sender = self.topics.client_of(msg.topic)
         if msg.topic.startswith(f"fedpeft/{self.topics.fleet}/status/"):
@@ -172,6 +184,14 @@ class AggregatorService:
                 if size > self.limits.max_message_bytes:
                     raise WireFormatError("oversized", f"{size} bytes > {self.limits.max_message_bytes}")
                 data = msg.payload
+        except WireFormatError as exc:
+            self._reject(sender, reason_of(exc), str(exc), size)
+            return "rejected"
+        return self._handle_update(sender, data, now, size)
+
+    def _handle_update(self, sender: str, data: bytes, now: float, size: int) -> str:
+        """Decode a whole (reassembled) update and offer it to the core."""
+        try:
             upd = wire.decode_update(data, self.limits)
         except WireFormatError as exc:
             self._reject(sender, reason_of(exc), str(exc), size)
@@ -189,6 +209,63 @@ class AggregatorService:
             log.info("update from %s for round %d %s (%s)", sender, upd.round, decision.status,
                      decision.reason)
         return decision.status
+
+    def _quarantine(self, msg: Message, now: float) -> None:
+        """Keep a copy of a message that failed unexpectedly (it is acknowledged, so the broker
+        forgets it): an operator can inspect or re-inject it. Bounded to the newest few."""
+        qdir = self.state_dir / "quarantine"
+        try:
+            qdir.mkdir(exist_ok=True)
+            level = msg.topic.replace("/", "_")[-80:]
+            digest = hashlib.sha256(msg.payload).hexdigest()[:16]
+            (qdir / f"{int(now * 1000):015d}-{level}-{digest}.msg").write_bytes(msg.payload)
+            for old in sorted(qdir.glob("*.msg"))[:-QUARANTINE_KEEP]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not quarantine a message from %s: %s", msg.topic, exc)
+
+    def process_batch(self, batch: list[Message], now: float) -> None:
+        """Handle a batch, persist (chunk spool, then round state), then acknowledge it.
+
+        Raises (acknowledging nothing) on a persistence failure, see :data:`PERSISTENCE_FAILURES`.
+        """
+        assert self.transport is not None
+        for msg in batch:
+            try:
+                self.handle(msg, now)
+            except PERSISTENCE_FAILURES:
+                raise
+            except Exception:
+                # Not a persistence problem, so it is a function of this message's bytes (the core
+                # raises StateError if it may have changed state half-way): retrying can only fail
+                # again, so reject it for good, with a copy kept for the operator.
+                log.exception("unexpected error on a message from %s (%d bytes); rejected as "
+                              "internal_error, copy in %s", msg.topic, len(msg.payload),
+                              self.state_dir / "quarantine")
+                self._quarantine(msg, now)
+                self._reject(self.topics.client_of(msg.topic), "internal_error", "see the traceback above",
+                             len(msg.payload))
+        self.reassembler.sync()  # chunks durable before they are acknowledged
+        self.core.checkpoint()  # round state (counts + sum) durable before acknowledging
+        self.reassembler.commit()  # consumed messages' chunks are no longer needed
+        for msg in batch:
+            self.transport.ack(msg)
+
+    def recover_spooled(self, now: float) -> int:
+        """Reload the chunk spool; updates that were complete on disk are offered again (the core
+        recognises one already counted as a duplicate). Returns how many were complete."""
+        recovered = self.reassembler.restore(now)
+        for sender, data in recovered:
+            try:
+                self._handle_update(sender, data, now, len(data))
+            except PERSISTENCE_FAILURES:
+                raise
+            except Exception:
+                log.exception("unexpected error on a spooled update from %s; rejected", sender)
+                self._reject(sender, "internal_error", "see the traceback above", len(data))
+        self.core.checkpoint()
+        self.reassembler.commit()
+        return len(recovered)
 
     def _log_status(self, sender: str | None, payload: bytes) -> None:
         if not payload:
@@ -239,37 +316,38 @@ class AggregatorService:
                  self.spec_hash, self.core_config.quorum, self.core_config.round_deadline_s,
                  self.core_config.max_rounds, self.state_dir)
         closed = 0
+        batch: list[Message] = []
         try:
+            self.recover_spooled(time.time())
             # (Re)publish the current global: after a crash between closing a round and publishing,
             # this is what completes the round's hand-over.
             self._publish_global()
+            # The sites may only now learn the round (again): its deadline counts from here, not from
+            # before an outage, or a resumed round could close at once with just min_clients.
+            self.core.restart_round_clock(time.time())
+            self.core.checkpoint()
+            self.serving.set()
             while not self._stop.is_set() and not self.core.finished:
                 batch = self._next_batch()
                 now = time.time()
-                for msg in batch:
-                    try:
-                        self.handle(msg, now)
-                    except Exception:  # never let one message kill the service
-                        log.exception("unexpected error on message from %s", msg.topic)
-                        self.core.note_rejected("internal_error", len(msg.payload))
                 if batch:
-                    try:
-                        self.core.checkpoint()
-                    except (FedPeftError, OSError) as exc:
-                        # Not saved → not acknowledged: the broker delivers the batch again after a
-                        # reconnect, and the core has rolled back to the last saved state.
-                        log.error("could not save round state (%s); %d message(s) left unacknowledged",
-                                  exc, len(batch))
-                        continue
-                    for msg in batch:
-                        self.transport.ack(msg)
+                    self.process_batch(batch, now)
+                    batch = []
                 self.reassembler.purge(now)
                 if self.core.ready_to_close(now):
                     self._close_round(now)
                     closed += 1
             if self.core.finished:
                 log.info("all %d rounds done; final global published", self.core_config.max_rounds)
+        except PERSISTENCE_FAILURES as exc:
+            log.error("state could not be persisted (%s); stopping with %d message(s) unacknowledged: the "
+                      "broker redelivers them to the next start, which resumes from disk", exc, len(batch))
+            if isinstance(exc, MemoryError):
+                raise StateError(f"out of memory while processing messages: {exc}") from exc
+            raise
         finally:
+            if self.reassembler.spool is not None:
+                self.reassembler.spool.close()
             final_state = "done" if self.core.finished else "offline"
             bye = wire.StatusMessage(a.client_id, final_state, time.time(), self.core.round)
             self.transport.close(final=(status_topic, wire.encode_status(bye, self.limits)))

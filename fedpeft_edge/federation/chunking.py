@@ -11,6 +11,15 @@ returns the original bytes once every chunk arrived and the sha256 matches. The 
 memory bounded against floods: per-sender and global caps on pending messages and bytes, evicting the
 oldest incomplete message; incomplete messages time out.
 
+Durability: a receiver that acknowledges (PUBACKs) chunks as they arrive must not hold them only in
+memory, or a crash while a multi-part message is half received loses it (the sender already has its
+acknowledgements and never resends). A :class:`ChunkSpool` gives the reassembler an on-disk journal:
+every stored chunk is appended to one file per pending message, :meth:`Reassembler.sync` fsyncs them
+(call it BEFORE acknowledging), files of dropped messages are removed at once, files of completed
+messages only at :meth:`Reassembler.commit` (call it AFTER whatever consumed the message was
+persisted), and :meth:`Reassembler.restore` reloads everything after a restart. Completed message ids
+are kept in a small log so a redelivered chunk of an already-consumed message is recognised.
+
 MQTT packet budget: :func:`payload_budget` subtracts the PUBLISH header, topic, packet id and a
 property allowance from the broker's maximum packet size (MQTT 5 CONNACK Maximum-Packet-Size, or
 the configured ``max_packet_size`` of a 3.1.1 broker, which silently disconnects on overflow).
@@ -18,15 +27,22 @@ the configured ``max_packet_size`` of a 3.1.1 broker, which silently disconnects
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 import re
 import secrets
+import struct
+import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, BinaryIO, Final
 
 import msgpack
 
+from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.federation.codec import Reason, WireFormatError
 
@@ -37,6 +53,11 @@ CHUNK_PREFIX: Final = b"\x88\xa1v\x01\xa1t\xa5chunk"
 CHUNK_OVERHEAD: Final = 128
 MQTT_MAX_PACKET: Final = 268_435_455 + 5  # protocol ceiling on remaining length + fixed header
 _ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+SPOOL_MAGIC: Final = b"FPCHUNK1"
+SPOOL_SUFFIX: Final = ".spool"
+COMPLETED_LOG: Final = "completed.log"
+
+log = logging.getLogger(__name__)
 
 
 def payload_budget(max_packet_size: int, topic: str, *, mqtt5: bool = True,
@@ -177,12 +198,15 @@ class Reassembler:
     ``late_chunk`` and the WireFormatError reasons).
 
     ``sender`` should be a trusted identity (the MQTT topic's client id level, enforced by broker ACLs).
+
+    With a ``spool`` every stored chunk is also journalled on disk (same caps: a message dropped from
+    memory is dropped from disk); see the module docstring for the sync → persist → commit order.
     """
 
     def __init__(self, *, max_pending_bytes: int = 256 * 1024 * 1024, max_pending_messages: int = 256,
                  max_pending_per_sender: int = 4, timeout_s: float = 120.0, max_chunks: int = 4096,
                  max_message_bytes: int = 256 * 1024 * 1024, max_chunk_bytes: int = 268_435_455,
-                 remember_completed: int = 4096) -> None:
+                 remember_completed: int = 4096, spool: ChunkSpool | None = None) -> None:
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_messages = max_pending_messages
         self.max_pending_per_sender = max_pending_per_sender
@@ -196,10 +220,65 @@ class Reassembler:
         self.pending_bytes = 0
         self.drops: Counter[str] = Counter()
         self.completed = 0
+        self.spool = spool
+        self._replaying = False  # restore(): chunks come from the spool, do not journal them again
 
     @property
     def pending_messages(self) -> int:
         return len(self._pending)
+
+    # ---- durability (no-ops without a spool) ------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make every chunk stored so far durable (fsync). Call before acknowledging them."""
+        if self.spool is not None:
+            self.spool.sync()
+
+    def commit(self) -> None:
+        """Forget the on-disk chunks of messages completed since the last commit. Call only after the
+        completed messages' effects were persisted (until then a restart replays them)."""
+        if self.spool is not None:
+            self.spool.commit()
+
+    def restore(self, now: float) -> list[tuple[str, bytes]]:
+        """Reload the spool after a restart; returns ``(sender, whole message)`` for every message
+        whose chunks were all on disk (complete before the crash but not yet committed: the caller
+        processes them again, so it must recognise an already-counted one). Incomplete messages are
+        pending again with a fresh timeout (the outage must not expire chunks that were acknowledged)."""
+        if self.spool is None:
+            return []
+        completed, messages = self.spool.load()
+        for key in completed:
+            self._completed[key] = None
+        while len(self._completed) > self._remember:
+            self._completed.popitem(last=False)
+        whole: list[tuple[str, bytes]] = []
+        chunks = 0
+        self._replaying = True
+        try:
+            for key, records in messages:
+                if key in self._completed:  # consumed and committed; only the unlink was missed
+                    self.spool.discard(key)
+                    continue
+                for raw in records:
+                    chunks += 1
+                    try:
+                        out = self.feed(key[0], raw, now)
+                    except WireFormatError as exc:  # damaged on disk: that message is gone
+                        log.warning("spooled message %s/%s unusable: %s", key[0], key[1], exc)
+                        self.spool.discard(key)
+                        break
+                    if out is not None:
+                        whole.append((key[0], out))
+                        break
+                    if key not in self._pending:  # dropped by a cap while replaying (file removed)
+                        break
+        finally:
+            self._replaying = False
+        if messages:
+            log.info("restored %d spooled chunk(s) of %d message(s): %d complete, %d still pending",
+                     chunks, len(messages), len(whole), len(self._pending))
+        return whole
 
     def purge(self, now: float) -> int:
         """Drop incomplete messages older than ``timeout_s``; returns how many were dropped."""
@@ -212,11 +291,15 @@ class Reassembler:
         p = self._pending.pop(key)
         self.pending_bytes -= p.held
         self.drops[reason] += 1
+        if self.spool is not None:
+            self.spool.discard(key)
 
     def _reject(self, reason: str, message: str, key: tuple[str, str] | None = None) -> WireFormatError:
         if key is not None and key in self._pending:
             p = self._pending.pop(key)
             self.pending_bytes -= p.held
+            if self.spool is not None:
+                self.spool.discard(key)
         self.drops[reason] += 1
         return WireFormatError(reason, message)
 
@@ -250,6 +333,8 @@ class Reassembler:
         p.parts[chunk.index] = chunk.data
         p.held += len(chunk.data)
         self.pending_bytes += len(chunk.data)
+        if self.spool is not None and not self._replaying:
+            self.spool.append(key, bytes(memoryview(data)))
         self._enforce_byte_cap(key)
         if key not in self._pending:  # dropped for capacity
             return None
@@ -261,10 +346,16 @@ class Reassembler:
         whole = b"".join(p.parts[i] for i in range(p.count))
         if len(whole) != p.total_len:
             self.drops[Reason.CHUNK] += 1
+            if self.spool is not None:
+                self.spool.discard(key)
             raise WireFormatError(Reason.CHUNK, f"reassembled {len(whole)} bytes, declared {p.total_len}")
         if hashlib.sha256(whole).digest() != p.sha256:
             self.drops[Reason.CHECKSUM] += 1
+            if self.spool is not None:
+                self.spool.discard(key)
             raise WireFormatError(Reason.CHECKSUM, "reassembled message fails its sha256")
+        if self.spool is not None:
+            self.spool.complete(key)
         self._completed[key] = None
         while len(self._completed) > self._remember:
             self._completed.popitem(last=False)
@@ -290,11 +381,211 @@ class Reassembler:
         self._drop(current, "over_capacity")
 
 
+class SpoolError(FedPeftError):
+    """Chunks could not be made durable: the caller must NOT acknowledge them."""
+
+
+_LEN: Final = struct.Struct("<I")
+
+
+class ChunkSpool:
+    """On-disk journal of the chunks a :class:`Reassembler` holds (one file per pending message).
+
+    File ``<sha256(sender, id)[:32]>.spool``: ``SPOOL_MAGIC``, then length-prefixed (u32 LE) records:
+    the sender (UTF-8), the message id, then each raw chunk message as received. Records are appended
+    without fsync; :meth:`sync` fsyncs every file written since the last sync (and the directory when
+    files were created). A torn tail (crash during an append, i.e. of a chunk never acknowledged) is
+    cut off on load; chunks are re-validated when replayed. ``completed.log`` lists consumed message
+    ids, one ``sender id`` line each, compacted to the newest ``remember`` entries.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, remember: int = 4096) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.remember = remember
+        self._files: dict[tuple[str, str], BinaryIO] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._dir_dirty = False
+        self._done: list[tuple[str, str]] = []
+        self._log_lines = 0
+
+    def _path(self, key: tuple[str, str]) -> Path:
+        name = hashlib.sha256(f"{key[0]}\0{key[1]}".encode()).hexdigest()[:32]
+        return self.dir / f"{name}{SPOOL_SUFFIX}"
+
+    def append(self, key: tuple[str, str], raw: bytes) -> None:
+        try:
+            fh = self._files.get(key)
+            if fh is None:
+                fh = open(self._path(key), "ab")  # kept open while the message is pending
+                self._files[key] = fh
+                if fh.tell() == 0:
+                    sender, mid = key[0].encode("utf-8"), key[1].encode("ascii")
+                    fh.write(SPOOL_MAGIC + _LEN.pack(len(sender)) + sender + _LEN.pack(len(mid)) + mid)
+                    self._dir_dirty = True
+            fh.write(_LEN.pack(len(raw)) + raw)
+        except OSError as exc:
+            raise SpoolError(f"cannot spool a chunk in {self.dir}: {exc}") from exc
+        self._dirty.add(key)
+
+    def sync(self) -> None:
+        try:
+            for key in self._dirty:
+                fh = self._files.get(key)
+                if fh is not None:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if self._dir_dirty:
+                _fsync_dir(self.dir)
+        except OSError as exc:
+            raise SpoolError(f"cannot sync spooled chunks in {self.dir}: {exc}") from exc
+        self._dirty.clear()
+        self._dir_dirty = False
+
+    def discard(self, key: tuple[str, str]) -> None:
+        """Forget a message now (dropped by policy, or already consumed)."""
+        fh = self._files.pop(key, None)
+        self._dirty.discard(key)
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+        with contextlib.suppress(OSError):
+            self._path(key).unlink(missing_ok=True)
+
+    def complete(self, key: tuple[str, str]) -> None:
+        """The message was reassembled; its file goes at the next :meth:`commit`."""
+        self._done.append(key)
+
+    def commit(self) -> None:
+        """Record the completed ids (fsynced), then remove their files. Failures only cost redelivery
+        noise later (a consumer that dedups sees a duplicate), so they are logged, not raised."""
+        if not self._done:
+            return
+        done, self._done = self._done, []
+        try:
+            with open(self.dir / COMPLETED_LOG, "a", encoding="utf-8") as fh:
+                fh.writelines(f"{s} {m}\n" for s, m in done)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._log_lines += len(done)
+            if self._log_lines > 2 * self.remember:
+                self._compact()
+        except OSError as exc:
+            log.warning("could not record completed chunked messages in %s: %s", self.dir, exc)
+        for key in done:
+            self.discard(key)
+
+    def _read_completed(self) -> list[tuple[str, str]]:
+        path = self.dir / COMPLETED_LOG
+        if not path.exists():
+            return []
+        keys = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.rsplit(" ", 1)
+            if len(parts) == 2 and parts[0] and _ID_RE.fullmatch(parts[1]):  # a torn last line is skipped
+                keys.append((parts[0], parts[1]))
+        return keys[-self.remember :]
+
+    def _compact(self) -> None:
+        keys = self._read_completed()
+        fd, tmp = tempfile.mkstemp(prefix=f".{COMPLETED_LOG}.tmp-", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.writelines(f"{s} {m}\n" for s, m in keys)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / COMPLETED_LOG)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.dir)
+        self._log_lines = len(keys)
+
+    def load(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], list[bytes]]]]:
+        """``(completed ids, [(key, raw chunks)])``, oldest file first. Unreadable files are removed."""
+        completed = self._read_completed()
+        self._log_lines = len(completed)
+        for stray in self.dir.glob(f".{COMPLETED_LOG}.tmp-*"):
+            stray.unlink(missing_ok=True)
+        messages = []
+        files = sorted(self.dir.glob(f"*{SPOOL_SUFFIX}"), key=lambda f: (f.stat().st_mtime_ns, f.name))
+        for path in files:
+            parsed = _read_spool_file(path)
+            if parsed is None:
+                log.warning("removing unreadable chunk spool file %s", path)
+                path.unlink(missing_ok=True)
+                continue
+            key, records, good_len = parsed
+            if path.name != self._path(key).name:
+                path.unlink(missing_ok=True)
+                continue
+            if good_len != path.stat().st_size:  # torn tail: cut it so later appends stay parseable
+                with open(path, "r+b") as fh:
+                    fh.truncate(good_len)
+            messages.append((key, records))
+        return completed, messages
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            with contextlib.suppress(OSError):
+                fh.close()
+        self._files.clear()
+
+
+def _read_spool_file(path: Path) -> tuple[tuple[str, str], list[bytes], int] | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data.startswith(SPOOL_MAGIC):
+        return None
+    pos = len(SPOOL_MAGIC)
+    fields: list[bytes] = []
+    records: list[bytes] = []
+    good = pos
+    while pos + _LEN.size <= len(data):
+        (size,) = _LEN.unpack_from(data, pos)
+        end = pos + _LEN.size + size
+        if end > len(data):
+            break
+        item = data[pos + _LEN.size : end]
+        if len(fields) < 2:
+            fields.append(item)
+        else:
+            records.append(item)
+        pos = good = end
+    if len(fields) < 2:
+        return None
+    try:
+        sender, mid = fields[0].decode("utf-8"), fields[1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not sender or not _ID_RE.fullmatch(mid):
+        return None
+    return (sender, mid), records, good
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 __all__ = [
     "CHUNK_OVERHEAD",
     "CHUNK_PREFIX",
     "Chunk",
+    "ChunkSpool",
     "Reassembler",
+    "SpoolError",
     "decode_chunk",
     "is_chunk",
     "payload_budget",

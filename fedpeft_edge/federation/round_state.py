@@ -319,6 +319,7 @@ class AggregatorCore:
                                  f"not {config.fingerprint()}")
             self._state = loaded
             self._optimizer = self._restore_optimizer(loaded)
+        self._poisoned = False  # set when a mutation failed half-way; nothing may be saved after that
         self._acc = RoundAccumulator(config.n_params)
         self._acc.sum = self._state.acc_sum  # shared buffer: the state always holds the live sum
         self._acc.total_weight, self._acc.count = self._state.acc_total_weight, self._state.acc_count
@@ -385,6 +386,11 @@ class AggregatorCore:
 
         ``sender`` is the client id the transport vouches for (MQTT topic level); a different
         ``msg.client_id`` is rejected. ``nbytes`` is the envelope size for byte accounting.
+
+        Exception contract (the service decides acknowledgement on it): :class:`StateError` means the
+        state could not be persisted or may be inconsistent — do NOT acknowledge, restart from disk.
+        Any other exception comes from the validation part, before anything was accumulated, so the
+        state is unchanged and the message may be rejected for good.
         """
         cfg, st = self.config, self._state
         if self.finished:
@@ -431,6 +437,29 @@ class AggregatorCore:
         if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
             return self.note_rejected("overflow", nbytes or 0)
 
+        self._ensure_usable()
+        try:
+            self._commit_offer(msg, key, parsed, weight, scale, mass, staleness, nbytes)
+        except BaseException as exc:
+            # Half-applied: memory no longer matches any consistent state. Refuse to persist it; the
+            # caller must not acknowledge and should restart from disk (the broker redelivers).
+            self._poisoned = True
+            if isinstance(exc, Exception):
+                raise StateError(f"in-memory round state may be inconsistent after {exc!r}; "
+                                 "restart from the persisted state") from exc
+            raise
+        if self.autosave:
+            self.checkpoint()
+        return Decision(ACCEPTED, "", weight, staleness)
+
+    def _ensure_usable(self) -> None:
+        if self._poisoned:
+            raise StateError("round state was left inconsistent by an earlier failure; restart from disk")
+
+    def _commit_offer(self, msg: UpdateMessage, key: tuple[str, int], parsed: Any, weight: float,
+                      scale: float, mass: float, staleness: int, nbytes: int | None) -> None:
+        """The mutating part of :meth:`offer` (everything before it only validates)."""
+        st = self._state
         self._acc.accumulate(parsed, weight, scale)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
         st.accepted[key] = st.round
@@ -453,9 +482,6 @@ class AggregatorCore:
         if scale < 1.0:
             stats["clipped"] += 1
             self._count("clipped")
-        if self.autosave:
-            self.checkpoint()
-        return Decision(ACCEPTED, "", weight, staleness)
 
     # ---- round control -----------------------------------------------------------------------------
 
@@ -528,6 +554,7 @@ class AggregatorCore:
         """Persist the state now (no-op without ``state_dir``). On failure the in-memory state is
         rolled back to the last persisted one, so memory never runs ahead of disk, and
         :class:`StateError` is raised (the caller must then NOT acknowledge the message)."""
+        self._ensure_usable()
         if self.state_dir is None:
             return
         try:
@@ -565,10 +592,12 @@ class AggregatorCore:
     def global_message(self, extra_meta: dict[str, Any] | None = None) -> GlobalMessage:
         """The retained ``global`` message for the open round (downlink codec ``config.global_mode``).
 
-        ``meta``: ``participants``/``loss``/``accuracy`` of the round that produced this global (absent
-        for round 0), ``server_optimizer``, ``finished``; ``extra_meta`` is merged on top.
+        ``meta``: ``final`` (no more rounds: sites stop), ``max_rounds`` (0 = unbounded),
+        ``server_optimizer``, and ``participants``/``loss``/``accuracy`` of the round that produced this
+        global (absent for round 0); ``extra_meta`` is merged on top.
         """
-        meta: dict[str, Any] = {"server_optimizer": self._optimizer.name, "finished": self.finished}
+        meta: dict[str, Any] = {"final": self.finished, "max_rounds": int(self.config.max_rounds or 0),
+                                "server_optimizer": self._optimizer.name}
         if self._state.history:
             last = self._state.history[-1]
             meta["participants"] = len(last["participants"])
