@@ -63,7 +63,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         "--method", default=None, help="PEFT method: lora (default), ffa_lora, adapter, bitfit, head_only"
     )
     g.add_argument("--agents", type=int, default=None, help="number of plant agents (default 4)")
-    g.add_argument("--rounds", type=int, default=None, help="federated rounds (default 5)")
+    g.add_argument(
+        "--rounds", type=int, default=None, help="federated rounds (default 5 for text, 10 for cv)"
+    )
     g.add_argument("--local-steps", type=int, default=None, help="optimizer steps per agent per round")
     g.add_argument(
         "--codec",

@@ -147,7 +147,9 @@ def load_task(config: TaskConfig, *, cache_dir: Path | None = None) -> TaskData:
     from fedpeft_edge.data.datasets import IMAGE_DATASETS, TEXT_DATASETS, load_dataset, subsample
 
     allowed = TEXT_DATASETS if config.kind == "text" else IMAGE_DATASETS
-    ensure(config.dataset in allowed, f"{config.dataset!r} is not a {config.kind} data set: {allowed}")
+    ensure(
+        config.dataset in allowed, f"{config.dataset!r} is not one of the {config.kind} data sets {allowed}"
+    )
     prepared = prepare_backbone(config, cache_dir)
     train = subsample(load_dataset(config.dataset, "train"), config.train_size, seed=config.seed)
     test = subsample(load_dataset(config.dataset, "test"), config.test_size, seed=config.seed + 1)
