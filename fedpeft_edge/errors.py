@@ -17,11 +17,11 @@ class KernelError(FedPeftError, RuntimeError):
     """The C core returned an error code that has no more specific mapping."""
 
 
-class ValueError(builtins.ValueError, FedPeftError):  # noqa: A001 - deliberate shadow, as in PyNaCl
+class ValueError(builtins.ValueError, FedPeftError):
     """An argument has the right type but an unusable value (length, NaN, range)."""
 
 
-class TypeError(builtins.TypeError, FedPeftError):  # noqa: A001
+class TypeError(builtins.TypeError, FedPeftError):
     """An argument has the wrong type, dtype, layout or writability."""
 
 
