@@ -6,6 +6,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Fixtures of the kernel suite (a `kernels` fixture over every backend and CPU path).
+pytest_plugins = ["conftest_kernels"]
+
 # "ci" is chosen automatically under CI=true: more examples, no deadline (the machine is shared and noisy).
 settings.register_profile("default", max_examples=60, deadline=None)
 settings.register_profile(

@@ -117,6 +117,7 @@ class AggregatorService:
             max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s),
             spool=chunking.ChunkSpool(self.state_dir / "chunks"))
         self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
+        self._stale_fleets: set[str] = set()  # fleets whose leftover subscriptions were dropped
         self._stop = threading.Event()
         self.serving = threading.Event()  # set once recovery is done and the message loop runs
         self.transport: MqttTransport | None = None
@@ -171,6 +172,8 @@ class AggregatorService:
             self._log_status(sender, msg.payload)
             return "status"
         if sender is None:
+            if self._drop_stale_subscription(msg.topic):
+                return "stale_subscription"
             self._reject(None, "bad_topic", f"topic {msg.topic!r}", len(msg.payload))
             return "rejected"
         size = len(msg.payload)
@@ -188,6 +191,23 @@ class AggregatorService:
             self._reject(sender, reason_of(exc), str(exc), size)
             return "rejected"
         return self._handle_update(sender, data, now, size)
+
+    def _drop_stale_subscription(self, topic: str) -> bool:
+        """A message of another fleet reaches us only through a subscription that the broker kept in
+        this client id's persistent session from an earlier run (e.g. before the fleet was renamed).
+        It is nobody's bad input: unsubscribe that fleet's filters once and ignore the message."""
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[0] != "fedpeft" or parts[1] == self.topics.fleet:
+            return False
+        if parts[2] not in ("update", "status") or parts[1] in self._stale_fleets:
+            return parts[1] in self._stale_fleets
+        self._stale_fleets.add(parts[1])
+        log.info("ignoring messages of fleet %r (a subscription left in this client's broker session "
+                 "by an earlier run); unsubscribing", parts[1])
+        if self.transport is not None:
+            for kind in ("update", "status"):
+                self.transport.unsubscribe(f"fedpeft/{parts[1]}/{kind}/+")
+        return True
 
     def _handle_update(self, sender: str, data: bytes, now: float, size: int) -> str:
         """Decode a whole (reassembled) update and offer it to the core."""

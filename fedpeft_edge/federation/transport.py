@@ -313,6 +313,13 @@ class MqttTransport:
         if self._client is not None and self.connected:
             self._client.subscribe(topic, qos)
 
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription, including one a persistent session kept from an earlier run."""
+        with self._lock:
+            self._subs.pop(topic, None)
+        if self._client is not None and self.connected:
+            self._client.unsubscribe(topic)
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishHandle:
         """Queue a publish. QoS 1 messages given while disconnected are sent after the reconnect."""
         if self._client is None:
