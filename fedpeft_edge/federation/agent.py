@@ -369,10 +369,13 @@ def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
     """Make the site's trainer and data from ``[trainer]`` and ``[data]``.
 
     ``kind = "factory"``: ``factory = "module:function"``, called with the config, returns TrainerSetup.
-    ``kind = "ort"``: ONNX Runtime Training over the artifact bundle in ``bundle_dir``; the site's share
-    of ``data.dataset`` is ``partition(...)[client_index]``; model inputs are made with the prepared
-    model's meta, read from ``data.options.prepared_dir`` (its prepared.json) or given inline in
-    ``data.options`` (``model_kind``, ``tokenizer_json``/``max_len`` or ``image_size``/``mean``/``std``).
+    ``kind = "ort"``: ONNX Runtime Training over the artifact bundle in ``bundle_dir``. The site's data is
+    its own file ``data.path`` (labels mapped through ``data.classes``; ``eval_fraction`` held out) or
+    its share ``partition(...)[client_index]`` of the benchmark ``data.dataset``; neither gives a setup
+    without data (the aggregator only needs the initial adapter). Model inputs are made with the
+    prepared model's meta, read from ``data.options.prepared_dir`` (its prepared.json; other options
+    such as ``max_len`` override it) or given inline in ``data.options`` (``model_kind``,
+    ``tokenizer_json``/``max_len`` or ``image_size``/``mean``/``std``).
     """
     t = cfg.trainer
     if t.kind == "factory":
@@ -389,14 +392,19 @@ def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
         raise ValueError(f"trainer.kind must be 'ort' or 'factory', not {t.kind!r}")
     if not t.bundle_dir:
         raise ValueError("trainer.bundle_dir is required for kind = 'ort'")
+    cfg.data.validate()  # command-line flags may have set dataset next to a configured path
     from ..peft.artifacts import ArtifactBundle
     from ..training.ort_trainer import OrtTrainer
 
     bundle = ArtifactBundle.load(t.bundle_dir)
     trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), **t.options)
     d = cfg.data
-    if not d.dataset:
+    if not d.dataset and not d.path:
         return TrainerSetup(trainer, lambda: iter(()), None, bundle.spec_hash)
+    head = bundle.spec.head_classes
+    if d.path and head is not None and len(d.classes) != head:
+        raise ValueError(f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
+                         "outputs; list every class in the head's output order")
     train_in, train_y, eval_in, eval_y = _site_arrays(cfg)
     epoch = [0]
 
@@ -416,22 +424,52 @@ def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
 
 def _site_arrays(cfg: ServiceConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],
                                                np.ndarray]:
-    from ..data.datasets import load_dataset
+    """(train inputs, train labels, eval inputs, eval labels) of this site, encoded for the model."""
     from ..data.features import encode_for_model
+
+    d = cfg.data
+    meta, kind = _model_meta(d.options)
+    if d.path:
+        ev, tr = _local_file_split(cfg)
+    else:
+        ev, tr = _benchmark_share_split(cfg)
+    return (encode_for_model(tr, meta, kind), tr.labels, encode_for_model(ev, meta, kind), ev.labels)
+
+
+def _model_meta(options: Mapping[str, object]) -> tuple[dict[str, object], str]:
+    """The prepared model's input meta and kind (``prepared_dir``'s prepared.json, else inline options)."""
+    opts = dict(options)
+    if "prepared_dir" in opts:
+        from ..models.prepare import load_prepared
+
+        pdir = opts.pop("prepared_dir")
+        max_len = opts.pop("max_len", None)
+        prepared = load_prepared(str(pdir), max_len=None if max_len is None else int(max_len))  # type: ignore[arg-type]
+        return {**prepared.meta, **opts}, prepared.kind
+    return opts, str(opts.pop("model_kind", "text"))
+
+
+def _local_file_split(cfg: ServiceConfig):  # -> (eval, train) datasets
+    from ..data.local_files import LocalDataLimits, load_local_dataset, split_eval
+
+    d = cfg.data
+    ds = load_local_dataset(d.path, d.classes, limits=LocalDataLimits(  # type: ignore[arg-type]
+        max_file_bytes=d.max_file_bytes, max_rows=d.max_rows, max_text_chars=d.max_text_chars))
+    n = len(ds) if d.max_samples is None else min(len(ds), int(d.max_samples))
+    eval_idx, train_idx = split_eval(len(ds), d.eval_fraction, d.seed)
+    if n < len(ds):  # keep the split fixed; only shrink each side proportionally
+        keep_eval = round(n * len(eval_idx) / len(ds))
+        eval_idx, train_idx = eval_idx[:keep_eval], train_idx[: n - keep_eval]
+    log.info("local data %s: %d samples (%d train, %d held out), %d classes", d.path, len(ds),
+             len(train_idx), len(eval_idx), len(d.classes))
+    return ds.take(eval_idx), ds.take(train_idx)
+
+
+def _benchmark_share_split(cfg: ServiceConfig):  # -> (eval, train) datasets
+    from ..data.datasets import load_dataset
     from ..data.partition import partition
 
     d = cfg.data
-    opts = dict(d.options)
-    if "prepared_dir" in opts:
-        pdir = Path(opts.pop("prepared_dir"))
-        record = json.loads((pdir / "prepared.json").read_text())
-        meta = dict(record["meta"])
-        for key in record.get("path_meta_keys", []):
-            meta[key] = str(pdir / meta[key])
-        kind = record["kind"]
-    else:
-        kind = str(opts.pop("model_kind", "text"))
-        meta = opts
     train = load_dataset(d.dataset, d.split)  # type: ignore[arg-type]
     groups = getattr(train, "groups", None)
     parts = partition(d.partition, train.labels, groups, d.num_clients, d.alpha, d.seed)
@@ -443,5 +481,4 @@ def _site_arrays(cfg: ServiceConfig) -> tuple[dict[str, np.ndarray], np.ndarray,
     if d.max_samples is not None:
         order = order[: int(d.max_samples)]
     n_eval = max(1, len(order) // 5) if len(order) >= 5 else 0
-    ev, tr = mine.take(order[:n_eval]), mine.take(order[n_eval:])
-    return (encode_for_model(tr, meta, kind), tr.labels, encode_for_model(ev, meta, kind), ev.labels)
+    return mine.take(order[:n_eval]), mine.take(order[n_eval:])

@@ -29,9 +29,9 @@ Example (agent)::
     bundle_dir = "/var/lib/fedpeft/bundle"
 
     [data]
-    dataset = "20ng"
-    client_index = 7
-    num_clients = 12
+    path = "/var/lib/fedpeft/site-data.jsonl"   # or: dataset = "20newsgroups" + client_index, num_clients
+    classes = ["normal", "bearing_fault", "misalignment"]
+    options = { prepared_dir = "/var/lib/fedpeft/model", max_len = 64 }
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..data.local_files import check_classes
 from ..errors import ValueError
 from .transport import TransportConfig
 
@@ -166,7 +167,16 @@ class TrainerSettings:
 
 @dataclass
 class DataSettings:
-    dataset: str | None = None
+    """The site's data: either its own file (``path`` + ``classes``) or a share of a benchmark dataset
+    (``dataset`` + partition keys, for demos). ``options``: model input settings (``prepared_dir``, ...)."""
+
+    dataset: str | None = None  # benchmark dataset name (exclusive with path)
+    path: str | None = None  # the site's own .jsonl / .csv / .npz file (fedpeft_edge/data/local_files.py)
+    classes: list[str] = field(default_factory=list)  # with path: label names in the head's output order
+    eval_fraction: float = 0.2  # with path: held-out local test part (fixed by seed)
+    max_file_bytes: int = 512 * 1024 * 1024  # with path: limits checked while reading the file
+    max_rows: int = 200_000
+    max_text_chars: int = 20_000
     split: str = "train"
     client_index: int = 0
     num_clients: int = 1
@@ -176,6 +186,21 @@ class DataSettings:
     max_samples: int | None = None
     batch_size: int = 16
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Source keys must agree (also re-checked after command-line overrides)."""
+        if self.dataset and self.path:
+            raise ValueError("[data] set either dataset (a benchmark share) or path (the site's own file), "
+                             "not both")
+        if self.path:
+            check_classes(self.classes)
+        elif self.classes:
+            raise ValueError("[data] classes applies to path only (a named dataset has its own classes)")
+        if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
+            raise ValueError(f"[data] eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
 
 
 @dataclass
