@@ -170,3 +170,40 @@ options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 32 }}
                     if len(piece.strip()) >= 20:
                         assert piece.encode() not in envelope, (i, rnd, piece)
     print(f"\nreal-model federation: {elapsed:.1f} s for {ROUNDS} rounds x {SITES} sites")
+
+
+def test_site_config_errors_stop_the_agent_before_it_connects(central, tmp_path: Path) -> None:
+    """A class list that does not fit the head, or a label outside it, ends `agent` with exit code 2 and
+    a message naming the problem (file and line), before any connection is attempted."""
+    import subprocess
+    import sys
+
+    prepared, bundle = central
+    data = tmp_path / "site.jsonl"
+    data.write_text(json.dumps({"text": "pump 3 running hot", "label": "acq"}) + "\n"
+                    + json.dumps({"text": "pump 4 fine", "label": "overheating"}) + "\n", encoding="utf-8")
+    base = f"""
+[connection]
+port = 9
+[agent]
+client_id = "site-x"
+state_dir = "{tmp_path}/state"
+[trainer]
+kind = "ort"
+bundle_dir = "{bundle.directory}"
+[data]
+path = "{data}"
+options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 32 }}
+"""
+    eight = ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]
+    cases = {
+        'classes = ["acq", "crude", "earn"]\n': "names 3 classes but the bundle's head has 8 outputs",
+        f"classes = {json.dumps(eight)}\n": f"{data}:2: unknown label 'overheating'",
+    }
+    for extra, message in cases.items():
+        cfg = mf.write_toml(tmp_path / "site.toml", base + extra)
+        proc = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "agent", "--config", str(cfg)],
+                              env=mf.service_env(), cwd=str(mf.REPO_DIR), capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "connected" not in proc.stderr

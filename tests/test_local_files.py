@@ -238,6 +238,8 @@ def test_config_path_and_dataset_are_exclusive() -> None:
         '[data]\ndataset = "reuters_r8"\nclasses = ["a"]\n': "applies to path only",
         '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\neval_fraction = 1.0\n': "eval_fraction",
         '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\nlabels = ["a"]\n': "unknown key",
+        '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\nmax_rows = 0\n': "max_rows must be a positive",
+        '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\nmax_file_bytes = "1G"\n': "max_file_bytes must",
     }
     for text, message in bad.items():
         with pytest.raises(ValueError) as info:
@@ -256,6 +258,7 @@ def test_cli_override_conflict_is_caught_before_training(tmp_path: Path) -> None
         build_trainer_setup(cfg)
 
 
+@pytest.mark.slow  # exports MiniLM with torch on a cold model cache (a cache hit reads JSON only)
 def test_site_arrays_from_a_local_file_with_the_prepared_tokenizer(tmp_path: Path) -> None:
     """The agent's data path without a bundle: tokenised with the prepared model's tokenizer (max_len
     from the options), held-out part by seed, max_samples applied to both parts."""

@@ -397,14 +397,14 @@ def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
     from ..training.ort_trainer import OrtTrainer
 
     bundle = ArtifactBundle.load(t.bundle_dir)
-    trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), **t.options)
     d = cfg.data
-    if not d.dataset and not d.path:
-        return TrainerSetup(trainer, lambda: iter(()), None, bundle.spec_hash)
     head = bundle.spec.head_classes
     if d.path and head is not None and len(d.classes) != head:
         raise ValueError(f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
                          "outputs; list every class in the head's output order")
+    trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), **t.options)
+    if not d.dataset and not d.path:
+        return TrainerSetup(trainer, lambda: iter(()), None, bundle.spec_hash)
     train_in, train_y, eval_in, eval_y = _site_arrays(cfg)
     epoch = [0]
 
@@ -443,18 +443,17 @@ def _model_meta(options: Mapping[str, object]) -> tuple[dict[str, object], str]:
         from ..models.prepare import load_prepared
 
         pdir = opts.pop("prepared_dir")
-        max_len = opts.pop("max_len", None)
-        prepared = load_prepared(str(pdir), max_len=None if max_len is None else int(max_len))  # type: ignore[arg-type]
+        # load_prepared checks the folder is complete and max_len is an int in [2, 512]
+        prepared = load_prepared(str(pdir), max_len=opts.pop("max_len", None))  # type: ignore[arg-type]
         return {**prepared.meta, **opts}, prepared.kind
     return opts, str(opts.pop("model_kind", "text"))
 
 
 def _local_file_split(cfg: ServiceConfig):  # -> (eval, train) datasets
-    from ..data.local_files import LocalDataLimits, load_local_dataset, split_eval
+    from ..data.local_files import load_local_dataset, split_eval
 
     d = cfg.data
-    ds = load_local_dataset(d.path, d.classes, limits=LocalDataLimits(  # type: ignore[arg-type]
-        max_file_bytes=d.max_file_bytes, max_rows=d.max_rows, max_text_chars=d.max_text_chars))
+    ds = load_local_dataset(d.path, d.classes, limits=d.limits())  # type: ignore[arg-type]
     n = len(ds) if d.max_samples is None else min(len(ds), int(d.max_samples))
     eval_idx, train_idx = split_eval(len(ds), d.eval_fraction, d.seed)
     if n < len(ds):  # keep the split fixed; only shrink each side proportionally

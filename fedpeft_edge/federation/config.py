@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..data.local_files import check_classes
+from ..data.local_files import LocalDataLimits, check_classes
 from ..errors import ValueError
 from .transport import TransportConfig
 
@@ -197,10 +197,15 @@ class DataSettings:
                              "not both")
         if self.path:
             check_classes(self.classes)
+            self.limits()
         elif self.classes:
             raise ValueError("[data] classes applies to path only (a named dataset has its own classes)")
         if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
             raise ValueError(f"[data] eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+
+    def limits(self) -> LocalDataLimits:
+        return LocalDataLimits(max_file_bytes=self.max_file_bytes, max_rows=self.max_rows,
+                               max_text_chars=self.max_text_chars)
 
 
 @dataclass
