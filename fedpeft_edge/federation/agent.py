@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..durable import atomic_write_bytes
 from ..errors import FedPeftError, ValueError, WireError
 from ..training.base import LocalTrainer
 from . import chunking, wire
@@ -51,13 +52,6 @@ Batch = Mapping[str, np.ndarray]
 BatchesFn = Callable[[], Iterable[Batch]]
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -169,7 +163,7 @@ class EdgeAgent:
     def _save_state(self) -> None:
         st = {"last_sent_round": self.last_sent_round, "last_global_round": self.last_global_round,
               "spec_hash": self.spec_hash, "client_id": self.client_id, "saved_at": time.time()}
-        atomic_write(self._state_file, json.dumps(st).encode())
+        atomic_write_bytes(self._state_file, json.dumps(st).encode())
 
     # --- messaging --------------------------------------------------------------------------------
     def _status(self, state: str, rnd: int | None = None) -> bytes:
@@ -287,10 +281,10 @@ class EdgeAgent:
         with open(enc_tmp, "wb") as fh:
             np.savez(fh, **self.encoder.state_arrays())
         path = self.outbox_dir / f"r{rnd:08d}.msg"
-        atomic_write(path, data)
+        atomic_write_bytes(path, data)
         if self.cfg.agent.dump_updates:
             self.sent_dir.mkdir(exist_ok=True)
-            atomic_write(self.sent_dir / path.name, data)
+            atomic_write_bytes(self.sent_dir / path.name, data)
         os.replace(enc_tmp, self.state_dir / "encoder.npz")
         self.last_sent_round = rnd
         self.rounds_sent.append(rnd)

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, Final
 
 import msgpack
 
+from fedpeft_edge.durable import fsync_dir
 from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.federation.codec import Reason, WireFormatError
@@ -436,7 +437,7 @@ class ChunkSpool:
                     fh.flush()
                     os.fsync(fh.fileno())
             if self._dir_dirty:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         except OSError as exc:
             raise SpoolError(f"cannot sync spooled chunks in {self.dir}: {exc}") from exc
         self._dirty.clear()
@@ -499,7 +500,7 @@ class ChunkSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._log_lines = len(keys)
 
     def load(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], list[bytes]]]]:
@@ -565,18 +566,6 @@ def _read_spool_file(path: Path) -> tuple[tuple[str, str], list[bytes], int] | N
         return None
     return (sender, mid), records, good
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 __all__ = [

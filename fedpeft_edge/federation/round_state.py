@@ -39,6 +39,7 @@ from typing import Any, Final
 import numpy as np
 
 from fedpeft_edge import kernels
+from fedpeft_edge.durable import fsync_dir
 from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.federation.codec import WireFormatError, encode_global, parse, update_l2_norm
 from fedpeft_edge.federation.strategy import (
@@ -206,7 +207,7 @@ class RoundState:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(d)
+        fsync_dir(d)
         return final
 
     @classmethod
@@ -246,18 +247,6 @@ class RoundState:
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise StateError(f"inconsistent state in {path}: {exc!r}") from exc
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
