@@ -18,7 +18,7 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     fi
 fi
 
-"$PY" -m pip install -q --upgrade "pip>=23" "setuptools>=70.1" wheel "cffi>=1.17"
+"$PY" -m pip install -q --upgrade "pip>=23" "setuptools>=77" wheel "cffi>=1.17"
 # The CPU build of torch first (central-side model export only): asking for it by exact version takes
 # the local CPU wheel instead of a multi-GB CUDA build pulled in by the model packages.
 "$PY" -m pip install -q "torch==2.13.0"
