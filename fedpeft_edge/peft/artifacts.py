@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from fedpeft_edge.errors import FedPeftError, SpecError, ValueError
 from fedpeft_edge.peft.spec import PeftSpec
@@ -170,6 +172,111 @@ def _run_child(job: dict[str, Any], cwd: Path) -> None:
         raise FedPeftError(f"ORT artifact generation failed (exit {proc.returncode}):\n{tail}")
 
 
+class _GraphRewriter:
+    """Replaces nodes of ORT's generated training graph by cheaper equivalents with the same math.
+
+    ORT 1.19's CPU kernels for ``LayerNormalizationGrad``, ``SoftmaxGrad_13`` and ``Sum`` run on one
+    thread, whereas plain elementwise ops and reductions use the intra-op pool (MiniLM LoRA step at 2
+    threads: about 12 % faster; at 1 thread about 8 %). ``GeluGrad`` is single-threaded too, but its
+    elementwise expansion (10 passes over the FFN activations) measured no faster, so it stays.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.read = {n for node in self.graph.node for n in node.input} | {o.name for o in self.graph.output}
+        self.consts: dict[str, str] = {}
+        self.serial = 0
+
+    def const(self, value: float | list[int]) -> str:
+        key = repr(value)
+        if key not in self.consts:
+            name = f"fedpeft/speedup/const_{len(self.consts)}"
+            array = (np.array(value, np.int64) if isinstance(value, list) else np.array(value, np.float32))
+            self.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+            self.consts[key] = name
+        return self.consts[key]
+
+    def reduce(self, op: str, src: str, dst: str, axis: int) -> onnx.NodeProto:
+        # ReduceSum takes axes as an input from opset 13, ReduceMean from opset 18
+        if op == "ReduceSum" or self.opset >= 18:
+            return onnx.helper.make_node(op, [src, self.const([axis])], [dst], keepdims=1)
+        return onnx.helper.make_node(op, [src], [dst], axes=[axis], keepdims=1)
+
+    def names(self, *keys: str) -> dict[str, str]:
+        self.serial += 1
+        return {k: f"fedpeft/speedup/{self.serial}/{k}" for k in keys}
+
+    def layernorm_grad(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        """dX only, when the scale/bias gradients are unread (frozen base):
+        ``dX = inv_std * (g - mean(g) - x_hat * mean(g * x_hat))``, ``g = dY * scale``,
+        ``x_hat = (X - mean) * inv_std`` from the forward's saved mean and inv_std."""
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if axis != -1 or len(node.input) != 5 or any(o and o in self.read for o in list(node.output)[1:]):
+            return None
+        dy, x, scale, mean, inv_std = node.input
+        t = self.names("xc", "xhat", "g", "mg", "gx", "mgx", "u", "v", "w")
+        mk = onnx.helper.make_node
+        return [mk("Sub", [x, mean], [t["xc"]]), mk("Mul", [t["xc"], inv_std], [t["xhat"]]),
+                mk("Mul", [dy, scale], [t["g"]]), self.reduce("ReduceMean", t["g"], t["mg"], -1),
+                mk("Mul", [t["g"], t["xhat"]], [t["gx"]]), self.reduce("ReduceMean", t["gx"], t["mgx"], -1),
+                mk("Mul", [t["xhat"], t["mgx"]], [t["u"]]), mk("Sub", [t["g"], t["mg"]], [t["v"]]),
+                mk("Sub", [t["v"], t["u"]], [t["w"]]), mk("Mul", [t["w"], inv_std], [node.output[0]])]
+
+    def softmax_grad(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        """``dX = Y * (dY - sum(dY * Y, axis))``."""
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        dy, y = node.input
+        t = self.names("p", "s", "d")
+        mk = onnx.helper.make_node
+        return [mk("Mul", [dy, y], [t["p"]]), self.reduce("ReduceSum", t["p"], t["s"], axis),
+                mk("Sub", [dy, t["s"]], [t["d"]]), mk("Mul", [y, t["d"]], [node.output[0]])]
+
+    def sum_(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        """A chain of Adds (Add broadcasts like Sum)."""
+        if len(node.input) < 2:
+            return None
+        t = self.names(*(f"s{i}" for i in range(len(node.input) - 2)))
+        acc, out = node.input[0], []
+        for i, name in enumerate(node.input[1:]):
+            dst = node.output[0] if i == len(node.input) - 2 else t[f"s{i}"]
+            out.append(onnx.helper.make_node("Add", [acc, name], [dst]))
+            acc = dst
+        return out
+
+    def run(self) -> dict[str, int]:
+        handlers = {("com.microsoft", "LayerNormalizationGrad"): ("layernorm_grads", self.layernorm_grad),
+                    ("com.microsoft", "SoftmaxGrad_13"): ("softmax_grads", self.softmax_grad),
+                    ("", "Sum"): ("sums", self.sum_)}
+        stats = {key: 0 for key, _ in handlers.values()}
+        new_nodes: list[onnx.NodeProto] = []
+        for node in self.graph.node:
+            key, handler = handlers.get((node.domain, node.op_type), (None, None))
+            replacement = handler(node) if handler is not None else None
+            if replacement is None:
+                new_nodes.append(node)
+                continue
+            for i, rep in enumerate(replacement):
+                rep.name = f"{node.name or node.output[0]}/fedpeft_{i}"
+            new_nodes.extend(replacement)
+            stats[key] += 1
+        del self.graph.node[:]
+        self.graph.node.extend(new_nodes)
+        return stats
+
+
+def _speed_up_training_model(path: Path) -> dict[str, int]:
+    """Rewrite ORT's generated training graph in place (same math, cheaper CPU step); returns counts."""
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return {}  # only small graphs (weights in the checkpoint) are rewritten in place
+    stats = _GraphRewriter(model).run()
+    if any(stats.values()):
+        onnx.save(model, str(path))
+    return stats
+
+
 def generate_artifacts(onnx_path: Path | str, spec: PeftSpec, out_dir: Path | str, *,
                        overwrite: bool = False) -> ArtifactBundle:
     """Apply ``spec`` to the backbone at ``onnx_path`` and write a training bundle to ``out_dir``.
@@ -204,6 +311,7 @@ def generate_artifacts(onnx_path: Path | str, spec: PeftSpec, out_dir: Path | st
         _run_child({"model": str(peft_path), "requires_grad": list(plan.trainable),
                     "frozen": list(plan.frozen), "out": str(result),
                     "output": plan.output_name}, cwd=work)
+        _speed_up_training_model(result / TRAINING_MODEL)
         train_graph = onnx.load(str(result / TRAINING_MODEL), load_external_data=False).graph
         trainable = set(plan.trainable)
         order = [i.name for i in train_graph.input if i.name in trainable]

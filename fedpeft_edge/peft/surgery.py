@@ -270,11 +270,14 @@ def _apply_lora(gv: _Graph, spec: PeftSpec, rng: np.random.Generator) -> list[Lo
                 if isinstance(conv_attrs.get("auto_pad"), bytes):
                     conv_attrs["auto_pad"] = conv_attrs["auto_pad"].decode()
                 (t1,) = gv.node("Conv", [x, a_name], base=base, **conv_attrs)
-                (t2,) = gv.node("Conv", [t1, b_name], base=base)
+                (t1,) = gv.node("Mul", [t1, scale_name], base=base)
+                (t3,) = gv.node("Conv", [t1, b_name], base=base)
             else:
+                # scale the rank-r intermediate, not the d_out-wide output: same product, r/d_out the
+                # elementwise work (forward and backward) per step
                 (t1,) = gv.node("MatMul", [x, a_name], base=base)
-                (t2,) = gv.node("MatMul", [t1, b_name], base=base)
-            (t3,) = gv.node("Mul", [t2, scale_name], base=base)
+                (t1,) = gv.node("Mul", [t1, scale_name], base=base)
+                (t3,) = gv.node("MatMul", [t1, b_name], base=base)
             inner, original = _reroute_output(gv, node, base)
             gv.node("Add", [inner, t3], [original], base=base)
         sites.append(LoraSite(kind=kind, weight=weight, a=a_name, b=b_name, scale=spec.scaling,
