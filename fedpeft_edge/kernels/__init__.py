@@ -1,6 +1,6 @@
 """Hot numerics on flat float32 buffers: the only module that touches the C core ``fedpeft_edge._core``.
 
-Two backends implement the same contract (kernels_api.md / csrc/fedpeft_core.h):
+Two backends implement the same contract (docs/kernels-api.md / csrc/fedpeft_core.h):
 
 - ``"c"`` (default): the cffi C core, with a CPU path (avx2 / sse4.1 / baseline / neon) chosen at import;
 - ``"numpy"``: the numpy reference, the oracle of the parity tests and the speed baseline.

@@ -50,7 +50,7 @@ def _chunks(n: int, size: int = _CHUNK) -> range:
 
 
 class NumpyBackend:
-    """Pure-numpy implementation of the kernel contract (see kernels_api.md)."""
+    """Pure-numpy implementation of the kernel contract (see docs/kernels-api.md)."""
 
     name = "numpy"
 
