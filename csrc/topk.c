@@ -280,8 +280,12 @@ static int hist_path(const float *u2, const float *r2, float *s, size_t n, size_
 
 int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *idx, float *val,
                 float *residual_out) {
-    if (k > n || (uint64_t)n > UINT64_C(0xFFFFFFFF))
+    if (k > n)
         return FPE_EINVAL;
+#if SIZE_MAX > 0xFFFFFFFFu /* indices are uint32; on 32-bit targets size_t cannot exceed that */
+    if ((uint64_t)n > UINT64_C(0xFFFFFFFF))
+        return FPE_EINVAL;
+#endif
     float *s = residual_out;
     /* In place, a rejected update must not cost the caller its residual: one read-only pass checks
      * u + r first (cheaper than any copy), so FPE_ENONFINITE leaves the buffer untouched. */
