@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import sys
 
 from cffi import FFI
@@ -96,6 +97,11 @@ else:
         "-fvisibility=hidden",
     ]
     LIBRARIES = ["m"]
+    if platform.machine().lower() in ("i386", "i486", "i586", "i686", "x86"):
+        # 32-bit x86 defaults to x87 maths, whose 80-bit intermediates act like a fused multiply-add and
+        # break bit-parity (see `make -C csrc test-i686-x87`); SSE2 scalar maths keeps it. Needs a
+        # Pentium 4 or newer, which every supported gateway is.
+        EXTRA_COMPILE_ARGS += ["-msse2", "-mfpmath=sse"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
