@@ -118,7 +118,8 @@ def _text_lines(path: Path, encoding: str) -> io.TextIOWrapper:
 
 
 def _jsonl_rows(path: Path, limits: LocalDataLimits) -> Iterator[tuple[str, object, object]]:
-    line_cap = limits.max_text_chars * 6 + 4096  # JSON escapes a char in at most 6 (\uXXXX) plus the rest
+    # JSON spells one char in at most 6 (a \u escape with 4 hex digits); 4096 covers keys and the label
+    line_cap = limits.max_text_chars * 6 + 4096
     with _text_lines(path, "utf-8") as fh:
         line_no = 0
         try:

@@ -291,7 +291,7 @@ class EdgeAgent:
         self._save_state()
         try:
             self.trainer.save_state(self.state_dir / "trainer.state")
-        except (FedPeftError, OSError, NotImplementedError) as exc:
+        except (FedPeftError, OSError) as exc:
             log.warning("trainer state not saved: %s", exc)
         out = _Outgoing(rnd, path, data)
         self._outgoing.append(out)

@@ -19,6 +19,7 @@ Late updates can still count, down-weighted by staleness ``s`` (rounds behind):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Final, Literal
 
@@ -138,7 +139,7 @@ class RoundAccumulator:
 # Server optimisers
 
 
-class ServerOptimizer:
+class ServerOptimizer(ABC):
     """Turns the round's weighted mean update into the next global vector.
 
     ``step(global_vec, mean_delta)`` returns a new float32 array and advances the optimiser state.
@@ -166,8 +167,9 @@ class ServerOptimizer:
             raise FpeValueError("mean update holds NaN/Inf")
         return x, d
 
+    @abstractmethod
     def step(self, global_vec: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The next global vector (a new float32 array); advances ``steps`` and the optimiser state."""
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {"steps": np.array([self.steps], dtype=np.int64)}
