@@ -1,8 +1,9 @@
-"""Crash-safe file writes shared by every component that must survive kill -9 or power loss
-(aggregator round state, chunk spool, agent outbox and state).
+"""Atomic file writes shared by every component that must never leave a half-written file behind:
+aggregator round state, chunk spool log, agent outbox and state, trainer state, model cache, reports.
 
-A write is durable once the data is fsynced, renamed over the old file and the directory entry is
-fsynced too: after a crash the reader sees either the whole old file or the whole new one.
+A file is written to a temp file in the same directory and renamed over the target, so a reader sees
+either the whole old file or the whole new one. ``durable=True`` (the default) also fsyncs the data and
+the directory entry, so the new file survives kill -9 and power loss too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 
 def fsync_dir(directory: Path) -> None:
@@ -27,18 +30,34 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file in the same dir, fsync, rename)."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb", *, encoding: str | None = None, durable: bool = True,
+                file_mode: int | None = None) -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path`` for writing; on a clean exit it replaces ``path``.
+
+    ``file_mode`` sets the permissions (mkstemp creates files readable by the owner only). On an
+    exception the temp file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
+        if file_mode is not None:
+            os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    with atomic_file(path) as fh:
+        fh.write(data)

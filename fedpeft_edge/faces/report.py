@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpeft_edge.durable import atomic_file
 from fedpeft_edge.errors import MissingDependencyError, ValueError, ensure
 
 REPORT_INSTALL_HINT = "pip install 'fedpeft-edge[report]'"
@@ -25,15 +24,9 @@ def write_json(path: Path, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_safe(data), indent=2, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; reports are meant to be read and shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0o644: mkstemp makes files private; reports are meant to be read and shared
+    with atomic_file(path, "w", durable=False, file_mode=0o644) as fh:
+        fh.write(text + "\n")
     return path
 
 

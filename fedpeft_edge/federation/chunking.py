@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import struct
-import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any, BinaryIO, Final
 
 import msgpack
 
-from fedpeft_edge.durable import fsync_dir
+from fedpeft_edge.durable import atomic_file, fsync_dir
 from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.federation.codec import Reason, WireFormatError
@@ -489,18 +488,8 @@ class ChunkSpool:
 
     def _compact(self) -> None:
         keys = self._read_completed()
-        fd, tmp = tempfile.mkstemp(prefix=f".{COMPLETED_LOG}.tmp-", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.writelines(f"{s} {m}\n" for s, m in keys)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.dir / COMPLETED_LOG)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(self.dir)
+        with atomic_file(self.dir / COMPLETED_LOG, "w", encoding="utf-8") as fh:
+            fh.writelines(f"{s} {m}\n" for s, m in keys)
         self._log_lines = len(keys)
 
     def load(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], list[bytes]]]]:

@@ -25,11 +25,9 @@ drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -39,7 +37,7 @@ from typing import Any, Final
 import numpy as np
 
 from fedpeft_edge import kernels
-from fedpeft_edge.durable import fsync_dir
+from fedpeft_edge.durable import atomic_file
 from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.federation.codec import WireFormatError, encode_global, parse, update_l2_norm
 from fedpeft_edge.federation.strategy import (
@@ -196,18 +194,8 @@ class RoundState:
         for key, val in self.optimizer_state.items():
             arrays[f"opt__{key}"] = val
         final = d / STATE_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.tmp-", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(d)
+        with atomic_file(final) as f:
+            np.savez(f, **arrays)
         return final
 
     @classmethod

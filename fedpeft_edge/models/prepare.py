@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft_edge.durable import atomic_file
 from fedpeft_edge.errors import FedPeftError, MissingDependencyError, ensure
 
 # Bump whenever the exported graph for the same weights and settings would change.
@@ -143,16 +144,9 @@ def _cached_sha256(path: Path, cache_dir: Path) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # 0o644: mkstemp makes files private; the cache may be shared. A lost cache entry is rebuilt: no fsync.
+    with atomic_file(path, "w", durable=False, file_mode=0o644) as fh:
+        fh.write(text)
 
 
 def _cache_key(parts: dict[str, Any]) -> str:

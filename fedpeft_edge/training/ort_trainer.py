@@ -15,9 +15,7 @@ buffers handed to ORT are kept alive until the copy returns (see STACK_NOTES on 
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -28,6 +26,7 @@ import numpy as np
 import onnx
 
 from fedpeft_edge import kernels
+from fedpeft_edge.durable import atomic_file
 from fedpeft_edge.errors import NonFiniteError, TypeError, ValueError
 from fedpeft_edge.peft.artifacts import ArtifactBundle
 from fedpeft_edge.training.base import EvalMetrics, FlatLayout, TrainMetrics
@@ -296,12 +295,9 @@ class OrtTrainer:
                 training_api().CheckpointState.save_checkpoint(self._state, str(ckpt),
                                                                include_optimizer_state=True)
                 arrays["ort_checkpoint"] = np.frombuffer(ckpt.read_bytes(), np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = path.with_name(path.name + ".tmp")
-        tmp_path.write_bytes(buf.getvalue())
-        os.replace(tmp_path, path)
+        with atomic_file(path) as fh:
+            np.savez(fh, **arrays)
 
     def load_state(self, path: Path) -> None:
         try:
