@@ -1,25 +1,8 @@
 /* Aggregation kernels: dense/sparse weighted accumulation, norms, finiteness. */
 #include "fpe_internal.h"
 
-#define FPE_FN(name) name##_base
-#define FPE_TARGET
-#include "accum_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-
-#if FPE_X86_DISPATCH
-#define FPE_FN(name) name##_sse41
-#define FPE_TARGET __attribute__((target("sse4.1")))
-#include "accum_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-
-#define FPE_FN(name) name##_avx2
-#define FPE_TARGET __attribute__((target("avx2")))
-#include "accum_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-#endif
+#define FPE_BODY "accum_body.h"
+#include "fpe_multiversion.h"
 
 int fpe_axpy(float *acc, const float *x, size_t n, float weight) {
     if (!fpe__isfinite(weight))

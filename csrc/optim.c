@@ -1,25 +1,8 @@
 /* Optimizer updates for adapter parameters: SGD (momentum, decoupled decay, prox) and AdamW. */
 #include "fpe_internal.h"
 
-#define FPE_FN(name) name##_base
-#define FPE_TARGET
-#include "optim_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-
-#if FPE_X86_DISPATCH
-#define FPE_FN(name) name##_sse41
-#define FPE_TARGET __attribute__((target("sse4.1")))
-#include "optim_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-
-#define FPE_FN(name) name##_avx2
-#define FPE_TARGET __attribute__((target("avx2")))
-#include "optim_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-#endif
+#define FPE_BODY "optim_body.h"
+#include "fpe_multiversion.h"
 
 static int nonneg_finite(float x) { return fpe__isfinite(x) && x >= 0.0f; }
 

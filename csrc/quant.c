@@ -1,26 +1,8 @@
 /* int8 block quantisation (absmax scale per block) and its inverse. */
 #include "fpe_internal.h"
 
-#define FPE_FN(name) name##_base
-#define FPE_TARGET
-#include "quant_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-
-#if FPE_X86_DISPATCH
-#define FPE_FN(name) name##_sse41
-#define FPE_TARGET __attribute__((target("sse4.1")))
-#include "quant_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-
-/* avx2 only, never fma: fused multiply-add would change results against the other paths. */
-#define FPE_FN(name) name##_avx2
-#define FPE_TARGET __attribute__((target("avx2")))
-#include "quant_body.h"
-#undef FPE_FN
-#undef FPE_TARGET
-#endif
+#define FPE_BODY "quant_body.h"
+#include "fpe_multiversion.h"
 
 float fpe_uniform(uint64_t seed, uint64_t i) { return fpe__uniform(seed, i); }
 
