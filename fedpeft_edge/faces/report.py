@@ -141,11 +141,15 @@ def line_plot(
         ax.grid(True, alpha=0.3)
         if series or hline:
             ax.legend(fontsize=8)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, bbox_inches="tight")  # room for long rotated labels
+        return _save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")  # room for long rotated labels
     return path
 
 
@@ -178,12 +182,9 @@ def bar_plot(
         ax.grid(True, axis="y", alpha=0.3)
         if groups:
             ax.legend(fontsize=8)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, bbox_inches="tight")  # room for long rotated labels
+        return _save_figure(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 __all__ = [
