@@ -113,10 +113,10 @@ class ExperimentConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-        return cls.from_mapping(data, base_dir=path.parent)
+        return cls.from_mapping(data)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> ExperimentConfig:
+    def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentConfig:
         known_top = {"experiment", "grid", "tasks", "methods", "compression"}
         unknown = sorted(set(data) - known_top)
         ensure(not unknown, f"unknown experiment config tables: {', '.join(unknown)}")
@@ -153,8 +153,6 @@ class ExperimentConfig:
                 spec_keys.update(dict(method_tables.get(f"{m}.{tasks[t].kind}", {})))
                 overrides[t][m] = spec_keys
         comp_over = {k: dict(v) for k, v in data.get("compression", {}).items()}
-        if out_dir is not None and base_dir is not None and not Path(out_dir).is_absolute():
-            out_dir = Path(out_dir)
         return cls(
             name=name,
             settings=settings,
