@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..durable import atomic_write_bytes
+from ..durable import atomic_file, atomic_write_bytes
 from ..errors import FedPeftError, ValueError, WireError
 from ..training.base import LocalTrainer
 from . import chunking, wire
@@ -278,7 +278,7 @@ class EdgeAgent:
                                                      int(tm.samples), metrics, enc), self.limits)
         # Crash safety order: pending residual, then the outbox entry, then commit both (see _load_state).
         enc_tmp = self.state_dir / "encoder.next.npz"
-        with open(enc_tmp, "wb") as fh:
+        with atomic_file(enc_tmp) as fh:  # durable before the outbox entry that relies on it
             np.savez(fh, **self.encoder.state_arrays())
         path = self.outbox_dir / f"r{rnd:08d}.msg"
         atomic_write_bytes(path, data)
