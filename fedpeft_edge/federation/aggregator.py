@@ -196,17 +196,17 @@ class AggregatorService:
         """A message of another fleet reaches us only through a subscription that the broker kept in
         this client id's persistent session from an earlier run (e.g. before the fleet was renamed).
         It is nobody's bad input: unsubscribe that fleet's filters once and ignore the message."""
-        parts = topic.split("/")
-        if len(parts) != 4 or parts[0] != "fedpeft" or parts[1] == self.topics.fleet:
+        fleet = self.topics.other_fleet_of(topic)
+        if fleet is None:
             return False
-        if parts[2] not in ("update", "status") or parts[1] in self._stale_fleets:
-            return parts[1] in self._stale_fleets
-        self._stale_fleets.add(parts[1])
-        log.info("ignoring messages of fleet %r (a subscription left in this client's broker session "
-                 "by an earlier run); unsubscribing", parts[1])
-        if self.transport is not None:
-            for kind in ("update", "status"):
-                self.transport.unsubscribe(f"fedpeft/{parts[1]}/{kind}/+")
+        if fleet not in self._stale_fleets:
+            self._stale_fleets.add(fleet)
+            log.info("ignoring messages of fleet %r (a subscription left in this client's broker session "
+                     "by an earlier run); unsubscribing", fleet)
+            if self.transport is not None:
+                stale = Topics(fleet)
+                self.transport.unsubscribe(stale.updates_filter)
+                self.transport.unsubscribe(stale.status_filter)
         return True
 
     def _handle_update(self, sender: str, data: bytes, now: float, size: int) -> str:

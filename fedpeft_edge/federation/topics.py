@@ -58,3 +58,11 @@ class Topics:
                 and parts[2] in ("update", "status")):
             return parts[3] if _NAME_RE.match(parts[3]) else None
         return None
+
+    def other_fleet_of(self, topic: str) -> str | None:
+        """The fleet of an update/status topic of another (validly named) fleet, else None."""
+        parts = topic.split("/")
+        if (len(parts) == 4 and parts[0] == ROOT and parts[1] != self.fleet
+                and parts[2] in ("update", "status") and _NAME_RE.match(parts[1])):
+            return parts[1]
+        return None
