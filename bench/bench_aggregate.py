@@ -17,10 +17,11 @@ import psutil
 import pytest
 
 from fedpeft_edge import kernels
-from fedpeft_edge.federation import codec as C
-from fedpeft_edge.federation import round_state as R
-from fedpeft_edge.federation import strategy as S
-from fedpeft_edge.federation import wire as W
+from fedpeft_edge.central import core as R
+from fedpeft_edge.central.accumulator import RoundAccumulator
+from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.protocol import wire as W
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 N = 100_000
 BATCH = 200
@@ -29,7 +30,7 @@ SPEC = "ab" * 16
 
 def _message(i: int, rnd: int = 0) -> bytes:
     rng = np.random.default_rng(i)
-    enc = C.UpdateEncoder(C.CodecConfig(topk_ratio=0.01), N, seed=i).encode(
+    enc = UpdateEncoder(C.CodecConfig(topk_ratio=0.01), N, seed=i).encode(
         rng.standard_normal(N).astype(np.float32))
     return W.encode_update(W.UpdateMessage("fleet", rnd, f"site-{i:05d}", SPEC, 100 + i, {"loss": 1.0}, enc))
 
@@ -41,7 +42,7 @@ def messages() -> list[bytes]:
 
 def test_ingest_decode_validate_accumulate(benchmark, messages: list[bytes]) -> None:
     benchmark.group = "aggregate ingest, 100k params @ 1%"
-    acc = S.RoundAccumulator(N)
+    acc = RoundAccumulator(N)
 
     def ingest_batch() -> None:
         for data in messages:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from fedpeft_edge import kernels
-from fedpeft_edge.federation import codec as C
-from fedpeft_edge.federation import wire as W
+from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.protocol import wire as W
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 N = 1_000_000
 DENSE_BYTES = 4 * N
@@ -34,7 +35,7 @@ def _envelope(enc: C.EncodedUpdate) -> bytes:
 @pytest.mark.parametrize("mode", ["topk_int8", "topk_fp32", "int8", "fp32"])
 def test_encode_decode_1m(benchmark, delta: np.ndarray, mode: str) -> None:
     benchmark.group = "codec encode+decode, 1M params"
-    encoder = C.UpdateEncoder(C.CodecConfig(mode=mode, topk_ratio=0.01), N, seed=1)
+    encoder = UpdateEncoder(C.CodecConfig(mode=mode, topk_ratio=0.01), N, seed=1)
     acc = np.zeros(N, np.float32)
 
     def round_trip() -> C.EncodedUpdate:
@@ -66,14 +67,14 @@ def test_encode_decode_1m(benchmark, delta: np.ndarray, mode: str) -> None:
 
 def test_encode_only_topk_int8_1m(benchmark, delta: np.ndarray) -> None:
     benchmark.group = "codec parts, 1M params, top-1% int8"
-    encoder = C.UpdateEncoder(C.CodecConfig(), N, seed=1)
+    encoder = UpdateEncoder(C.CodecConfig(), N, seed=1)
     enc = benchmark(encoder.encode, delta)
     benchmark.extra_info.update({"backend": kernels.backend, "payload_bytes": enc.nbytes})
 
 
 def test_decode_only_topk_int8_1m(benchmark, delta: np.ndarray) -> None:
     benchmark.group = "codec parts, 1M params, top-1% int8"
-    enc = C.UpdateEncoder(C.CodecConfig(), N, seed=1).encode(delta)
+    enc = UpdateEncoder(C.CodecConfig(), N, seed=1).encode(delta)
     data = _envelope(enc)
     acc = np.zeros(N, np.float32)
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpeft_edge.federation import chunking, wire
-from fedpeft_edge.federation.aggregator import AggregatorService
-from fedpeft_edge.federation.broker import start_local_broker
-from fedpeft_edge.federation.codec import CodecConfig, UpdateEncoder
-from fedpeft_edge.federation.config import load_config
-from fedpeft_edge.federation.topics import Topics
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+from fedpeft_edge.central.broker import start_local_broker
+from fedpeft_edge.central.service import AggregatorService
+from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol.codec import CodecConfig
+from fedpeft_edge.protocol.config import load_config
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 FLEET = "bench"
 

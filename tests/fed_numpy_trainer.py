@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpeft_edge.federation.agent import TrainerSetup
-from fedpeft_edge.federation.config import ServiceConfig
-from fedpeft_edge.training.base import EvalMetrics, FlatLayout, TrainMetrics
+from fedpeft_edge.peft.layout import FlatLayout
+from fedpeft_edge.protocol.config import ServiceConfig
+from fedpeft_edge.site.trainer_setup import TrainerSetup
+from fedpeft_edge.training.base import EvalMetrics, TrainMetrics
 
 FEATURES, CLASSES = 8, 3
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from conftest_models import batches, text_data
 
-from fedpeft_edge.federation.agent import TrainerSetup
-from fedpeft_edge.federation.config import ServiceConfig
 from fedpeft_edge.peft.artifacts import ArtifactBundle
+from fedpeft_edge.protocol.config import ServiceConfig
+from fedpeft_edge.site.trainer_setup import TrainerSetup
 from fedpeft_edge.training.ort_trainer import OrtTrainer
 
 

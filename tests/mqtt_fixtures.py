@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft_edge.federation.broker import (
+from fedpeft_edge.central.broker import (
     BrokerHandle,
     PlantOptions,
     die_with_parent,
@@ -168,12 +168,12 @@ def write_toml(path: Path, text: str) -> Path:
 
 
 def spawn_cli(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """``python -m fedpeft_edge.cli ARGS`` with stdout+stderr into ``log_path``."""
+    """``python -m fedpeft_edge.faces.cli ARGS`` with stdout+stderr into ``log_path``."""
     import sys
 
     with open(log_path, "ab") as fh:  # the child keeps its own copy of the descriptor
         # die_with_parent: a killed test run must not leave services behind.
-        return subprocess.Popen([sys.executable, "-m", "fedpeft_edge.cli", *args], stdout=fh,
+        return subprocess.Popen([sys.executable, "-m", "fedpeft_edge.faces.cli", *args], stdout=fh,
                                 stderr=subprocess.STDOUT, env=service_env(), cwd=str(REPO_DIR),
                                 preexec_fn=die_with_parent)
 
@@ -214,8 +214,8 @@ def reference_fedavg(initial, rounds: list[list[bytes]]):
     (float64), decoded with the codec's own decoder."""
     import numpy as np
 
-    from fedpeft_edge.federation import wire
-    from fedpeft_edge.federation.codec import decode_dense
+    from fedpeft_edge.protocol import wire
+    from fedpeft_edge.protocol.codec import decode_dense
 
     g = np.asarray(initial, dtype=np.float64).copy()
     for envelopes in rounds:
@@ -235,9 +235,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 def retained_global(broker: BrokerHandle, fleet: str, timeout: float = 5.0):
     """The retained global message of ``fleet`` as the broker holds it now."""
-    from fedpeft_edge.federation import wire
-    from fedpeft_edge.federation.topics import Topics
-    from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+    from fedpeft_edge.protocol import wire
+    from fedpeft_edge.protocol.topics import Topics
+    from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
     t = MqttTransport(TransportConfig(host=broker.host, port=broker.port, client_id="test-reader",
                                       clean_start=True))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mqtt_fixtures import PLANT_FLEET, PlantPki, start_plant_broker
 
-from fedpeft_edge.federation.broker import BrokerHandle
-from fedpeft_edge.federation.topics import Topics
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig, TransportError
+from fedpeft_edge.central.broker import BrokerHandle
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig, TransportError
 
 T = Topics(PLANT_FLEET)
 
@@ -131,9 +131,9 @@ def test_federation_round_over_tls_with_passwords_and_acl(plant_broker: BrokerHa
 
     import fed_numpy_trainer as fnt
 
-    from fedpeft_edge.federation.agent import EdgeAgent
-    from fedpeft_edge.federation.aggregator import AggregatorService
-    from fedpeft_edge.federation.config import load_config
+    from fedpeft_edge.central.service import AggregatorService
+    from fedpeft_edge.protocol.config import load_config
+    from fedpeft_edge.site.agent import EdgeAgent
 
     def conn(user: str) -> str:
         (tmp_path / f"{user}.pass").write_text(plant_pki.passwords[user] + "\n")

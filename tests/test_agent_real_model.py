@@ -2,7 +2,7 @@
 
 Central side: MiniLM-L6 exported to ONNX (shared prepared-model cache) and a LoRA (query/value, rank 8)
 training bundle with an 8-class head. Two sites each hold their own ``.jsonl`` file (a disjoint slice of
-Reuters R8) and run ``python -m fedpeft_edge.cli agent`` with ``[trainer] kind = "ort"`` and
+Reuters R8) and run ``python -m fedpeft_edge.faces.cli agent`` with ``[trainer] kind = "ort"`` and
 ``[data] path``; the aggregator runs ``... aggregate`` with the same bundle. Two rounds of a few local
 ORT Training steps, top-k int8 updates.
 """
@@ -17,11 +17,11 @@ import mqtt_fixtures as mf
 import numpy as np
 import pytest
 
-from fedpeft_edge.federation import wire
-from fedpeft_edge.federation.codec import decode_global
-from fedpeft_edge.federation.round_state import RoundState
-from fedpeft_edge.federation.topics import Topics
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+from fedpeft_edge.central.store import RoundState
+from fedpeft_edge.protocol import wire
+from fedpeft_edge.protocol.codec import decode_global
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +202,7 @@ options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 32 }}
     }
     for extra, message in cases.items():
         cfg = mf.write_toml(tmp_path / "site.toml", base + extra)
-        proc = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "agent", "--config", str(cfg)],
+        proc = subprocess.run([sys.executable, "-m", "fedpeft_edge.faces.cli", "agent", "--config", str(cfg)],
                               env=mf.service_env(), cwd=str(mf.REPO_DIR), capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

@@ -18,15 +18,16 @@ import mqtt_fixtures as mf
 import numpy as np
 import pytest
 
-from fedpeft_edge.federation import chunking, wire
-from fedpeft_edge.federation.aggregator import AggregatorService
-from fedpeft_edge.federation.broker import BrokerHandle
-from fedpeft_edge.federation.codec import CodecConfig, UpdateEncoder
-from fedpeft_edge.federation.config import default_spec_hash, load_config
-from fedpeft_edge.federation.round_state import RoundState, StateError
-from fedpeft_edge.federation.strategy import RoundAccumulator
-from fedpeft_edge.federation.topics import Topics
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+from fedpeft_edge.central.accumulator import RoundAccumulator
+from fedpeft_edge.central.broker import BrokerHandle
+from fedpeft_edge.central.service import AggregatorService
+from fedpeft_edge.central.store import RoundState, StateError
+from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol.codec import CodecConfig
+from fedpeft_edge.protocol.config import default_spec_hash, load_config
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 N = 2000  # fp32 update of 8 KB: 30+ chunks at a 400-byte payload budget
 

@@ -12,13 +12,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedpeft_edge.federation import chunking, wire
-from fedpeft_edge.federation.agent import EdgeAgent
-from fedpeft_edge.federation.aggregator import AggregatorService
-from fedpeft_edge.federation.codec import CodecConfig, UpdateEncoder
-from fedpeft_edge.federation.config import load_config
-from fedpeft_edge.federation.topics import Topics
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+from fedpeft_edge.central.service import AggregatorService
+from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol.codec import CodecConfig
+from fedpeft_edge.protocol.config import load_config
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
+from fedpeft_edge.site.agent import EdgeAgent
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 FLEET = "hostile"
 N = 27  # fed_numpy_trainer: 8 features x 3 classes + 3 biases

@@ -7,15 +7,15 @@ from pathlib import Path
 import mqtt_fixtures
 import pytest
 
-from fedpeft_edge.errors import ValueError as FpeValueError
-from fedpeft_edge.federation.broker import (
+from fedpeft_edge.central.broker import (
     BrokerOptions,
     PlantOptions,
     port_accepts,
     render_config,
     start_local_broker,
 )
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 mqtt_fixtures.require_mosquitto()
 
@@ -38,9 +38,9 @@ def test_dev_template_fills_every_placeholder(tmp_path: Path) -> None:
 
 def test_plant_template_needs_existing_files(tmp_path: Path) -> None:
     missing = PlantOptions(tmp_path / "ca.crt", tmp_path / "s.crt", tmp_path / "s.key", tmp_path / "pw")
-    with pytest.raises(FpeValueError, match="does not exist"):
+    with pytest.raises(InvalidValueError, match="does not exist"):
         render_config(BrokerOptions(config="plant", plant=missing), 1, tmp_path)
-    with pytest.raises(FpeValueError, match="PlantOptions"):
+    with pytest.raises(InvalidValueError, match="PlantOptions"):
         render_config(BrokerOptions(config="plant"), 1, tmp_path)
 
 
@@ -100,9 +100,9 @@ def test_embedded_broker_serves_mqtt311_clients() -> None:
 
 
 def test_kind_and_port_validation() -> None:
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         start_local_broker(prefer="rabbit")  # type: ignore[arg-type]
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         start_local_broker(port=70000)
 
 
@@ -113,7 +113,7 @@ def test_cli_broker_runs_in_foreground_until_sigterm(tmp_path: Path) -> None:
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "fedpeft_edge.cli", "broker", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "fedpeft_edge.faces.cli", "broker", "--port", "0",
                              "--data-dir", str(tmp_path / "state")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=mqtt_fixtures.service_env(), text=True)
     try:
@@ -138,7 +138,7 @@ def test_cli_help_explains_topics_and_state() -> None:
     import sys
 
     def helptext(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", *args, "--help"], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "fedpeft_edge.faces.cli", *args, "--help"], capture_output=True,
                              text=True, env=mqtt_fixtures.service_env(), check=True)
         return out.stdout
 
@@ -157,10 +157,10 @@ def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[agent]\nclient_idd = 'x'\n")
-    out = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "agent", "--config", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "fedpeft_edge.faces.cli", "agent", "--config", str(bad)],
                          capture_output=True, text=True, env=mqtt_fixtures.service_env(), timeout=60)
     assert out.returncode == 2
     assert "unknown key(s) ['client_idd']" in out.stderr and "Traceback" not in out.stderr
-    missing = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "broker", "--kind", "plant"],
+    missing = subprocess.run([sys.executable, "-m", "fedpeft_edge.faces.cli", "broker", "--kind", "plant"],
                              capture_output=True, text=True, env=mqtt_fixtures.service_env(), timeout=60)
     assert missing.returncode == 2 and "--cafile" in missing.stderr

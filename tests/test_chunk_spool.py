@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft_edge.federation import chunking as CH
-from fedpeft_edge.federation.codec import WireFormatError
+from fedpeft_edge.protocol import chunking as CH
+from fedpeft_edge.protocol.reasons import WireFormatError
 
 MID = "cd" * 16
 

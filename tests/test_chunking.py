@@ -7,9 +7,9 @@ import random
 import msgpack
 import pytest
 
-from fedpeft_edge.errors import WireError
-from fedpeft_edge.federation import chunking as CH
-from fedpeft_edge.federation.codec import Reason, reason_of
+from fedpeft_edge.protocol import chunking as CH
+from fedpeft_edge.protocol.reasons import Reason, reason_of
+from fedpeft_edge.runtime.errors import WireError
 
 
 def _blob(n: int, seed: int = 0) -> bytes:

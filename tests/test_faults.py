@@ -17,14 +17,15 @@ import mqtt_fixtures as mf
 import numpy as np
 import pytest
 
-from fedpeft_edge.federation import chunking, wire
-from fedpeft_edge.federation.aggregator import AggregatorService
-from fedpeft_edge.federation.broker import BrokerHandle, start_local_broker
-from fedpeft_edge.federation.codec import CodecConfig, UpdateEncoder
-from fedpeft_edge.federation.config import load_config
-from fedpeft_edge.federation.round_state import RoundState
-from fedpeft_edge.federation.topics import Topics
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+from fedpeft_edge.central.broker import BrokerHandle, start_local_broker
+from fedpeft_edge.central.service import AggregatorService
+from fedpeft_edge.central.store import RoundState
+from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol.codec import CodecConfig
+from fedpeft_edge.protocol.config import load_config
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 FEATURES = 8
 N_PARAMS = FEATURES * 3 + 3

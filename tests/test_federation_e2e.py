@@ -13,7 +13,7 @@ from pathlib import Path
 import mqtt_fixtures as mf
 import numpy as np
 
-from fedpeft_edge.federation.round_state import RoundState
+from fedpeft_edge.central.store import RoundState
 
 FLEET = "e2e"
 FEATURES = 100  # 303 parameters: an fp32 update (~1.4 KB) needs two chunks under a 1200-byte packet cap
@@ -96,7 +96,7 @@ def test_three_sites_three_rounds_match_offline_fedavg(mosquitto_broker, tmp_pat
 
     final = mf.retained_global(mosquitto_broker, FLEET)
     assert final.round == 3 and final.meta["final"] is True
-    from fedpeft_edge.federation.codec import decode_global
+    from fedpeft_edge.protocol.codec import decode_global
 
     np.testing.assert_array_equal(decode_global(final.vector), state.global_vec)
     # The chunked site really was chunked, and its chunks reassembled.
@@ -106,10 +106,10 @@ def test_three_sites_three_rounds_match_offline_fedavg(mosquitto_broker, tmp_pat
 
 # --- agent behaviour against a scripted "aggregator" (a plain client publishing globals) -------------
 def _publish_global(broker, fleet: str, rnd: int, vec: np.ndarray, spec: str, final: bool = False) -> None:
-    from fedpeft_edge.federation import wire
-    from fedpeft_edge.federation.codec import encode_global
-    from fedpeft_edge.federation.topics import Topics
-    from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+    from fedpeft_edge.protocol import wire
+    from fedpeft_edge.protocol.codec import encode_global
+    from fedpeft_edge.protocol.topics import Topics
+    from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
     t = MqttTransport(TransportConfig(host=broker.host, port=broker.port, client_id=f"pub-{fleet}-{rnd}",
                                       clean_start=True))
@@ -120,8 +120,8 @@ def _publish_global(broker, fleet: str, rnd: int, vec: np.ndarray, spec: str, fi
 
 
 def _update_listener(broker, fleet: str):
-    from fedpeft_edge.federation.topics import Topics
-    from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+    from fedpeft_edge.protocol.topics import Topics
+    from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
     t = MqttTransport(TransportConfig(host=broker.host, port=broker.port, client_id=f"listen-{fleet}",
                                       clean_start=True))
@@ -133,7 +133,7 @@ def _update_listener(broker, fleet: str):
 def _drain_rounds(t, seconds: float) -> list[int]:
     import time
 
-    from fedpeft_edge.federation import wire
+    from fedpeft_edge.protocol import wire
 
     rounds, end = [], time.monotonic() + seconds
     while time.monotonic() < end:
@@ -146,8 +146,8 @@ def _drain_rounds(t, seconds: float) -> list[int]:
 def _agent(broker, fleet: str, tmp: Path, policy: str = "finish", delay: float = 0.0, **agent_kw):
     import fed_numpy_trainer as fnt
 
-    from fedpeft_edge.federation.agent import EdgeAgent
-    from fedpeft_edge.federation.config import load_config
+    from fedpeft_edge.protocol.config import load_config
+    from fedpeft_edge.site.agent import EdgeAgent
 
     extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in agent_kw.items())
     cfg = load_config(text=f"""
@@ -216,9 +216,9 @@ def test_ort_lora_sites_through_the_cli(mosquitto_broker, tmp_path: Path) -> Non
     spec hash from the artifact bundle, initial global = the bundle's initial adapter."""
     from conftest_models import save, transformer_model
 
-    from fedpeft_edge.federation import wire
     from fedpeft_edge.peft.artifacts import generate_artifacts
     from fedpeft_edge.peft.spec import PeftSpec
+    from fedpeft_edge.protocol import wire
 
     spec = PeftSpec("lora", targets=[r"attention\.self\.(query|value)"], rank=4, head_classes=3)
     bundle = generate_artifacts(save(transformer_model(), tmp_path / "tf.onnx"), spec, tmp_path / "bundle")
@@ -269,7 +269,7 @@ client_index = {i}
     # Initial global = the bundle's initial trainable parameters (as a fresh trainer holds them).
     import fed_ort_trainer
 
-    from fedpeft_edge.federation.config import load_config
+    from fedpeft_edge.protocol.config import load_config
 
     initial = fed_ort_trainer.make(load_config(text=base)).trainer.get_flat()
     ref = mf.reference_fedavg(initial, [[sent[i][r] for i in range(3)] for r in range(2)])
@@ -283,10 +283,10 @@ def test_federation_over_embedded_amqtt_broker(tmp_path: Path) -> None:
 
     import fed_numpy_trainer as fnt
 
-    from fedpeft_edge.federation.agent import EdgeAgent
-    from fedpeft_edge.federation.aggregator import AggregatorService
-    from fedpeft_edge.federation.broker import start_local_broker
-    from fedpeft_edge.federation.config import load_config
+    from fedpeft_edge.central.broker import start_local_broker
+    from fedpeft_edge.central.service import AggregatorService
+    from fedpeft_edge.protocol.config import load_config
+    from fedpeft_edge.site.agent import EdgeAgent
 
     broker = start_local_broker(prefer="embedded")
     try:

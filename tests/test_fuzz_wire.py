@@ -11,10 +11,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedpeft_edge.errors import WireError
-from fedpeft_edge.federation import chunking as CH
-from fedpeft_edge.federation import codec as C
-from fedpeft_edge.federation import wire as W
+from fedpeft_edge.protocol import chunking as CH
+from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.protocol import wire as W
+from fedpeft_edge.protocol.indices import decode_bitmap_indices, decode_varint_indices
+from fedpeft_edge.runtime.errors import WireError
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 N = 700
 LIMITS = W.WireLimits(max_message_bytes=1 << 20, max_params=1 << 16)
@@ -25,7 +27,7 @@ def _valid_messages() -> list[bytes]:
     out = []
     for mode in C.MODES:
         for ratio in (0.01, 0.6):
-            enc = C.UpdateEncoder(C.CodecConfig(mode=mode, topk_ratio=ratio, block=64), N).encode(
+            enc = UpdateEncoder(C.CodecConfig(mode=mode, topk_ratio=ratio, block=64), N).encode(
                 rng.standard_normal(N).astype(np.float32))
             msg = W.UpdateMessage("f", 1, "c-1", "00ff" * 4, 10, {"loss": 1.0}, enc)
             out.append(W.encode_update(msg))
@@ -114,7 +116,7 @@ def test_varint_and_bitmap_decoders_on_random_bytes(n: int, data: bytes) -> None
     for k in (1, max(1, len(data) // 2), len(data) or 1):
         if k > n:
             continue
-        for decode in (C.decode_varint_indices, C.decode_bitmap_indices):
+        for decode in (decode_varint_indices, decode_bitmap_indices):
             try:
                 idx = decode(data, k, n)
             except WireError:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedpeft_edge.kernels as K
-from fedpeft_edge import errors
+from fedpeft_edge.runtime import errors
 
 # Fixtures `kernels` (every backend and CPU path) and `kernels_api` (numpy and c) live there.
 pytest_plugins = ["conftest_kernels"]
@@ -128,11 +128,11 @@ def test_stochastic_rounding_is_unbiased(kernels):
 
 
 def test_uniform_rejects_bad_counters_and_seeds(kernels_api):
-    with pytest.raises(errors.ValueError):
+    with pytest.raises(errors.InvalidValueError):
         kernels_api.uniform(1, np.array([-1, 2]))
-    with pytest.raises(errors.TypeError):
+    with pytest.raises(errors.InvalidTypeError):
         kernels_api.uniform(1, np.array([0.5]))
-    with pytest.raises(errors.ValueError):
+    with pytest.raises(errors.InvalidValueError):
         kernels_api.uniform(-1, np.array([1], np.uint64))
 
 
@@ -603,7 +603,7 @@ def test_wrong_dtype_is_type_error_naming_the_argument(kernels_api, call, arg):
         bad_versions.append(good.astype(good.dtype.newbyteorder()))
     for bad in bad_versions:
         kwargs[arg] = bad
-        with pytest.raises(errors.TypeError, match=arg):
+        with pytest.raises(errors.InvalidTypeError, match=arg):
             _invoke(kernels_api, kernel, kwargs)
 
 
@@ -615,10 +615,10 @@ def test_non_contiguous_or_2d_is_type_error(kernels_api, call, arg):
     assert not strided.flags.c_contiguous or good.size <= 1
     if good.size > 1:
         kwargs[arg] = strided
-        with pytest.raises(errors.TypeError, match=arg):
+        with pytest.raises(errors.InvalidTypeError, match=arg):
             _invoke(kernels_api, kernel, kwargs)
     kwargs[arg] = good.reshape(1, -1).copy()
-    with pytest.raises(errors.TypeError, match=arg):
+    with pytest.raises(errors.InvalidTypeError, match=arg):
         _invoke(kernels_api, kernel, kwargs)
 
 
@@ -626,7 +626,7 @@ def test_unaligned_buffer_is_type_error(kernels_api):
     raw = np.zeros(4 * 16 + 1, np.uint8)
     unaligned = np.frombuffer(raw.data, dtype=F32, count=16, offset=1)
     assert not unaligned.flags.aligned
-    with pytest.raises(errors.TypeError, match="aligned"):
+    with pytest.raises(errors.InvalidTypeError, match="aligned"):
         kernels_api.l2_norm(unaligned)
 
 
@@ -643,7 +643,7 @@ def test_read_only_output_is_type_error(kernels_api, call, arg):
     kwargs[arg] = kwargs[arg].copy()
     kwargs[arg].flags.writeable = False
     before = kwargs[arg].copy()
-    with pytest.raises(errors.TypeError, match="writable"):
+    with pytest.raises(errors.InvalidTypeError, match="writable"):
         _invoke(kernels_api, kernel, kwargs)
     np.testing.assert_array_equal(kwargs[arg], before)
 
@@ -660,7 +660,7 @@ LENGTH_ARGS = [("quantize_out", "out"), ("quantize_out", "scales"), ("dequantize
 def test_mismatched_length_is_value_error(kernels_api, call, arg):
     kernel, kwargs = _calls()[call]
     kwargs[arg] = np.concatenate([kwargs[arg], kwargs[arg][:1]])
-    with pytest.raises(errors.ValueError):
+    with pytest.raises(errors.InvalidValueError):
         _invoke(kernels_api, kernel, kwargs)
 
 
@@ -696,43 +696,43 @@ def test_bad_indices_are_value_error_and_acc_untouched(kernels_api, kernel, indi
     kwargs["acc"] = _normal(16, 11)
     before = kwargs["acc"].copy()
     kwargs["indices"] = np.array(indices, np.uint32)
-    with pytest.raises(errors.ValueError, match="indices"):
+    with pytest.raises(errors.InvalidValueError, match="indices"):
         _invoke(kernels_api, kernel, kwargs)
     np.testing.assert_array_equal(kwargs["acc"].view(np.uint32), before.view(np.uint32))
 
 
 @pytest.mark.parametrize(("call", "arg", "value", "exc"), [
-    ("quantize", "block", 0, errors.ValueError),
-    ("quantize", "block", -3, errors.ValueError),
-    ("quantize", "block", 2.0, errors.TypeError),
-    ("quantize", "block", True, errors.TypeError),
-    ("quantize", "stochastic_seed", -1, errors.ValueError),
-    ("quantize", "stochastic_seed", 2**64, errors.ValueError),
-    ("dequantize", "block", 0, errors.ValueError),
-    ("topk", "k", 17, errors.ValueError),
-    ("topk", "k", -1, errors.ValueError),
-    ("topk", "k", 1.5, errors.TypeError),
-    ("sgd", "lr", -0.1, errors.ValueError),
-    ("sgd", "lr", float("nan"), errors.ValueError),
-    ("sgd", "momentum", -0.5, errors.ValueError),
-    ("sgd", "weight_decay", float("inf"), errors.ValueError),
-    ("sgd", "prox_mu", -1.0, errors.ValueError),
-    ("sgd", "momentum_buf", None, errors.ValueError),  # momentum 0.9 needs a buffer
-    ("sgd", "w_ref", None, errors.ValueError),  # prox_mu 0.1 needs w_ref
-    ("adamw", "step", 0, errors.ValueError),
-    ("adamw", "step", 2**64, errors.ValueError),
-    ("adamw", "beta1", 1.0, errors.ValueError),
-    ("adamw", "beta2", -0.1, errors.ValueError),
-    ("adamw", "eps", 0.0, errors.ValueError),
-    ("adamw", "lr", 1e39, errors.ValueError),  # not finite as float32
-    ("adamw", "lr", "0.1", errors.TypeError),
-    ("adamw", "w_ref", None, errors.ValueError),
-    ("clip", "max_norm", 0.0, errors.ValueError),
-    ("clip", "max_norm", float("nan"), errors.ValueError),
-    ("axpy", "weight", float("inf"), errors.ValueError),
-    ("scatter", "weight", float("nan"), errors.ValueError),
-    ("dequant_acc", "block", 0, errors.ValueError),
-    ("dequant_acc", "weight", 1e39, errors.ValueError),
+    ("quantize", "block", 0, errors.InvalidValueError),
+    ("quantize", "block", -3, errors.InvalidValueError),
+    ("quantize", "block", 2.0, errors.InvalidTypeError),
+    ("quantize", "block", True, errors.InvalidTypeError),
+    ("quantize", "stochastic_seed", -1, errors.InvalidValueError),
+    ("quantize", "stochastic_seed", 2**64, errors.InvalidValueError),
+    ("dequantize", "block", 0, errors.InvalidValueError),
+    ("topk", "k", 17, errors.InvalidValueError),
+    ("topk", "k", -1, errors.InvalidValueError),
+    ("topk", "k", 1.5, errors.InvalidTypeError),
+    ("sgd", "lr", -0.1, errors.InvalidValueError),
+    ("sgd", "lr", float("nan"), errors.InvalidValueError),
+    ("sgd", "momentum", -0.5, errors.InvalidValueError),
+    ("sgd", "weight_decay", float("inf"), errors.InvalidValueError),
+    ("sgd", "prox_mu", -1.0, errors.InvalidValueError),
+    ("sgd", "momentum_buf", None, errors.InvalidValueError),  # momentum 0.9 needs a buffer
+    ("sgd", "w_ref", None, errors.InvalidValueError),  # prox_mu 0.1 needs w_ref
+    ("adamw", "step", 0, errors.InvalidValueError),
+    ("adamw", "step", 2**64, errors.InvalidValueError),
+    ("adamw", "beta1", 1.0, errors.InvalidValueError),
+    ("adamw", "beta2", -0.1, errors.InvalidValueError),
+    ("adamw", "eps", 0.0, errors.InvalidValueError),
+    ("adamw", "lr", 1e39, errors.InvalidValueError),  # not finite as float32
+    ("adamw", "lr", "0.1", errors.InvalidTypeError),
+    ("adamw", "w_ref", None, errors.InvalidValueError),
+    ("clip", "max_norm", 0.0, errors.InvalidValueError),
+    ("clip", "max_norm", float("nan"), errors.InvalidValueError),
+    ("axpy", "weight", float("inf"), errors.InvalidValueError),
+    ("scatter", "weight", float("nan"), errors.InvalidValueError),
+    ("dequant_acc", "block", 0, errors.InvalidValueError),
+    ("dequant_acc", "weight", 1e39, errors.InvalidValueError),
 ])
 def test_bad_scalar_arguments(kernels_api, call, arg, value, exc):
     kernel, kwargs = _calls()[call]
@@ -747,12 +747,12 @@ def test_bad_scalar_arguments(kernels_api, call, arg, value, exc):
 
 def test_overlapping_buffers_are_rejected(kernels_api):
     buf = _normal(32)
-    with pytest.raises(errors.ValueError, match="overlaps"):
+    with pytest.raises(errors.InvalidValueError, match="overlaps"):
         kernels_api.axpy(buf[:16], buf[8:24], 1.0)
-    with pytest.raises(errors.ValueError, match="overlaps"):
+    with pytest.raises(errors.InvalidValueError, match="overlaps"):
         kernels_api.topk_ef(buf[:16], buf[16:], 2, out_residual=buf[1:17])
     w = _normal(16)
-    with pytest.raises(errors.ValueError, match="overlaps"):
+    with pytest.raises(errors.InvalidValueError, match="overlaps"):
         kernels_api.adamw_step(w, w, np.zeros(16, F32), np.zeros(16, F32), step=1, lr=0.1)
 
 
@@ -781,7 +781,7 @@ def test_module_functions_delegate_to_active_backend():
     np.testing.assert_array_equal(q, q2)
     np.testing.assert_array_equal(s, s2)
     assert K.l2_norm(x) == active.l2_norm(x)
-    with pytest.raises(errors.ValueError):
+    with pytest.raises(errors.InvalidValueError):
         K.get_backend("fortran")
 
 
@@ -796,6 +796,6 @@ def test_c_cpu_path_switch_is_scoped_and_checked():
         assert c.cpu_path == before  # restored
     with c.using_cpu("baseline"):
         assert c.cpu_path in ("baseline", "neon")  # NEON is the baseline on aarch64
-    with pytest.raises(errors.ValueError, match="unknown CPU path"):
+    with pytest.raises(errors.InvalidValueError, match="unknown CPU path"):
         c.select_cpu("avx9000")
     assert c.cpu_path == before

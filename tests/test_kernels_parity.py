@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedpeft_edge import errors
+from fedpeft_edge.runtime import errors
 
 # Fixtures `c_path` (the C backend on each CPU path) and `ref` (numpy) live there.
 pytest_plugins = ["conftest_kernels"]

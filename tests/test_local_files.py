@@ -10,8 +10,8 @@ import pytest
 
 from fedpeft_edge.data.datasets import ImageDataset, TextDataset
 from fedpeft_edge.data.local_files import LocalDataLimits, load_local_dataset, split_eval
-from fedpeft_edge.errors import FedPeftError
-from fedpeft_edge.federation.config import load_config
+from fedpeft_edge.protocol.config import load_config
+from fedpeft_edge.runtime.errors import FedPeftError
 
 CLASSES = ["normal", "bearing_fault", "misalignment"]
 
@@ -248,8 +248,8 @@ def test_config_path_and_dataset_are_exclusive() -> None:
 
 
 def test_cli_override_conflict_is_caught_before_training(tmp_path: Path) -> None:
-    from fedpeft_edge.federation.agent import build_trainer_setup
-    from fedpeft_edge.federation.config import override
+    from fedpeft_edge.protocol.config import override
+    from fedpeft_edge.site.trainer_setup import build_trainer_setup
 
     cfg = load_config(text=f'[trainer]\nbundle_dir = "{tmp_path}"\n[data]\npath = "/srv/x.jsonl"\n'
                            'classes = ["a", "b"]\n')
@@ -262,8 +262,8 @@ def test_cli_override_conflict_is_caught_before_training(tmp_path: Path) -> None
 def test_site_arrays_from_a_local_file_with_the_prepared_tokenizer(tmp_path: Path) -> None:
     """The agent's data path without a bundle: tokenised with the prepared model's tokenizer (max_len
     from the options), held-out part by seed, max_samples applied to both parts."""
-    from fedpeft_edge.federation.agent import _site_arrays
     from fedpeft_edge.models.prepare import prepare_text_model
+    from fedpeft_edge.site.trainer_setup import site_arrays
 
     prepared = prepare_text_model()  # a cache hit after the first run (reads JSON, no torch)
     rows = [{"text": f"machine {i} reports {'vibration' if i % 2 else 'nominal values'}",
@@ -271,11 +271,11 @@ def test_site_arrays_from_a_local_file_with_the_prepared_tokenizer(tmp_path: Pat
     path = write_jsonl(tmp_path / "site.jsonl", rows)
     toml = (f'[data]\npath = "{path}"\nclasses = {json.dumps(CLASSES)}\neval_fraction = 0.25\nseed = 5\n'
             f'options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 12 }}\n')
-    tr_in, tr_y, ev_in, ev_y = _site_arrays(load_config(text=toml))
+    tr_in, tr_y, ev_in, ev_y = site_arrays(load_config(text=toml))
     assert tr_in["input_ids"].shape == (15, 12) and ev_in["attention_mask"].shape == (5, 12)
     expected = np.array([i % 3 for i in range(20)])
     ev_idx, tr_idx = split_eval(20, 0.25, 5)
     assert ev_y.tolist() == expected[ev_idx].tolist() and tr_y.tolist() == expected[tr_idx].tolist()
     small = load_config(text=toml + "max_samples = 8\n")
-    tr_in, tr_y, ev_in, ev_y = _site_arrays(small)
+    tr_in, tr_y, ev_in, ev_y = site_arrays(small)
     assert (len(tr_y), len(ev_y)) == (6, 2)

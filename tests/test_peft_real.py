@@ -95,7 +95,7 @@ def test_efficientnet_methods_train(image_setup, tmp_path, method):
 
 def test_minilm_lora_merged_export_matches(text_setup, tmp_path):
     from fedpeft_edge.peft.merge import export_inference_model
-    from fedpeft_edge.training.ort_import import ort
+    from fedpeft_edge.runtime.ort_import import ort
 
     prepared, batches = text_setup
     bundle = generate_artifacts(prepared.onnx_path, TEXT_SPECS["lora"], tmp_path / "b")

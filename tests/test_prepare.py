@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from fedpeft_edge.data import encode_for_model, load_fashion_mnist, load_reuters_r8, subsample
-from fedpeft_edge.errors import FedPeftError, MissingDependencyError
 from fedpeft_edge.models import (
     PreparedModel,
     default_cache_dir,
@@ -27,7 +26,8 @@ from fedpeft_edge.models import (
 )
 from fedpeft_edge.models import prepare as prepare_mod
 from fedpeft_edge.models.onnx_utils import check_onnx_model
-from fedpeft_edge.training import ort_import
+from fedpeft_edge.runtime import ort_import
+from fedpeft_edge.runtime.errors import FedPeftError, MissingDependencyError
 
 PARITY_ATOL = 1e-5
 

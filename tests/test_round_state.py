@@ -15,9 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft_edge.federation import codec as C
-from fedpeft_edge.federation import round_state as R
-from fedpeft_edge.federation import wire as W
+from fedpeft_edge.central import core as R
+from fedpeft_edge.central.store import STATE_FILE, RoundState, StateError
+from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.protocol import wire as W
+from fedpeft_edge.protocol.reasons import Reason
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 N = 2000
 SPEC = "feedc0de" * 4
@@ -34,7 +37,7 @@ def _config(**kw: object) -> R.AggregatorConfig:
 def _msg(client: str, rnd: int = 0, *, samples: int = 100, loss: float = 1.0, seed: int | None = None,
          mode: str = "topk_int8", scale: float = 1.0, **kw: object) -> W.UpdateMessage:
     rng = np.random.default_rng(seed if seed is not None else abs(hash(client)) % 2**32)
-    enc = C.UpdateEncoder(C.CodecConfig(mode=mode, topk_ratio=0.05), N).encode(
+    enc = UpdateEncoder(C.CodecConfig(mode=mode, topk_ratio=0.05), N).encode(
         (scale * rng.standard_normal(N)).astype(np.float32))
     fields = {"fleet": FLEET, "round": rnd, "client_id": client, "spec_hash": SPEC, "num_samples": samples,
               "metrics": {"loss": loss, "accuracy": 0.5}, "update": enc}
@@ -94,14 +97,14 @@ def test_wrong_n_and_hostile_payload_rejected_without_touching_the_sum() -> None
     core = R.AggregatorCore(_config())
     core.offer(_msg("a"))
     before = core._acc.sum.copy()
-    small = C.UpdateEncoder(C.CodecConfig(), N - 1).encode(np.ones(N - 1, np.float32))
-    assert core.offer(_msg("b", update=small)).reason == C.Reason.OUT_OF_RANGE
+    small = UpdateEncoder(C.CodecConfig(), N - 1).encode(np.ones(N - 1, np.float32))
+    assert core.offer(_msg("b", update=small)).reason == Reason.OUT_OF_RANGE
     enc = _msg("c").update
     bad = bytearray(enc.payload)
     bad[0:4] = np.float32(np.nan).tobytes()
     hostile = C.EncodedUpdate(enc.mode, enc.n, enc.k, enc.block, enc.index_coding, enc.index_nbytes,
                               bytes(bad))
-    assert core.offer(_msg("c", update=hostile)).reason == C.Reason.NON_FINITE
+    assert core.offer(_msg("c", update=hostile)).reason == Reason.NON_FINITE
     np.testing.assert_array_equal(core._acc.sum, before)
     assert core.accepted_this_round == 1 and core.counters["rejected"] == 2
     # and the client may still send a valid one for this round
@@ -110,9 +113,9 @@ def test_wrong_n_and_hostile_payload_rejected_without_touching_the_sum() -> None
 
 def test_note_rejected_counts_upstream_failures() -> None:
     core = R.AggregatorCore(_config())
-    d = core.note_rejected(C.Reason.CHECKSUM, nbytes=50)
+    d = core.note_rejected(Reason.CHECKSUM, nbytes=50)
     assert d.status == R.REJECTED
-    assert core.counters == {"rejected": 1, f"rejected:{C.Reason.CHECKSUM}": 1, "bytes_rejected": 50}
+    assert core.counters == {"rejected": 1, f"rejected:{Reason.CHECKSUM}": 1, "bytes_rejected": 50}
 
 
 def test_stale_weighted_late_updates() -> None:
@@ -210,8 +213,8 @@ def test_state_survives_restart_and_continues_identically(tmp_path: Path) -> Non
 def test_no_pickle_and_temp_files_ignored(tmp_path: Path) -> None:
     core = R.AggregatorCore(_config(), tmp_path)
     core.offer(_msg("a"))
-    (tmp_path / f".{R.STATE_FILE}.tmp-garbage").write_bytes(b"PK\x03\x04 half written")
-    with np.load(tmp_path / R.STATE_FILE, allow_pickle=False) as z:  # would raise on object arrays
+    (tmp_path / f".{STATE_FILE}.tmp-garbage").write_bytes(b"PK\x03\x04 half written")
+    with np.load(tmp_path / STATE_FILE, allow_pickle=False) as z:  # would raise on object arrays
         assert z["meta_json"].dtype == np.uint8
     again = R.AggregatorCore(_config(), tmp_path)
     assert again.accepted_this_round == 1 and again.participants == ["a"]
@@ -220,10 +223,10 @@ def test_no_pickle_and_temp_files_ignored(tmp_path: Path) -> None:
 
 def test_corrupt_or_foreign_state_is_refused(tmp_path: Path) -> None:
     R.AggregatorCore(_config(), tmp_path)
-    with pytest.raises(R.StateError):
+    with pytest.raises(StateError):
         R.AggregatorCore(_config(spec_hash="ab" * 16), tmp_path)
-    (tmp_path / R.STATE_FILE).write_bytes(b"not a zip")
-    with pytest.raises(R.StateError):
+    (tmp_path / STATE_FILE).write_bytes(b"not a zip")
+    with pytest.raises(StateError):
         R.AggregatorCore(_config(), tmp_path)
 
 
@@ -235,7 +238,7 @@ def test_failed_save_rolls_memory_back_to_disk(tmp_path: Path, monkeypatch: pyte
         raise OSError("disk full")
 
     monkeypatch.setattr(R.os, "replace", boom)
-    with pytest.raises(R.StateError):
+    with pytest.raises(StateError):
         core.offer(_msg("b"))
     monkeypatch.undo()
     assert core.participants == ["a"] and core.accepted_this_round == 1
@@ -248,12 +251,12 @@ _CHILD = textwrap.dedent(
     import os, sys, numpy as np
     sys.path.insert(0, {tests!r})
     from test_round_state import _config, _msg
-    from fedpeft_edge.federation import round_state as R
+    from fedpeft_edge.central import core as R
     mode, state_dir = sys.argv[1], sys.argv[2]
     core = R.AggregatorCore(_config(quorum=10_000), state_dir)
     if mode == "crash_before_rename":
         core.offer(_msg("c0", seed=0))
-        R.os.replace = lambda *a, **k: os._exit(9)   # dies with the new state only in a temp file
+        os.replace = lambda *a, **k: os._exit(9)   # dies with the new state only in a temp file
         core.offer(_msg("c1", seed=1))
     elif mode == "crash_before_ack":
         core.offer(_msg("c0", seed=0))
@@ -324,7 +327,7 @@ def test_huge_finite_update_cannot_overflow_the_round() -> None:
     assert core.offer(_msg("a")).accepted
     huge = np.zeros(N, np.float32)
     huge[:10] = 3e38
-    enc = C.UpdateEncoder(C.CodecConfig(mode="fp32"), N).encode(huge)
+    enc = UpdateEncoder(C.CodecConfig(mode="fp32"), N).encode(huge)
     d = core.offer(_msg("b", update=enc, samples=10**6))
     assert d.status == R.REJECTED and d.reason == "overflow"
     assert core.offer(_msg("c")).accepted
@@ -388,21 +391,21 @@ def test_failure_half_way_through_counting_refuses_to_persist(tmp_path: Path,
     service does not acknowledge), and nothing more is ever saved from that core."""
     core = R.AggregatorCore(_config(), tmp_path)
     assert core.offer(_msg("a")).accepted
-    before = R.RoundState.load(tmp_path)
+    before = RoundState.load(tmp_path)
     assert before is not None
 
     def broken(self: object, *args: object, **kw: object) -> None:
         raise RuntimeError("kernel failed half-way")
 
     monkeypatch.setattr(R.RoundAccumulator, "accumulate", broken)
-    with pytest.raises(R.StateError):
+    with pytest.raises(StateError):
         core.offer(_msg("b"))
     monkeypatch.undo()
-    with pytest.raises(R.StateError):
+    with pytest.raises(StateError):
         core.checkpoint()
-    with pytest.raises(R.StateError):
+    with pytest.raises(StateError):
         core.offer(_msg("c"))
-    after = R.RoundState.load(tmp_path)
+    after = RoundState.load(tmp_path)
     assert after is not None and set(after.accepted) == {("a", 0)}
     np.testing.assert_array_equal(after.acc_sum, before.acc_sum)
     resumed = R.AggregatorCore(_config(), tmp_path)  # a restart from disk is usable again

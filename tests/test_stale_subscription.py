@@ -9,9 +9,9 @@ from pathlib import Path
 
 import mqtt_fixtures as mf
 
-from fedpeft_edge.federation.aggregator import AggregatorService
-from fedpeft_edge.federation.config import load_config
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+from fedpeft_edge.central.service import AggregatorService
+from fedpeft_edge.protocol.config import load_config
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
 
 def _config(port: int, fleet: str, state_dir: Path) -> str:

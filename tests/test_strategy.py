@@ -7,21 +7,23 @@ import itertools
 import numpy as np
 import pytest
 
-from fedpeft_edge.federation import codec as C
-from fedpeft_edge.federation import strategy as S
+from fedpeft_edge.central import strategy as S
+from fedpeft_edge.central.accumulator import RoundAccumulator
+from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 
 def _encs(count: int, n: int, mode: str = "topk_int8", seed: int = 0) -> list[C.EncodedUpdate]:
     rng = np.random.default_rng(seed)
     cfg = C.CodecConfig(mode=mode, topk_ratio=0.05, block=64)
-    return [C.UpdateEncoder(cfg, n).encode(rng.standard_normal(n).astype(np.float32)) for _ in range(count)]
+    return [UpdateEncoder(cfg, n).encode(rng.standard_normal(n).astype(np.float32)) for _ in range(count)]
 
 
 def test_accumulator_equals_weighted_mean_of_decoded_updates() -> None:
     n = 3000
     encs = _encs(5, n)
     weights = [10.0, 3.0, 7.5, 1.0, 20.0]
-    acc = S.RoundAccumulator(n)
+    acc = RoundAccumulator(n)
     for enc, w in zip(encs, weights, strict=True):
         acc.accumulate(enc, w)
     dense = np.stack([C.decode_dense(e).astype(np.float64) for e in encs])
@@ -33,7 +35,7 @@ def test_accumulator_equals_weighted_mean_of_decoded_updates() -> None:
 def test_clip_scale_shrinks_update_but_keeps_its_weight() -> None:
     n = 100
     enc = _encs(1, n, "fp32")[0]
-    acc = S.RoundAccumulator(n)
+    acc = RoundAccumulator(n)
     acc.accumulate(enc, 4.0, scale=0.5)
     np.testing.assert_allclose(acc.sum, 2.0 * C.decode_dense(enc), rtol=1e-6)
     assert acc.total_weight == 4.0
@@ -45,7 +47,7 @@ def test_aggregation_is_order_independent() -> None:
     weights = [1.0, 2.0, 3.0, 50.0, 0.5, 7.0]
     means = []
     for perm in itertools.islice(itertools.permutations(range(6)), 0, 720, 97):
-        acc = S.RoundAccumulator(n)
+        acc = RoundAccumulator(n)
         for i in perm:
             acc.accumulate(encs[i], weights[i])
         means.append(acc.mean())
@@ -60,17 +62,17 @@ def test_aggregation_is_order_independent() -> None:
 def test_accumulator_merge_and_dense_and_state() -> None:
     n = 200
     encs = _encs(4, n, "int8")
-    a, b, whole = S.RoundAccumulator(n), S.RoundAccumulator(n), S.RoundAccumulator(n)
+    a, b, whole = RoundAccumulator(n), RoundAccumulator(n), RoundAccumulator(n)
     for i, e in enumerate(encs):
         (a if i % 2 else b).accumulate(e, i + 1.0)
         whole.accumulate(e, i + 1.0)
     a.merge(b)
     np.testing.assert_allclose(a.mean(), whole.mean(), rtol=1e-5, atol=1e-7)
-    c = S.RoundAccumulator(n)
+    c = RoundAccumulator(n)
     c.load_state_arrays(whole.state_arrays())
     np.testing.assert_array_equal(c.sum, whole.sum)
     assert (c.total_weight, c.count) == (whole.total_weight, whole.count)
-    d = S.RoundAccumulator(n)
+    d = RoundAccumulator(n)
     d.accumulate_dense(C.decode_dense(encs[0]), 2.0)
     np.testing.assert_allclose(d.mean(), C.decode_dense(encs[0]), rtol=1e-6)
     with pytest.raises(ValueError):
@@ -78,7 +80,7 @@ def test_accumulator_merge_and_dense_and_state() -> None:
     with pytest.raises(ValueError):
         d.accumulate(encs[0], 0.0)
     with pytest.raises(ValueError):
-        S.RoundAccumulator(n).mean()
+        RoundAccumulator(n).mean()
 
 
 def test_fedavg_by_hand() -> None:

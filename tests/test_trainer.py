@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest_models import batches, conv_model, image_data, mlp_model, save, text_data, transformer_model
 
-from fedpeft_edge.errors import NonFiniteError, TypeError, ValueError
 from fedpeft_edge.peft.artifacts import generate_artifacts
 from fedpeft_edge.peft.spec import PeftSpec
+from fedpeft_edge.runtime.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fedpeft_edge.training.base import LocalTrainer
 from fedpeft_edge.training.ort_trainer import OrtTrainer
 
@@ -109,9 +109,9 @@ def test_set_flat_rejects_bad_vectors(bundles):
     trainer = OrtTrainer(bundles("lora"))
     n = trainer.layout.total
     before = trainer.get_flat()
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidTypeError):
         trainer.set_flat(np.zeros(n, np.float64))
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidValueError):
         trainer.set_flat(np.zeros(n + 1, np.float32))
     bad = before.copy()
     bad[3] = np.nan
@@ -122,13 +122,13 @@ def test_set_flat_rejects_bad_vectors(bundles):
 
 def test_bad_options_and_batches(bundles):
     bundle = bundles("lora")
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidValueError):
         OrtTrainer(bundle, optimizer="lamb")
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidValueError):
         OrtTrainer(bundle, lr_schedule="cosine")  # needs total_steps
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidValueError):
         OrtTrainer(bundle, optimizer="ort_adamw", prox_mu=0.1)
-    with pytest.raises(ValueError, match="attention_mask"):
+    with pytest.raises(InvalidValueError, match="attention_mask"):
         OrtTrainer(bundle).train([{"input_ids": np.zeros((2, 4), np.int64), "labels": np.zeros(2, np.int64)}])
 
 
@@ -155,9 +155,9 @@ def test_resume_reproduces_next_step(bundles, tmp_path, optimizer):
 def test_state_from_other_bundle_is_rejected(bundles, tmp_path):
     a = OrtTrainer(bundles("lora"))
     a.save_state(tmp_path / "s.npz")
-    with pytest.raises(ValueError, match="spec_hash"):
+    with pytest.raises(InvalidValueError, match="spec_hash"):
         OrtTrainer(bundles("ffa_lora")).load_state(tmp_path / "s.npz")
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(InvalidValueError, match="optimizer"):
         OrtTrainer(bundles("lora"), optimizer="c_sgd").load_state(tmp_path / "s.npz")
 
 

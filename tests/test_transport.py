@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from fedpeft_edge.errors import ValueError as FpeValueError
-from fedpeft_edge.federation.broker import start_local_broker
-from fedpeft_edge.federation.transport import MqttTransport, TransportConfig, TransportError
+from fedpeft_edge.central.broker import start_local_broker
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig, TransportError
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 
 def _t(broker, cid: str, **kw) -> MqttTransport:
@@ -40,7 +40,7 @@ def test_connack_maximum_packet_size_caps_payload() -> None:
         t.connect(10)
         assert t.broker_max_packet_size == 20_000
         assert 19_000 < t.max_payload("fedpeft/f/update/x") < 20_000
-        with pytest.raises(FpeValueError, match="chunks"):
+        with pytest.raises(InvalidValueError, match="chunks"):
             t.publish("fedpeft/f/update/x", b"x" * 20_000)
         t.close()
     finally:
@@ -104,7 +104,7 @@ def test_reconnect_after_broker_restart_delivers_queued_publish() -> None:
 
 
 def test_connect_timeout_when_nothing_listens() -> None:
-    from fedpeft_edge.federation.broker import free_port
+    from fedpeft_edge.central.broker import free_port
 
     t = MqttTransport(TransportConfig(port=free_port(), client_id="nobody", reconnect_max=1))
     t0 = time.monotonic()
@@ -114,9 +114,9 @@ def test_connect_timeout_when_nothing_listens() -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         TransportConfig(client_id="")
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         TransportConfig(client_id="x", protocol="4")
-    with pytest.raises(FpeValueError):
+    with pytest.raises(InvalidValueError):
         TransportConfig(client_id="x", tls_cert="a.crt")

@@ -8,9 +8,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedpeft_edge.errors import WireError
-from fedpeft_edge.federation import codec as C
-from fedpeft_edge.federation import wire as W
+from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.protocol import wire as W
+from fedpeft_edge.protocol.reasons import Reason, reason_of
+from fedpeft_edge.runtime.errors import WireError
+from fedpeft_edge.site.encoder import UpdateEncoder
 
 N = 5000
 SPEC = "0123456789abcdef0123456789abcdef"
@@ -18,7 +20,7 @@ SPEC = "0123456789abcdef0123456789abcdef"
 
 def _update(mode: str = "topk_int8", **kw: object) -> W.UpdateMessage:
     rng = np.random.default_rng(0)
-    enc = C.UpdateEncoder(C.CodecConfig(mode=mode), N).encode(rng.standard_normal(N).astype(np.float32))
+    enc = UpdateEncoder(C.CodecConfig(mode=mode), N).encode(rng.standard_normal(N).astype(np.float32))
     fields = {"fleet": "plant-a", "round": 7, "client_id": "gw-01", "spec_hash": SPEC, "num_samples": 640,
               "metrics": {"loss": 0.42, "accuracy": 0.9, "train_seconds": 12.5}, "update": enc}
     fields.update(kw)
@@ -37,7 +39,7 @@ def _reason_of_decode(data: bytes, limits: W.WireLimits = W.DEFAULT_LIMITS, kind
     decode = {"update": W.decode_update, "global": W.decode_global, "status": W.decode_status}[kind]
     with pytest.raises(WireError) as ei:
         decode(data, limits)
-    return C.reason_of(ei.value)
+    return reason_of(ei.value)
 
 
 # ---- round trips ---------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ def test_encoder_refuses_what_decoder_would_reject() -> None:
 def test_oversized_rejected_before_parsing() -> None:
     data = W.encode_update(_update("fp32"))
     limits = W.WireLimits(max_message_bytes=len(data) - 1)
-    assert _reason_of_decode(data, limits) == C.Reason.OVERSIZED
+    assert _reason_of_decode(data, limits) == Reason.OVERSIZED
 
 
 def test_every_truncation_is_a_wire_error() -> None:
@@ -103,20 +105,20 @@ def test_every_truncation_is_a_wire_error() -> None:
     for cut in range(0, len(data)):
         with pytest.raises(WireError) as ei:
             W.decode_update(data[:cut])
-        reasons.add(C.reason_of(ei.value))
-    assert C.Reason.TRUNCATED in reasons
+        reasons.add(reason_of(ei.value))
+    assert Reason.TRUNCATED in reasons
 
 
 def test_trailing_bytes_and_garbage() -> None:
     data = W.encode_update(_update())
-    assert _reason_of_decode(data + b"\x00") == C.Reason.TRAILING
-    assert _reason_of_decode(b"\xc1") == C.Reason.MALFORMED
-    assert _reason_of_decode(_raw([1, 2, 3])) == C.Reason.BAD_TYPE  # arrays are not part of v1
-    assert _reason_of_decode(_raw(5)) == C.Reason.MALFORMED
-    assert _reason_of_decode(msgpack.packb(msgpack.ExtType(1, b"x"))) == C.Reason.MALFORMED
-    assert _reason_of_decode(b"") == C.Reason.TRUNCATED
+    assert _reason_of_decode(data + b"\x00") == Reason.TRAILING
+    assert _reason_of_decode(b"\xc1") == Reason.MALFORMED
+    assert _reason_of_decode(_raw([1, 2, 3])) == Reason.BAD_TYPE  # arrays are not part of v1
+    assert _reason_of_decode(_raw(5)) == Reason.MALFORMED
+    assert _reason_of_decode(msgpack.packb(msgpack.ExtType(1, b"x"))) == Reason.MALFORMED
+    assert _reason_of_decode(b"") == Reason.TRUNCATED
     # int and bin map keys are refused by strict_map_key / the exact key set
-    assert _reason_of_decode(b"\x81\x01\x01") == C.Reason.MALFORMED
+    assert _reason_of_decode(b"\x81\x01\x01") == Reason.MALFORMED
     with pytest.raises(WireError):
         W.decode_update("not bytes")  # type: ignore[arg-type]
 
@@ -124,7 +126,7 @@ def test_trailing_bytes_and_garbage() -> None:
 def test_invalid_utf8_in_string() -> None:
     data = W.encode_update(_update())
     bad = data.replace(b"gw-01", b"gw-\xff1")
-    assert _reason_of_decode(bad) == C.Reason.MALFORMED
+    assert _reason_of_decode(bad) == Reason.MALFORMED
 
 
 def test_deep_nesting_is_rejected() -> None:
@@ -136,35 +138,35 @@ def test_deep_nesting_is_rejected() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "reason"),
     [
-        ("v", 2, C.Reason.BAD_VERSION),
-        ("v", True, C.Reason.BAD_VERSION),
-        ("t", "global", C.Reason.BAD_KIND),
-        ("r", True, C.Reason.BAD_TYPE),
-        ("r", -1, C.Reason.OUT_OF_RANGE),
-        ("r", 1.0, C.Reason.BAD_TYPE),
-        ("ns", 0, C.Reason.OUT_OF_RANGE),
-        ("ns", False, C.Reason.BAD_TYPE),
-        ("ns", 10**12, C.Reason.OUT_OF_RANGE),
-        ("c", "", C.Reason.BAD_STRING),
-        ("c", "gw/01", C.Reason.BAD_STRING),
-        ("c", "gw+#", C.Reason.BAD_STRING),
-        ("c", "x" * 65, C.Reason.BAD_STRING),
-        ("c", 5, C.Reason.BAD_TYPE),
-        ("fl", "plant a", C.Reason.BAD_STRING),
-        ("sh", "ABCDEF0123456789", C.Reason.BAD_STRING),
-        ("sh", "abc", C.Reason.BAD_STRING),
-        ("sh", b"0123456789abcdef", C.Reason.BAD_TYPE),
-        ("m", {"loss": float("nan")}, C.Reason.NON_FINITE),
-        ("m", {"loss": float("inf")}, C.Reason.NON_FINITE),
-        ("m", {"loss": True}, C.Reason.BAD_TYPE),
-        ("m", {"loss": "0.1"}, C.Reason.BAD_TYPE),
-        ("m", {"bad key": 1.0}, C.Reason.BAD_STRING),
-        ("m", {f"k{i}": 1.0 for i in range(33)}, C.Reason.OVERSIZED),
-        ("m", [1.0], C.Reason.BAD_TYPE),
-        ("p", "text", C.Reason.BAD_TYPE),
-        ("ck", b"\0" * 8, C.Reason.CHECKSUM),
-        ("ck", b"\0" * 4, C.Reason.CHECKSUM),
-        ("cd", 5, C.Reason.BAD_TYPE),
+        ("v", 2, Reason.BAD_VERSION),
+        ("v", True, Reason.BAD_VERSION),
+        ("t", "global", Reason.BAD_KIND),
+        ("r", True, Reason.BAD_TYPE),
+        ("r", -1, Reason.OUT_OF_RANGE),
+        ("r", 1.0, Reason.BAD_TYPE),
+        ("ns", 0, Reason.OUT_OF_RANGE),
+        ("ns", False, Reason.BAD_TYPE),
+        ("ns", 10**12, Reason.OUT_OF_RANGE),
+        ("c", "", Reason.BAD_STRING),
+        ("c", "gw/01", Reason.BAD_STRING),
+        ("c", "gw+#", Reason.BAD_STRING),
+        ("c", "x" * 65, Reason.BAD_STRING),
+        ("c", 5, Reason.BAD_TYPE),
+        ("fl", "plant a", Reason.BAD_STRING),
+        ("sh", "ABCDEF0123456789", Reason.BAD_STRING),
+        ("sh", "abc", Reason.BAD_STRING),
+        ("sh", b"0123456789abcdef", Reason.BAD_TYPE),
+        ("m", {"loss": float("nan")}, Reason.NON_FINITE),
+        ("m", {"loss": float("inf")}, Reason.NON_FINITE),
+        ("m", {"loss": True}, Reason.BAD_TYPE),
+        ("m", {"loss": "0.1"}, Reason.BAD_TYPE),
+        ("m", {"bad key": 1.0}, Reason.BAD_STRING),
+        ("m", {f"k{i}": 1.0 for i in range(33)}, Reason.OVERSIZED),
+        ("m", [1.0], Reason.BAD_TYPE),
+        ("p", "text", Reason.BAD_TYPE),
+        ("ck", b"\0" * 8, Reason.CHECKSUM),
+        ("ck", b"\0" * 4, Reason.CHECKSUM),
+        ("cd", 5, Reason.BAD_TYPE),
     ],
 )
 def test_field_violations(key: str, value: object, reason: str) -> None:
@@ -176,13 +178,13 @@ def test_field_violations(key: str, value: object, reason: str) -> None:
 def test_unknown_and_missing_keys() -> None:
     obj = _obj()
     obj["extra"] = 1
-    assert _reason_of_decode(_raw(obj)) == C.Reason.BAD_KEYS
+    assert _reason_of_decode(_raw(obj)) == Reason.BAD_KEYS
     obj = _obj()
     del obj["ns"]
-    assert _reason_of_decode(_raw(obj)) == C.Reason.BAD_KEYS
+    assert _reason_of_decode(_raw(obj)) == Reason.BAD_KEYS
     obj = _obj()
     obj["cd"]["zz"] = 1
-    assert _reason_of_decode(_raw(obj)) == C.Reason.BAD_KEYS
+    assert _reason_of_decode(_raw(obj)) == Reason.BAD_KEYS
 
 
 def test_payload_bit_flip_fails_checksum() -> None:
@@ -190,7 +192,7 @@ def test_payload_bit_flip_fails_checksum() -> None:
     p = bytearray(obj["p"])
     p[len(p) // 2] ^= 0x01
     obj["p"] = bytes(p)
-    assert _reason_of_decode(_raw(obj)) == C.Reason.CHECKSUM
+    assert _reason_of_decode(_raw(obj)) == Reason.CHECKSUM
 
 
 def test_absurd_declared_lengths_rejected_before_allocation() -> None:
@@ -200,20 +202,20 @@ def test_absurd_declared_lengths_rejected_before_allocation() -> None:
     data = _raw(obj)
     tracemalloc.start()
     try:
-        assert _reason_of_decode(data) == C.Reason.OUT_OF_RANGE
+        assert _reason_of_decode(data) == Reason.OUT_OF_RANGE
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 1_000_000
     obj = _obj()
     obj["cd"]["n"] = W.DEFAULT_LIMITS.max_params + 1
-    assert _reason_of_decode(_raw(obj)) == C.Reason.OUT_OF_RANGE
+    assert _reason_of_decode(_raw(obj)) == Reason.OUT_OF_RANGE
     obj = _obj()
     obj["cd"]["k"] = obj["cd"]["k"] + 1  # declared sizes no longer match the payload
-    assert _reason_of_decode(_raw(obj)) == C.Reason.LENGTH_MISMATCH
+    assert _reason_of_decode(_raw(obj)) == Reason.LENGTH_MISMATCH
     obj = _obj()
     obj["cd"]["il"] = -5
-    assert _reason_of_decode(_raw(obj)) == C.Reason.LENGTH_MISMATCH
+    assert _reason_of_decode(_raw(obj)) == Reason.LENGTH_MISMATCH
 
 
 def test_global_rejects_sparse_vectors_and_bad_meta() -> None:
@@ -222,24 +224,24 @@ def test_global_rejects_sparse_vectors_and_bad_meta() -> None:
          "cd": {"mo": msg.update.mode, "n": N, "k": msg.update.k, "b": msg.update.block,
                 "ic": msg.update.index_coding, "il": msg.update.index_nbytes},
          "p": msg.update.payload, "ck": W.checksum(msg.update.payload), "meta": {}}
-    assert _reason_of_decode(_raw(g), kind="global") == C.Reason.BAD_MODE
+    assert _reason_of_decode(_raw(g), kind="global") == Reason.BAD_MODE
     dense = C.encode_global(np.ones(10, np.float32))
     g.update({"cd": {"mo": "fp32", "n": 10, "k": 10, "b": 0, "ic": "none", "il": 0}, "p": dense.payload,
               "ck": W.checksum(dense.payload)})
     assert W.decode_global(_raw(g)).round == 0
     g["meta"] = {"x": float("nan")}
-    assert _reason_of_decode(_raw(g), kind="global") == C.Reason.NON_FINITE
+    assert _reason_of_decode(_raw(g), kind="global") == Reason.NON_FINITE
     g["meta"] = {"x": {"nested": 1}}
-    assert _reason_of_decode(_raw(g), kind="global") == C.Reason.BAD_TYPE
+    assert _reason_of_decode(_raw(g), kind="global") == Reason.BAD_TYPE
 
 
 def test_status_violations() -> None:
     good = {"v": 1, "t": "status", "c": "gw-01", "st": "online", "ts": 1.0, "r": None}
     assert W.decode_status(_raw(good)).state == "online"
-    for key, value, reason in [("st", "Online!", C.Reason.BAD_STRING),
-                               ("ts", float("nan"), C.Reason.OUT_OF_RANGE),
-                               ("ts", -1.0, C.Reason.OUT_OF_RANGE), ("ts", True, C.Reason.BAD_TYPE),
-                               ("r", -2, C.Reason.OUT_OF_RANGE), ("c", "a b", C.Reason.BAD_STRING)]:
+    for key, value, reason in [("st", "Online!", Reason.BAD_STRING),
+                               ("ts", float("nan"), Reason.OUT_OF_RANGE),
+                               ("ts", -1.0, Reason.OUT_OF_RANGE), ("ts", True, Reason.BAD_TYPE),
+                               ("r", -2, Reason.OUT_OF_RANGE), ("c", "a b", Reason.BAD_STRING)]:
         bad = dict(good)
         bad[key] = value
         assert _reason_of_decode(_raw(bad), kind="status") == reason, key

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from fedpeft_edge.errors import ensure
+from fedpeft_edge.runtime.errors import ensure
 
 
 def iterate_batches(

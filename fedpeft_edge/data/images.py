@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedpeft_edge.errors import TypeError, ensure
+from fedpeft_edge.runtime.errors import InvalidTypeError, ensure
 
 
 def _bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,8 +45,8 @@ def preprocess_images(
     Grayscale is replicated to ``channels``; sizes change by bilinear resampling. Work is done in chunks
     of ``batch_size`` images to bound the float temporaries.
     """
-    ensure(isinstance(images, np.ndarray), "images must be a numpy array", raising=TypeError)
-    ensure(images.dtype == np.uint8, f"images must be uint8, got {images.dtype}", raising=TypeError)
+    ensure(isinstance(images, np.ndarray), "images must be a numpy array", raising=InvalidTypeError)
+    ensure(images.dtype == np.uint8, f"images must be uint8, got {images.dtype}", raising=InvalidTypeError)
     ensure(images.ndim in (3, 4), f"images must be [N, H, W] or [N, H, W, C], got shape {images.shape}")
     ensure(isinstance(image_size, (int, np.integer)) and image_size >= 1, f"bad image_size {image_size!r}")
     ensure(channels in (1, 3), f"channels must be 1 or 3, got {channels}")

@@ -13,7 +13,7 @@ Formats (chosen by the file's extension):
 Every site maps labels through the same explicit class list from its configuration, so the same label
 gets the same id everywhere; a label outside the list is an error naming the file and line (row). Size,
 row-count and text-length limits are checked while reading, so a wrong or hostile file fails fast with a
-clear :class:`~fedpeft_edge.errors.ValueError` instead of exhausting the device's memory.
+clear :class:`~fedpeft_edge.runtime.errors.InvalidValueError` instead of exhausting the device's memory.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_edge.data.datasets import ImageDataset, TextDataset
-from fedpeft_edge.errors import ValueError, ensure
+from fedpeft_edge.runtime.errors import InvalidValueError, ensure
 
 TEXT_SUFFIXES = (".jsonl", ".csv")
 IMAGE_SUFFIXES = (".npz",)
@@ -74,7 +74,7 @@ def load_local_dataset(path: str | Path, classes: Sequence[str], *,
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise ValueError(f"cannot read data file {path}: {exc}") from exc
+        raise InvalidValueError(f"cannot read data file {path}: {exc}") from exc
     ensure(path.is_file(), f"data file {path} is not a regular file")
     ensure(size <= limits.max_file_bytes,
            f"{path}: {size:,} bytes exceeds the limit of {limits.max_file_bytes:,} (data.max_file_bytes)")
@@ -102,13 +102,13 @@ def _label_id(label: object, lookup: dict[str, int], n_classes: int, where: str)
     if isinstance(label, str):
         if label not in lookup:
             shown = label if len(label) <= 60 else label[:57] + "..."
-            raise ValueError(f"{where}: unknown label {shown!r}; not in data.classes {list(lookup)[:20]}")
+            raise InvalidValueError(f"{where}: unknown label {shown!r}; not in data.classes {list(lookup)[:20]}")
         return lookup[label]
     if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
         ensure(0 <= int(label) < n_classes,
                f"{where}: label id {int(label)} outside 0..{n_classes - 1} (ids index data.classes)")
         return int(label)
-    raise ValueError(f"{where}: label must be a class name (string) or a class id (integer), "
+    raise InvalidValueError(f"{where}: label must be a class name (string) or a class id (integer), "
                      f"got {type(label).__name__}")
 
 
@@ -131,13 +131,13 @@ def _jsonl_rows(path: Path, limits: LocalDataLimits) -> Iterator[tuple[str, obje
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise InvalidValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
                 ensure(isinstance(obj, dict), f"{where}: expected a JSON object, got {type(obj).__name__}")
                 missing = [k for k in ("text", "label") if k not in obj]
                 ensure(not missing, f"{where}: missing key(s) {missing}")
                 yield where, obj["text"], obj["label"]
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}:{line_no + 1}: not UTF-8 ({exc.reason})") from None
+            raise InvalidValueError(f"{path}:{line_no + 1}: not UTF-8 ({exc.reason})") from None
 
 
 def _csv_rows(path: Path, limits: LocalDataLimits) -> Iterator[tuple[str, object, object]]:
@@ -163,9 +163,9 @@ def _csv_rows(path: Path, limits: LocalDataLimits) -> Iterator[tuple[str, object
             finally:
                 csv.field_size_limit(old_limit)
         except csv.Error as exc:
-            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+            raise InvalidValueError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}:{reader.line_num + 1}: not UTF-8 ({exc.reason})") from None
+            raise InvalidValueError(f"{path}:{reader.line_num + 1}: not UTF-8 ({exc.reason})") from None
 
 
 def _load_npz(path: Path, classes: list[str], limits: LocalDataLimits) -> ImageDataset:
@@ -174,7 +174,7 @@ def _load_npz(path: Path, classes: list[str], limits: LocalDataLimits) -> ImageD
         with zipfile.ZipFile(path) as zf:
             members = {info.filename: info.file_size for info in zf.infolist()}
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"{path}: not a valid .npz archive ({exc})") from None
+        raise InvalidValueError(f"{path}: not a valid .npz archive ({exc})") from None
     for key in ("images", "labels"):
         ensure(f"{key}.npy" in members, f"{path}: missing array {key!r} (has {sorted(members)[:10]})")
     unpacked = members["images.npy"] + members["labels.npy"]
@@ -185,9 +185,9 @@ def _load_npz(path: Path, classes: list[str], limits: LocalDataLimits) -> ImageD
         with np.load(path, allow_pickle=False) as z:
             images, labels = z["images"], z["labels"]
     except builtins.ValueError as exc:  # object arrays need pickle: refused
-        raise ValueError(f"{path}: cannot read arrays without pickle ({exc})") from None
+        raise InvalidValueError(f"{path}: cannot read arrays without pickle ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"{path}: unreadable .npz ({exc})") from None
+        raise InvalidValueError(f"{path}: unreadable .npz ({exc})") from None
     ensure(images.dtype == np.uint8, f"{path}: images must be uint8, got {images.dtype}")
     ensure(images.ndim in (3, 4), f"{path}: images must be [N, H, W] or [N, H, W, C], got {images.shape}")
     if images.ndim == 4:
@@ -199,7 +199,7 @@ def _load_npz(path: Path, classes: list[str], limits: LocalDataLimits) -> ImageD
     if labels.dtype.kind in "iu":
         bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
         if bad.size:
-            raise ValueError(f"{path}: row {int(bad[0])}: label id {int(labels[bad[0]])} outside "
+            raise InvalidValueError(f"{path}: row {int(bad[0])}: label id {int(labels[bad[0]])} outside "
                              f"0..{len(classes) - 1} (ids index data.classes)")
         ids = labels.astype(np.int64)
     elif labels.dtype.kind == "U":
@@ -208,7 +208,7 @@ def _load_npz(path: Path, classes: list[str], limits: LocalDataLimits) -> ImageD
         for row, name in enumerate(labels.tolist()):
             ids[row] = _label_id(name, lookup, len(classes), f"{path}: row {row}")
     else:
-        raise ValueError(f"{path}: labels must be integer ids or strings, got dtype {labels.dtype}")
+        raise InvalidValueError(f"{path}: labels must be integer ids or strings, got dtype {labels.dtype}")
     if images.ndim == 4 and images.shape[3] == 1:
         images = images[..., 0]
     return ImageDataset(images=np.ascontiguousarray(images), labels=ids, classes=classes,

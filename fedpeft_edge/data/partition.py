@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft_edge.errors import ValueError, ensure
+from fedpeft_edge.runtime.errors import InvalidValueError, ensure
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "group")
 _DIRICHLET_ATTEMPTS = 200
@@ -152,11 +152,11 @@ def partition(
         return dirichlet_partition(labels, num_clients, alpha, seed, min_size=min_size)
     if name == "group":
         if groups is None:
-            raise ValueError("the 'group' partition needs natural group ids; this dataset has none")
+            raise InvalidValueError("the 'group' partition needs natural group ids; this dataset has none")
         groups = _as_labels(groups, "groups")
         ensure(groups.shape == labels.shape, "groups and labels must have the same length")
         return group_partition(groups, num_clients, seed)
-    raise ValueError(f"unknown partition scheme {name!r}; known: {', '.join(PARTITION_SCHEMES)}")
+    raise InvalidValueError(f"unknown partition scheme {name!r}; known: {', '.join(PARTITION_SCHEMES)}")
 
 
 def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:

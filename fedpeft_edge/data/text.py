@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft_edge.errors import MissingDependencyError, TypeError, ensure
+from fedpeft_edge.runtime.errors import InvalidTypeError, MissingDependencyError, ensure
 
 TOKENIZERS_INSTALL = "pip install tokenizers"
 # Characters per token budget when pre-cutting long texts; English WordPiece averages 4-5 characters per
@@ -62,9 +62,9 @@ class TextEncoder:
     def encode(self, texts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
         """``{"input_ids": int64 [N, max_len], "attention_mask": int64 [N, max_len]}`` (C-contiguous)."""
         if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single string")
+            raise InvalidTypeError("texts must be a sequence of strings, not a single string")
         texts = list(texts)
-        ensure(all(isinstance(t, str) for t in texts), "every text must be a str", raising=TypeError)
+        ensure(all(isinstance(t, str) for t in texts), "every text must be a str", raising=InvalidTypeError)
         ensure(
             isinstance(max_len, (int, np.integer)) and max_len >= 2,
             f"max_len must be an int >= 2, got {max_len!r}",

@@ -1,6 +1,6 @@
 """Sub-commands of ``fedpeft-edge`` that live in the faces layer: demo, experiment, bench, prepare.
 
-:func:`commands` hands them to the CLI's command registry (``fedpeft_edge.cli``), which adds the common
+:func:`commands` hands them to the CLI's command registry (``fedpeft_edge.faces.cli``), which adds the common
 options (``--config``, ``--log-level``, ``--log-file``) to each. Heavy imports happen inside the runners, so
 ``--help`` stays instant and never imports torch or ONNX Runtime.
 """
@@ -11,14 +11,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedpeft_edge.errors import FedPeftError
+from fedpeft_edge.runtime.errors import FedPeftError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def commands(command_cls: Any) -> list[Any]:
     """The four commands as ``command_cls(name, help, description, add_arguments, run)`` records, the shape
-    of ``fedpeft_edge.cli.Command`` (passed in, so this module never imports the CLI it plugs into)."""
+    of ``fedpeft_edge.faces.cli.Command`` (passed in, so this module never imports the CLI it plugs into)."""
     return [command_cls(*entry) for entry in _COMMANDS]
 
 

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft_edge.errors import FedPeftError, ValueError, ensure
 from fedpeft_edge.faces import report as rep
 from fedpeft_edge.faces.tasks import (
     SplitConfig,
@@ -50,6 +49,7 @@ from fedpeft_edge.faces.tasks import (
     split_sites,
     take,
 )
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, ensure
 
 QUICK_ENV = "FEDPEFT_EDGE_DEMO_QUICK"
 FLEET = "demo"
@@ -182,7 +182,7 @@ def load_demo_config(path: Path) -> dict[str, Any]:
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+        raise InvalidValueError(f"{path}: not valid TOML: {exc}") from exc
     table = dict(raw.get("demo", {}))
     known = {f.name for f in dataclasses.fields(DemoOptions)}
     unknown = sorted(set(table) - known)
@@ -202,8 +202,8 @@ def site_trainer_setup(cfg: Any) -> Any:
     ``trainer.options``: ``shard`` (npz written by the demo), ``lr``, ``batch_size``, ``seed``. The shard
     holds ``train/<input>``, ``train/labels``, ``test/<input>``, ``test/labels`` arrays.
     """
-    from fedpeft_edge.federation.agent import TrainerSetup
     from fedpeft_edge.peft.artifacts import ArtifactBundle
+    from fedpeft_edge.site.trainer_setup import TrainerSetup
     from fedpeft_edge.training.ort_trainer import OrtTrainer
 
     opts = dict(cfg.trainer.options)
@@ -246,7 +246,7 @@ def load_shard(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str,
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (OSError, builtins.ValueError) as exc:  # numpy raises the builtin (e.g. "pickled data")
-        raise ValueError(f"unreadable site shard {path}: {exc}") from exc
+        raise InvalidValueError(f"unreadable site shard {path}: {exc}") from exc
     for key in ("train/labels", "test/labels"):
         ensure(key in data, f"site shard {path} lacks {key}")
     train = {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith("train/") and k != "train/labels"}
@@ -269,7 +269,7 @@ def _toml_value(value: Any) -> str:
 
 def write_service_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
     """A service TOML; keys the installed services do not know are dropped (their config is strict)."""
-    from fedpeft_edge.federation import config as service_config
+    from fedpeft_edge.protocol import config as service_config
 
     known = {f.name: f for f in dataclasses.fields(service_config.ServiceConfig)}
     lines = []
@@ -341,8 +341,8 @@ class GlobalCollector:
     """Subscribes to the fleet's global topic and keeps every round's global adapter (decoded)."""
 
     def __init__(self, host: str, port: int, n_params: int, protocol: str = "auto") -> None:
-        from fedpeft_edge.federation.topics import Topics
-        from fedpeft_edge.federation.transport import MqttTransport, TransportConfig
+        from fedpeft_edge.protocol.topics import Topics
+        from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
         self.topics = Topics(FLEET)
         self.n = n_params
@@ -357,8 +357,8 @@ class GlobalCollector:
         self.transport.connect(30.0)
 
     def poll(self) -> None:
-        from fedpeft_edge.federation import wire
-        from fedpeft_edge.federation.codec import decode_global
+        from fedpeft_edge.protocol import wire
+        from fedpeft_edge.protocol.codec import decode_global
 
         while True:
             msg = self.transport.get(0.0)
@@ -514,7 +514,7 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     )
 
     # 2. broker and services -------------------------------------------------------------------
-    from fedpeft_edge.federation.broker import start_local_broker
+    from fedpeft_edge.central.broker import start_local_broker
 
     # The embedded broker runs in this process; its per-connection chatter would drown the progress display.
     for noisy in ("amqtt", "transitions"):
@@ -651,7 +651,7 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
         if collector is not None:
             # paho logs an error when asked to disconnect a session the broker already dropped; at the
             # end of the demo that is expected, not news
-            paho_log = logging.getLogger("fedpeft_edge.federation.transport.paho")
+            paho_log = logging.getLogger("fedpeft_edge.protocol.transport.paho")
             level = paho_log.level
             paho_log.setLevel(logging.CRITICAL)
             with contextlib.suppress(Exception):
@@ -771,7 +771,7 @@ def _live_status(work: Path, agent_dirs: list[Path], done: int) -> str:
 
 def read_sent_updates(agent_dir: Path) -> list[dict[str, Any]]:
     """What the agent actually sent (its audit copies): wire bytes, codec payload bytes, metrics."""
-    from fedpeft_edge.federation import wire
+    from fedpeft_edge.protocol import wire
 
     out = []
     sent = agent_dir / "sent"

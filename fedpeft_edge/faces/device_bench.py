@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft_edge.errors import FedPeftError, ValueError, ensure
 from fedpeft_edge.faces import report as rep
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, ensure
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skipped"
 BENCH_KEYS = ("system", "kernels", "training", "memory", "codec", "mqtt", "verdicts", "passed")
@@ -185,7 +185,8 @@ def bench_training(opts: BenchOptions, log: Callable[[str], None]) -> dict[str, 
 
 
 def bench_codec(n: int) -> dict[str, Any]:
-    from fedpeft_edge.federation.codec import CodecConfig, UpdateEncoder, decode_dense
+    from fedpeft_edge.protocol.codec import CodecConfig, decode_dense
+    from fedpeft_edge.site.encoder import UpdateEncoder
 
     rng = np.random.default_rng(1)
     delta = (rng.standard_normal(n) * 1e-3).astype(np.float32)
@@ -433,5 +434,5 @@ def load_bench_json(path: Path) -> dict[str, Any]:
     data = json.loads(Path(path).read_text())
     missing = [k for k in BENCH_KEYS if k not in data]
     if missing:
-        raise ValueError(f"{path} lacks keys {missing}")
+        raise InvalidValueError(f"{path} lacks keys {missing}")
     return data

@@ -2,7 +2,7 @@
 
 Each cell runs a whole federation in-process (no broker, for speed) with the very codec and aggregation
 code the services use: every site trains its adapter locally from the current global, encodes the delta
-with its own :class:`~fedpeft_edge.federation.codec.UpdateEncoder` (error-feedback residual kept per site
+with its own :class:`~fedpeft_edge.protocol.codec.UpdateEncoder` (error-feedback residual kept per site
 across rounds), the server accumulates the encoded updates weighted by sample count and applies its
 strategy. Measured per cell: global accuracy per round, per-site accuracy of the global model and after
 local personalisation (a few local steps from the global adapter, tested on the site's own held-out data),
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft_edge.errors import FedPeftError, ValueError, ensure
 from fedpeft_edge.faces import report as rep
 from fedpeft_edge.faces.tasks import (
     PeakRss,
@@ -43,6 +42,7 @@ from fedpeft_edge.faces.tasks import (
     split_sites,
     take,
 )
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, ensure
 
 MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2 parameter count (embeddings + 6 layers), for fp32 comparisons
 COMPRESSIONS = {
@@ -112,7 +112,7 @@ class ExperimentConfig:
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+            raise InvalidValueError(f"{path}: not valid TOML: {exc}") from exc
         return cls.from_mapping(data)
 
     @classmethod
@@ -171,7 +171,7 @@ class ExperimentConfig:
         return self.lr[task].get(method, self.lr[task]["*"])
 
     def codec_config(self, compression: str) -> Any:
-        from fedpeft_edge.federation.codec import CodecConfig
+        from fedpeft_edge.protocol.codec import CodecConfig
 
         params = dict(COMPRESSIONS[compression])
         params.update(self.compression_overrides.get(compression, {}))
@@ -265,7 +265,8 @@ class ServerAggregation:
     """The aggregator's maths, via the same accumulator and server optimizer as the MQTT aggregator."""
 
     def __init__(self, initial: np.ndarray, strategy: str, server_lr: float) -> None:
-        from fedpeft_edge.federation.strategy import RoundAccumulator, make_server_optimizer
+        from fedpeft_edge.central.accumulator import RoundAccumulator
+        from fedpeft_edge.central.strategy import make_server_optimizer
 
         self.n = int(initial.size)
         self.global_flat = initial.astype(np.float32, copy=True)
@@ -299,7 +300,7 @@ def run_cell(
     log: Callable[[str], None] = print,
 ) -> CellResult:
     """One federation: ``rounds`` rounds over ``clients`` sites, then personalisation per site."""
-    from fedpeft_edge.federation.codec import UpdateEncoder
+    from fedpeft_edge.site.encoder import UpdateEncoder
 
     s = config.settings
     started = time.perf_counter()

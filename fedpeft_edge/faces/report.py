@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedpeft_edge.durable import atomic_file
-from fedpeft_edge.errors import MissingDependencyError, ValueError, ensure
+from fedpeft_edge.runtime.durable import atomic_file
+from fedpeft_edge.runtime.errors import InvalidValueError, MissingDependencyError, ensure
 
 REPORT_INSTALL_HINT = "pip install 'fedpeft-edge[report]'"
 
@@ -66,7 +66,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, dig
     ensure(len(headers) > 0, "a table needs at least one column")
     for i, row in enumerate(rows):
         if len(row) != len(headers):
-            raise ValueError(f"row {i} has {len(row)} cells, the table has {len(headers)} columns")
+            raise InvalidValueError(f"row {i} has {len(row)} cells, the table has {len(headers)} columns")
     numeric = [
         all(isinstance(r[c], (int, float)) or r[c] is None for r in rows) and len(rows) > 0
         for c in range(len(headers))

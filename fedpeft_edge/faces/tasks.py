@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft_edge.errors import FedPeftError, SpecError, ValueError, ensure
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, SpecError, ensure
 
 TASK_KINDS = ("text", "image")
 METHOD_NAMES = ("lora", "ffa_lora", "adapter", "bitfit", "head_only", "full", "prompt", "select")
@@ -74,8 +74,8 @@ class SplitConfig:
                 try:
                     return cls(mode="dirichlet", alpha=float(lowered[len(prefix) :]))
                 except builtins.ValueError as exc:
-                    raise ValueError(f"bad Dirichlet alpha in split {text!r}") from exc
-        raise ValueError(f"unknown split {text!r}; use iid, group or dirichlet:<alpha>")
+                    raise InvalidValueError(f"bad Dirichlet alpha in split {text!r}") from exc
+        raise InvalidValueError(f"unknown split {text!r}; use iid, group or dirichlet:<alpha>")
 
     @property
     def label(self) -> str:
@@ -92,7 +92,7 @@ def _known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown {what} keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise InvalidValueError(f"unknown {what} keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return dict(data)
 
 
@@ -197,7 +197,7 @@ def split_sites(
         shards.append(SiteShard(site, np.sort(idx[n_test:]), np.sort(idx[:n_test])))
     for shard in shards:
         if shard.num_train == 0:
-            raise ValueError(
+            raise InvalidValueError(
                 f"site {shard.site} got no training samples under split {split.label} with {num_sites} "
                 "sites; use more training samples, fewer sites or a larger alpha"
             )

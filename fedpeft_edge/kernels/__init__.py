@@ -13,8 +13,8 @@ Environment, read once at import:
   (``fpe_init(1)``), a path name pins that path.
 
 Both backends validate every argument identically before any work (exact dtype, 1-D, C-contiguous,
-aligned, writable outputs, consistent lengths) and raise ``fedpeft_edge.errors`` types: TypeError for
-dtype/layout/writability, ValueError for lengths and ranges (bad sparse indices: message starts with
+aligned, writable outputs, consistent lengths) and raise ``fedpeft_edge.runtime.errors`` types: TypeError for
+dtype/layout/writability, InvalidValueError for lengths and ranges (bad sparse indices: message starts with
 "indices"), NonFiniteError for NaN/Inf. Nothing is copied or converted implicitly.
 ``get_backend("numpy")`` / ``get_backend("c")`` return backend objects with the same methods, so both can
 run side by side in one process.
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft_edge.errors import ValueError
 from fedpeft_edge.kernels._reference import NumpyBackend
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 __all__ = [
     "adamw_step",
@@ -58,7 +58,7 @@ _instances: dict[str, Any] = {}
 def get_backend(name: str) -> Any:
     """The backend object ``"c"`` or ``"numpy"`` (cached). ``"c"`` raises ImportError without the core."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+        raise InvalidValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
     if name not in _instances:
         if name == "numpy":
             _instances[name] = NumpyBackend()
@@ -161,7 +161,7 @@ def axpy(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
 
 
 def scatter_add(acc: np.ndarray, indices: np.ndarray, values: np.ndarray, weight: float) -> None:
-    """acc[indices] += weight * values; indices uint32 strictly increasing and < len(acc), else ValueError
+    """acc[indices] += weight * values; indices uint32 strictly increasing and < len(acc), else InvalidValueError
     with acc untouched."""
     _active.scatter_add(acc, indices, values, weight)
 

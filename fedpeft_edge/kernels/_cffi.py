@@ -2,7 +2,7 @@
 
 Every buffer is validated by ``_validate`` before its pointer is taken: ``ffi.from_buffer`` would read a
 float64 array as float32 without complaint. Buffers are passed without copies; return codes become the
-exceptions of ``fedpeft_edge.errors``.
+exceptions of ``fedpeft_edge.runtime.errors``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fedpeft_edge.errors import KernelError, MissingDependencyError, NonFiniteError, ValueError
 from fedpeft_edge.kernels import _validate as V
+from fedpeft_edge.runtime.errors import InvalidValueError, KernelError, MissingDependencyError, NonFiniteError
 
 try:
     from fedpeft_edge._core import ffi, lib
@@ -43,9 +43,9 @@ def _raise_for(rc: int, kernel: str, nonfinite_what: str = "an input") -> None:
     if rc == lib.FPE_ENONFINITE:
         raise NonFiniteError(f"{kernel}: {nonfinite_what} contains NaN or Inf ({text})")
     if rc == lib.FPE_EINDEX:
-        raise ValueError(f"{kernel}: indices must be strictly increasing and < len(acc) ({text})")
+        raise InvalidValueError(f"{kernel}: indices must be strictly increasing and < len(acc) ({text})")
     if rc == lib.FPE_EINVAL:
-        raise ValueError(f"{kernel}: {text}")
+        raise InvalidValueError(f"{kernel}: {text}")
     if rc == lib.FPE_ENOMEM:
         raise MemoryError(f"{kernel}: {text}")
     raise KernelError(f"{kernel}: C core returned {rc} ({text})")
@@ -78,9 +78,9 @@ class CBackend:
         elif cpu in PATH_CODES:
             if lib.fpe_set_cpu_path(PATH_CODES[cpu]) != lib.FPE_OK:
                 supported = self.supported_paths()
-                raise ValueError(f"CPU path {cpu!r} is not supported here; supported: {supported}")
+                raise InvalidValueError(f"CPU path {cpu!r} is not supported here; supported: {supported}")
         else:
-            raise ValueError(f"unknown CPU path {cpu!r}; use auto, baseline or one of {sorted(PATH_CODES)}")
+            raise InvalidValueError(f"unknown CPU path {cpu!r}; use auto, baseline or one of {sorted(PATH_CODES)}")
         return self.cpu_path
 
     @contextlib.contextmanager

@@ -13,8 +13,8 @@ import operator
 
 import numpy as np
 
-# Our TypeError/ValueError subclass the builtins; ``builtins.*`` catches errors from numpy/Python itself.
-from fedpeft_edge.errors import NonFiniteError, TypeError, ValueError
+# Our InvalidTypeError/InvalidValueError subclass the builtins; ``builtins.*`` catches errors from numpy/Python itself.
+from fedpeft_edge.runtime.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 
 F32 = np.dtype(np.float32)
 I8 = np.dtype(np.int8)
@@ -28,18 +28,18 @@ _F32_MAX = float(np.finfo(np.float32).max)
 def buffer(name: str, arr: object, dtype: np.dtype, *, writable: bool = False) -> np.ndarray:
     """Check that ``arr`` is a 1-D, C-contiguous, aligned ndarray of exactly ``dtype``."""
     if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of {dtype.name}, got {type(arr).__name__}")
+        raise InvalidTypeError(f"{name} must be a numpy.ndarray of {dtype.name}, got {type(arr).__name__}")
     if arr.dtype != dtype:
         # Also rejects non-native byte order ('>f4' != float32 here).
-        raise TypeError(f"{name} must have dtype {dtype.name}, got {arr.dtype.str} ({arr.dtype})")
+        raise InvalidTypeError(f"{name} must have dtype {dtype.name}, got {arr.dtype.str} ({arr.dtype})")
     if arr.ndim != 1:
-        raise TypeError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise InvalidTypeError(f"{name} must be 1-D, got shape {arr.shape}")
     if not arr.flags.c_contiguous:
-        raise TypeError(f"{name} must be C-contiguous (got strides {arr.strides}); pass a contiguous copy")
+        raise InvalidTypeError(f"{name} must be C-contiguous (got strides {arr.strides}); pass a contiguous copy")
     if not arr.flags.aligned:
-        raise TypeError(f"{name} must be aligned to its {dtype.itemsize}-byte element size")
+        raise InvalidTypeError(f"{name} must be aligned to its {dtype.itemsize}-byte element size")
     if writable and not arr.flags.writeable:
-        raise TypeError(f"{name} is an output and must be writable (got a read-only array)")
+        raise InvalidTypeError(f"{name} is an output and must be writable (got a read-only array)")
     return arr
 
 
@@ -55,7 +55,7 @@ def optional_output(name: str, arr: object, dtype: np.dtype, length: int) -> np.
 def same_length(name: str, arr: np.ndarray, expected: int, what: str = "") -> None:
     if arr.shape[0] != expected:
         detail = f" ({what})" if what else ""
-        raise ValueError(f"{name} has {arr.shape[0]} elements, expected {expected}{detail}")
+        raise InvalidValueError(f"{name} has {arr.shape[0]} elements, expected {expected}{detail}")
 
 
 def no_overlap(written: tuple[str, np.ndarray], *others: tuple[str, np.ndarray | None],
@@ -73,45 +73,45 @@ def no_overlap(written: tuple[str, np.ndarray], *others: tuple[str, np.ndarray |
         identical = (oarr.ctypes.data == warr.ctypes.data and oarr.nbytes == warr.nbytes)
         if identical and oname in allow_identical:
             continue
-        raise ValueError(f"{wname} overlaps {oname} in memory; pass separate buffers")
+        raise InvalidValueError(f"{wname} overlaps {oname} in memory; pass separate buffers")
 
 
 def block_size(block: object) -> int:
     b = integer("block", block)
     if b < 1:
-        raise ValueError(f"block must be >= 1, got {b}")
+        raise InvalidValueError(f"block must be >= 1, got {b}")
     if b >= UINT64_LIMIT:
-        raise ValueError(f"block is too large: {b}")
+        raise InvalidValueError(f"block is too large: {b}")
     return b
 
 
 def integer(name: str, value: object) -> int:
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got bool")
+        raise InvalidTypeError(f"{name} must be an integer, got bool")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except builtins.TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+        raise InvalidTypeError(f"{name} must be an integer, got {type(value).__name__}") from None
 
 
 def top_k(k: object, n: int) -> int:
     kk = integer("k", k)
     if not 0 <= kk <= n:
-        raise ValueError(f"k must satisfy 0 <= k <= n = {n}, got {kk}")
+        raise InvalidValueError(f"k must satisfy 0 <= k <= n = {n}, got {kk}")
     return kk
 
 
 def seed64(seed: object) -> int:
     s = integer("stochastic_seed", seed)
     if not 0 <= s < UINT64_LIMIT:
-        raise ValueError(f"stochastic_seed must be in [0, 2**64), got {s}")
+        raise InvalidValueError(f"stochastic_seed must be in [0, 2**64), got {s}")
     return s
 
 
 def step_count(step: object) -> int:
     s = integer("step", step)
     if not 1 <= s < UINT64_LIMIT:
-        raise ValueError(f"step must be an integer >= 1 (the first update is step 1), got {s}")
+        raise InvalidValueError(f"step must be an integer >= 1 (the first update is step 1), got {s}")
     return s
 
 
@@ -120,14 +120,14 @@ def real(name: str, value: object, *, low: float | None = None, high: float | No
     """A finite Python number that stays finite as float32, within [low, high] (optionally open)."""
     # float() would also parse strings: accept only real numbers (Python or numpy scalars).
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise InvalidTypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v) or abs(v) > _F32_MAX:
-        raise ValueError(f"{name} must be finite in float32, got {v!r}")
+        raise InvalidValueError(f"{name} must be finite in float32, got {v!r}")
     if low is not None and (v < low or (low_open and v == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
+        raise InvalidValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
     if high is not None and (v > high or (high_open and v == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v!r}")
+        raise InvalidValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v!r}")
     return v
 
 
@@ -174,7 +174,7 @@ def check_topk(update: object, residual: object, k: object, out_indices: object,
     n = u.shape[0]
     same_length("residual", r, n, "len(update)")
     if n >= UINT32_LIMIT:
-        raise ValueError(f"top-k needs fewer than 2**32 elements (uint32 indices), got {n}")
+        raise InvalidValueError(f"top-k needs fewer than 2**32 elements (uint32 indices), got {n}")
     kk = top_k(k, n)
     idx = optional_output("out_indices", out_indices, U32, kk)
     val = optional_output("out_values", out_values, F32, kk)
@@ -202,7 +202,7 @@ def check_sgd(w: object, g: object, momentum_buf: object, lr: object, momentum: 
         ma = buffer("momentum_buf", momentum_buf, F32, writable=True)
         same_length("momentum_buf", ma, n, "len(w)")
     elif mom != 0.0:
-        raise ValueError("momentum_buf is required when momentum != 0")
+        raise InvalidValueError("momentum_buf is required when momentum != 0")
     ref = _prox_reference(w_ref, mu, n)
     no_overlap(("w", wa), ("g", ga), ("momentum_buf", ma), ("w_ref", ref))
     if ma is not None:
@@ -239,7 +239,7 @@ def check_adamw(w: object, g: object, m: object, v: object, step: object, lr: ob
 def _prox_reference(w_ref: object, mu: float, n: int) -> np.ndarray | None:
     if w_ref is None:
         if mu != 0.0:
-            raise ValueError("w_ref is required when prox_mu != 0")
+            raise InvalidValueError("w_ref is required when prox_mu != 0")
         return None
     ref = buffer("w_ref", w_ref, F32)
     same_length("w_ref", ref, n, "len(w)")
@@ -265,7 +265,7 @@ def check_sparse(acc: np.ndarray, indices: object, nnz_name: str, nnz: int) -> n
     """Dtype and length of the index array; range and order are checked by ``sorted_indices``."""
     idx = buffer("indices", indices, U32)
     if idx.shape[0] != nnz:
-        raise ValueError(f"indices has {idx.shape[0]} elements but {nnz_name} has {nnz}")
+        raise InvalidValueError(f"indices has {idx.shape[0]} elements but {nnz_name} has {nnz}")
     return idx
 
 
@@ -274,9 +274,9 @@ def sorted_indices(indices: np.ndarray, n: int) -> None:
     if indices.shape[0] == 0:
         return
     if int(indices[-1]) >= n or int(indices[0]) >= n:
-        raise ValueError(f"indices out of range: values must be < len(acc) = {n}")
+        raise InvalidValueError(f"indices out of range: values must be < len(acc) = {n}")
     if indices.shape[0] > 1 and not bool(np.all(indices[1:] > indices[:-1])):
-        raise ValueError("indices must be strictly increasing (sorted, no duplicates)")
+        raise InvalidValueError("indices must be strictly increasing (sorted, no duplicates)")
 
 
 def check_scatter(acc: object, indices: object, values: object, weight: object
@@ -319,9 +319,9 @@ def check_sparse_dequant_acc(acc: object, indices: object, q: object, scales: ob
 def check_counters(i: object) -> np.ndarray:
     """Element counters for ``uniform``: any unsigned/non-negative integer array, any shape."""
     if not isinstance(i, np.ndarray):
-        raise TypeError(f"i must be a numpy.ndarray of integers, got {type(i).__name__}")
+        raise InvalidTypeError(f"i must be a numpy.ndarray of integers, got {type(i).__name__}")
     if i.dtype.kind not in "ui":
-        raise TypeError(f"i must have an integer dtype, got {i.dtype}")
+        raise InvalidTypeError(f"i must have an integer dtype, got {i.dtype}")
     if i.dtype.kind == "i" and i.size and int(i.min()) < 0:
-        raise ValueError("i must be non-negative")
+        raise InvalidValueError("i must be non-negative")
     return i.astype(np.uint64, copy=False)

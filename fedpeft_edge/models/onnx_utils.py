@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpeft_edge.errors import FedPeftError, ensure
+from fedpeft_edge.runtime.errors import FedPeftError, ensure
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,11 @@ class ModelSummary:
 def check_onnx_model(path: str | Path) -> ModelSummary:
     """Run the ONNX checker (by path, so models with external data work) and load it in ONNX Runtime.
 
-    Raises :class:`~fedpeft_edge.errors.FedPeftError` if either rejects the file.
+    Raises :class:`~fedpeft_edge.runtime.errors.FedPeftError` if either rejects the file.
     """
     import onnx
 
-    from fedpeft_edge.training.ort_import import ort as _ort  # the torch-free way to import onnxruntime
+    from fedpeft_edge.runtime.ort_import import ort as _ort  # the torch-free way to import onnxruntime
 
     ort = _ort()
 

@@ -24,7 +24,6 @@ torch.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import hashlib
 import importlib.metadata
@@ -35,12 +34,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft_edge.durable import atomic_file
-from fedpeft_edge.errors import FedPeftError, MissingDependencyError, ensure
+from fedpeft_edge.data.prepared_model import PreparedModel, load_prepared, load_prepared_entry
+from fedpeft_edge.runtime.durable import atomic_file
+from fedpeft_edge.runtime.errors import FedPeftError, MissingDependencyError, ensure
 
 # Bump whenever the exported graph for the same weights and settings would change.
 EXPORT_CODE_VERSION = 2
@@ -71,19 +70,6 @@ _PARITY_SENTENCES = (
 )
 
 
-@dataclass(frozen=True)
-class PreparedModel:
-    """An exported ONNX backbone and what a client needs to feed it."""
-
-    onnx_path: Path
-    kind: str  # "text" | "image"
-    input_names: tuple[str, ...]
-    feature_dim: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def output_name(self) -> str:
-        return "features"
 
 
 def default_cache_dir() -> Path:
@@ -164,54 +150,8 @@ def _require_torch() -> Any:
     return torch
 
 
-def load_prepared(entry_dir: str | os.PathLike[str], *, max_len: int | None = None) -> PreparedModel:
-    """Reopen a prepared-model directory (e.g. one copied out of the cache) without the source packages.
-
-    ``max_len`` sets the text tokenisation length (default 64, as in :func:`prepare_text_model`).
-    """
-    prepared = _load_cached(Path(entry_dir))
-    if prepared is None:
-        raise FedPeftError(f"{entry_dir} is not a complete prepared-model directory (prepared.json + model)")
-    if prepared.kind == "text":
-        length = 64 if max_len is None else max_len
-        ensure(
-            isinstance(length, int) and 2 <= length <= 512,
-            f"max_len must be an int in [2, 512], got {length!r}",
-        )
-        return PreparedModel(
-            onnx_path=prepared.onnx_path,
-            kind=prepared.kind,
-            input_names=prepared.input_names,
-            feature_dim=prepared.feature_dim,
-            meta={**prepared.meta, "max_len": length},
-        )
-    return prepared
 
 
-def _load_cached(entry_dir: Path) -> PreparedModel | None:
-    """Read a finished cache entry, or None if absent/incomplete (a half-written entry is never visible)."""
-    meta_path = entry_dir / "prepared.json"
-    try:
-        record = json.loads(meta_path.read_text())
-        onnx_path = entry_dir / record["onnx_file"]
-        if not onnx_path.is_file() or onnx_path.stat().st_size != record["onnx_size"]:
-            return None
-        meta = dict(record["meta"])
-        for key in record.get("path_meta_keys", []):
-            meta[key] = str(entry_dir / meta[key])
-            if not Path(meta[key]).is_file():
-                return None
-        if record["kind"] not in ("text", "image"):
-            return None
-        return PreparedModel(
-            onnx_path=onnx_path,
-            kind=record["kind"],
-            input_names=tuple(record["input_names"]),
-            feature_dim=int(record["feature_dim"]),
-            meta=meta,
-        )
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, builtins.ValueError):
-        return None
 
 
 def _build_entry(
@@ -235,20 +175,20 @@ def _build_entry(
             os.rename(tmp_dir, final_dir)
         except OSError:
             # Another process published the same entry first (same key => same content); keep theirs.
-            if _load_cached(final_dir) is None:
+            if load_prepared_entry(final_dir) is None:
                 shutil.rmtree(final_dir, ignore_errors=True)
                 os.rename(tmp_dir, final_dir)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
-    prepared = _load_cached(final_dir)
+    prepared = load_prepared_entry(final_dir)
     if prepared is None:
         raise FedPeftError(f"cache entry {final_dir} is unreadable right after writing it")
     return prepared
 
 
 def _ort_run(onnx_path: Path, feeds: dict[str, Any]) -> Any:
-    from fedpeft_edge.training.ort_import import ort as _ort  # the torch-free way to import onnxruntime
+    from fedpeft_edge.runtime.ort_import import ort as _ort  # the torch-free way to import onnxruntime
 
     ort = _ort()
 
@@ -294,7 +234,7 @@ def prepare_text_model(*, cache_dir: Path | None = None, max_len: int = 64) -> P
         }
     )
     entry_name = f"text-minilm-l6-{key}"
-    prepared = _load_cached(cache_dir / entry_name)
+    prepared = load_prepared_entry(cache_dir / entry_name)
     if prepared is None:
         prepared = _build_entry(cache_dir, entry_name, lambda tmp: _export_text(tmp, weights, tokenizer))
     # max_len only affects tokenisation (sequence axis is dynamic), so it is not part of the cache key.
@@ -533,7 +473,7 @@ def prepare_image_model(
         }
     )
     entry_name = f"image-effnet-lite0-{image_size}-{key}"
-    prepared = _load_cached(cache_dir / entry_name)
+    prepared = load_prepared_entry(cache_dir / entry_name)
     if prepared is None:
         prepared = _build_entry(
             cache_dir, entry_name, lambda tmp: _export_image(tmp, weights, image_size, bool(fold_batchnorm))

@@ -36,9 +36,10 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
-from fedpeft_edge.errors import FedPeftError, SpecError, ValueError
 from fedpeft_edge.peft.spec import PeftSpec
 from fedpeft_edge.peft.surgery import PeftPlan, apply_peft
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, SpecError
+from fedpeft_edge.runtime.ort_import import training_api
 
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
@@ -51,7 +52,7 @@ ORT_ADAMW = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.0}
 
 _CHILD = r"""
 import json, sys
-from fedpeft_edge.training.ort_import import training_artifacts
+from fedpeft_edge.runtime.ort_import import training_artifacts
 art = training_artifacts()
 job = json.loads(sys.argv[1])
 art.generate_artifacts(job["model"], requires_grad=job["requires_grad"], frozen_params=job["frozen"],
@@ -124,6 +125,22 @@ class ArtifactBundle:
             total += n
         return total
 
+    def initial_vector(self) -> np.ndarray:
+        """The trainable tensors' starting values as one flat float32 vector (flat-vector order).
+
+        Read from the checkpoint alone (no training session), so the aggregator can start its first
+        global without a trainer or data.
+        """
+        state = training_api().CheckpointState.load_checkpoint(str(self.checkpoint))
+        params = state.parameters
+        parts = []
+        for name, shape in zip(self.param_order, self.param_shapes, strict=True):
+            value = np.asarray(params[name].data, dtype=np.float32)
+            if value.shape != tuple(shape):
+                raise InvalidValueError(f"checkpoint tensor {name} has shape {value.shape}, manifest says {shape}")
+            parts.append(value.reshape(-1))
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
     def manifest(self) -> dict[str, Any]:
         return {"format": BUNDLE_FORMAT, "spec": self.spec.to_dict(), "spec_hash": self.spec_hash,
                 "model_sha256": self.model_sha256, "plan": self.plan.to_dict(),
@@ -137,19 +154,19 @@ class ArtifactBundle:
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
-            raise ValueError(f"{directory} is not an artifact bundle (no {MANIFEST})")
+            raise InvalidValueError(f"{directory} is not an artifact bundle (no {MANIFEST})")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"unreadable bundle manifest {path}: {exc}") from exc
+            raise InvalidValueError(f"unreadable bundle manifest {path}: {exc}") from exc
         if data.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"bundle format {data.get('format')!r} not supported (need {BUNDLE_FORMAT})")
+            raise InvalidValueError(f"bundle format {data.get('format')!r} not supported (need {BUNDLE_FORMAT})")
         spec = PeftSpec.from_dict(data["spec"])
         if spec.spec_hash(data["model_sha256"]) != data["spec_hash"]:
-            raise ValueError("bundle manifest spec_hash does not match its spec and model hash")
+            raise InvalidValueError("bundle manifest spec_hash does not match its spec and model hash")
         for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
             if not (directory / name).exists():
-                raise ValueError(f"bundle {directory} lacks {name}")
+                raise InvalidValueError(f"bundle {directory} lacks {name}")
         return cls(directory=directory, spec=spec, spec_hash=data["spec_hash"],
                    model_sha256=data["model_sha256"], plan=PeftPlan.from_dict(data["plan"]),
                    param_order=tuple(data["param_order"]),
@@ -287,9 +304,9 @@ def generate_artifacts(onnx_path: Path | str, spec: PeftSpec, out_dir: Path | st
     if not isinstance(spec, PeftSpec):
         raise SpecError(f"spec must be a PeftSpec, got {type(spec).__name__}")
     if not onnx_path.is_file():
-        raise ValueError(f"no ONNX model at {onnx_path}")
+        raise InvalidValueError(f"no ONNX model at {onnx_path}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+        raise InvalidValueError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     model = onnx.load(str(onnx_path))  # pulls external data in
     model_sha = file_sha256(onnx_path)
     peft_model, plan = apply_peft(model, spec)  # SpecError here: nothing written yet

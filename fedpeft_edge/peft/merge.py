@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fedpeft_edge.errors import ValueError
 from fedpeft_edge.peft.artifacts import ArtifactBundle, file_sha256
+from fedpeft_edge.peft.layout import FlatLayout
 from fedpeft_edge.peft.surgery import apply_peft
-from fedpeft_edge.training.base import FlatLayout
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 MERGEABLE = ("lora", "ffa_lora")
 
@@ -27,18 +27,18 @@ def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
     for i, t in enumerate(model.graph.initializer):
         if t.name == name:
             if tuple(t.dims) != value.shape:
-                raise ValueError(f"{name}: shape {value.shape} does not fit {tuple(t.dims)}")
+                raise InvalidValueError(f"{name}: shape {value.shape} does not fit {tuple(t.dims)}")
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(
                 np.array(value, np.float32, order="C"), name))
             return
-    raise ValueError(f"initializer {name!r} not in the model")
+    raise InvalidValueError(f"initializer {name!r} not in the model")
 
 
 def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
     for t in model.graph.initializer:
         if t.name == name:
             return numpy_helper.to_array(t)
-    raise ValueError(f"initializer {name!r} not in the model")
+    raise InvalidValueError(f"initializer {name!r} not in the model")
 
 
 def export_inference_model(bundle: ArtifactBundle | Path | str, flat: np.ndarray, out_path: Path | str, *,
@@ -49,14 +49,14 @@ def export_inference_model(bundle: ArtifactBundle | Path | str, flat: np.ndarray
     layout = FlatLayout.from_shapes(zip(bundle.param_order, bundle.param_shapes, strict=True))
     flat = np.asarray(flat)
     if flat.dtype != np.float32 or flat.shape != (layout.total,):
-        raise ValueError(f"flat must be float32 of shape ({layout.total},), got {flat.dtype} {flat.shape}")
+        raise InvalidValueError(f"flat must be float32 of shape ({layout.total},), got {flat.dtype} {flat.shape}")
     if not np.isfinite(flat).all():
-        raise ValueError("flat holds NaN or Inf")
+        raise InvalidValueError("flat holds NaN or Inf")
     base_path = Path(base_model_path or bundle.source_model)
     if not base_path.is_file():
-        raise ValueError(f"base model {base_path} not found (pass base_model_path=)")
+        raise InvalidValueError(f"base model {base_path} not found (pass base_model_path=)")
     if file_sha256(base_path) != bundle.model_sha256:
-        raise ValueError(f"base model {base_path} is not the one this bundle was built from (sha256)")
+        raise InvalidValueError(f"base model {base_path} is not the one this bundle was built from (sha256)")
     base = onnx.load(str(base_path))
     values = layout.split(flat)
     peft_model, plan = apply_peft(base, bundle.spec)

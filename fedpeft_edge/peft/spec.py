@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fedpeft_edge.errors import SpecError
+from fedpeft_edge.runtime.errors import SpecError
 
 METHODS = ("lora", "ffa_lora", "adapter", "prompt", "bitfit", "select", "head_only", "full")
 LORA_OPS = ("MatMul", "Gemm", "Conv")

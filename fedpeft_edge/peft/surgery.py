@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fedpeft_edge.errors import SpecError
 from fedpeft_edge.peft.spec import PeftSpec
+from fedpeft_edge.runtime.errors import SpecError
 
 LOGITS = "logits"
 HEAD_WEIGHT = "head.weight"
@@ -401,7 +401,7 @@ def _apply_prompt(gv: _Graph, spec: PeftSpec, rng: np.random.Generator) -> None:
 
 def _check_prompt_runs(model: onnx.ModelProto) -> None:
     """Run the rewired graph once: fixed-length reshapes show up here, not during training."""
-    from fedpeft_edge.training.ort_import import ort
+    from fedpeft_edge.runtime.ort_import import ort
 
     feeds = {}
     for inp in model.graph.input:

@@ -14,44 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class ParamSlot:
-    """Where one trainable tensor lives inside the flat vector."""
-
-    name: str
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-
-@dataclass(frozen=True)
-class FlatLayout:
-    """Names, shapes and offsets of the trainable tensors, in flat-vector order."""
-
-    slots: tuple[ParamSlot, ...]
-
-    @property
-    def total(self) -> int:
-        return sum(s.size for s in self.slots)
-
-    @classmethod
-    def from_shapes(cls, named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> FlatLayout:
-        slots, off = [], 0
-        for name, shape in named_shapes:
-            slot = ParamSlot(name, tuple(int(d) for d in shape), off)
-            slots.append(slot)
-            off += slot.size
-        return cls(tuple(slots))
-
-    def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """Views (no copies) of ``flat`` per tensor."""
-        if flat.shape != (self.total,):
-            raise ValueError(f"flat vector has shape {flat.shape}, layout needs ({self.total},)")
-        return {s.name: flat[s.offset : s.offset + s.size].reshape(s.shape) for s in self.slots}
+from fedpeft_edge.peft.layout import FlatLayout
 
 
 @dataclass

@@ -26,11 +26,12 @@ import numpy as np
 import onnx
 
 from fedpeft_edge import kernels
-from fedpeft_edge.durable import atomic_file
-from fedpeft_edge.errors import NonFiniteError, TypeError, ValueError
 from fedpeft_edge.peft.artifacts import ArtifactBundle
-from fedpeft_edge.training.base import EvalMetrics, FlatLayout, TrainMetrics
-from fedpeft_edge.training.ort_import import ort, training_api
+from fedpeft_edge.peft.layout import FlatLayout
+from fedpeft_edge.runtime.durable import atomic_file
+from fedpeft_edge.runtime.errors import InvalidTypeError, InvalidValueError, NonFiniteError
+from fedpeft_edge.runtime.ort_import import ort, training_api
+from fedpeft_edge.training.base import EvalMetrics, TrainMetrics
 
 OPTIMIZERS = ("c_adamw", "c_sgd", "ort_adamw")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -55,26 +56,26 @@ class OrtTrainer:
         if not isinstance(bundle, ArtifactBundle):
             bundle = ArtifactBundle.load(bundle)
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+            raise InvalidValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
+            raise InvalidValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
         if lr_schedule != "constant" and not total_steps:
-            raise ValueError(f"lr_schedule {lr_schedule!r} needs total_steps")
+            raise InvalidValueError(f"lr_schedule {lr_schedule!r} needs total_steps")
         if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+            raise InvalidValueError(f"lr must be a positive finite number, got {lr!r}")
         if prox_mu < 0 or weight_decay < 0 or warmup_steps < 0:
-            raise ValueError("prox_mu, weight_decay and warmup_steps must be >= 0")
+            raise InvalidValueError("prox_mu, weight_decay and warmup_steps must be >= 0")
         if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
+            raise InvalidValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
         if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            raise InvalidValueError(f"threads must be a positive integer, got {threads!r}")
         if optimizer == "ort_adamw":
             if prox_mu or clip_norm is not None:
-                raise ValueError("prox_mu and clip_norm need a c_* optimizer (ORT's AdamW graph has neither)")
+                raise InvalidValueError("prox_mu and clip_norm need a c_* optimizer (ORT's AdamW graph has neither)")
             fixed = bundle.ort_adamw
             if (weight_decay, beta1, beta2, eps) != (fixed["weight_decay"], fixed["beta1"], fixed["beta2"],
                                                      fixed["eps"]):
-                raise ValueError(f"ort_adamw hyper-parameters are fixed by the bundle: {fixed}")
+                raise InvalidValueError(f"ort_adamw hyper-parameters are fixed by the bundle: {fixed}")
         self.bundle = bundle
         self.optimizer_name = optimizer
         self.lr, self.lr_schedule = float(lr), lr_schedule
@@ -125,7 +126,7 @@ class OrtTrainer:
     def parameter(self, name: str) -> np.ndarray:
         """A copy of any checkpoint parameter, trainable or frozen (tests check the base stays put)."""
         if name not in self._state.parameters:
-            raise ValueError(f"no parameter {name!r} in the checkpoint state")
+            raise InvalidValueError(f"no parameter {name!r} in the checkpoint state")
         return np.array(self._state.parameters[name].data, copy=True)
 
     def _write(self, flat: np.ndarray) -> None:
@@ -140,9 +141,9 @@ class OrtTrainer:
 
     def set_flat(self, flat: np.ndarray) -> None:
         if not isinstance(flat, np.ndarray) or flat.dtype != np.float32:
-            raise TypeError(f"flat must be a float32 numpy array, got {getattr(flat, 'dtype', type(flat))}")
+            raise InvalidTypeError(f"flat must be a float32 numpy array, got {getattr(flat, 'dtype', type(flat))}")
         if flat.shape != (self._layout.total,):
-            raise ValueError(f"flat has shape {flat.shape}, layout needs ({self._layout.total},)")
+            raise InvalidValueError(f"flat has shape {flat.shape}, layout needs ({self._layout.total},)")
         if not np.isfinite(flat).all():
             raise NonFiniteError("flat vector holds NaN or Inf")
         self._write(flat)
@@ -154,7 +155,7 @@ class OrtTrainer:
             return
         if (not isinstance(flat, np.ndarray) or flat.dtype != np.float32
                 or flat.shape != (self._layout.total,)):
-            raise ValueError(f"prox reference must be float32 of shape ({self._layout.total},)")
+            raise InvalidValueError(f"prox reference must be float32 of shape ({self._layout.total},)")
         self._w_ref = np.array(flat, np.float32, order="C")
 
     # ---- feeds --------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class OrtTrainer:
                     n = len(next(iter(batch.values())))
                     feeds.append(np.zeros(n, np.int64))
                     continue
-                raise ValueError(f"batch lacks input {name!r} (has {sorted(batch)})")
+                raise InvalidValueError(f"batch lacks input {name!r} (has {sorted(batch)})")
             feeds.append(np.ascontiguousarray(batch[name], dtype=self._dtypes.get(name, np.float32)))
         return feeds
 
@@ -225,7 +226,7 @@ class OrtTrainer:
     def train(self, batches: Iterable[Mapping[str, np.ndarray]], *, max_steps: int | None = None
               ) -> TrainMetrics:
         if max_steps is not None and max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+            raise InvalidValueError(f"max_steps must be >= 0, got {max_steps}")
         started = time.perf_counter()
         implicit_ref = self.prox_mu and self._w_ref is None
         if implicit_ref:
@@ -262,7 +263,7 @@ class OrtTrainer:
         finally:
             self._module.train()
         if samples == 0:
-            raise ValueError("evaluate() got no batches")
+            raise InvalidValueError("evaluate() got no batches")
         return EvalMetrics(loss=total_loss / samples, accuracy=correct / samples, samples=samples)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -303,16 +304,16 @@ class OrtTrainer:
         try:
             with np.load(Path(path), allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"unreadable trainer state {path}: {exc}") from exc
+        except (OSError, InvalidValueError) as exc:
+            raise InvalidValueError(f"unreadable trainer state {path}: {exc}") from exc
         if int(data.get("format", -1)) != STATE_FORMAT:
-            raise ValueError(f"trainer state {path} has an unknown format")
+            raise InvalidValueError(f"trainer state {path} has an unknown format")
         if str(data["spec_hash"]) != self.bundle.spec_hash:
-            raise ValueError("trainer state was made for another spec/model (spec_hash differs)")
+            raise InvalidValueError("trainer state was made for another spec/model (spec_hash differs)")
         if str(data["names"]).split("\n") != [s.name for s in self._layout.slots]:
-            raise ValueError("trainer state parameter layout differs from this bundle")
+            raise InvalidValueError("trainer state parameter layout differs from this bundle")
         if str(data["optimizer"]) != self.optimizer_name:
-            raise ValueError(f"trainer state is for optimizer {str(data['optimizer'])!r}, "
+            raise InvalidValueError(f"trainer state is for optimizer {str(data['optimizer'])!r}, "
                              f"this trainer uses {self.optimizer_name!r}")
         params = np.asarray(data["params"], np.float32)
         if self.optimizer_name == "ort_adamw":

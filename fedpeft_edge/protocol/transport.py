@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..errors import FedPeftError, ValueError
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ class TransportConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in ("auto", "5", "3.1.1"):
-            raise ValueError(f"protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
+            raise InvalidValueError(f"protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
         if not self.client_id:
-            raise ValueError("client_id is required (it names the persistent session at the broker)")
+            raise InvalidValueError("client_id is required (it names the persistent session at the broker)")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+            raise InvalidValueError("tls_cert and tls_key go together")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class PublishHandle:
             return flag
         try:
             return bool(self._info.is_published())
-        except (RuntimeError, ValueError):
+        except (RuntimeError, InvalidValueError):
             return False
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -325,7 +325,7 @@ class MqttTransport:
         if self._client is None:
             raise TransportError("publish before connect()")
         if len(payload) > self.max_payload(topic):
-            raise ValueError(f"payload of {len(payload)} bytes exceeds the broker limit "
+            raise InvalidValueError(f"payload of {len(payload)} bytes exceeds the broker limit "
                              f"{self.max_payload(topic)}; split it into chunks")
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):

@@ -1,12 +1,13 @@
 """Exception hierarchy.
 
 Every error we raise derives from :class:`FedPeftError`; where a builtin fits, the class also derives from
-it (``ValueError``/``TypeError``) so callers can catch either way.
+it (``ValueError``/``TypeError``) so callers can catch either way. No builtin name is reused: a class is
+named for what went wrong.
+
+This is the bottom floor: it imports nothing of the package.
 """
 
 from __future__ import annotations
-
-import builtins
 
 
 class FedPeftError(Exception):
@@ -17,23 +18,23 @@ class KernelError(FedPeftError, RuntimeError):
     """The C core returned an error code that has no more specific mapping."""
 
 
-class ValueError(builtins.ValueError, FedPeftError):
+class InvalidValueError(ValueError, FedPeftError):
     """An argument has the right type but an unusable value (length, NaN, range)."""
 
 
-class TypeError(builtins.TypeError, FedPeftError):
+class InvalidTypeError(TypeError, FedPeftError):
     """An argument has the wrong type, dtype, layout or writability."""
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(InvalidValueError):
     """A buffer holds NaN or Inf where only finite values are allowed."""
 
 
-class SpecError(ValueError):
+class SpecError(InvalidValueError):
     """A PEFT spec is invalid or does not fit the model."""
 
 
-class WireError(ValueError):
+class WireError(InvalidValueError):
     """Bytes from the network were rejected (malformed, oversized, wrong version...)."""
 
 
@@ -45,7 +46,7 @@ class MissingDependencyError(FedPeftError, ImportError):
     """An optional package is missing; the message names the command that installs it."""
 
 
-def ensure(cond: object, message: str, *, raising: type[Exception] = ValueError) -> None:
+def ensure(cond: object, message: str, *, raising: type[Exception] = InvalidValueError) -> None:
     """Raise ``raising(message)`` unless ``cond`` is truthy."""
     if not cond:
         raise raising(message)

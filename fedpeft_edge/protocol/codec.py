@@ -35,60 +35,35 @@ validity and finite scales/values before any accumulator is touched, and raises
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
 from fedpeft_edge import kernels
-from fedpeft_edge.errors import NonFiniteError, WireError
-from fedpeft_edge.errors import ValueError as FpeValueError
+from fedpeft_edge.protocol.indices import (
+    MAX_VARINT_BYTES,
+    decode_bitmap_indices,
+    decode_varint_indices,
+    encode_indices,
+)
+from fedpeft_edge.protocol.reasons import Reason, WireFormatError
+from fedpeft_edge.runtime.errors import InvalidValueError, NonFiniteError
 
 MODES: Final = ("fp32", "int8", "topk_fp32", "topk_int8")
 DENSE_MODES: Final = ("fp32", "int8")
 SPARSE_MODES: Final = ("topk_fp32", "topk_int8")
 INDEX_CODINGS: Final = ("none", "varint", "bitmap")
-MAX_VARINT_BYTES: Final = 5  # 5 x 7 bits covers uint32
 # Hard ceiling on vector length: indices travel as uint32 and the C core needs n < 2**32.
 MAX_PARAMS_HARD: Final = 2**31
 
 _F32 = np.dtype("<f4")
 
 
-class Reason:
-    """Reason codes carried by :class:`WireFormatError` (and used as counter names by the aggregator)."""
-
-    OVERSIZED = "oversized"  # message/field larger than the configured limit
-    TRUNCATED = "truncated"  # bytes end before the structure does
-    TRAILING = "trailing_data"  # bytes after a complete message
-    MALFORMED = "malformed"  # not valid msgpack / not a map
-    BAD_VERSION = "bad_version"
-    BAD_KIND = "bad_kind"  # wrong "t" message type
-    BAD_KEYS = "bad_keys"  # unknown or missing keys
-    BAD_TYPE = "bad_type"  # a field has the wrong type (bool where int expected counts)
-    OUT_OF_RANGE = "out_of_range"  # a number outside its allowed range
-    BAD_STRING = "bad_string"  # charset/length of an identifier
-    NON_FINITE = "non_finite"  # NaN/Inf in metrics, scales or values
-    CHECKSUM = "checksum"
-    BAD_MODE = "bad_mode"  # unknown codec mode / index coding, or fields inconsistent with it
-    LENGTH_MISMATCH = "length_mismatch"  # declared lengths disagree with the payload size
-    BAD_INDEX = "bad_index"  # index out of range, not strictly increasing, wrong count
-    VARINT = "varint"  # overlong / overflowing / non-canonical varint
-    CHUNK = "chunk"  # inconsistent chunk (count, total, duplicate with other data)
 
 
-class WireFormatError(WireError):
-    """Bytes or fields from the network were rejected; ``reason`` is one of :class:`Reason`'s codes."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
 
 
-def reason_of(exc: BaseException) -> str:
-    """The reason code of any error raised while reading untrusted bytes ("invalid" if it has none)."""
-    return getattr(exc, "reason", "invalid")
 
 
 def _fail(reason: str, message: str) -> WireFormatError:
@@ -115,11 +90,11 @@ class CodecConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise FpeValueError(f"codec mode must be one of {MODES}, got {self.mode!r}")
+            raise InvalidValueError(f"codec mode must be one of {MODES}, got {self.mode!r}")
         if not (isinstance(self.topk_ratio, float | int) and 0.0 < float(self.topk_ratio) <= 1.0):
-            raise FpeValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
+            raise InvalidValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or not 1 <= self.block <= 65536:
-            raise FpeValueError(f"block must be an int in [1, 65536], got {self.block!r}")
+            raise InvalidValueError(f"block must be an int in [1, 65536], got {self.block!r}")
 
     def k_for(self, n: int) -> int:
         """Values sent per message for a vector of ``n`` parameters (``n`` for dense modes)."""
@@ -173,203 +148,68 @@ def expected_payload_len(mode: str, n: int, k: int, block: int, index_nbytes: in
 # Index coding
 
 
-def _varint_lengths(values: np.ndarray) -> np.ndarray:
-    """Bytes per LEB128 varint for uint32 values (vectorised)."""
-    v = values.astype(np.uint32, copy=False)
-    return (1 + (v >= 1 << 7).astype(np.int64) + (v >= 1 << 14) + (v >= 1 << 21) + (v >= 1 << 28))
 
 
-def _gaps(indices: np.ndarray) -> np.ndarray:
-    gaps = np.empty(indices.size, dtype=np.uint32)
-    if indices.size:
-        gaps[0] = indices[0]
-        np.subtract(indices[1:], indices[:-1], out=gaps[1:])
-        gaps[1:] -= 1
-    return gaps
 
 
-def encode_varint_indices(indices: np.ndarray) -> bytes:
-    """Delta-coded LEB128 varints of strictly increasing uint32 indices."""
-    gaps = _gaps(indices)
-    lens = _varint_lengths(gaps)
-    starts = np.cumsum(lens) - lens
-    out = np.zeros(int(lens.sum()), dtype=np.uint8)
-    g = gaps.astype(np.uint64)
-    for j in range(MAX_VARINT_BYTES):
-        sel = lens > j
-        if not sel.any():
-            break
-        byte = (g[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)
-        more = (lens[sel] > j + 1).astype(np.uint64) << np.uint64(7)
-        out[starts[sel] + j] = (byte | more).astype(np.uint8)
-    return out.tobytes()
 
 
-def decode_varint_indices(data: bytes | memoryview | np.ndarray, k: int, n: int) -> np.ndarray:
-    """Inverse of :func:`encode_varint_indices`, safe on hostile bytes.
-
-    Checks: exactly ``k`` varints filling ``data`` exactly, each at most 5 bytes, canonical, value
-    < 2**32, and the resulting indices < ``n`` (strictly increasing by construction). Fully vectorised:
-    no data-dependent Python loop, so hostile input cannot make it slow.
-    """
-    b = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
-    if b.size < k or b.size > MAX_VARINT_BYTES * k:
-        raise _fail(Reason.LENGTH_MISMATCH, f"{b.size} index bytes cannot hold {k} varints")
-    if k == 0:
-        return np.empty(0, dtype=np.uint32)
-    ends = np.flatnonzero(b < 0x80)  # last byte of every varint
-    if ends.size != k:
-        reason = Reason.TRUNCATED if ends.size < k else Reason.BAD_INDEX
-        raise _fail(reason, f"index section holds {ends.size} varints, header says {k}")
-    if ends[-1] != b.size - 1:
-        raise _fail(Reason.TRUNCATED, "index section ends inside a varint")
-    starts = np.empty(k, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lens = ends - starts + 1
-    if int(lens.max()) > MAX_VARINT_BYTES:
-        raise _fail(Reason.VARINT, "varint longer than 5 bytes")
-    if np.any((lens > 1) & (b[ends] == 0)):
-        raise _fail(Reason.VARINT, "non-canonical varint (trailing zero byte)")
-    five = lens == MAX_VARINT_BYTES
-    if five.any() and np.any(b[ends[five]] > 0x0F):
-        raise _fail(Reason.VARINT, "varint value exceeds 32 bits")
-    # Position of every byte inside its varint, then sum the 7-bit groups per varint.
-    pos = np.arange(b.size, dtype=np.int64) - np.repeat(starts, lens)
-    parts = (b & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
-    gaps = np.add.reduceat(parts, starts)
-    # idx[j] = sum(gaps[:j+1]) + j; < k * (2**32 + 1) so uint64 cannot overflow for k < 2**31.
-    idx = np.cumsum(gaps)
-    idx += np.arange(k, dtype=np.uint64)
-    if int(idx[-1]) >= n:
-        raise _fail(Reason.BAD_INDEX, f"index {int(idx[-1])} out of range for n={n}")
-    return idx.astype(np.uint32)
 
 
-def encode_bitmap_indices(indices: np.ndarray, n: int) -> bytes:
-    bits = np.zeros(n, dtype=np.uint8)
-    bits[indices] = 1
-    return np.packbits(bits, bitorder="little").tobytes()
 
 
-def decode_bitmap_indices(data: bytes | memoryview | np.ndarray, k: int, n: int) -> np.ndarray:
-    b = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
-    if b.size != _nblocks(n, 8):
-        raise _fail(Reason.LENGTH_MISMATCH, f"bitmap has {b.size} bytes, n={n} needs {_nblocks(n, 8)}")
-    bits = np.unpackbits(b, bitorder="little")
-    if bits[n:].any():
-        raise _fail(Reason.BAD_INDEX, "bitmap has bits set past n")
-    idx = np.flatnonzero(bits[:n])
-    if idx.size != k:
-        raise _fail(Reason.BAD_INDEX, f"bitmap marks {idx.size} indices, header says {k}")
-    return idx.astype(np.uint32)
 
 
-def encode_indices(indices: np.ndarray, n: int) -> tuple[str, bytes]:
-    """The smaller of varint and bitmap coding for these indices (ties go to varint)."""
-    varint_len = int(_varint_lengths(_gaps(indices)).sum())
-    if varint_len <= _nblocks(n, 8):
-        return "varint", encode_varint_indices(indices)
-    return "bitmap", encode_bitmap_indices(indices, n)
 
 
 # --------------------------------------------------------------------------------------------------
 # Encoder
 
 
-class UpdateEncoder:
-    """Edge-side encoder with its error-feedback residual (one per site and adapter).
 
-    ``encode(delta)`` does not modify ``delta``. The residual survives restarts through
-    :meth:`state_arrays` / :meth:`load_state_arrays` (plain arrays; save them with ``np.savez``).
+
+def encode_vector(u: np.ndarray, cfg: CodecConfig, *, residual: np.ndarray | None = None,
+                  stochastic_seed: int | None = None) -> tuple[EncodedUpdate, np.ndarray | None]:
+    """Encode float32 ``u`` with ``cfg``; returns the message and the new error-feedback residual.
+
+    ``residual`` (float32[n], or None for no error feedback) is what earlier messages did not send; it is
+    added before selection and never modified in place on failure (a NonFiniteError leaves it intact). The
+    returned residual is None when there is none to keep (fp32, or error feedback off).
     """
-
-    def __init__(self, config: CodecConfig, n_params: int, *, seed: int | None = None) -> None:
-        if isinstance(n_params, bool) or not isinstance(n_params, int) or not 1 <= n_params < MAX_PARAMS_HARD:
-            raise FpeValueError(f"n_params must be an int in [1, 2**31), got {n_params!r}")
-        self.config = config
-        self.n_params = n_params
-        self._residual = np.zeros(n_params, dtype=np.float32)
-        self._seed = secrets.randbits(63) if seed is None else int(seed) & (2**63 - 1)
-        self._messages = 0  # stochastic-rounding stream position; advances per encode
-
-    @property
-    def residual(self) -> np.ndarray:
-        """Read-only view of the error-feedback residual (float32[n])."""
-        view = self._residual.view()
-        view.flags.writeable = False
-        return view
-
-    def reset_residual(self) -> None:
-        self._residual.fill(0.0)
-
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "residual": self._residual.copy(),
-            "rng": np.array([self._seed, self._messages], dtype=np.uint64),
-        }
-
-    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        res = np.asarray(arrays["residual"])
-        if res.dtype != np.float32 or res.shape != (self.n_params,):
-            raise FpeValueError(f"residual must be float32[{self.n_params}], got {res.dtype}{res.shape}")
-        if not kernels.all_finite(np.ascontiguousarray(res)):
-            raise FpeValueError("residual holds NaN/Inf")
-        rng = np.asarray(arrays["rng"])
-        if rng.shape != (2,):
-            raise FpeValueError("rng state must hold 2 integers")
-        self._residual[...] = res
-        self._seed, self._messages = int(rng[0]), int(rng[1])
-
-    def _stochastic_seed(self) -> int | None:
-        if not self.config.stochastic_rounding:
-            return None
-        self._messages += 1
-        # Distinct stream per message; the counter keeps element positions from repeating draws.
-        return (self._seed + self._messages * 0x9E3779B97F4A7C15) & (2**64 - 1)
-
-    def encode(self, delta: np.ndarray) -> EncodedUpdate:
-        cfg = self.config
-        u = np.ascontiguousarray(delta, dtype=np.float32)
-        if u.shape != (self.n_params,):
-            raise FpeValueError(f"delta must have shape ({self.n_params},), got {u.shape}")
-        n = self.n_params
-        if cfg.mode == "fp32":
-            if not kernels.all_finite(u):
-                raise NonFiniteError("delta holds NaN/Inf")
-            return EncodedUpdate("fp32", n, n, 0, "none", 0, u.astype(_F32, copy=False).tobytes())
-
-        ef = cfg.error_feedback
-        seed = self._stochastic_seed()
-        if cfg.mode == "int8":
-            s = u + self._residual if ef else u
-            q, scales = kernels.quantize_int8(s, cfg.block, stochastic_seed=seed)
-            if ef:
-                # new residual = s - dequant(q); computed in place into the residual buffer.
-                kernels.dequantize_int8(q, scales, cfg.block, out=self._residual)
-                np.subtract(s, self._residual, out=self._residual)
-            payload = scales.astype(_F32, copy=False).tobytes() + q.tobytes()
-            return EncodedUpdate("int8", n, n, cfg.block, "none", 0, payload)
-
-        k = cfg.k_for(n)
-        zero = self._residual if ef else np.zeros(n, dtype=np.float32)
-        # topk_ef validates finiteness before writing; a NonFiniteError leaves the residual intact.
-        new_res = np.empty(n, dtype=np.float32)
-        idx, vals, new_res = kernels.topk_ef(u, zero, k, out_residual=new_res)
-        coding, index_bytes = encode_indices(idx, n)
-        if cfg.mode == "topk_fp32":
-            payload = vals.astype(_F32, copy=False).tobytes() + index_bytes
-            block = 0
-        else:
-            q, scales = kernels.quantize_int8(vals, cfg.block, stochastic_seed=seed)
-            sent = kernels.dequantize_int8(q, scales, cfg.block)
-            # true error feedback: the rounding error of the sent values is sent later too
-            new_res[idx] = vals - sent
-            payload = scales.astype(_F32, copy=False).tobytes() + index_bytes + q.tobytes()
-            block = cfg.block
+    n = int(u.size)
+    if cfg.mode == "fp32":
+        if not kernels.all_finite(u):
+            raise NonFiniteError("delta holds NaN/Inf")
+        return EncodedUpdate("fp32", n, n, 0, "none", 0, u.astype(_F32, copy=False).tobytes()), None
+    ef = residual is not None
+    if cfg.mode == "int8":
+        s = u + residual if ef else u
+        q, scales = kernels.quantize_int8(s, cfg.block, stochastic_seed=stochastic_seed)
+        new_res = None
         if ef:
-            self._residual = new_res
-        return EncodedUpdate(cfg.mode, n, k, block, coding, len(index_bytes), payload)
+            # new residual = s - dequant(q)
+            new_res = kernels.dequantize_int8(q, scales, cfg.block)
+            np.subtract(s, new_res, out=new_res)
+        payload = scales.astype(_F32, copy=False).tobytes() + q.tobytes()
+        return EncodedUpdate("int8", n, n, cfg.block, "none", 0, payload), new_res
+
+    k = cfg.k_for(n)
+    base = residual if ef else np.zeros(n, dtype=np.float32)
+    # topk_ef validates finiteness before writing; a NonFiniteError leaves the residual intact.
+    new_res = np.empty(n, dtype=np.float32)
+    idx, vals, new_res = kernels.topk_ef(u, base, k, out_residual=new_res)
+    coding, index_bytes = encode_indices(idx, n)
+    if cfg.mode == "topk_fp32":
+        payload = vals.astype(_F32, copy=False).tobytes() + index_bytes
+        block = 0
+    else:
+        q, scales = kernels.quantize_int8(vals, cfg.block, stochastic_seed=stochastic_seed)
+        sent = kernels.dequantize_int8(q, scales, cfg.block)
+        # true error feedback: the rounding error of the sent values is sent later too
+        new_res[idx] = vals - sent
+        payload = scales.astype(_F32, copy=False).tobytes() + index_bytes + q.tobytes()
+        block = cfg.block
+    return EncodedUpdate(cfg.mode, n, k, block, coding, len(index_bytes), payload), (new_res if ef else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,10 +362,10 @@ def accumulate_into(enc: EncodedUpdate | ParsedUpdate, acc: np.ndarray, weight: 
     float32 vector of length ``enc.n``.
     """
     if not isinstance(acc, np.ndarray) or acc.dtype != np.float32 or acc.ndim != 1:
-        raise FpeValueError("acc must be a 1-D float32 numpy array")
+        raise InvalidValueError("acc must be a 1-D float32 numpy array")
     w = float(weight)
     if not np.isfinite(w):
-        raise FpeValueError(f"weight must be finite, got {weight!r}")
+        raise InvalidValueError(f"weight must be finite, got {weight!r}")
     p = _as_parsed(enc, acc.shape[0])
     _accumulate_parsed(p, acc, w)
 
@@ -565,12 +405,12 @@ def update_l2_norm(enc: EncodedUpdate | ParsedUpdate) -> float:
 def encode_global(vec: np.ndarray, mode: str = "fp32", *, block: int = 256) -> EncodedUpdate:
     """Encode a global adapter vector for the downlink: ``fp32`` (default, exact) or ``int8`` (dense)."""
     if mode not in DENSE_MODES:
-        raise FpeValueError(f"global mode must be one of {DENSE_MODES}, got {mode!r}")
+        raise InvalidValueError(f"global mode must be one of {DENSE_MODES}, got {mode!r}")
     v = np.ascontiguousarray(vec, dtype=np.float32)
     if v.ndim != 1 or not 1 <= v.size < MAX_PARAMS_HARD:
-        raise FpeValueError(f"global vector must be 1-D with 1..2**31-1 elements, got shape {v.shape}")
-    enc = UpdateEncoder(CodecConfig(mode=mode, block=block, error_feedback=False), int(v.size), seed=0)
-    return enc.encode(v)
+        raise InvalidValueError(f"global vector must be 1-D with 1..2**31-1 elements, got shape {v.shape}")
+    enc, _ = encode_vector(v, CodecConfig(mode=mode, block=block, error_feedback=False))
+    return enc
 
 
 def decode_global(enc: EncodedUpdate, n_params: int | None = None) -> np.ndarray:
@@ -587,15 +427,12 @@ __all__ = [
     "CodecConfig",
     "EncodedUpdate",
     "ParsedUpdate",
-    "Reason",
-    "UpdateEncoder",
-    "WireFormatError",
     "accumulate_into",
     "check_fields",
     "decode_dense",
     "decode_global",
     "encode_global",
+    "encode_vector",
     "parse",
-    "reason_of",
     "update_l2_norm",
 ]

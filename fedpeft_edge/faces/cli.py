@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FedPeftError
+from fedpeft_edge.runtime.errors import FedPeftError
 
-log = logging.getLogger("fedpeft_edge.cli")
+log = logging.getLogger("fedpeft_edge.faces.cli")
 
 EPILOG_TOPICS = """\
 MQTT topics (fleet = [fleet] name):
@@ -78,12 +78,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(getattr(logging, args.log_level))
-    for noisy in ("amqtt", "transitions", "fedpeft_edge.federation.transport.paho"):
+    for noisy in ("amqtt", "transitions", "fedpeft_edge.protocol.transport.paho"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def _load(args: argparse.Namespace):  # -> ServiceConfig
-    from .federation.config import load_config, override
+    from fedpeft_edge.protocol.config import load_config, override
 
     cfg = load_config(args.config) if args.config else load_config()
     if hasattr(args, "host"):
@@ -126,8 +126,8 @@ def _broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def _broker_run(args: argparse.Namespace) -> int:
-    from .federation.broker import PlantOptions, start_local_broker
-    from .federation.config import override
+    from fedpeft_edge.central.broker import PlantOptions, start_local_broker
+    from fedpeft_edge.protocol.config import override
 
     cfg = _load(args)
     b = cfg.broker
@@ -193,8 +193,8 @@ def _aggregate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _aggregate_run(args: argparse.Namespace) -> int:
-    from .federation.aggregator import AggregatorService
-    from .federation.config import override
+    from fedpeft_edge.central.service import AggregatorService
+    from fedpeft_edge.protocol.config import override
 
     cfg = _load(args)
     override(cfg.aggregator, client_id=args.client_id, state_dir=args.state_dir, max_rounds=args.max_rounds,
@@ -236,7 +236,7 @@ def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _apply_trainer_flags(cfg, args: argparse.Namespace) -> None:  # cfg: ServiceConfig
-    from .federation.config import override
+    from fedpeft_edge.protocol.config import override
 
     override(cfg.trainer, bundle_dir=args.bundle_dir, factory=args.trainer_factory)
     if args.trainer_factory:
@@ -267,8 +267,9 @@ def _agent_args(p: argparse.ArgumentParser) -> None:
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    from .federation.agent import EdgeAgent, build_trainer_setup
-    from .federation.config import override
+    from fedpeft_edge.protocol.config import override
+    from fedpeft_edge.site.agent import EdgeAgent
+    from fedpeft_edge.site.trainer_setup import build_trainer_setup
 
     cfg = _load(args)
     override(cfg.agent, client_id=args.client_id, state_dir=args.state_dir, local_epochs=args.local_epochs,
@@ -298,7 +299,7 @@ register(Command(
 
 # --- entry point -------------------------------------------------------------------------------------
 # demo, experiment, bench, prepare: the faces layer's commands (fedpeft_edge/faces/cli_commands.py).
-from .faces.cli_commands import commands as _faces_commands  # noqa: E402
+from fedpeft_edge.faces.cli_commands import commands as _faces_commands  # noqa: E402
 
 for _cmd in _faces_commands(Command):
     register(_cmd)

@@ -25,11 +25,9 @@ drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -37,30 +35,26 @@ from typing import Any, Final
 import numpy as np
 
 from fedpeft_edge import kernels
-from fedpeft_edge.durable import atomic_file
-from fedpeft_edge.errors import ValueError as FpeValueError
-from fedpeft_edge.federation.codec import WireFormatError, encode_global, parse, update_l2_norm
-from fedpeft_edge.federation.strategy import (
+from fedpeft_edge.central.accumulator import RoundAccumulator
+from fedpeft_edge.central.store import HISTORY_KEEP, RoundState, StateError, new_round_stats
+from fedpeft_edge.central.strategy import (
     LATE_POLICIES,
     NORM_MODES,
     SERVER_OPTIMIZERS,
     NormBound,
-    RoundAccumulator,
     ServerOptimizer,
     make_server_optimizer,
     staleness_weight,
 )
-from fedpeft_edge.federation.wire import GlobalMessage, UpdateMessage
+from fedpeft_edge.protocol.codec import encode_global, parse, update_l2_norm
+from fedpeft_edge.protocol.reasons import WireFormatError
+from fedpeft_edge.protocol.wire import GlobalMessage, UpdateMessage
+from fedpeft_edge.runtime.errors import InvalidValueError
 
-STATE_FILE: Final = "round_state.npz"
-STATE_FORMAT: Final = 1
-HISTORY_KEEP: Final = 20  # closed-round metrics kept in the state file (it is rewritten on every save)
 MIN_WEIGHT: Final = 1e-9  # below this a stale update is treated as late (its weight would vanish)
 MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38)
 
 
-class StateError(FpeValueError):
-    """The persisted round state is unreadable, inconsistent, or belongs to another configuration."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,31 +94,31 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         def positive_int(name: str, val: object) -> None:
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise FpeValueError(f"AggregatorConfig.{name} must be a positive int, got {val!r}")
+                raise InvalidValueError(f"AggregatorConfig.{name} must be a positive int, got {val!r}")
 
         positive_int("n_params", self.n_params)
         positive_int("min_clients", self.min_clients)
         positive_int("quorum", self.quorum)
         positive_int("max_samples_weight", self.max_samples_weight)
         if self.quorum < self.min_clients:
-            raise FpeValueError("quorum must be >= min_clients")
+            raise InvalidValueError("quorum must be >= min_clients")
         if self.max_rounds is not None:
             positive_int("max_rounds", self.max_rounds)
         if not (math.isfinite(self.round_deadline_s) and self.round_deadline_s > 0):
-            raise FpeValueError("round_deadline_s must be finite and > 0")
+            raise InvalidValueError("round_deadline_s must be finite and > 0")
         if self.late_policy not in LATE_POLICIES:
-            raise FpeValueError(f"late_policy must be one of {LATE_POLICIES}")
+            raise InvalidValueError(f"late_policy must be one of {LATE_POLICIES}")
         if self.norm_mode not in NORM_MODES:
-            raise FpeValueError(f"norm_mode must be one of {NORM_MODES}")
+            raise InvalidValueError(f"norm_mode must be one of {NORM_MODES}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise FpeValueError(f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}")
+            raise InvalidValueError(f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}")
         if self.weighting not in ("samples", "uniform"):
-            raise FpeValueError("weighting must be 'samples' or 'uniform'")
+            raise InvalidValueError("weighting must be 'samples' or 'uniform'")
         ms = self.max_staleness
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-            raise FpeValueError("max_staleness must be an int >= 0")
+            raise InvalidValueError("max_staleness must be an int >= 0")
         if self.global_mode not in ("fp32", "int8"):
-            raise FpeValueError("global_mode must be 'fp32' or 'int8'")
+            raise InvalidValueError("global_mode must be 'fp32' or 'int8'")
         staleness_weight(0, self.staleness_alpha)  # validates alpha
         if self.norm_bound is not None:
             NormBound(self.norm_bound, self.norm_mode)
@@ -139,101 +133,8 @@ class AggregatorConfig:
 # Persisted state
 
 
-def _new_stats() -> dict[str, Any]:
-    return {"participants": [], "bytes_in": 0, "late_accepted": 0, "clipped": 0, "weighted_norm_sum": 0.0,
-            "metric_wsum": {}, "metric_w": {}}
 
 
-@dataclass
-class RoundState:
-    """Everything the aggregator needs after a restart (see module docstring for the file format)."""
-
-    fingerprint: dict[str, Any]
-    round: int
-    global_vec: np.ndarray
-    acc_sum: np.ndarray
-    acc_total_weight: float = 0.0
-    acc_count: int = 0
-    # (client_id, round the update was trained from) -> round in which it was counted
-    accepted: dict[tuple[str, int], int] = field(default_factory=dict)
-    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
-    round_started_at: float = 0.0
-    stats: dict[str, Any] = field(default_factory=_new_stats)
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    @classmethod
-    def fresh(cls, config: AggregatorConfig, initial_global: np.ndarray | None, now: float) -> RoundState:
-        n = config.n_params
-        if initial_global is None:
-            g = np.zeros(n, dtype=np.float32)
-        else:
-            g = np.array(initial_global, dtype=np.float32, copy=True)
-            if g.shape != (n,) or not kernels.all_finite(g):
-                raise FpeValueError(f"initial global must be finite float32[{n}]")
-        return cls(config.fingerprint(), 0, g, np.zeros(n, dtype=np.float32), round_started_at=now)
-
-    # ---- persistence -------------------------------------------------------------------------------
-
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT, "fingerprint": self.fingerprint, "round": self.round,
-            "acc_total_weight": self.acc_total_weight, "acc_count": self.acc_count,
-            "accepted": [[c, r, at] for (c, r), at in sorted(self.accepted.items())],
-            "optimizer_keys": sorted(self.optimizer_state), "counters": self.counters,
-            "round_started_at": self.round_started_at, "stats": self.stats, "history": self.history,
-        }
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Atomically replace ``<directory>/round_state.npz``; returns its path."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps(self._meta(), separators=(",", ":"), allow_nan=False).encode("utf-8")
-        arrays = {"global": self.global_vec, "acc_sum": self.acc_sum,
-                  "meta_json": np.frombuffer(meta, dtype=np.uint8)}
-        for key, val in self.optimizer_state.items():
-            arrays[f"opt__{key}"] = val
-        final = d / STATE_FILE
-        with atomic_file(final) as f:
-            np.savez(f, **arrays)
-        return final
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> RoundState | None:
-        """The persisted state, or ``None`` if the directory holds none. Corrupt state → StateError."""
-        path = Path(directory) / STATE_FILE
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                files = {name: z[name] for name in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise StateError(f"cannot read {path}: {exc}") from exc
-        try:
-            meta = json.loads(bytes(files.pop("meta_json")).decode("utf-8"))
-            if meta.get("format") != STATE_FORMAT:
-                raise StateError(f"unsupported state format {meta.get('format')!r}")
-            g, acc = files.pop("global"), files.pop("acc_sum")
-            opt = {k[len("opt__"):]: v for k, v in files.items() if k.startswith("opt__")}
-            if sorted(opt) != meta["optimizer_keys"]:
-                raise StateError("optimizer arrays do not match the recorded keys")
-            n = int(meta["fingerprint"]["n_params"])
-            for name, arr in (("global", g), ("acc_sum", acc)):
-                if arr.dtype != np.float32 or arr.shape != (n,) or not kernels.all_finite(arr):
-                    raise StateError(f"{name} must be finite float32[{n}]")
-            accepted = {(str(c), int(r)): int(at) for c, r, at in meta["accepted"]}
-            return cls(
-                fingerprint=meta["fingerprint"], round=int(meta["round"]), global_vec=g, acc_sum=acc,
-                acc_total_weight=float(meta["acc_total_weight"]), acc_count=int(meta["acc_count"]),
-                accepted=accepted, optimizer_state=opt,
-                counters={str(k): int(v) for k, v in meta["counters"].items()},
-                round_started_at=float(meta["round_started_at"]), stats=meta["stats"],
-                history=list(meta["history"]),
-            )
-        except StateError:
-            raise
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-            raise StateError(f"inconsistent state in {path}: {exc!r}") from exc
 
 
 
@@ -488,7 +389,7 @@ class AggregatorCore:
         metric (loss, accuracy, train_seconds, ...), server_optimizer.
         """
         if self._acc.count == 0:
-            raise FpeValueError("cannot close a round without accepted updates")
+            raise InvalidValueError("cannot close a round without accepted updates")
         now = time.time() if now is None else now
         st = self._state
         mean = self._acc.mean()
@@ -496,7 +397,7 @@ class AggregatorCore:
         new_global = self._optimizer.step(st.global_vec, mean)
         if not kernels.all_finite(new_global):
             self._optimizer.load_state_arrays(before)
-            raise FpeValueError("server optimizer produced NaN/Inf; round left open")
+            raise InvalidValueError("server optimizer produced NaN/Inf; round left open")
         stats = st.stats
         metrics: dict[str, Any] = {
             "round": st.round,
@@ -516,7 +417,7 @@ class AggregatorCore:
         st.round += 1
         self._acc.reset()
         st.acc_total_weight, st.acc_count = 0.0, 0
-        st.stats = _new_stats()
+        st.stats = new_round_stats()
         st.round_started_at = now
         keep_from = st.round - self.config.max_staleness - 1
         st.accepted = {k: at for k, at in st.accepted.items() if k[1] >= keep_from}
@@ -562,7 +463,7 @@ class AggregatorCore:
                                     **self.config.server_opt_params)
         try:
             opt.load_state_arrays(st.optimizer_state)
-        except (KeyError, FpeValueError) as exc:
+        except (KeyError, InvalidValueError) as exc:
             raise StateError(f"server optimizer state unusable: {exc}") from exc
         return opt
 
@@ -597,10 +498,7 @@ __all__ = [
     "DUPLICATE",
     "LATE",
     "REJECTED",
-    "STATE_FILE",
     "AggregatorConfig",
     "AggregatorCore",
     "Decision",
-    "RoundState",
-    "StateError",
 ]

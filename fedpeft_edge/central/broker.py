@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..errors import FedPeftError, MissingDependencyError, ValueError
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,11 @@ def render_config(opts: BrokerOptions, port: int, data_dir: Path) -> str:
     if opts.config == "plant":
         p = opts.plant
         if p is None:
-            raise ValueError("config='plant' needs PlantOptions (cafile, certfile, keyfile, password_file)")
+            raise InvalidValueError("config='plant' needs PlantOptions (cafile, certfile, keyfile, password_file)")
         for name in ("cafile", "certfile", "keyfile", "password_file"):
             path = Path(getattr(p, name))
             if not path.is_file():
-                raise ValueError(f"plant broker: {name} {path} does not exist")
+                raise InvalidValueError(f"plant broker: {name} {path} does not exist")
         acl_path = Path(p.acl_file) if p.acl_file else data_dir / "acl.conf"
         if p.acl_file is None:
             acl_path.write_text((tdir / "acl.conf").read_text().replace("{fleet}", p.fleet))
@@ -141,7 +141,7 @@ def render_config(opts: BrokerOptions, port: int, data_dir: Path) -> str:
     elif opts.config == "dev":
         text = (tdir / "mosquitto-dev.conf").read_text()
     else:
-        raise ValueError(f"unknown broker config kind {opts.config!r} (dev or plant)")
+        raise InvalidValueError(f"unknown broker config kind {opts.config!r} (dev or plant)")
     for key, val in values.items():
         text = text.replace("{" + key + "}", str(val))
     if "{" in text.replace("%", ""):
@@ -359,9 +359,9 @@ def start_local_broker(
     ``port=0`` picks a free port. ``data_dir=None`` uses a temporary directory removed on ``stop()``.
     """
     if prefer not in ("mosquitto", "embedded", "auto"):
-        raise ValueError(f"prefer must be mosquitto, embedded or auto, not {prefer!r}")
+        raise InvalidValueError(f"prefer must be mosquitto, embedded or auto, not {prefer!r}")
     if not 0 <= int(port) <= 65535:
-        raise ValueError(f"port {port} out of range")
+        raise InvalidValueError(f"port {port} out of range")
     kind: BrokerKind
     if prefer == "embedded":
         kind = "embedded"

@@ -43,9 +43,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..data.local_files import LocalDataLimits, check_classes
-from ..errors import ValueError
-from .transport import TransportConfig
+from fedpeft_edge.data.local_files import LocalDataLimits, check_classes
+from fedpeft_edge.protocol.transport import TransportConfig
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -193,15 +193,15 @@ class DataSettings:
     def validate(self) -> None:
         """Source keys must agree (also re-checked after command-line overrides)."""
         if self.dataset and self.path:
-            raise ValueError("[data] set either dataset (a benchmark share) or path (the site's own file), "
+            raise InvalidValueError("[data] set either dataset (a benchmark share) or path (the site's own file), "
                              "not both")
         if self.path:
             check_classes(self.classes)
             self.limits()
         elif self.classes:
-            raise ValueError("[data] classes applies to path only (a named dataset has its own classes)")
+            raise InvalidValueError("[data] classes applies to path only (a named dataset has its own classes)")
         if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
-            raise ValueError(f"[data] eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+            raise InvalidValueError(f"[data] eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
 
     def limits(self) -> LocalDataLimits:
         return LocalDataLimits(max_file_bytes=self.max_file_bytes, max_rows=self.max_rows,
@@ -225,11 +225,11 @@ def _build(cls: type[T], raw: object, where: str) -> T:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise ValueError(f"[{where}] must be a table")
+        raise InvalidValueError(f"[{where}] must be a table")
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ValueError(f"[{where}] unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise InvalidValueError(f"[{where}] unknown key(s) {unknown}; allowed: {sorted(known)}")
     return cls(**raw)
 
 
@@ -239,9 +239,9 @@ def load_config(path: str | Path | None = None, text: str | None = None) -> Serv
         try:
             raw = tomllib.loads(Path(path).read_text())
         except OSError as exc:
-            raise ValueError(f"cannot read config {path}: {exc}") from exc
+            raise InvalidValueError(f"cannot read config {path}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config {path} is not valid TOML: {exc}") from exc
+            raise InvalidValueError(f"config {path} is not valid TOML: {exc}") from exc
     elif text is not None:
         raw = tomllib.loads(text)
     else:
@@ -249,7 +249,7 @@ def load_config(path: str | Path | None = None, text: str | None = None) -> Serv
     sections = {f.name: f for f in fields(ServiceConfig) if f.name != "source"}
     unknown = sorted(set(raw) - set(sections))
     if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; allowed: {sorted(sections)}")
+        raise InvalidValueError(f"unknown config section(s) {unknown}; allowed: {sorted(sections)}")
     kwargs = {name: _build(f.default_factory().__class__, raw.get(name), name)  # type: ignore[misc]
               for name, f in sections.items()}
     return ServiceConfig(**kwargs, source=str(path) if path else None)
@@ -262,7 +262,7 @@ def override(section: object, **values: object) -> None:
         if val is None:
             continue
         if key not in names:
-            raise ValueError(f"{type(section).__name__} has no setting {key!r}")
+            raise InvalidValueError(f"{type(section).__name__} has no setting {key!r}")
         setattr(section, key, val)
 
 

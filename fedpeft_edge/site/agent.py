@@ -37,14 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..durable import atomic_file, atomic_write_bytes
-from ..errors import FedPeftError, ValueError, WireError
-from ..training.base import LocalTrainer
-from . import chunking, wire
-from .codec import CodecConfig, UpdateEncoder, decode_global
-from .config import ServiceConfig, default_spec_hash, transport_config  # noqa: F401 - re-exported
-from .topics import Topics
-from .transport import MqttTransport, PublishHandle, Will
+from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol.codec import CodecConfig, decode_global
+from fedpeft_edge.protocol.config import ServiceConfig, default_spec_hash, transport_config  # noqa: F401 - re-exported
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, PublishHandle, Will
+from fedpeft_edge.runtime.durable import atomic_file, atomic_write_bytes
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireError
+from fedpeft_edge.site.encoder import UpdateEncoder
+from fedpeft_edge.training.base import LocalTrainer
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,6 @@ BatchesFn = Callable[[], Iterable[Batch]]
 
 
 
-@dataclass
-class TrainerSetup:
-    """What a site needs to take part: a trainer and its data (batches are made fresh per epoch)."""
-
-    trainer: LocalTrainer
-    train_batches_fn: BatchesFn
-    eval_batches_fn: BatchesFn | None = None
-    spec_hash: str | None = None  # from the PEFT artifact bundle; None: adopt the aggregator's
 
 
 @dataclass
@@ -92,9 +85,9 @@ class EdgeAgent:
                  limits: wire.WireLimits | None = None) -> None:
         a = config.agent
         if not a.client_id:
-            raise ValueError("agent.client_id is required (it is the site's MQTT identity)")
+            raise InvalidValueError("agent.client_id is required (it is the site's MQTT identity)")
         if a.newer_global_policy not in ("finish", "abandon"):
-            raise ValueError("agent.newer_global_policy must be 'finish' or 'abandon'")
+            raise InvalidValueError("agent.newer_global_policy must be 'finish' or 'abandon'")
         self.cfg = config
         self.client_id = a.client_id
         self.trainer = trainer
@@ -224,14 +217,14 @@ class EdgeAgent:
 
     def _check_global(self, g: wire.GlobalMessage) -> None:
         if g.fleet != self.topics.fleet:
-            raise ValueError(f"global is for fleet {g.fleet!r}, not {self.topics.fleet!r}")
+            raise InvalidValueError(f"global is for fleet {g.fleet!r}, not {self.topics.fleet!r}")
         if g.vector.n != self.n_params:
-            raise ValueError(f"global has {g.vector.n} parameters, this trainer has {self.n_params}")
+            raise InvalidValueError(f"global has {g.vector.n} parameters, this trainer has {self.n_params}")
         if self.spec_hash is None:
             self.spec_hash = g.spec_hash  # no bundle told us: adopt the aggregator's and pin it
             log.info("adopting spec hash %s from the aggregator", g.spec_hash)
         elif g.spec_hash != self.spec_hash:
-            raise ValueError(f"global spec hash {g.spec_hash} differs from ours {self.spec_hash}")
+            raise InvalidValueError(f"global spec hash {g.spec_hash} differs from ours {self.spec_hash}")
 
     # --- training ---------------------------------------------------------------------------------
     def _batches_until_newer(self, rnd: int) -> Iterator[Batch]:
@@ -266,7 +259,7 @@ class EdgeAgent:
             log.info("round %d abandoned (newer global %d arrived or stopping)", rnd, newer)
             return
         if tm.samples <= 0:
-            raise ValueError("local training saw no samples; check the data configuration")
+            raise InvalidValueError("local training saw no samples; check the data configuration")
         metrics.update(loss=float(tm.loss), train_seconds=float(tm.seconds), steps=float(tm.steps))
         if tm.accuracy is not None:
             metrics["accuracy"] = float(tm.accuracy)
@@ -358,120 +351,11 @@ class EdgeAgent:
                         len(self._outgoing), self.outbox_dir)
 
 
-# --- trainer + data from configuration (the agent CLI) -----------------------------------------------
-def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
-    """Make the site's trainer and data from ``[trainer]`` and ``[data]``.
-
-    ``kind = "factory"``: ``factory = "module:function"``, called with the config, returns TrainerSetup.
-    ``kind = "ort"``: ONNX Runtime Training over the artifact bundle in ``bundle_dir``. The site's data is
-    its own file ``data.path`` (labels mapped through ``data.classes``; ``eval_fraction`` held out) or
-    its share ``partition(...)[client_index]`` of the benchmark ``data.dataset``; neither gives a setup
-    without data (the aggregator only needs the initial adapter). Model inputs are made with the
-    prepared model's meta, read from ``data.options.prepared_dir`` (its prepared.json; other options
-    such as ``max_len`` override it) or given inline in ``data.options`` (``model_kind``,
-    ``tokenizer_json``/``max_len`` or ``image_size``/``mean``/``std``).
-    """
-    t = cfg.trainer
-    if t.kind == "factory":
-        if not t.factory or ":" not in t.factory:
-            raise ValueError("trainer.factory must be 'package.module:function'")
-        import importlib
-
-        mod_name, func_name = t.factory.split(":", 1)
-        setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
-        if not isinstance(setup, TrainerSetup):
-            raise ValueError(f"{t.factory} must return a TrainerSetup, got {type(setup).__name__}")
-        return setup
-    if t.kind != "ort":
-        raise ValueError(f"trainer.kind must be 'ort' or 'factory', not {t.kind!r}")
-    if not t.bundle_dir:
-        raise ValueError("trainer.bundle_dir is required for kind = 'ort'")
-    cfg.data.validate()  # command-line flags may have set dataset next to a configured path
-    from ..peft.artifacts import ArtifactBundle
-    from ..training.ort_trainer import OrtTrainer
-
-    bundle = ArtifactBundle.load(t.bundle_dir)
-    d = cfg.data
-    head = bundle.spec.head_classes
-    if d.path and head is not None and len(d.classes) != head:
-        raise ValueError(f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
-                         "outputs; list every class in the head's output order")
-    trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), **t.options)
-    if not d.dataset and not d.path:
-        return TrainerSetup(trainer, lambda: iter(()), None, bundle.spec_hash)
-    train_in, train_y, eval_in, eval_y = _site_arrays(cfg)
-    epoch = [0]
-
-    def train_fn() -> Iterator[Batch]:
-        from ..data.batches import iterate_batches
-
-        epoch[0] += 1  # a new shuffle per epoch, reproducible from the seed
-        return iterate_batches(train_in, train_y, d.batch_size, shuffle=True, seed=d.seed * 1000 + epoch[0])
-
-    def eval_fn() -> Iterator[Batch]:
-        from ..data.batches import iterate_batches
-
-        return iterate_batches(eval_in, eval_y, d.batch_size, shuffle=False, seed=0)
-
-    return TrainerSetup(trainer, train_fn, eval_fn if eval_y.size else None, bundle.spec_hash)
 
 
-def _site_arrays(cfg: ServiceConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],
-                                               np.ndarray]:
-    """(train inputs, train labels, eval inputs, eval labels) of this site, encoded for the model."""
-    from ..data.features import encode_for_model
-
-    d = cfg.data
-    meta, kind = _model_meta(d.options)
-    if d.path:
-        ev, tr = _local_file_split(cfg)
-    else:
-        ev, tr = _benchmark_share_split(cfg)
-    return (encode_for_model(tr, meta, kind), tr.labels, encode_for_model(ev, meta, kind), ev.labels)
 
 
-def _model_meta(options: Mapping[str, object]) -> tuple[dict[str, object], str]:
-    """The prepared model's input meta and kind (``prepared_dir``'s prepared.json, else inline options)."""
-    opts = dict(options)
-    if "prepared_dir" in opts:
-        from ..models.prepare import load_prepared
-
-        pdir = opts.pop("prepared_dir")
-        # load_prepared checks the folder is complete and max_len is an int in [2, 512]
-        prepared = load_prepared(str(pdir), max_len=opts.pop("max_len", None))  # type: ignore[arg-type]
-        return {**prepared.meta, **opts}, prepared.kind
-    return opts, str(opts.pop("model_kind", "text"))
 
 
-def _local_file_split(cfg: ServiceConfig):  # -> (eval, train) datasets
-    from ..data.local_files import load_local_dataset, split_eval
-
-    d = cfg.data
-    ds = load_local_dataset(d.path, d.classes, limits=d.limits())  # type: ignore[arg-type]
-    n = len(ds) if d.max_samples is None else min(len(ds), int(d.max_samples))
-    eval_idx, train_idx = split_eval(len(ds), d.eval_fraction, d.seed)
-    if n < len(ds):  # keep the split fixed; only shrink each side proportionally
-        keep_eval = round(n * len(eval_idx) / len(ds))
-        eval_idx, train_idx = eval_idx[:keep_eval], train_idx[: n - keep_eval]
-    log.info("local data %s: %d samples (%d train, %d held out), %d classes", d.path, len(ds),
-             len(train_idx), len(eval_idx), len(d.classes))
-    return ds.take(eval_idx), ds.take(train_idx)
 
 
-def _benchmark_share_split(cfg: ServiceConfig):  # -> (eval, train) datasets
-    from ..data.datasets import load_dataset
-    from ..data.partition import partition
-
-    d = cfg.data
-    train = load_dataset(d.dataset, d.split)  # type: ignore[arg-type]
-    groups = getattr(train, "groups", None)
-    parts = partition(d.partition, train.labels, groups, d.num_clients, d.alpha, d.seed)
-    if not 0 <= d.client_index < len(parts):
-        raise ValueError(f"data.client_index {d.client_index} outside 0..{len(parts) - 1}")
-    mine = train.take(parts[d.client_index])
-    rng = np.random.default_rng([d.seed, d.client_index])
-    order = rng.permutation(len(mine.labels))
-    if d.max_samples is not None:
-        order = order[: int(d.max_samples)]
-    n_eval = max(1, len(order) // 5) if len(order) >= 5 else 0
-    return mine.take(order[:n_eval]), mine.take(order[n_eval:])

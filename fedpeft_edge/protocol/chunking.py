@@ -41,10 +41,9 @@ from typing import Any, BinaryIO, Final
 
 import msgpack
 
-from fedpeft_edge.durable import atomic_file, fsync_dir
-from fedpeft_edge.errors import FedPeftError
-from fedpeft_edge.errors import ValueError as FpeValueError
-from fedpeft_edge.federation.codec import Reason, WireFormatError
+from fedpeft_edge.protocol.reasons import Reason, WireFormatError
+from fedpeft_edge.runtime.durable import atomic_file, fsync_dir
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 CHUNK_KEYS: Final = frozenset({"v", "t", "id", "i", "n", "tl", "h", "d"})
 # msgpack of {"v": 1, "t": "chunk", ...}: fixmap(8), "v", 1, "t", "chunk"
@@ -68,11 +67,11 @@ def payload_budget(max_packet_size: int, topic: str, *, mqtt5: bool = True,
     (2, QoS > 0) + [MQTT 5: property length varint + properties] + payload.
     """
     if isinstance(max_packet_size, bool) or not isinstance(max_packet_size, int) or max_packet_size < 64:
-        raise FpeValueError(f"max_packet_size must be an int >= 64, got {max_packet_size!r}")
+        raise InvalidValueError(f"max_packet_size must be an int >= 64, got {max_packet_size!r}")
     overhead = 5 + 2 + len(topic.encode("utf-8")) + 2 + ((4 + properties_allowance) if mqtt5 else 0)
     budget = min(max_packet_size, MQTT_MAX_PACKET) - overhead
     if budget <= CHUNK_OVERHEAD:
-        raise FpeValueError(f"max_packet_size {max_packet_size} leaves no room for a payload on {topic!r}")
+        raise InvalidValueError(f"max_packet_size {max_packet_size} leaves no room for a payload on {topic!r}")
     return budget
 
 
@@ -86,18 +85,18 @@ def split_message(data: bytes, max_payload: int, *, message_id: str | None = Non
     """``[data]`` when it fits in ``max_payload`` bytes, else chunk messages each ``<= max_payload``."""
     data = bytes(data)
     if isinstance(max_payload, bool) or not isinstance(max_payload, int):
-        raise FpeValueError("max_payload must be an int")
+        raise InvalidValueError("max_payload must be an int")
     if len(data) <= max_payload:
         return [data]
     step = max_payload - CHUNK_OVERHEAD
     if step < 1:
-        raise FpeValueError(f"max_payload {max_payload} too small for chunking (overhead {CHUNK_OVERHEAD})")
+        raise InvalidValueError(f"max_payload {max_payload} too small for chunking (overhead {CHUNK_OVERHEAD})")
     count = -(-len(data) // step)
     if count > max_chunks:
-        raise FpeValueError(f"{len(data)} bytes need {count} chunks > max_chunks {max_chunks}")
+        raise InvalidValueError(f"{len(data)} bytes need {count} chunks > max_chunks {max_chunks}")
     mid = message_id or secrets.token_hex(16)
     if not _ID_RE.fullmatch(mid):
-        raise FpeValueError("message_id must be 32 lowercase hex characters")
+        raise InvalidValueError("message_id must be 32 lowercase hex characters")
     digest = hashlib.sha256(data).digest()
     chunks = []
     for i in range(count):

@@ -1,4 +1,4 @@
-"""Aggregator service: the MQTT loop around :class:`~fedpeft_edge.federation.round_state.AggregatorCore`.
+"""Aggregator service: the MQTT loop around :class:`~fedpeft_edge.central.core.AggregatorCore`.
 
 Subscribes to ``fedpeft/{fleet}/update/+`` (QoS 1, persistent session, manual PUBACK) and
 ``fedpeft/{fleet}/status/+``; publishes the global adapter retained on ``fedpeft/{fleet}/global``.
@@ -43,14 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FedPeftError, ValueError
-from . import chunking, wire
-from .agent import build_trainer_setup
-from .codec import WireFormatError, reason_of
-from .config import ServiceConfig, default_spec_hash, transport_config
-from .round_state import AggregatorConfig, AggregatorCore, StateError
-from .topics import Topics
-from .transport import Message, MqttTransport, Will
+from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
+from fedpeft_edge.central.store import StateError
+from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol.config import ServiceConfig, default_spec_hash, transport_config
+from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import Message, MqttTransport, Will
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,12 @@ def load_vector(path: str | Path) -> np.ndarray:
     """A 1-D float32 vector from a .npy file (no pickles)."""
     try:
         arr = np.load(Path(path), allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read initial global {path}: {exc}") from exc
+    except (OSError, InvalidValueError) as exc:
+        raise InvalidValueError(f"cannot read initial global {path}: {exc}") from exc
     if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"initial global {path} must be a non-empty 1-D array")
+        raise InvalidValueError(f"initial global {path} must be a non-empty 1-D array")
     if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
-        raise ValueError(f"initial global {path} must hold finite floats")
+        raise InvalidValueError(f"initial global {path} must hold finite floats")
     return arr.astype(np.float32)
 
 
@@ -134,7 +134,7 @@ class AggregatorService:
         assert self.transport is not None
         data = self._global_payload()
         if len(data) > self.transport.max_payload(self.topics.global_):
-            raise ValueError(f"global message of {len(data)} bytes exceeds the broker packet limit; "
+            raise InvalidValueError(f"global message of {len(data)} bytes exceeds the broker packet limit; "
                              "raise max_packet_size or use global_mode = 'int8'")
         handle = self.transport.publish(self.topics.global_, data, qos=1, retain=True)
         if not handle.wait(timeout):
@@ -376,9 +376,22 @@ class AggregatorService:
 
 
 def _initial_from_trainer(cfg: ServiceConfig) -> tuple[np.ndarray, str | None]:
-    try:
-        setup = build_trainer_setup(cfg)
-    except FedPeftError as exc:
-        raise ValueError("aggregator needs an initial global: set aggregator.initial_global (.npy) or a "
-                         f"[trainer] section ({exc})") from exc
-    return setup.trainer.get_flat(), setup.spec_hash
+    """The first global from ``[trainer]``: the bundle's starting adapter (no trainer or data is built),
+    or, for ``kind = "factory"`` (tests, simulations), the factory's trainer."""
+    t = cfg.trainer
+    if t.kind == "ort" and t.bundle_dir:
+        from fedpeft_edge.peft.artifacts import ArtifactBundle
+
+        try:
+            bundle = ArtifactBundle.load(t.bundle_dir)
+        except (OSError, FedPeftError) as exc:
+            raise InvalidValueError(f"aggregator cannot read the bundle {t.bundle_dir}: {exc}") from exc
+        return bundle.initial_vector(), bundle.spec_hash
+    if t.kind == "factory" and t.factory and ":" in t.factory:
+        import importlib
+
+        mod_name, func_name = t.factory.split(":", 1)
+        setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
+        return np.asarray(setup.trainer.get_flat(), dtype=np.float32), setup.spec_hash
+    raise InvalidValueError("aggregator needs an initial global: set aggregator.initial_global (.npy), or a "
+                            "[trainer] section with kind = 'ort' + bundle_dir (or kind = 'factory' + factory)")

@@ -26,8 +26,7 @@ from typing import ClassVar, Final, Literal
 import numpy as np
 
 from fedpeft_edge import kernels
-from fedpeft_edge.errors import ValueError as FpeValueError
-from fedpeft_edge.federation.codec import EncodedUpdate, ParsedUpdate, accumulate_into
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 LatePolicy = Literal["drop", "stale_weighted"]  # drop late updates, or count them down-weighted
 LATE_POLICIES: Final = ("drop", "stale_weighted")
@@ -37,9 +36,9 @@ NORM_MODES: Final = ("clip", "reject")
 def staleness_weight(staleness: int, alpha: float) -> float:
     """Polynomial staleness discount ``(1 + staleness)^-alpha`` (1 for a fresh update)."""
     if staleness < 0:
-        raise FpeValueError(f"staleness must be >= 0, got {staleness}")
+        raise InvalidValueError(f"staleness must be >= 0, got {staleness}")
     if alpha < 0 or not math.isfinite(alpha):
-        raise FpeValueError(f"staleness alpha must be finite and >= 0, got {alpha}")
+        raise InvalidValueError(f"staleness alpha must be finite and >= 0, got {alpha}")
     return float((1.0 + staleness) ** (-alpha))
 
 
@@ -52,9 +51,9 @@ class NormBound:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.bound) and self.bound > 0):
-            raise FpeValueError(f"norm bound must be finite and > 0, got {self.bound}")
+            raise InvalidValueError(f"norm bound must be finite and > 0, got {self.bound}")
         if self.mode not in NORM_MODES:
-            raise FpeValueError(f"norm bound mode must be one of {NORM_MODES}, got {self.mode!r}")
+            raise InvalidValueError(f"norm bound mode must be one of {NORM_MODES}, got {self.mode!r}")
 
     def scale_for(self, norm: float) -> float | None:
         """Multiplier applied to the update (1.0 if within bound), or None if it must be rejected."""
@@ -69,70 +68,6 @@ class NormBound:
 # Streaming weighted sum
 
 
-class RoundAccumulator:
-    """``Σ w_i · update_i`` and ``Σ w_i`` for one round, through the fused kernels.
-
-    ``accumulate(enc, weight, scale)`` adds ``weight·scale·decode(enc)`` to the sum and ``weight`` to the
-    total (``scale`` is the norm-clipping factor, which shrinks the update but not its say in the mean).
-    Invalid updates raise WireFormatError and leave the sum untouched.
-    """
-
-    def __init__(self, n_params: int) -> None:
-        if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 1:
-            raise FpeValueError(f"n_params must be a positive int, got {n_params!r}")
-        self.n_params = n_params
-        self.sum = np.zeros(n_params, dtype=np.float32)
-        self.total_weight = 0.0
-        self.count = 0
-
-    def accumulate(self, enc: EncodedUpdate | ParsedUpdate, weight: float, scale: float = 1.0) -> None:
-        if not (math.isfinite(weight) and weight > 0 and math.isfinite(scale) and scale >= 0):
-            raise FpeValueError(f"weight must be finite > 0 and scale finite >= 0, got {weight}, {scale}")
-        accumulate_into(enc, self.sum, weight * scale)
-        self.total_weight += float(weight)
-        self.count += 1
-
-    def accumulate_dense(self, vec: np.ndarray, weight: float) -> None:
-        """Add an already-decoded update (or a partial weighted *mean* from a lower aggregation tier)."""
-        v = np.ascontiguousarray(vec, dtype=np.float32)
-        if v.shape != (self.n_params,):
-            raise FpeValueError(f"vector must have shape ({self.n_params},), got {v.shape}")
-        if not (math.isfinite(weight) and weight > 0):
-            raise FpeValueError(f"weight must be finite and > 0, got {weight}")
-        if not kernels.all_finite(v):
-            raise FpeValueError("vector holds NaN/Inf")
-        kernels.axpy(self.sum, v, float(weight))
-        self.total_weight += float(weight)
-        self.count += 1
-
-    def merge(self, other: RoundAccumulator) -> None:
-        """Fold another accumulator's sum into this one (hierarchical aggregation)."""
-        if other.n_params != self.n_params:
-            raise FpeValueError("accumulators differ in n_params")
-        kernels.axpy(self.sum, other.sum, 1.0)
-        self.total_weight += other.total_weight
-        self.count += other.count
-
-    def mean(self) -> np.ndarray:
-        """The weighted mean update (a new array). Needs at least one accumulated update."""
-        if self.total_weight <= 0:
-            raise FpeValueError("no updates accumulated")
-        return (self.sum / np.float32(self.total_weight)).astype(np.float32, copy=False)
-
-    def reset(self) -> None:
-        self.sum.fill(0.0)
-        self.total_weight = 0.0
-        self.count = 0
-
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        return {"sum": self.sum.copy(), "meta": np.array([self.total_weight, float(self.count)], np.float64)}
-
-    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        s, meta = np.asarray(arrays["sum"]), np.asarray(arrays["meta"])
-        if s.dtype != np.float32 or s.shape != (self.n_params,) or meta.shape != (2,):
-            raise FpeValueError("accumulator state has the wrong shape or dtype")
-        self.sum[...] = s
-        self.total_weight, self.count = float(meta[0]), int(meta[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +85,7 @@ class ServerOptimizer(ABC):
 
     def __init__(self, n_params: int, *, lr: float = 1.0) -> None:
         if not (math.isfinite(lr) and lr > 0):
-            raise FpeValueError(f"server lr must be finite and > 0, got {lr}")
+            raise InvalidValueError(f"server lr must be finite and > 0, got {lr}")
         self.n_params = n_params
         self.lr = float(lr)
         self.steps = 0
@@ -162,9 +97,9 @@ class ServerOptimizer(ABC):
         x = np.ascontiguousarray(global_vec, dtype=np.float32)
         d = np.ascontiguousarray(mean_delta, dtype=np.float32)
         if x.shape != (self.n_params,) or d.shape != (self.n_params,):
-            raise FpeValueError(f"vectors must have shape ({self.n_params},), got {x.shape}, {d.shape}")
+            raise InvalidValueError(f"vectors must have shape ({self.n_params},), got {x.shape}, {d.shape}")
         if not kernels.all_finite(d):
-            raise FpeValueError("mean update holds NaN/Inf")
+            raise InvalidValueError("mean update holds NaN/Inf")
         return x, d
 
     @abstractmethod
@@ -180,7 +115,7 @@ class ServerOptimizer(ABC):
     def _load_vec(self, arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
         a = np.asarray(arrays[key])
         if a.dtype != np.float32 or a.shape != (self.n_params,):
-            raise FpeValueError(f"optimizer state {key!r} must be float32[{self.n_params}]")
+            raise InvalidValueError(f"optimizer state {key!r} must be float32[{self.n_params}]")
         return a.copy()
 
 
@@ -201,7 +136,7 @@ class FedAvgM(ServerOptimizer):
     def __init__(self, n_params: int, *, lr: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__(n_params, lr=lr)
         if not 0.0 <= momentum < 1.0:
-            raise FpeValueError(f"momentum must be in [0, 1), got {momentum}")
+            raise InvalidValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
         self.m = np.zeros(n_params, dtype=np.float32)
 
@@ -235,7 +170,7 @@ class FedAdam(ServerOptimizer):
                  tau: float = 1e-3, bias_correction: bool = False) -> None:
         super().__init__(n_params, lr=lr)
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and math.isfinite(tau) and tau > 0):
-            raise FpeValueError(f"need 0 <= beta1, beta2 < 1 and tau > 0, got {beta1}, {beta2}, {tau}")
+            raise InvalidValueError(f"need 0 <= beta1, beta2 < 1 and tau > 0, got {beta1}, {beta2}, {tau}")
         self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
         self.bias_correction = bool(bias_correction)
         self.m = np.zeros(n_params, dtype=np.float32)
@@ -269,7 +204,7 @@ class FedAdam(ServerOptimizer):
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         m, v = self._load_vec(arrays, "m"), self._load_vec(arrays, "v")
         if float(v.min(initial=0.0)) < 0:
-            raise FpeValueError("optimizer state 'v' must be >= 0")
+            raise InvalidValueError("optimizer state 'v' must be >= 0")
         super().load_state_arrays(arrays)
         self.m, self.v = m, v
 
@@ -292,11 +227,11 @@ def make_server_optimizer(name: str, n_params: int, **params: float) -> ServerOp
     """``make_server_optimizer("fedadam", n, lr=0.01, tau=1e-3)``; unknown names/params → ValueError."""
     cls = SERVER_OPTIMIZERS.get(name)
     if cls is None:
-        raise FpeValueError(f"unknown server optimizer {name!r}; choose from {sorted(SERVER_OPTIMIZERS)}")
+        raise InvalidValueError(f"unknown server optimizer {name!r}; choose from {sorted(SERVER_OPTIMIZERS)}")
     try:
         return cls(n_params, **params)  # type: ignore[arg-type]
     except TypeError as exc:
-        raise FpeValueError(f"bad parameters for {name}: {exc}") from exc
+        raise InvalidValueError(f"bad parameters for {name}: {exc}") from exc
 
 
 __all__ = [
@@ -309,7 +244,6 @@ __all__ = [
     "FedYogi",
     "LatePolicy",
     "NormBound",
-    "RoundAccumulator",
     "ServerOptimizer",
     "make_server_optimizer",
     "staleness_weight",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import ValueError
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 ROOT = "fedpeft"
 # One topic level: no MQTT wildcards or separators, nothing Mosquitto's %c/%u substitution would mangle.
@@ -21,7 +21,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 def check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"{kind} {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
+        raise InvalidValueError(f"{kind} {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
                          " (no '/', '+', '#')")
     return name
 

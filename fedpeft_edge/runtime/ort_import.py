@@ -21,7 +21,7 @@ import types
 from pathlib import Path
 from types import ModuleType
 
-from fedpeft_edge.errors import MissingDependencyError
+from fedpeft_edge.runtime.errors import MissingDependencyError
 
 _INSTALL_HINT = "pip install --force-reinstall --no-deps onnxruntime-training-cpu==1.19.2"
 

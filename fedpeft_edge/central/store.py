@@ -1,0 +1,131 @@
+"""The aggregator's round store: everything it must not lose, in one atomically replaced file.
+
+:class:`RoundState` holds the round number, the global vector, the running weighted sum of the open
+round, the accepted ``(client_id, round)`` pairs, the server optimiser state and counters. It lives in
+ONE file, ``<dir>/round_state.npz`` (``np.savez``, loaded with ``allow_pickle=False``; non-array fields
+as JSON stored in a uint8 array), replaced atomically (:func:`fedpeft_edge.runtime.durable.atomic_file`).
+A reader sees the old file or the new one, never a mix; stray temp files are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from fedpeft_edge import kernels
+from fedpeft_edge.runtime.durable import atomic_file
+from fedpeft_edge.runtime.errors import InvalidValueError
+
+if TYPE_CHECKING:  # only for the type of RoundState.fresh (core imports this module)
+    from fedpeft_edge.central.core import AggregatorConfig
+
+STATE_FILE: Final = "round_state.npz"
+STATE_FORMAT: Final = 1
+HISTORY_KEEP: Final = 20  # closed-round metrics kept in the state file (it is rewritten on every save)
+
+
+class StateError(InvalidValueError):
+    """The persisted round state is unreadable, inconsistent, or belongs to another configuration."""
+
+
+def new_round_stats() -> dict[str, Any]:
+    return {"participants": [], "bytes_in": 0, "late_accepted": 0, "clipped": 0, "weighted_norm_sum": 0.0,
+            "metric_wsum": {}, "metric_w": {}}
+
+
+@dataclass
+class RoundState:
+    """Everything the aggregator needs after a restart (see module docstring for the file format)."""
+
+    fingerprint: dict[str, Any]
+    round: int
+    global_vec: np.ndarray
+    acc_sum: np.ndarray
+    acc_total_weight: float = 0.0
+    acc_count: int = 0
+    # (client_id, round the update was trained from) -> round in which it was counted
+    accepted: dict[tuple[str, int], int] = field(default_factory=dict)
+    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    round_started_at: float = 0.0
+    stats: dict[str, Any] = field(default_factory=new_round_stats)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, config: AggregatorConfig, initial_global: np.ndarray | None, now: float) -> RoundState:
+        n = config.n_params
+        if initial_global is None:
+            g = np.zeros(n, dtype=np.float32)
+        else:
+            g = np.array(initial_global, dtype=np.float32, copy=True)
+            if g.shape != (n,) or not kernels.all_finite(g):
+                raise InvalidValueError(f"initial global must be finite float32[{n}]")
+        return cls(config.fingerprint(), 0, g, np.zeros(n, dtype=np.float32), round_started_at=now)
+
+    # ---- persistence -------------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "fingerprint": self.fingerprint, "round": self.round,
+            "acc_total_weight": self.acc_total_weight, "acc_count": self.acc_count,
+            "accepted": [[c, r, at] for (c, r), at in sorted(self.accepted.items())],
+            "optimizer_keys": sorted(self.optimizer_state), "counters": self.counters,
+            "round_started_at": self.round_started_at, "stats": self.stats, "history": self.history,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Atomically replace ``<directory>/round_state.npz``; returns its path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps(self._meta(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+        arrays = {"global": self.global_vec, "acc_sum": self.acc_sum,
+                  "meta_json": np.frombuffer(meta, dtype=np.uint8)}
+        for key, val in self.optimizer_state.items():
+            arrays[f"opt__{key}"] = val
+        final = d / STATE_FILE
+        with atomic_file(final) as f:
+            np.savez(f, **arrays)
+        return final
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> RoundState | None:
+        """The persisted state, or ``None`` if the directory holds none. Corrupt state → StateError."""
+        path = Path(directory) / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = {name: z[name] for name in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise StateError(f"cannot read {path}: {exc}") from exc
+        try:
+            meta = json.loads(bytes(files.pop("meta_json")).decode("utf-8"))
+            if meta.get("format") != STATE_FORMAT:
+                raise StateError(f"unsupported state format {meta.get('format')!r}")
+            g, acc = files.pop("global"), files.pop("acc_sum")
+            opt = {k[len("opt__"):]: v for k, v in files.items() if k.startswith("opt__")}
+            if sorted(opt) != meta["optimizer_keys"]:
+                raise StateError("optimizer arrays do not match the recorded keys")
+            n = int(meta["fingerprint"]["n_params"])
+            for name, arr in (("global", g), ("acc_sum", acc)):
+                if arr.dtype != np.float32 or arr.shape != (n,) or not kernels.all_finite(arr):
+                    raise StateError(f"{name} must be finite float32[{n}]")
+            accepted = {(str(c), int(r)): int(at) for c, r, at in meta["accepted"]}
+            return cls(
+                fingerprint=meta["fingerprint"], round=int(meta["round"]), global_vec=g, acc_sum=acc,
+                acc_total_weight=float(meta["acc_total_weight"]), acc_count=int(meta["acc_count"]),
+                accepted=accepted, optimizer_state=opt,
+                counters={str(k): int(v) for k, v in meta["counters"].items()},
+                round_started_at=float(meta["round_started_at"]), stats=meta["stats"],
+                history=list(meta["history"]),
+            )
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise StateError(f"inconsistent state in {path}: {exc!r}") from exc

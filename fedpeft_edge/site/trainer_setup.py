@@ -1,0 +1,148 @@
+"""A site's trainer and data, made from its configuration (``[trainer]`` and ``[data]``)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedpeft_edge.protocol.config import ServiceConfig
+from fedpeft_edge.runtime.errors import InvalidValueError
+from fedpeft_edge.training.base import LocalTrainer
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, np.ndarray]
+BatchesFn = Callable[[], Iterable[Batch]]
+
+
+@dataclass
+class TrainerSetup:
+    """What a site needs to take part: a trainer and its data (batches are made fresh per epoch)."""
+
+    trainer: LocalTrainer
+    train_batches_fn: BatchesFn
+    eval_batches_fn: BatchesFn | None = None
+    spec_hash: str | None = None  # from the PEFT artifact bundle; None: adopt the aggregator's
+
+
+# --- trainer + data from configuration (the agent CLI) -----------------------------------------------
+def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
+    """Make the site's trainer and data from ``[trainer]`` and ``[data]``.
+
+    ``kind = "factory"``: ``factory = "module:function"``, called with the config, returns TrainerSetup.
+    ``kind = "ort"``: ONNX Runtime Training over the artifact bundle in ``bundle_dir``. The site's data is
+    its own file ``data.path`` (labels mapped through ``data.classes``; ``eval_fraction`` held out) or
+    its share ``partition(...)[client_index]`` of the benchmark ``data.dataset``; neither gives a setup
+    without data (the aggregator only needs the initial adapter). Model inputs are made with the
+    prepared model's meta, read from ``data.options.prepared_dir`` (its prepared.json; other options
+    such as ``max_len`` override it) or given inline in ``data.options`` (``model_kind``,
+    ``tokenizer_json``/``max_len`` or ``image_size``/``mean``/``std``).
+    """
+    t = cfg.trainer
+    if t.kind == "factory":
+        if not t.factory or ":" not in t.factory:
+            raise InvalidValueError("trainer.factory must be 'package.module:function'")
+
+
+        mod_name, func_name = t.factory.split(":", 1)
+        setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
+        if not isinstance(setup, TrainerSetup):
+            raise InvalidValueError(f"{t.factory} must return a TrainerSetup, got {type(setup).__name__}")
+        return setup
+    if t.kind != "ort":
+        raise InvalidValueError(f"trainer.kind must be 'ort' or 'factory', not {t.kind!r}")
+    if not t.bundle_dir:
+        raise InvalidValueError("trainer.bundle_dir is required for kind = 'ort'")
+    cfg.data.validate()  # command-line flags may have set dataset next to a configured path
+    from fedpeft_edge.peft.artifacts import ArtifactBundle
+    from fedpeft_edge.training.ort_trainer import OrtTrainer
+
+    bundle = ArtifactBundle.load(t.bundle_dir)
+    d = cfg.data
+    head = bundle.spec.head_classes
+    if d.path and head is not None and len(d.classes) != head:
+        raise InvalidValueError(f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
+                         "outputs; list every class in the head's output order")
+    trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), **t.options)
+    if not d.dataset and not d.path:
+        return TrainerSetup(trainer, lambda: iter(()), None, bundle.spec_hash)
+    train_in, train_y, eval_in, eval_y = site_arrays(cfg)
+    epoch = [0]
+
+    def train_fn() -> Iterator[Batch]:
+        from fedpeft_edge.data.batches import iterate_batches
+
+        epoch[0] += 1  # a new shuffle per epoch, reproducible from the seed
+        return iterate_batches(train_in, train_y, d.batch_size, shuffle=True, seed=d.seed * 1000 + epoch[0])
+
+    def eval_fn() -> Iterator[Batch]:
+        from fedpeft_edge.data.batches import iterate_batches
+
+        return iterate_batches(eval_in, eval_y, d.batch_size, shuffle=False, seed=0)
+
+    return TrainerSetup(trainer, train_fn, eval_fn if eval_y.size else None, bundle.spec_hash)
+
+
+def site_arrays(cfg: ServiceConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],
+                                               np.ndarray]:
+    """(train inputs, train labels, eval inputs, eval labels) of this site, encoded for the model."""
+    from fedpeft_edge.data.features import encode_for_model
+
+    d = cfg.data
+    meta, kind = _model_meta(d.options)
+    if d.path:
+        ev, tr = _local_file_split(cfg)
+    else:
+        ev, tr = _benchmark_share_split(cfg)
+    return (encode_for_model(tr, meta, kind), tr.labels, encode_for_model(ev, meta, kind), ev.labels)
+
+
+def _model_meta(options: Mapping[str, object]) -> tuple[dict[str, object], str]:
+    """The prepared model's input meta and kind (``prepared_dir``'s prepared.json, else inline options)."""
+    opts = dict(options)
+    if "prepared_dir" in opts:
+        from fedpeft_edge.data.prepared_model import load_prepared
+
+        pdir = opts.pop("prepared_dir")
+        # load_prepared checks the folder is complete and max_len is an int in [2, 512]
+        prepared = load_prepared(str(pdir), max_len=opts.pop("max_len", None))  # type: ignore[arg-type]
+        return {**prepared.meta, **opts}, prepared.kind
+    return opts, str(opts.pop("model_kind", "text"))
+
+
+def _local_file_split(cfg: ServiceConfig):  # -> (eval, train) datasets
+    from fedpeft_edge.data.local_files import load_local_dataset, split_eval
+
+    d = cfg.data
+    ds = load_local_dataset(d.path, d.classes, limits=d.limits())  # type: ignore[arg-type]
+    n = len(ds) if d.max_samples is None else min(len(ds), int(d.max_samples))
+    eval_idx, train_idx = split_eval(len(ds), d.eval_fraction, d.seed)
+    if n < len(ds):  # keep the split fixed; only shrink each side proportionally
+        keep_eval = round(n * len(eval_idx) / len(ds))
+        eval_idx, train_idx = eval_idx[:keep_eval], train_idx[: n - keep_eval]
+    log.info("local data %s: %d samples (%d train, %d held out), %d classes", d.path, len(ds),
+             len(train_idx), len(eval_idx), len(d.classes))
+    return ds.take(eval_idx), ds.take(train_idx)
+
+
+def _benchmark_share_split(cfg: ServiceConfig):  # -> (eval, train) datasets
+    from fedpeft_edge.data.datasets import load_dataset
+    from fedpeft_edge.data.partition import partition
+
+    d = cfg.data
+    train = load_dataset(d.dataset, d.split)  # type: ignore[arg-type]
+    groups = getattr(train, "groups", None)
+    parts = partition(d.partition, train.labels, groups, d.num_clients, d.alpha, d.seed)
+    if not 0 <= d.client_index < len(parts):
+        raise InvalidValueError(f"data.client_index {d.client_index} outside 0..{len(parts) - 1}")
+    mine = train.take(parts[d.client_index])
+    rng = np.random.default_rng([d.seed, d.client_index])
+    order = rng.permutation(len(mine.labels))
+    if d.max_samples is not None:
+        order = order[: int(d.max_samples)]
+    n_eval = max(1, len(order) // 5) if len(order) >= 5 else 0
+    return mine.take(order[:n_eval]), mine.take(order[n_eval:])
