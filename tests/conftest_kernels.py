@@ -1,4 +1,4 @@
-"""Fixtures and Hypothesis strategies shared by the kernel tests (imported by tests/test_kernels*.py).
+"""Fixtures and Hypothesis strategies shared by the kernel tests (imported by tests/kernels/test_kernels*.py).
 
 ``kernels`` runs a test on every backend and every CPU path of the C core this machine supports:
 ``numpy``, ``c`` (the dispatched path) and ``c-<path>`` for each other supported path (``c-baseline`` is

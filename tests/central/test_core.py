@@ -250,7 +250,7 @@ _CHILD = textwrap.dedent(
     """
     import os, sys, numpy as np
     sys.path.insert(0, {tests!r})
-    from test_round_state import _config, _msg
+    from test_core import _config, _msg
     from fedpeft_edge.central import core as R
     mode, state_dir = sys.argv[1], sys.argv[2]
     core = R.AggregatorCore(_config(quorum=10_000), state_dir)

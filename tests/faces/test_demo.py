@@ -19,7 +19,7 @@ from fedpeft_edge.protocol.codec import expected_payload_len
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _check_report(summary: dict, out: Path, work: Path, agents: int, rounds: int) -> None:

@@ -12,7 +12,7 @@ from fedpeft_edge.faces.experiment import ExperimentConfig, main_experiment
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = REPO / "configs" / "experiment-small.toml"
 
 

@@ -36,7 +36,7 @@ pytest_plugins = ["conftest_kernels"]
 hyp = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 F32 = np.float32
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _same_outcome(c_call, ref_call):
