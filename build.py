@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import re
 import sys
 
 from cffi import FFI
@@ -23,51 +24,75 @@ def _rel(path: str) -> str:
     return os.path.relpath(path)
 
 
-# Constants are declared with `...` so cffi takes their values from the C header at build time:
-# Python never hard-codes a C number.
-CDEF = """
-#define FPE_OK ...
-#define FPE_EINVAL ...
-#define FPE_ENONFINITE ...
-#define FPE_ENOMEM ...
-#define FPE_EINDEX ...
-#define FPE_PATH_BASELINE ...
-#define FPE_PATH_SSE41 ...
-#define FPE_PATH_AVX2 ...
-#define FPE_PATH_NEON ...
+HEADER = os.path.join(CSRC, "fedpeft_core.h")
 
-int fpe_init(int force_baseline);
-int fpe_cpu_path(void);
-int fpe_path_supported(int path);
-int fpe_set_cpu_path(int path);
-const char *fpe_strerror(int code);
+# The cdef is generated from csrc/fedpeft_core.h at build time so the header stays the only copy of
+# the API (PyNaCl feeds its binding headers to cdef the same way). cffi's parser is not a C
+# preprocessor, so the generator below keeps only what it understands.
 
-int fpe_quantize_int8(const float *x, size_t n, size_t block, int8_t *q, float *scales);
-int fpe_quantize_int8_stochastic(const float *x, size_t n, size_t block, uint64_t seed, int8_t *q,
-                                 float *scales);
-int fpe_dequantize_int8(const int8_t *q, const float *scales, size_t n, size_t block, float *out);
-float fpe_uniform(uint64_t seed, uint64_t i);
+# Comments and string/char literals in one pass: literals are kept (a "/*" inside one is not a
+# comment), comments become one space as in C translation phase 3.
+_COMMENT_OR_LITERAL = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|/\*.*?\*/|//[^\n]*', re.S)
+_DIRECTIVE = re.compile(r"#\s*(\w*)\s*(.*)")
+_OBJECT_MACRO = re.compile(r"([A-Za-z_]\w*)(?:\s+(.*))?$")  # `NAME value`; `NAME(` is function-like
+# cffi's `#define X ...` takes integers only, so only FPE_* macros whose value is an integer constant
+# expression become constants; others (the include guard, helper spellings) are C-side details.
+_INT_EXPR = re.compile(r"(?:[-+~!*/%&|^<>()\s]|(?:0[xX][0-9A-Fa-f]+|\d+)[uUlL]*)+")
+# `#ifdef __cplusplus`, `#ifndef __cplusplus`, `#if defined(__cplusplus)`, `#if !defined __cplusplus`.
+_CPLUSPLUS_IF = re.compile(r"(?:ifdef|(ifndef)|if\s*(!?)\s*defined)\s*\(?\s*__cplusplus\s*\)?")
+# GCC attributes (e.g. warn_unused_result) mean nothing to cffi and its parser rejects them.
+_ATTRIBUTE = re.compile(r"__attribute__\s*\(\((?:[^()]|\([^()]*\))*\)\)")
+# cffi parses the C99 `restrict` but not the GNU spellings.
+_GNU_RESTRICT = re.compile(r"\b__restrict(?:__)?\b")
 
-int fpe_topk_ef(const float *u, const float *r, size_t n, size_t k, uint32_t *idx, float *val,
-                float *residual_out);
 
-int fpe_sgd_step(float *w, const float *g, float *mom, const float *w_ref, size_t n, float lr,
-                 float momentum, float weight_decay, float prox_mu);
-int fpe_adamw_step(float *w, const float *g, float *m, float *v, const float *w_ref, size_t n,
-                   uint64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
-                   float prox_mu);
-int fpe_clip_by_global_norm(float *g, size_t n, float max_norm, double *norm_out);
+def cdef_from_header(path: str = HEADER) -> str:
+    """Return the cffi cdef text for the C header at *path*.
 
-int fpe_axpy(float *acc, const float *x, size_t n, float weight);
-int fpe_scatter_add(float *acc, size_t n, const uint32_t *idx, const float *val, size_t nnz,
-                    float weight);
-int fpe_dequant_accumulate(float *acc, const int8_t *q, const float *scales, size_t n, size_t block,
-                           float weight);
-int fpe_sparse_dequant_accumulate(float *acc, size_t n, const uint32_t *idx, const int8_t *q,
-                                  const float *scales, size_t nnz, size_t block, float weight);
-int fpe_l2_norm(const float *x, size_t n, double *out);
-int fpe_all_finite(const float *x, size_t n, int *out);
-"""
+    Drops comments and every preprocessor line, skips what C does not see in ``#ifdef __cplusplus``
+    blocks (``extern "C" {`` and its ``}``), and turns each integer ``#define FPE_*`` into
+    ``#define FPE_* ...`` so cffi reads the value from the real header when it compiles: Python never
+    hard-codes a C number. Declarations, typedefs and enums pass through as written.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = text.replace("\\\n", "")  # line splicing comes before comments and directives in C
+    text = _COMMENT_OR_LITERAL.sub(lambda m: " " if m.group().startswith("/") else m.group(), text)
+
+    out: list[str] = []
+    # One entry per open #if/#ifdef/#ifndef: (seen by C?, tests __cplusplus?). Only __cplusplus is
+    # decided; any other condition (the include guard) is taken as true.
+    conds: list[tuple[bool, bool]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        directive = _DIRECTIVE.match(line.strip())
+        visible = all(seen for seen, _ in conds)
+        if directive is None:
+            if visible and line.strip():
+                out.append(_GNU_RESTRICT.sub("restrict", _ATTRIBUTE.sub("", line)).rstrip())
+            continue
+        word, rest = directive.group(1), directive.group(2).strip()
+        if word in ("if", "ifdef", "ifndef"):
+            cpp = _CPLUSPLUS_IF.fullmatch(f"{word} {rest}")
+            conds.append((cpp is None or bool(cpp.group(1) or cpp.group(2)), cpp is not None))
+        elif word == "else" and conds and conds[-1][1]:
+            conds[-1] = (not conds[-1][0], True)
+        elif word in ("else", "elif"):
+            # Both branches would land in the cdef; refuse rather than guess which one C sees.
+            raise ValueError(f"{path}:{lineno}: cffi cdef generator cannot choose a #{word} branch")
+        elif word == "endif":
+            if not conds:
+                raise ValueError(f"{path}:{lineno}: #endif without #if")
+            conds.pop()
+        elif word == "define" and visible:
+            macro = _OBJECT_MACRO.match(rest)
+            name, value = (macro.group(1), macro.group(2) or "") if macro else ("", "")
+            if name.startswith("FPE_") and _INT_EXPR.fullmatch(value) and re.search(r"\d", value):
+                out.append(f"#define {name} ...")
+        # Everything else (#include, #undef, #pragma, #error, ...) means nothing to cffi.
+    if conds:
+        raise ValueError(f"{path}: {len(conds)} unterminated #if")
+    return "\n".join(out) + "\n"
+
 
 SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.c")))
 DEPENDS = sorted(glob.glob(os.path.join(CSRC, "*.h")))
@@ -104,7 +129,7 @@ else:
         EXTRA_COMPILE_ARGS += ["-msse2", "-mfpmath=sse"]
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(cdef_from_header())
 ffibuilder.set_source(
     "fedpeft_edge._core",
     '#include "fedpeft_core.h"\n',
