@@ -59,7 +59,7 @@ def test_ingest_decode_validate_accumulate(benchmark, messages: list[bytes]) -> 
 def test_ingest_through_aggregator_core(benchmark, messages: list[bytes]) -> None:
     """Full policy path (dedup, round/spec checks, norm, metrics), in memory (no per-update fsync)."""
     benchmark.group = "aggregate ingest, 100k params @ 1%"
-    cfg = R.AggregatorConfig("fleet", N, SPEC, quorum=10**6, norm_bound=1e6)
+    cfg = R.AggregatorConfig(fleet="fleet", n_params=N, spec_hash=SPEC, quorum=10**6, norm_bound=1e6)
 
     def setup():
         return (R.AggregatorCore(cfg, autosave=False),), {}
@@ -77,7 +77,7 @@ def test_ingest_through_aggregator_core(benchmark, messages: list[bytes]) -> Non
 def test_persisted_offer_cost(benchmark, messages: list[bytes], tmp_path) -> None:
     """autosave=True: one atomic npz write + fsync per accepted update (what exactly-once costs)."""
     benchmark.group = "aggregate ingest, persisted"
-    cfg = R.AggregatorConfig("fleet", N, SPEC, quorum=10**6)
+    cfg = R.AggregatorConfig(fleet="fleet", n_params=N, spec_hash=SPEC, quorum=10**6)
     counter = iter(range(10**9))
 
     def setup():
@@ -90,7 +90,7 @@ def test_persisted_offer_cost(benchmark, messages: list[bytes], tmp_path) -> Non
 
 def _ingest_count(count: int) -> tuple[int, int]:
     """(tracemalloc peak bytes, RSS growth bytes) while ingesting ``count`` updates into one core."""
-    cfg = R.AggregatorConfig("fleet", N, SPEC, quorum=10**6)
+    cfg = R.AggregatorConfig(fleet="fleet", n_params=N, spec_hash=SPEC, quorum=10**6)
     core = R.AggregatorCore(cfg, autosave=False)
     templates = [_message(i) for i in range(20)]
     proc = psutil.Process()

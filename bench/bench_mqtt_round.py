@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_edge.central.broker import start_local_broker
+from fedpeft_edge.central.config import load_aggregator_config
 from fedpeft_edge.central.service import AggregatorService
 from fedpeft_edge.protocol import chunking, wire
 from fedpeft_edge.protocol.codec import CodecConfig
-from fedpeft_edge.protocol.config import load_config
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 from fedpeft_edge.site.encoder import UpdateEncoder
@@ -38,7 +38,7 @@ def run_round(sites: int = 100, params: int = 73_728, mode: str = "topk_int8", r
     tmp = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
     clients: list[MqttTransport] = []
     try:
-        cfg = load_config(text=f"""
+        cfg = load_aggregator_config(text=f"""
 [connection]
 port = {broker.port}
 [fleet]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_edge.peft.layout import FlatLayout
-from fedpeft_edge.protocol.config import ServiceConfig
+from fedpeft_edge.site.config import AgentConfig, DataSettings
 from fedpeft_edge.site.trainer_setup import TrainerSetup
 from fedpeft_edge.training.base import EvalMetrics, TrainMetrics
 
@@ -108,8 +108,10 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict[str,
         yield {"x": x[i : i + batch_size], "labels": y[i : i + batch_size]}
 
 
-def make(cfg: ServiceConfig) -> TrainerSetup:
-    d = cfg.data
+def make(cfg: AgentConfig) -> TrainerSetup:
+    # The aggregator calls this too, with its own config (no [data]): only the starting vector matters.
+    data = getattr(cfg, "data", None) or DataSettings()
+    d = data
     opts = cfg.trainer.options
     features = int(opts.get("features", FEATURES))
     x, y = site_data(d.client_index, d.seed, int(d.options.get("samples", 120)), features)

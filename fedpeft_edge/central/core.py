@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,11 +36,9 @@ import numpy as np
 
 from fedpeft_edge import kernels
 from fedpeft_edge.central.accumulator import RoundAccumulator
+from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
 from fedpeft_edge.central.store import HISTORY_KEEP, RoundState, StateError, new_round_stats
 from fedpeft_edge.central.strategy import (
-    LATE_POLICIES,
-    NORM_MODES,
-    SERVER_OPTIMIZERS,
     NormBound,
     ServerOptimizer,
     make_server_optimizer,
@@ -53,87 +51,6 @@ from fedpeft_edge.runtime.errors import InvalidValueError
 
 MIN_WEIGHT: Final = 1e-9  # below this a stale update is treated as late (its weight would vanish)
 MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38)
-
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class AggregatorConfig:
-    """Policy knobs of one fleet's aggregator.
-
-    A round closes as soon as ``quorum`` updates were accepted, or once ``round_deadline_s`` passed with
-    at least ``min_clients``. Late updates (trained from an older global) are dropped or, with
-    ``late_policy="stale_weighted"``, counted with weight ``samples·(1+staleness)^-staleness_alpha`` up
-    to ``max_staleness`` rounds behind. ``norm_bound`` clips (``norm_mode="clip"``) or rejects updates
-    whose L2 norm exceeds it. ``weighting`` is ``"samples"`` (FedAvg) or ``"uniform"``; a claimed
-    ``num_samples`` above ``max_samples_weight`` counts as that many (a lying site cannot dominate).
-    """
-
-    fleet: str
-    n_params: int
-    spec_hash: str
-    min_clients: int = 1
-    quorum: int = 2
-    round_deadline_s: float = 300.0
-    late_policy: str = "drop"
-    staleness_alpha: float = 0.5
-    max_staleness: int = 4
-    norm_bound: float | None = None
-    norm_mode: str = "clip"
-    server_optimizer: str = "fedavg"
-    server_opt_params: dict[str, float] = field(default_factory=dict)
-    max_rounds: int | None = None
-    weighting: str = "samples"
-    max_samples_weight: int = 1_000_000
-    global_mode: str = "fp32"  # downlink codec (codec.encode_global)
-
-    def __post_init__(self) -> None:
-        def positive_int(name: str, val: object) -> None:
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise InvalidValueError(f"AggregatorConfig.{name} must be a positive int, got {val!r}")
-
-        positive_int("n_params", self.n_params)
-        positive_int("min_clients", self.min_clients)
-        positive_int("quorum", self.quorum)
-        positive_int("max_samples_weight", self.max_samples_weight)
-        if self.quorum < self.min_clients:
-            raise InvalidValueError("quorum must be >= min_clients")
-        if self.max_rounds is not None:
-            positive_int("max_rounds", self.max_rounds)
-        if not (math.isfinite(self.round_deadline_s) and self.round_deadline_s > 0):
-            raise InvalidValueError("round_deadline_s must be finite and > 0")
-        if self.late_policy not in LATE_POLICIES:
-            raise InvalidValueError(f"late_policy must be one of {LATE_POLICIES}")
-        if self.norm_mode not in NORM_MODES:
-            raise InvalidValueError(f"norm_mode must be one of {NORM_MODES}")
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise InvalidValueError(f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}")
-        if self.weighting not in ("samples", "uniform"):
-            raise InvalidValueError("weighting must be 'samples' or 'uniform'")
-        ms = self.max_staleness
-        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-            raise InvalidValueError("max_staleness must be an int >= 0")
-        if self.global_mode not in ("fp32", "int8"):
-            raise InvalidValueError("global_mode must be 'fp32' or 'int8'")
-        staleness_weight(0, self.staleness_alpha)  # validates alpha
-        if self.norm_bound is not None:
-            NormBound(self.norm_bound, self.norm_mode)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields a persisted state must agree with to be resumed under this config."""
-        return {"fleet": self.fleet, "n_params": self.n_params, "spec_hash": self.spec_hash,
-                "server_optimizer": self.server_optimizer}
-
-
-# --------------------------------------------------------------------------------------------------
-# Persisted state
-
-
-
 
 
 
@@ -224,6 +141,14 @@ class AggregatorCore:
         """Cumulative counts: accepted, duplicate, late, late_accepted, clipped, bytes_in,
         ``rejected`` and ``rejected:<reason>``."""
         return dict(self._state.counters)
+
+    @property
+    def round_sum(self) -> np.ndarray:
+        """Read-only view of the open round's running weighted sum ``Σ w_i·update_i`` (what has been
+        counted so far; a rejected update leaves it untouched)."""
+        view = self._acc.sum.view()
+        view.flags.writeable = False
+        return view
 
     @property
     def accepted_this_round(self) -> int:
@@ -501,4 +426,5 @@ __all__ = [
     "AggregatorConfig",
     "AggregatorCore",
     "Decision",
+    "RoundPolicy",
 ]

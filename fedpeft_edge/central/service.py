@@ -43,10 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 from fedpeft_edge.central.store import StateError
 from fedpeft_edge.protocol import chunking, wire
-from fedpeft_edge.protocol.config import ServiceConfig, default_spec_hash, transport_config
+from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import Message, MqttTransport, Will
@@ -84,7 +85,7 @@ class AggregatorResult:
 class AggregatorService:
     """``run()`` serves rounds until ``max_rounds`` is reached or ``stop()`` is called."""
 
-    def __init__(self, config: ServiceConfig, *, initial_global: np.ndarray | None = None,
+    def __init__(self, config: AggregatorServiceConfig, *, initial_global: np.ndarray | None = None,
                  spec_hash: str | None = None, limits: wire.WireLimits | None = None) -> None:
         a = config.aggregator
         self.cfg = config
@@ -101,13 +102,8 @@ class AggregatorService:
         self.spec_hash = a.spec_hash or spec_hash or default_spec_hash(n)
         self.limits = limits or wire.WireLimits(max_message_bytes=int(a.max_update_bytes),
                                                 max_params=max(n, 1))
-        self.core_config = AggregatorConfig(
-            fleet=config.fleet.name, n_params=n, spec_hash=self.spec_hash, min_clients=a.min_clients,
-            quorum=a.quorum, round_deadline_s=float(a.round_deadline_s), late_policy=a.late_policy,
-            staleness_alpha=float(a.staleness_alpha), max_staleness=int(a.max_staleness),
-            norm_bound=a.norm_bound, norm_mode=a.norm_mode, server_optimizer=a.server_optimizer,
-            server_opt_params={k: float(v) for k, v in a.server_opt_params.items()},
-            max_rounds=int(a.max_rounds), weighting=a.weighting, global_mode=a.global_mode)
+        self.core_config = AggregatorConfig.for_fleet(a.policy, fleet=config.fleet.name, n_params=n,
+                                                      spec_hash=self.spec_hash)
         # State is saved once per batch of messages (then the batch is acknowledged): same exactly-once
         # guarantee as saving per update, without one fsync per update under load.
         self.core = AggregatorCore(self.core_config, self.state_dir, initial_global=initial_global,
@@ -318,7 +314,7 @@ class AggregatorService:
 
     def run(self, *, connect_timeout: float | None = 60.0) -> AggregatorResult:
         a = self.cfg.aggregator
-        tcfg = transport_config(self.cfg, a.client_id, manual_ack=True)
+        tcfg = transport_config(self.cfg.connection, a.client_id, manual_ack=True)
         offline = wire.encode_status(wire.StatusMessage(a.client_id, "offline", time.time(), None),
                                      self.limits)
         status_topic = self.topics.status(a.client_id)
@@ -375,7 +371,7 @@ class AggregatorService:
                                 np.array(self.core.global_vector))
 
 
-def _initial_from_trainer(cfg: ServiceConfig) -> tuple[np.ndarray, str | None]:
+def _initial_from_trainer(cfg: AggregatorServiceConfig) -> tuple[np.ndarray, str | None]:
     """The first global from ``[trainer]``: the bundle's starting adapter (no trainer or data is built),
     or, for ``kind = "factory"`` (tests, simulations), the factory's trainer."""
     t = cfg.trainer

@@ -23,7 +23,7 @@ from fedpeft_edge.runtime.durable import atomic_file
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 if TYPE_CHECKING:  # only for the type of RoundState.fresh (core imports this module)
-    from fedpeft_edge.central.core import AggregatorConfig
+    from fedpeft_edge.central.policy import AggregatorConfig
 
 STATE_FILE: Final = "round_state.npz"
 STATE_FORMAT: Final = 1

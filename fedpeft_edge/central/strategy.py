@@ -26,11 +26,11 @@ from typing import ClassVar, Final, Literal
 import numpy as np
 
 from fedpeft_edge import kernels
+from fedpeft_edge.runtime import names
 from fedpeft_edge.runtime.errors import InvalidValueError
+from fedpeft_edge.runtime.names import LATE_POLICIES, NORM_MODES
 
 LatePolicy = Literal["drop", "stale_weighted"]  # drop late updates, or count them down-weighted
-LATE_POLICIES: Final = ("drop", "stale_weighted")
-NORM_MODES: Final = ("clip", "reject")
 
 
 def staleness_weight(staleness: int, alpha: float) -> float:
@@ -221,6 +221,8 @@ class FedYogi(FedAdam):
 SERVER_OPTIMIZERS: Final[dict[str, type[ServerOptimizer]]] = {
     cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi)
 }
+# The names users may choose live in runtime/names.py (numpy-free, for --help); keep both in step.
+assert tuple(SERVER_OPTIMIZERS) == names.SERVER_OPTIMIZERS, "runtime/names.py SERVER_OPTIMIZERS is stale"
 
 
 def make_server_optimizer(name: str, n_params: int, **params: float) -> ServerOptimizer:

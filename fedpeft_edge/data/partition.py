@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedpeft_edge.runtime.errors import InvalidValueError, ensure
+from fedpeft_edge.runtime.names import PARTITIONS
 
-PARTITION_SCHEMES = ("iid", "dirichlet", "group")
+PARTITION_SCHEMES = PARTITIONS
 _DIRICHLET_ATTEMPTS = 200
 
 

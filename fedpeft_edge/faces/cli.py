@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from fedpeft_edge.runtime import names
 from fedpeft_edge.runtime.errors import FedPeftError
 
 log = logging.getLogger("fedpeft_edge.faces.cli")
@@ -82,10 +84,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def _load(args: argparse.Namespace):  # -> ServiceConfig
-    from fedpeft_edge.protocol.config import load_config, override
+def _load(args: argparse.Namespace, loader: Callable[..., Any]) -> Any:
+    """The command's own config dataclass from ``--config`` (or defaults), with the connection flags."""
+    from fedpeft_edge.protocol.config import override
 
-    cfg = load_config(args.config) if args.config else load_config()
+    cfg = loader(args.config) if args.config else loader()
     if hasattr(args, "host"):
         override(cfg.connection, host=args.host, port=args.port, username=args.username,
                  password_file=args.password_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
@@ -127,9 +130,10 @@ def _broker_args(p: argparse.ArgumentParser) -> None:
 
 def _broker_run(args: argparse.Namespace) -> int:
     from fedpeft_edge.central.broker import PlantOptions, start_local_broker
+    from fedpeft_edge.central.config import load_broker_config
     from fedpeft_edge.protocol.config import override
 
-    cfg = _load(args)
+    cfg = _load(args, load_broker_config)
     b = cfg.broker
     override(b, port=args.port, bind=args.bind, kind=args.kind, prefer=args.prefer, data_dir=args.data_dir,
              max_packet_size=args.max_packet_size, cafile=args.cafile, certfile=args.certfile,
@@ -182,25 +186,30 @@ def _aggregate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quorum", type=int, help="close a round as soon as this many updates arrived")
     g.add_argument("--min-clients", type=int, help="at the deadline, close with at least this many updates")
     g.add_argument("--deadline", type=float, dest="round_deadline_s", help="round deadline in seconds")
-    g.add_argument("--late-policy", choices=["drop", "stale_weighted"],
+    g.add_argument("--late-policy", choices=names.LATE_POLICIES,
                    help="updates trained from an older global: drop, or count them down-weighted")
-    g.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"])
+    g.add_argument("--server-optimizer", choices=names.SERVER_OPTIMIZERS)
     g.add_argument("--initial-global", help=".npy float32 vector to start from (else the trainer's)")
     g.add_argument("--spec-hash", help="PEFT spec hash every update must carry")
     g.add_argument("--metrics-file",
                    help="JSON lines, one per closed round (default <state-dir>/metrics.jsonl)")
-    _add_trainer_flags(p)
+    g = p.add_argument_group("first global ([trainer] section)")
+    g.add_argument("--bundle-dir", help="PEFT artifact bundle (made by the prepare step)")
+    g.add_argument("--trainer-factory", help="module:function returning a TrainerSetup (custom trainers)")
 
 
 def _aggregate_run(args: argparse.Namespace) -> int:
+    from fedpeft_edge.central.config import load_aggregator_config
     from fedpeft_edge.central.service import AggregatorService
     from fedpeft_edge.protocol.config import override
 
-    cfg = _load(args)
-    override(cfg.aggregator, client_id=args.client_id, state_dir=args.state_dir, max_rounds=args.max_rounds,
-             quorum=args.quorum, min_clients=args.min_clients, round_deadline_s=args.round_deadline_s,
-             late_policy=args.late_policy, server_optimizer=args.server_optimizer,
-             initial_global=args.initial_global, spec_hash=args.spec_hash, metrics_file=args.metrics_file)
+    cfg = _load(args, load_aggregator_config)
+    a = cfg.aggregator
+    override(a, client_id=args.client_id, state_dir=args.state_dir, initial_global=args.initial_global,
+             spec_hash=args.spec_hash, metrics_file=args.metrics_file)
+    a.policy = override(a.policy, max_rounds=args.max_rounds, quorum=args.quorum, min_clients=args.min_clients,
+                        round_deadline_s=args.round_deadline_s, late_policy=args.late_policy,
+                        server_optimizer=args.server_optimizer)
     _apply_trainer_flags(cfg, args)
     svc = AggregatorService(cfg)
     _stop_on_signals(svc.stop)
@@ -228,19 +237,22 @@ def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", help="dataset name (e.g. reuters_r8, 20newsgroups, fashion_mnist)")
     g.add_argument("--client-index", type=int, help="which share of the dataset this site holds")
     g.add_argument("--num-clients", type=int, help="number of shares the dataset is split into")
-    g.add_argument("--partition", choices=["iid", "dirichlet", "group"])
+    g.add_argument("--partition", choices=names.PARTITIONS)
     g.add_argument("--alpha", type=float, help="Dirichlet concentration (small = very uneven labels)")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-samples", type=int, help="use at most this many local samples")
     g.add_argument("--batch-size", type=int)
 
 
-def _apply_trainer_flags(cfg, args: argparse.Namespace) -> None:  # cfg: ServiceConfig
+def _apply_trainer_flags(cfg: Any, args: argparse.Namespace) -> None:
+    """``--bundle-dir``/``--trainer-factory`` into ``[trainer]``, and the data flags into ``[data]`` (agent)."""
     from fedpeft_edge.protocol.config import override
 
     override(cfg.trainer, bundle_dir=args.bundle_dir, factory=args.trainer_factory)
     if args.trainer_factory:
         cfg.trainer.kind = "factory"
+    if not hasattr(cfg, "data"):
+        return
     override(cfg.data, dataset=args.dataset, client_index=args.client_index, num_clients=args.num_clients,
              partition=args.partition, alpha=args.alpha, seed=args.seed, max_samples=args.max_samples,
              batch_size=args.batch_size)
@@ -255,13 +267,13 @@ def _agent_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-steps", type=int, help="cap on training steps per round")
     g.add_argument("--threads", type=int, help="CPU threads for training (leave cores for the plant)")
     g.add_argument("--max-rounds", type=int, help="stop after sending this many updates")
-    g.add_argument("--newer-global-policy", choices=["finish", "abandon"],
+    g.add_argument("--newer-global-policy", choices=names.NEWER_GLOBAL_POLICIES,
                    help="a newer global arrives while training: finish and send, or abandon the round")
     g.add_argument("--idle-exit", type=float, dest="idle_exit_s",
                    help="stop when no new global arrived for this many seconds")
     g.add_argument("--dump-updates", action="store_true", default=None,
                    help="keep a copy of every sent update in <state-dir>/sent/")
-    g.add_argument("--codec", choices=["fp32", "int8", "topk_fp32", "topk_int8"], dest="codec_mode")
+    g.add_argument("--codec", choices=names.CODEC_MODES, dest="codec_mode")
     g.add_argument("--topk-ratio", type=float, help="fraction of coordinates sent per round (top-k)")
     _add_trainer_flags(p)
 
@@ -269,14 +281,15 @@ def _agent_args(p: argparse.ArgumentParser) -> None:
 def _agent_run(args: argparse.Namespace) -> int:
     from fedpeft_edge.protocol.config import override
     from fedpeft_edge.site.agent import EdgeAgent
+    from fedpeft_edge.site.config import load_agent_config
     from fedpeft_edge.site.trainer_setup import build_trainer_setup
 
-    cfg = _load(args)
+    cfg = _load(args, load_agent_config)
     override(cfg.agent, client_id=args.client_id, state_dir=args.state_dir, local_epochs=args.local_epochs,
              local_steps=args.local_steps, threads=args.threads, max_rounds=args.max_rounds,
              newer_global_policy=args.newer_global_policy, idle_exit_s=args.idle_exit_s,
              dump_updates=args.dump_updates)
-    override(cfg.codec, mode=args.codec_mode, topk_ratio=args.topk_ratio)
+    cfg.codec = override(cfg.codec, mode=args.codec_mode, topk_ratio=args.topk_ratio)
     _apply_trainer_flags(cfg, args)
     if cfg.connection.username is None and cfg.connection.password_file:
         cfg.connection.username = cfg.agent.client_id

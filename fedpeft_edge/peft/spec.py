@@ -15,8 +15,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedpeft_edge.runtime.errors import SpecError
+from fedpeft_edge.runtime.names import PEFT_METHODS
 
-METHODS = ("lora", "ffa_lora", "adapter", "prompt", "bitfit", "select", "head_only", "full")
+METHODS = PEFT_METHODS
 LORA_OPS = ("MatMul", "Gemm", "Conv")
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 SPEC_VERSION = 1

@@ -49,10 +49,11 @@ from fedpeft_edge.protocol.indices import (
 )
 from fedpeft_edge.protocol.reasons import Reason, WireFormatError
 from fedpeft_edge.runtime.errors import InvalidValueError, NonFiniteError
+from fedpeft_edge.runtime.names import CODEC_MODES, DENSE_CODEC_MODES, SPARSE_CODEC_MODES
 
-MODES: Final = ("fp32", "int8", "topk_fp32", "topk_int8")
-DENSE_MODES: Final = ("fp32", "int8")
-SPARSE_MODES: Final = ("topk_fp32", "topk_int8")
+MODES: Final = CODEC_MODES
+DENSE_MODES: Final = DENSE_CODEC_MODES
+SPARSE_MODES: Final = SPARSE_CODEC_MODES
 INDEX_CODINGS: Final = ("none", "varint", "bitmap")
 # Hard ceiling on vector length: indices travel as uint32 and the C core needs n < 2**32.
 MAX_PARAMS_HARD: Final = 2**31

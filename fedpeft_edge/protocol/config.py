@@ -1,7 +1,10 @@
-"""TOML configuration of the services (broker launcher, aggregator, edge agent).
+"""TOML configuration shared by every service: how to reach the broker, the fleet, the bundle, and the loader.
 
-One file may hold every section; each command reads the sections it needs and command-line flags
-override single values. Unknown keys are errors (a typo must not silently fall back to a default).
+One file may hold every section; each service reads its own sections into ONE dataclass
+(:class:`fedpeft_edge.site.config.AgentConfig`, :class:`fedpeft_edge.central.config.AggregatorServiceConfig`,
+:class:`fedpeft_edge.central.config.BrokerServiceConfig`) and command-line flags override single values of
+that same dataclass. Unknown sections and keys are errors (a typo must not silently fall back to a
+default); sections that belong to another service are left to it.
 
 Example (agent)::
 
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedpeft_edge.data.local_files import LocalDataLimits, check_classes
+from fedpeft_edge.protocol.codec import CodecConfig
 from fedpeft_edge.protocol.transport import TransportConfig
 from fedpeft_edge.runtime.errors import InvalidValueError
 
@@ -53,6 +56,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 T = TypeVar("T")
+
+# Every section any service reads: a file may hold them all, and a name outside this list is a typo.
+ALL_SECTIONS = ("connection", "fleet", "broker", "aggregator", "agent", "codec", "trainer", "data")
 
 
 @dataclass
@@ -89,75 +95,6 @@ class FleetSettings:
 
 
 @dataclass
-class BrokerSettings:
-    """``fedpeft-edge broker``: the local broker launcher."""
-
-    port: int = 1883
-    bind: str = "127.0.0.1"
-    prefer: str = "auto"  # mosquitto | embedded | auto
-    kind: str = "dev"  # dev (loopback, anonymous) | plant (TLS, passwords, ACL)
-    data_dir: str | None = None
-    max_packet_size: int = 16 * 1024 * 1024
-    cafile: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    password_file: str | None = None
-    acl_file: str | None = None
-    require_certificate: bool = False
-
-
-@dataclass
-class AggregatorSettings:
-    """``fedpeft-edge aggregate``: the central aggregation service (names follow AggregatorConfig)."""
-
-    client_id: str = "aggregator"
-    state_dir: str = "fedpeft-state/aggregator"
-    max_rounds: int = 10
-    quorum: int = 2  # close the round as soon as this many updates were accepted ...
-    min_clients: int = 1  # ... or at the deadline if at least this many arrived
-    round_deadline_s: float = 300.0
-    late_policy: str = "drop"  # drop | stale_weighted (updates trained from an older global)
-    staleness_alpha: float = 0.5
-    max_staleness: int = 4
-    norm_bound: float | None = None
-    norm_mode: str = "clip"  # clip | reject
-    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
-    server_opt_params: dict[str, float] = field(default_factory=dict)  # e.g. {lr = 1.0, momentum = 0.9}
-    weighting: str = "samples"  # samples | uniform
-    global_mode: str = "fp32"  # fp32 | int8 (downlink encoding of the global adapter)
-    initial_global: str | None = None  # .npy float32 vector; else the trainer's initial parameters
-    spec_hash: str | None = None  # else the bundle's, else one derived from the vector length
-    max_update_bytes: int = 64 * 1024 * 1024
-    metrics_file: str | None = None  # default: <state_dir>/metrics.jsonl
-    chunk_timeout_s: float = 120.0
-
-
-@dataclass
-class CodecSettings:
-    mode: str = "topk_int8"
-    topk_ratio: float = 0.01
-    block: int = 256
-    stochastic_rounding: bool = False
-    error_feedback: bool = True
-
-
-@dataclass
-class AgentSettings:
-    """``fedpeft-edge agent``: one site's training agent."""
-
-    client_id: str = ""
-    state_dir: str = "fedpeft-state/agent"
-    local_epochs: int = 1
-    local_steps: int | None = None  # cap on optimizer steps per round (None: full epochs)
-    threads: int = 1
-    max_rounds: int | None = None  # stop after this many rounds even if the aggregator goes on
-    newer_global_policy: str = "finish"  # finish | abandon (a newer global arrived while training)
-    dump_updates: bool = False  # keep a copy of every sent update in <state_dir>/sent/ (audit, tests)
-    evaluate: bool = True
-    idle_exit_s: float | None = None  # stop when no new global arrived for this long (tests, demos)
-
-
-@dataclass
 class TrainerSettings:
     kind: str = "ort"  # ort | factory
     bundle_dir: str | None = None
@@ -165,105 +102,75 @@ class TrainerSettings:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class DataSettings:
-    """The site's data: either its own file (``path`` + ``classes``) or a share of a benchmark dataset
-    (``dataset`` + partition keys, for demos). ``options``: model input settings (``prepared_dir``, ...)."""
-
-    dataset: str | None = None  # benchmark dataset name (exclusive with path)
-    path: str | None = None  # the site's own .jsonl / .csv / .npz file (fedpeft_edge/data/local_files.py)
-    classes: list[str] = field(default_factory=list)  # with path: label names in the head's output order
-    eval_fraction: float = 0.2  # with path: held-out local test part (fixed by seed)
-    max_file_bytes: int = 512 * 1024 * 1024  # with path: limits checked while reading the file
-    max_rows: int = 200_000
-    max_text_chars: int = 20_000
-    split: str = "train"
-    client_index: int = 0
-    num_clients: int = 1
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    seed: int = 0
-    max_samples: int | None = None
-    batch_size: int = 16
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Source keys must agree (also re-checked after command-line overrides)."""
-        if self.dataset and self.path:
-            raise InvalidValueError("[data] set either dataset (a benchmark share) or path (the site's own file), "
-                             "not both")
-        if self.path:
-            check_classes(self.classes)
-            self.limits()
-        elif self.classes:
-            raise InvalidValueError("[data] classes applies to path only (a named dataset has its own classes)")
-        if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
-            raise InvalidValueError(f"[data] eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-
-    def limits(self) -> LocalDataLimits:
-        return LocalDataLimits(max_file_bytes=self.max_file_bytes, max_rows=self.max_rows,
-                               max_text_chars=self.max_text_chars)
-
-
-@dataclass
-class ServiceConfig:
-    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
-    fleet: FleetSettings = field(default_factory=FleetSettings)
-    broker: BrokerSettings = field(default_factory=BrokerSettings)
-    aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
-    agent: AgentSettings = field(default_factory=AgentSettings)
-    codec: CodecSettings = field(default_factory=CodecSettings)
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    source: str | None = None  # the file it came from (for log messages)
-
-
-def _build(cls: type[T], raw: object, where: str) -> T:
+def build_section(cls: type[T], raw: object, where: str) -> T:
+    """Build one section dataclass from its TOML table; unknown keys are errors. A class may parse its
+    table itself with a ``from_table(raw, where)`` classmethod (e.g. to fill a nested dataclass)."""
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         raise InvalidValueError(f"[{where}] must be a table")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(known))
+    custom = getattr(cls, "from_table", None)
+    if custom is not None:
+        return custom(raw, where)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise InvalidValueError(f"[{where}] unknown key(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**raw)
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValueError(f"[{where}] {exc}") from exc
 
 
-def load_config(path: str | Path | None = None, text: str | None = None) -> ServiceConfig:
-    """Read a TOML file (or text); missing sections take their defaults."""
+def read_toml(path: str | Path | None = None, text: str | None = None) -> dict[str, Any]:
+    """The raw tables of a TOML file (or text); ``{}`` when neither is given."""
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            return tomllib.loads(Path(path).read_text())
         except OSError as exc:
             raise InvalidValueError(f"cannot read config {path}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise InvalidValueError(f"config {path} is not valid TOML: {exc}") from exc
-    elif text is not None:
-        raw = tomllib.loads(text)
-    else:
-        raw = {}
-    sections = {f.name: f for f in fields(ServiceConfig) if f.name != "source"}
-    unknown = sorted(set(raw) - set(sections))
+    if text is not None:
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidValueError(f"config is not valid TOML: {exc}") from exc
+    return {}
+
+
+def load_service_config(cls: type[T], path: str | Path | None = None, text: str | None = None) -> T:
+    """Fill a service's config dataclass (one field per section it reads, plus ``source``) from TOML."""
+    raw = read_toml(path, text)
+    unknown = sorted(set(raw) - set(ALL_SECTIONS))
     if unknown:
-        raise InvalidValueError(f"unknown config section(s) {unknown}; allowed: {sorted(sections)}")
-    kwargs = {name: _build(f.default_factory().__class__, raw.get(name), name)  # type: ignore[misc]
-              for name, f in sections.items()}
-    return ServiceConfig(**kwargs, source=str(path) if path else None)
-
-
-def override(section: object, **values: object) -> None:
-    """Set the given attributes of a settings object, skipping None (flags the user did not pass)."""
-    names = {f.name for f in dataclasses.fields(section)}  # type: ignore[arg-type]
-    for key, val in values.items():
-        if val is None:
+        raise InvalidValueError(f"unknown config section(s) {unknown}; allowed: {list(ALL_SECTIONS)}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name == "source":
             continue
+        section_cls = f.default_factory().__class__  # type: ignore[misc]
+        kwargs[f.name] = build_section(section_cls, raw.get(f.name), f.name)
+    return cls(**kwargs, source=str(path) if path else None)
+
+
+def override(section: T, **values: object) -> T:
+    """The section with the given settings replaced, skipping None (flags the user did not pass).
+
+    Returns a new object for frozen dataclasses (assign it back); mutable ones are changed in place too.
+    """
+    names = {f.name for f in dataclasses.fields(section)}  # type: ignore[arg-type]
+    changes = {k: v for k, v in values.items() if v is not None}
+    for key in changes:
         if key not in names:
             raise InvalidValueError(f"{type(section).__name__} has no setting {key!r}")
+    if not changes:
+        return section
+    if type(section).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        return dataclasses.replace(section, **changes)  # type: ignore[type-var]
+    for key, val in changes.items():
         setattr(section, key, val)
+    return section
 
 
 def default_spec_hash(n_params: int) -> str:
@@ -271,12 +178,28 @@ def default_spec_hash(n_params: int) -> str:
     return hashlib.sha256(f"fedpeft-flat-vector:{n_params}".encode()).hexdigest()[:16]
 
 
-def transport_config(cfg: ServiceConfig, client_id: str, *, manual_ack: bool = False) -> TransportConfig:
+def transport_config(connection: ConnectionSettings, client_id: str, *, manual_ack: bool = False
+                     ) -> TransportConfig:
     """The transport settings of ``[connection]`` for one MQTT client id."""
-    c = cfg.connection
+    c = connection
     return TransportConfig(host=c.host, port=c.port, client_id=client_id, username=c.username,
                            password=c.resolved_password(), tls_ca=c.tls_ca, tls_cert=c.tls_cert,
                            tls_key=c.tls_key, tls_insecure=c.tls_insecure, protocol=c.protocol,
                            keepalive=c.keepalive, max_packet_size=c.max_packet_size,
                            max_incoming_packet_size=c.max_incoming_packet_size,
                            reconnect_max=c.reconnect_max_s, manual_ack=manual_ack)
+
+
+__all__ = [
+    "ALL_SECTIONS",
+    "CodecConfig",
+    "ConnectionSettings",
+    "FleetSettings",
+    "TrainerSettings",
+    "build_section",
+    "default_spec_hash",
+    "load_service_config",
+    "override",
+    "read_toml",
+    "transport_config",
+]

@@ -38,12 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_edge.protocol import chunking, wire
-from fedpeft_edge.protocol.codec import CodecConfig, decode_global
-from fedpeft_edge.protocol.config import ServiceConfig, default_spec_hash, transport_config  # noqa: F401 - re-exported
+from fedpeft_edge.protocol.codec import decode_global
+from fedpeft_edge.protocol.config import transport_config
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, PublishHandle, Will
 from fedpeft_edge.runtime.durable import atomic_file, atomic_write_bytes
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireError
+from fedpeft_edge.runtime.names import NEWER_GLOBAL_POLICIES
+from fedpeft_edge.site.config import AgentConfig
 from fedpeft_edge.site.encoder import UpdateEncoder
 from fedpeft_edge.training.base import LocalTrainer
 
@@ -80,14 +82,14 @@ class AgentResult:
 class EdgeAgent:
     """Drives a :class:`LocalTrainer` through federated rounds. ``run()`` blocks until done."""
 
-    def __init__(self, config: ServiceConfig, trainer: LocalTrainer, train_batches_fn: BatchesFn,
+    def __init__(self, config: AgentConfig, trainer: LocalTrainer, train_batches_fn: BatchesFn,
                  eval_batches_fn: BatchesFn | None = None, *, spec_hash: str | None = None,
                  limits: wire.WireLimits | None = None) -> None:
         a = config.agent
         if not a.client_id:
             raise InvalidValueError("agent.client_id is required (it is the site's MQTT identity)")
-        if a.newer_global_policy not in ("finish", "abandon"):
-            raise InvalidValueError("agent.newer_global_policy must be 'finish' or 'abandon'")
+        if a.newer_global_policy not in NEWER_GLOBAL_POLICIES:
+            raise InvalidValueError(f"agent.newer_global_policy must be one of {NEWER_GLOBAL_POLICIES}")
         self.cfg = config
         self.client_id = a.client_id
         self.trainer = trainer
@@ -102,10 +104,7 @@ class EdgeAgent:
         self.sent_dir = self.state_dir / "sent"
         for d in (self.state_dir, self.outbox_dir):
             d.mkdir(parents=True, exist_ok=True)
-        c = config.codec
-        self.encoder = UpdateEncoder(CodecConfig(mode=c.mode, topk_ratio=float(c.topk_ratio), block=c.block,
-                                                 stochastic_rounding=c.stochastic_rounding,
-                                                 error_feedback=c.error_feedback), self.n_params)
+        self.encoder = UpdateEncoder(config.codec, self.n_params)
         self.last_sent_round = -1
         self.last_global_round: int | None = None
         self.rounds_sent: list[int] = []
@@ -300,7 +299,7 @@ class EdgeAgent:
     def run(self, *, connect_timeout: float | None = None) -> AgentResult:
         a = self.cfg.agent
         self.transport = MqttTransport(
-            transport_config(self.cfg, self.client_id),
+            transport_config(self.cfg.connection, self.client_id),
             will=Will(self.topics.status(self.client_id), self._status("offline")),
             on_connect=self._on_connect)
         self.transport.subscribe(self.topics.global_, qos=1)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft_edge.protocol.config import ServiceConfig
 from fedpeft_edge.runtime.errors import InvalidValueError
+from fedpeft_edge.site.config import AgentConfig
 from fedpeft_edge.training.base import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class TrainerSetup:
 
 
 # --- trainer + data from configuration (the agent CLI) -----------------------------------------------
-def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
+def build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
     """Make the site's trainer and data from ``[trainer]`` and ``[data]``.
 
     ``kind = "factory"``: ``factory = "module:function"``, called with the config, returns TrainerSetup.
@@ -87,7 +87,7 @@ def build_trainer_setup(cfg: ServiceConfig) -> TrainerSetup:
     return TrainerSetup(trainer, train_fn, eval_fn if eval_y.size else None, bundle.spec_hash)
 
 
-def site_arrays(cfg: ServiceConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],
+def site_arrays(cfg: AgentConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],
                                                np.ndarray]:
     """(train inputs, train labels, eval inputs, eval labels) of this site, encoded for the model."""
     from fedpeft_edge.data.features import encode_for_model
@@ -114,7 +114,7 @@ def _model_meta(options: Mapping[str, object]) -> tuple[dict[str, object], str]:
     return opts, str(opts.pop("model_kind", "text"))
 
 
-def _local_file_split(cfg: ServiceConfig):  # -> (eval, train) datasets
+def _local_file_split(cfg: AgentConfig):  # -> (eval, train) datasets
     from fedpeft_edge.data.local_files import load_local_dataset, split_eval
 
     d = cfg.data
@@ -129,7 +129,7 @@ def _local_file_split(cfg: ServiceConfig):  # -> (eval, train) datasets
     return ds.take(eval_idx), ds.take(train_idx)
 
 
-def _benchmark_share_split(cfg: ServiceConfig):  # -> (eval, train) datasets
+def _benchmark_share_split(cfg: AgentConfig):  # -> (eval, train) datasets
     from fedpeft_edge.data.datasets import load_dataset
     from fedpeft_edge.data.partition import partition
 

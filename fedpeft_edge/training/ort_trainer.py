@@ -193,6 +193,14 @@ class OrtTrainer:
             g[slot.offset:slot.offset + slot.size] = grad.reshape(-1)
         return g
 
+    def loss_and_gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
+        """Forward and backward on one batch without an optimizer step: ``(loss, logits, flat gradient)``
+        (gradient in flat-vector order). For checks of the training graph against another oracle."""
+        self._module.train()
+        self._module.lazy_reset_grad()
+        loss, logits = self._module(*self._feeds(batch))
+        return float(loss), np.asarray(logits), self._gradients()
+
     # ---- training -------------------------------------------------------------------------------
     def train_step(self, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray]:
         """One optimizer step on one batch; returns (loss, logits)."""

@@ -131,9 +131,10 @@ def test_federation_round_over_tls_with_passwords_and_acl(plant_broker: BrokerHa
 
     import fed_numpy_trainer as fnt
 
+    from fedpeft_edge.central.config import load_aggregator_config
     from fedpeft_edge.central.service import AggregatorService
-    from fedpeft_edge.protocol.config import load_config
     from fedpeft_edge.site.agent import EdgeAgent
+    from fedpeft_edge.site.config import load_agent_config
 
     def conn(user: str) -> str:
         (tmp_path / f"{user}.pass").write_text(plant_pki.passwords[user] + "\n")
@@ -148,7 +149,7 @@ tls_ca = "{plant_pki.ca}"
 name = "{PLANT_FLEET}"
 """
 
-    agg_cfg = load_config(text=conn("aggregator") + f"""
+    agg_cfg = load_aggregator_config(text=conn("aggregator") + f"""
 [aggregator]
 state_dir = "{tmp_path}/agg"
 max_rounds = 2
@@ -158,7 +159,7 @@ quorum = 2
     threads = [threading.Thread(target=svc.run, daemon=True)]
     agents = []
     for i, site in enumerate(("site-a", "site-b")):
-        cfg = load_config(text=conn(site) + f"""
+        cfg = load_agent_config(text=conn(site) + f"""
 [agent]
 client_id = "{site}"
 state_dir = "{tmp_path}/{site}"

@@ -20,11 +20,12 @@ import pytest
 
 from fedpeft_edge.central.accumulator import RoundAccumulator
 from fedpeft_edge.central.broker import BrokerHandle
+from fedpeft_edge.central.config import load_aggregator_config
 from fedpeft_edge.central.service import AggregatorService
 from fedpeft_edge.central.store import RoundState, StateError
 from fedpeft_edge.protocol import chunking, wire
 from fedpeft_edge.protocol.codec import CodecConfig
-from fedpeft_edge.protocol.config import default_spec_hash, load_config
+from fedpeft_edge.protocol.config import default_spec_hash
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 from fedpeft_edge.site.encoder import UpdateEncoder
@@ -157,7 +158,7 @@ def test_unexpected_error_is_acknowledged_and_quarantined(mosquitto_broker: Brok
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = "poison"
     _initial(tmp_path)
-    cfg = load_config(text=_toml(mosquitto_broker.port, tmp_path, fleet, quorum=3))
+    cfg = load_aggregator_config(text=_toml(mosquitto_broker.port, tmp_path, fleet, quorum=3))
     poison, ok1, ok2 = _update(fleet, "mallory", 3), _update(fleet, "site-0", 4), _update(fleet, "site-1", 5)
     real_decode = wire.decode_update
 
@@ -198,7 +199,7 @@ def test_persistence_failure_acknowledges_nothing(mosquitto_broker: BrokerHandle
                                                   monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     fleet = f"nosave-{failing.replace('_', '-')}"
     initial = _initial(tmp_path)
-    cfg = load_config(text=_toml(mosquitto_broker.port, tmp_path, fleet, quorum=2))
+    cfg = load_aggregator_config(text=_toml(mosquitto_broker.port, tmp_path, fleet, quorum=2))
     broken = threading.Event()
     if failing == "round_state":
         real_save = RoundState.save
@@ -256,7 +257,7 @@ def test_persistence_failure_acknowledges_nothing(mosquitto_broker: BrokerHandle
 def test_resumed_round_gets_its_deadline_again(mosquitto_broker: BrokerHandle, tmp_path: Path) -> None:
     fleet = "outage"
     _initial(tmp_path)
-    cfg = load_config(text=_toml(mosquitto_broker.port, tmp_path, fleet, quorum=3, min_clients=1,
+    cfg = load_aggregator_config(text=_toml(mosquitto_broker.port, tmp_path, fleet, quorum=3, min_clients=1,
                                  deadline=60, rounds=2))
     # Before the outage: round 0 open since long ago with one update counted (min_clients = 1).
     first = AggregatorService(cfg)

@@ -12,13 +12,14 @@ import msgpack
 import numpy as np
 import pytest
 
+from fedpeft_edge.central.config import load_aggregator_config
 from fedpeft_edge.central.service import AggregatorService
 from fedpeft_edge.protocol import chunking, wire
 from fedpeft_edge.protocol.codec import CodecConfig
-from fedpeft_edge.protocol.config import load_config
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 from fedpeft_edge.site.agent import EdgeAgent
+from fedpeft_edge.site.config import load_agent_config
 from fedpeft_edge.site.encoder import UpdateEncoder
 
 FLEET = "hostile"
@@ -92,7 +93,7 @@ def test_hostile_messages_are_rejected_and_the_round_completes(mosquitto_broker,
 
     caplog.set_level(logging.INFO, logger="fedpeft_edge")
     base = _toml(mosquitto_broker.port, tmp_path)
-    svc = AggregatorService(load_config(text=base))
+    svc = AggregatorService(load_aggregator_config(text=base))
     result: list = []
     agg_thread = threading.Thread(target=lambda: result.append(svc.run()), daemon=True)
     agg_thread.start()
@@ -120,7 +121,7 @@ def test_hostile_messages_are_rejected_and_the_round_completes(mosquitto_broker,
         # Two honest sites now complete the round.
         agents, threads = [], []
         for i in range(2):
-            cfg = load_config(text=base + f'[agent]\nclient_id = "site-{i}"\n'
+            cfg = load_agent_config(text=base + f'[agent]\nclient_id = "site-{i}"\n'
                               f'state_dir = "{tmp_path}/site-{i}"\nidle_exit_s = 30\n'
                               f'[data]\nclient_index = {i}\n')
             setup = fnt.make(cfg)

@@ -96,7 +96,7 @@ def test_sender_must_match_client_id() -> None:
 def test_wrong_n_and_hostile_payload_rejected_without_touching_the_sum() -> None:
     core = R.AggregatorCore(_config())
     core.offer(_msg("a"))
-    before = core._acc.sum.copy()
+    before = core.round_sum.copy()
     small = UpdateEncoder(C.CodecConfig(), N - 1).encode(np.ones(N - 1, np.float32))
     assert core.offer(_msg("b", update=small)).reason == Reason.OUT_OF_RANGE
     enc = _msg("c").update
@@ -105,7 +105,7 @@ def test_wrong_n_and_hostile_payload_rejected_without_touching_the_sum() -> None
     hostile = C.EncodedUpdate(enc.mode, enc.n, enc.k, enc.block, enc.index_coding, enc.index_nbytes,
                               bytes(bad))
     assert core.offer(_msg("c", update=hostile)).reason == Reason.NON_FINITE
-    np.testing.assert_array_equal(core._acc.sum, before)
+    np.testing.assert_array_equal(core.round_sum, before)
     assert core.accepted_this_round == 1 and core.counters["rejected"] == 2
     # and the client may still send a valid one for this round
     assert core.offer(_msg("c")).accepted
@@ -218,7 +218,7 @@ def test_no_pickle_and_temp_files_ignored(tmp_path: Path) -> None:
         assert z["meta_json"].dtype == np.uint8
     again = R.AggregatorCore(_config(), tmp_path)
     assert again.accepted_this_round == 1 and again.participants == ["a"]
-    np.testing.assert_array_equal(again._acc.sum, core._acc.sum)
+    np.testing.assert_array_equal(again.round_sum, core.round_sum)
 
 
 def test_corrupt_or_foreign_state_is_refused(tmp_path: Path) -> None:
@@ -315,7 +315,7 @@ def test_sigkill_at_a_random_moment_keeps_sum_and_set_consistent(tmp_path: Path)
     expect = np.zeros(N, np.float32)
     for i in range(len(got)):
         C.accumulate_into(_msg(f"c{i}", seed=i).update, expect, 100.0)
-    np.testing.assert_allclose(core._acc.sum, expect, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(core.round_sum, expect, rtol=1e-6, atol=1e-5)
     # redeliver everything the child might have received: each update counts exactly once
     for i in range(len(got) + 3):
         core.offer(_msg(f"c{i}", seed=i))
@@ -380,7 +380,7 @@ def test_offer_sequences_keep_the_books_straight(ops: list[tuple[int, bool]], po
         if close and core.accepted_this_round:
             core.close_round()
             expect[:] = 0
-    np.testing.assert_allclose(core._acc.sum, expect, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(core.round_sum, expect, rtol=1e-5, atol=1e-4)
     assert core.accepted_this_round == len(core.participants)
     assert core.counters.get("accepted", 0) == len(seen)
 

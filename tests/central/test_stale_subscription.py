@@ -9,8 +9,8 @@ from pathlib import Path
 
 import mqtt_fixtures as mf
 
+from fedpeft_edge.central.config import load_aggregator_config
 from fedpeft_edge.central.service import AggregatorService
-from fedpeft_edge.protocol.config import load_config
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
 
@@ -40,12 +40,12 @@ def _run_briefly(svc: AggregatorService) -> threading.Thread:
 
 def test_leftover_subscription_of_another_fleet_is_dropped(mosquitto_broker, tmp_path: Path) -> None:
     port = mosquitto_broker.port
-    first = AggregatorService(load_config(text=_config(port, "old-fleet", tmp_path / "old")))
+    first = AggregatorService(load_aggregator_config(text=_config(port, "old-fleet", tmp_path / "old")))
     thread = _run_briefly(first)
     first.stop()
     thread.join(15)
 
-    second = AggregatorService(load_config(text=_config(port, "new-fleet", tmp_path / "new")))
+    second = AggregatorService(load_aggregator_config(text=_config(port, "new-fleet", tmp_path / "new")))
     thread = _run_briefly(second)
     site = MqttTransport(TransportConfig(host=mosquitto_broker.host, port=port, client_id="stale-site"))
     site.connect(10)

@@ -10,8 +10,8 @@ import pytest
 
 from fedpeft_edge.data.datasets import ImageDataset, TextDataset
 from fedpeft_edge.data.local_files import LocalDataLimits, load_local_dataset, split_eval
-from fedpeft_edge.protocol.config import load_config
 from fedpeft_edge.runtime.errors import FedPeftError
+from fedpeft_edge.site.config import load_agent_config
 
 CLASSES = ["normal", "bearing_fault", "misalignment"]
 
@@ -226,10 +226,10 @@ def test_split_eval_is_deterministic_disjoint_and_complete() -> None:
 
 # --- configuration --------------------------------------------------------------------------------------
 def test_config_path_and_dataset_are_exclusive() -> None:
-    ok = load_config(text='[data]\npath = "/srv/site.jsonl"\nclasses = ["a", "b"]\neval_fraction = 0.1\n')
+    ok = load_agent_config(text='[data]\npath = "/srv/site.jsonl"\nclasses = ["a", "b"]\neval_fraction = 0.1\n')
     assert ok.data.path == "/srv/site.jsonl" and ok.data.classes == ["a", "b"] and ok.data.dataset is None
-    assert load_config(text='[data]\ndataset = "reuters_r8"\n').data.dataset == "reuters_r8"
-    assert load_config(text="").data.path is None  # neither: a service without local data (aggregator)
+    assert load_agent_config(text='[data]\ndataset = "reuters_r8"\n').data.dataset == "reuters_r8"
+    assert load_agent_config(text="").data.path is None  # neither: a service without local data (aggregator)
     bad = {
         '[data]\ndataset = "reuters_r8"\npath = "/srv/site.jsonl"\nclasses = ["a"]\n': "not both",
         '[data]\npath = "/srv/site.jsonl"\n': "non-empty list",
@@ -243,7 +243,7 @@ def test_config_path_and_dataset_are_exclusive() -> None:
     }
     for text, message in bad.items():
         with pytest.raises(ValueError) as info:
-            load_config(text=text)
+            load_agent_config(text=text)
         assert message in str(info.value), (text, str(info.value))
 
 
@@ -251,7 +251,7 @@ def test_cli_override_conflict_is_caught_before_training(tmp_path: Path) -> None
     from fedpeft_edge.protocol.config import override
     from fedpeft_edge.site.trainer_setup import build_trainer_setup
 
-    cfg = load_config(text=f'[trainer]\nbundle_dir = "{tmp_path}"\n[data]\npath = "/srv/x.jsonl"\n'
+    cfg = load_agent_config(text=f'[trainer]\nbundle_dir = "{tmp_path}"\n[data]\npath = "/srv/x.jsonl"\n'
                            'classes = ["a", "b"]\n')
     override(cfg.data, dataset="reuters_r8")  # e.g. `--dataset` given next to a configured path
     with pytest.raises(ValueError, match="not both"):
@@ -271,11 +271,11 @@ def test_site_arrays_from_a_local_file_with_the_prepared_tokenizer(tmp_path: Pat
     path = write_jsonl(tmp_path / "site.jsonl", rows)
     toml = (f'[data]\npath = "{path}"\nclasses = {json.dumps(CLASSES)}\neval_fraction = 0.25\nseed = 5\n'
             f'options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 12 }}\n')
-    tr_in, tr_y, ev_in, ev_y = site_arrays(load_config(text=toml))
+    tr_in, tr_y, ev_in, ev_y = site_arrays(load_agent_config(text=toml))
     assert tr_in["input_ids"].shape == (15, 12) and ev_in["attention_mask"].shape == (5, 12)
     expected = np.array([i % 3 for i in range(20)])
     ev_idx, tr_idx = split_eval(20, 0.25, 5)
     assert ev_y.tolist() == expected[ev_idx].tolist() and tr_y.tolist() == expected[tr_idx].tolist()
-    small = load_config(text=toml + "max_samples = 8\n")
+    small = load_agent_config(text=toml + "max_samples = 8\n")
     tr_in, tr_y, ev_in, ev_y = site_arrays(small)
     assert (len(tr_y), len(ev_y)) == (6, 2)

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from fedpeft_edge.central.broker import BrokerHandle, start_local_broker
+from fedpeft_edge.central.config import load_aggregator_config
 from fedpeft_edge.central.service import AggregatorService
 from fedpeft_edge.central.store import RoundState
 from fedpeft_edge.protocol import chunking, wire
 from fedpeft_edge.protocol.codec import CodecConfig
-from fedpeft_edge.protocol.config import load_config
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 from fedpeft_edge.site.encoder import UpdateEncoder
@@ -216,7 +216,7 @@ def test_offline_site_stores_update_and_delivers_it_late(broker: BrokerHandle, t
 
 
 def test_duplicate_delivery_counts_once(broker: BrokerHandle, tmp_path: Path) -> None:
-    cfg = load_config(text=_base(broker.port, tmp_path, "dup", quorum=3))
+    cfg = load_aggregator_config(text=_base(broker.port, tmp_path, "dup", quorum=3))
     svc = AggregatorService(cfg, initial_global=np.zeros(N_PARAMS, np.float32))
     runner = threading.Thread(target=svc.run, daemon=True)
     runner.start()

@@ -146,11 +146,11 @@ def _drain_rounds(t, seconds: float) -> list[int]:
 def _agent(broker, fleet: str, tmp: Path, policy: str = "finish", delay: float = 0.0, **agent_kw):
     import fed_numpy_trainer as fnt
 
-    from fedpeft_edge.protocol.config import load_config
     from fedpeft_edge.site.agent import EdgeAgent
+    from fedpeft_edge.site.config import load_agent_config
 
     extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in agent_kw.items())
-    cfg = load_config(text=f"""
+    cfg = load_agent_config(text=f"""
 [connection]
 port = {broker.port}
 [fleet]
@@ -269,9 +269,9 @@ client_index = {i}
     # Initial global = the bundle's initial trainable parameters (as a fresh trainer holds them).
     import fed_ort_trainer
 
-    from fedpeft_edge.protocol.config import load_config
+    from fedpeft_edge.site.config import load_agent_config
 
-    initial = fed_ort_trainer.make(load_config(text=base)).trainer.get_flat()
+    initial = fed_ort_trainer.make(load_agent_config(text=base)).trainer.get_flat()
     ref = mf.reference_fedavg(initial, [[sent[i][r] for i in range(3)] for r in range(2)])
     np.testing.assert_allclose(state.global_vec, ref, rtol=1e-5, atol=1e-6)
 
@@ -284,19 +284,20 @@ def test_federation_over_embedded_amqtt_broker(tmp_path: Path) -> None:
     import fed_numpy_trainer as fnt
 
     from fedpeft_edge.central.broker import start_local_broker
+    from fedpeft_edge.central.config import load_aggregator_config
     from fedpeft_edge.central.service import AggregatorService
-    from fedpeft_edge.protocol.config import load_config
     from fedpeft_edge.site.agent import EdgeAgent
+    from fedpeft_edge.site.config import load_agent_config
 
     broker = start_local_broker(prefer="embedded")
     try:
         base = f'[connection]\nport = {broker.port}\n[fleet]\nname = "amqtt"\n'
-        svc = AggregatorService(load_config(text=base + f'[aggregator]\nstate_dir = "{tmp_path}/agg"\n'
+        svc = AggregatorService(load_aggregator_config(text=base + f'[aggregator]\nstate_dir = "{tmp_path}/agg"\n'
                                             "max_rounds = 2\nquorum = 2\n"),
                                 initial_global=np.zeros(27, np.float32))
         agents = []
         for i in range(2):
-            cfg = load_config(text=base + f'[agent]\nclient_id = "site-{i}"\nstate_dir = "{tmp_path}/s{i}"\n'
+            cfg = load_agent_config(text=base + f'[agent]\nclient_id = "site-{i}"\nstate_dir = "{tmp_path}/s{i}"\n'
                               f"idle_exit_s = 20\n[data]\nclient_index = {i}\n")
             s = fnt.make(cfg)
             agents.append(EdgeAgent(cfg, s.trainer, s.train_batches_fn, s.eval_batches_fn))

@@ -28,11 +28,7 @@ def _ops(bundle) -> collections.Counter:
 def _loss_and_grads(bundle, flat, batch):
     trainer = OrtTrainer(bundle, threads=1)
     trainer.set_flat(flat)
-    module = trainer._module
-    module.train()
-    module.lazy_reset_grad()
-    loss, logits = module(*trainer._feeds(batch))
-    return float(loss), np.asarray(logits), trainer._gradients()
+    return trainer.loss_and_gradients(batch)
 
 
 @pytest.mark.parametrize("method", list(SPECS))

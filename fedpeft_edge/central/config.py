@@ -1,0 +1,104 @@
+"""The central services' configuration: ONE dataclass per service, filled from TOML and the CLI alike.
+
+:class:`AggregatorServiceConfig` for ``fedpeft-edge aggregate`` (``[connection] [fleet] [aggregator]
+[trainer]``) and :class:`BrokerServiceConfig` for ``fedpeft-edge broker`` (``[connection] [broker]``).
+The ``[aggregator]`` table holds the service's own keys and the :class:`RoundPolicy` keys side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedpeft_edge.central.policy import RoundPolicy
+from fedpeft_edge.protocol.config import (
+    ConnectionSettings,
+    FleetSettings,
+    TrainerSettings,
+    load_service_config,
+)
+from fedpeft_edge.runtime.errors import InvalidValueError
+
+
+@dataclass
+class BrokerSettings:
+    """``fedpeft-edge broker``: the local broker launcher."""
+
+    port: int = 1883
+    bind: str = "127.0.0.1"
+    prefer: str = "auto"  # mosquitto | embedded | auto
+    kind: str = "dev"  # dev (loopback, anonymous) | plant (TLS, passwords, ACL)
+    data_dir: str | None = None
+    max_packet_size: int = 16 * 1024 * 1024
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    password_file: str | None = None
+    acl_file: str | None = None
+    require_certificate: bool = False
+
+
+@dataclass
+class AggregatorSettings:
+    """``fedpeft-edge aggregate``: the service's own keys; the round policy keys fill ``policy``."""
+
+    client_id: str = "aggregator"
+    state_dir: str = "fedpeft-state/aggregator"
+    initial_global: str | None = None  # .npy float32 vector; else the bundle's initial parameters
+    spec_hash: str | None = None  # else the bundle's, else one derived from the vector length
+    max_update_bytes: int = 64 * 1024 * 1024
+    metrics_file: str | None = None  # default: <state_dir>/metrics.jsonl
+    chunk_timeout_s: float = 120.0
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+
+    @classmethod
+    def from_table(cls, raw: dict[str, Any], where: str) -> AggregatorSettings:
+        own = {f.name for f in fields(cls)} - {"policy"}
+        policy_keys = {f.name for f in fields(RoundPolicy)}
+        unknown = sorted(set(raw) - own - policy_keys)
+        if unknown:
+            raise InvalidValueError(f"[{where}] unknown key(s) {unknown}; allowed: {sorted(own | policy_keys)}")
+        try:
+            policy = RoundPolicy(**{k: v for k, v in raw.items() if k in policy_keys})
+            return cls(**{k: v for k, v in raw.items() if k in own}, policy=policy)
+        except TypeError as exc:
+            raise InvalidValueError(f"[{where}] {exc}") from exc
+
+
+@dataclass
+class AggregatorServiceConfig:
+    """Everything ``fedpeft-edge aggregate`` reads."""
+
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)  # the bundle holds the first global
+    source: str | None = None
+
+
+@dataclass
+class BrokerServiceConfig:
+    """Everything ``fedpeft-edge broker`` reads."""
+
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    source: str | None = None
+
+
+def load_aggregator_config(path: str | Path | None = None, text: str | None = None) -> AggregatorServiceConfig:
+    return load_service_config(AggregatorServiceConfig, path, text)
+
+
+def load_broker_config(path: str | Path | None = None, text: str | None = None) -> BrokerServiceConfig:
+    return load_service_config(BrokerServiceConfig, path, text)
+
+
+__all__ = [
+    "AggregatorServiceConfig",
+    "AggregatorSettings",
+    "BrokerServiceConfig",
+    "BrokerSettings",
+    "load_aggregator_config",
+    "load_broker_config",
+]

@@ -1,0 +1,109 @@
+"""The aggregator's round policy: when a round closes, what counts and how much, how the global moves.
+
+:class:`RoundPolicy` is the one dataclass of these settings: the ``[aggregator]`` TOML table and the
+``aggregate`` command's flags fill it (central/config.py), and the core reads it through
+:class:`AggregatorConfig`, which adds what the running fleet fixes (name, vector length, spec hash).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fedpeft_edge.central.strategy import NormBound, staleness_weight
+from fedpeft_edge.runtime import names
+from fedpeft_edge.runtime.errors import InvalidValueError
+
+
+def _positive_int(name: str, val: object) -> None:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise InvalidValueError(f"{name} must be a positive int, got {val!r}")
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """Policy knobs of one fleet's aggregator.
+
+    A round closes as soon as ``quorum`` updates were accepted, or once ``round_deadline_s`` passed with
+    at least ``min_clients``. Late updates (trained from an older global) are dropped or, with
+    ``late_policy="stale_weighted"``, counted with weight ``samples·(1+staleness)^-staleness_alpha`` up
+    to ``max_staleness`` rounds behind. ``norm_bound`` clips (``norm_mode="clip"``) or rejects updates
+    whose L2 norm exceeds it. ``weighting`` is ``"samples"`` (FedAvg) or ``"uniform"``; a claimed
+    ``num_samples`` above ``max_samples_weight`` counts as that many. ``max_rounds`` None: no end.
+    """
+
+    min_clients: int = 1
+    quorum: int = 2
+    round_deadline_s: float = 300.0
+    late_policy: str = "drop"
+    staleness_alpha: float = 0.5
+    max_staleness: int = 4
+    norm_bound: float | None = None
+    norm_mode: str = "clip"
+    server_optimizer: str = "fedavg"
+    server_opt_params: dict[str, float] = field(default_factory=dict)  # e.g. {lr = 1.0, momentum = 0.9}
+    max_rounds: int | None = 10
+    weighting: str = "samples"
+    max_samples_weight: int = 1_000_000
+    global_mode: str = "fp32"  # downlink codec of the global adapter (codec.encode_global)
+
+    def __post_init__(self) -> None:
+        _positive_int("min_clients", self.min_clients)
+        _positive_int("quorum", self.quorum)
+        _positive_int("max_samples_weight", self.max_samples_weight)
+        if self.quorum < self.min_clients:
+            raise InvalidValueError("quorum must be >= min_clients")
+        if self.max_rounds is not None:
+            _positive_int("max_rounds", self.max_rounds)
+        if not (isinstance(self.round_deadline_s, int | float) and math.isfinite(self.round_deadline_s)
+                and self.round_deadline_s > 0):
+            raise InvalidValueError("round_deadline_s must be finite and > 0")
+        if self.late_policy not in names.LATE_POLICIES:
+            raise InvalidValueError(f"late_policy must be one of {names.LATE_POLICIES}")
+        if self.norm_mode not in names.NORM_MODES:
+            raise InvalidValueError(f"norm_mode must be one of {names.NORM_MODES}")
+        if self.server_optimizer not in names.SERVER_OPTIMIZERS:
+            raise InvalidValueError(f"server_optimizer must be one of {list(names.SERVER_OPTIMIZERS)}")
+        if self.weighting not in names.WEIGHTINGS:
+            raise InvalidValueError(f"weighting must be one of {names.WEIGHTINGS}")
+        ms = self.max_staleness
+        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+            raise InvalidValueError("max_staleness must be an int >= 0")
+        if self.global_mode not in names.GLOBAL_MODES:
+            raise InvalidValueError(f"global_mode must be one of {names.GLOBAL_MODES}")
+        if not isinstance(self.server_opt_params, dict) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in self.server_opt_params.values()):
+            raise InvalidValueError("server_opt_params must map names to numbers")
+        staleness_weight(0, self.staleness_alpha)  # validates alpha
+        if self.norm_bound is not None:
+            NormBound(self.norm_bound, self.norm_mode)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The policy's fields by name (to build an :class:`AggregatorConfig` from it)."""
+        return {f.name: getattr(self, f.name) for f in fields(RoundPolicy)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig(RoundPolicy):
+    """A :class:`RoundPolicy` bound to one running fleet: its name, vector length and spec hash."""
+
+    fleet: str
+    n_params: int
+    spec_hash: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("n_params", self.n_params)
+
+    @classmethod
+    def for_fleet(cls, policy: RoundPolicy, *, fleet: str, n_params: int, spec_hash: str) -> AggregatorConfig:
+        return cls(fleet=fleet, n_params=n_params, spec_hash=spec_hash, **policy.as_kwargs())
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a persisted state must agree with to be resumed under this config."""
+        return {"fleet": self.fleet, "n_params": self.n_params, "spec_hash": self.spec_hash,
+                "server_optimizer": self.server_optimizer}
+
+
+__all__ = ["AggregatorConfig", "RoundPolicy"]

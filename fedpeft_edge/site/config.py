@@ -1,0 +1,128 @@
+"""A site agent's configuration: ONE dataclass, :class:`AgentConfig`, filled from TOML and the CLI alike.
+
+Example::
+
+    [connection]
+    host = "broker.plant.local"
+    port = 8883
+    username = "site-07"
+    password_file = "/etc/fedpeft/site-07.pass"
+    tls_ca = "/etc/fedpeft/ca.crt"
+
+    [fleet]
+    name = "line-3"
+
+    [agent]
+    client_id = "site-07"
+    state_dir = "/var/lib/fedpeft/agent"
+    local_steps = 50
+
+    [codec]
+    mode = "topk_int8"
+    topk_ratio = 0.01
+
+    [trainer]
+    kind = "ort"
+    bundle_dir = "/var/lib/fedpeft/bundle"
+
+    [data]
+    path = "/var/lib/fedpeft/site-data.jsonl"   # or: dataset = "20newsgroups" + client_index, num_clients
+    classes = ["normal", "bearing_fault", "misalignment"]
+    options = { prepared_dir = "/var/lib/fedpeft/model", max_len = 64 }
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpeft_edge.data.local_files import LocalDataLimits, check_classes
+from fedpeft_edge.protocol.codec import CodecConfig
+from fedpeft_edge.protocol.config import (
+    ConnectionSettings,
+    FleetSettings,
+    TrainerSettings,
+    load_service_config,
+)
+from fedpeft_edge.runtime.errors import InvalidValueError
+
+
+@dataclass
+class AgentSettings:
+    """``fedpeft-edge agent``: one site's training agent."""
+
+    client_id: str = ""
+    state_dir: str = "fedpeft-state/agent"
+    local_epochs: int = 1
+    local_steps: int | None = None  # cap on optimizer steps per round (None: full epochs)
+    threads: int = 1
+    max_rounds: int | None = None  # stop after this many rounds even if the aggregator goes on
+    newer_global_policy: str = "finish"  # finish | abandon (a newer global arrived while training)
+    dump_updates: bool = False  # keep a copy of every sent update in <state_dir>/sent/ (audit, tests)
+    evaluate: bool = True
+    idle_exit_s: float | None = None  # stop when no new global arrived for this long (tests, demos)
+
+
+@dataclass
+class DataSettings:
+    """The site's data: either its own file (``path`` + ``classes``) or a share of a benchmark dataset
+    (``dataset`` + partition keys, for demos). ``options``: model input settings (``prepared_dir``, ...)."""
+
+    dataset: str | None = None  # benchmark dataset name (exclusive with path)
+    path: str | None = None  # the site's own .jsonl / .csv / .npz file (fedpeft_edge/data/local_files.py)
+    classes: list[str] = field(default_factory=list)  # with path: label names in the head's output order
+    eval_fraction: float = 0.2  # with path: held-out local test part (fixed by seed)
+    max_file_bytes: int = 512 * 1024 * 1024  # with path: limits checked while reading the file
+    max_rows: int = 200_000
+    max_text_chars: int = 20_000
+    split: str = "train"
+    client_index: int = 0
+    num_clients: int = 1
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    max_samples: int | None = None
+    batch_size: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Source keys must agree (also re-checked after command-line overrides)."""
+        if self.dataset and self.path:
+            raise InvalidValueError("[data] set either dataset (a benchmark share) or path (the site's own file), "
+                             "not both")
+        if self.path:
+            check_classes(self.classes)
+            self.limits()
+        elif self.classes:
+            raise InvalidValueError("[data] classes applies to path only (a named dataset has its own classes)")
+        if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
+            raise InvalidValueError(f"[data] eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+
+    def limits(self) -> LocalDataLimits:
+        return LocalDataLimits(max_file_bytes=self.max_file_bytes, max_rows=self.max_rows,
+                               max_text_chars=self.max_text_chars)
+
+
+@dataclass
+class AgentConfig:
+    """Everything ``fedpeft-edge agent`` reads: ``[connection] [fleet] [agent] [codec] [trainer] [data]``."""
+
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    source: str | None = None  # the file it came from (for log messages)
+
+
+def load_agent_config(path: str | Path | None = None, text: str | None = None) -> AgentConfig:
+    """Read a TOML file (or text); missing sections take their defaults, other services' are ignored."""
+    return load_service_config(AgentConfig, path, text)
+
+
+__all__ = ["AgentConfig", "AgentSettings", "DataSettings", "load_agent_config"]
