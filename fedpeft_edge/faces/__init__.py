@@ -1,5 +1,8 @@
-"""Faces of the system: the demo, the experiment grid, the on-device bench and their reports.
+"""Faces of the system: the ``fedpeft-edge`` CLI, the demo, the experiment grid, the bench and reports.
 
-This is the top layer: it composes models/data, PEFT artifacts, trainers, the codec, aggregation
-strategies and the MQTT services. Nothing below imports from here.
+The top room: it composes every room below (models, data, PEFT, training, protocol, site, central), and
+nothing below imports from here. Submodules are not imported eagerly (``fedpeft-edge --help`` must not
+import numpy): ``cli.main``, ``demo.run_demo``, ``experiment.run_experiment``, ``device_bench.run_bench``.
 """
+
+__all__ = ["cli", "cli_commands", "demo", "device_bench", "experiment", "report", "tasks"]

@@ -161,8 +161,8 @@ def axpy(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
 
 
 def scatter_add(acc: np.ndarray, indices: np.ndarray, values: np.ndarray, weight: float) -> None:
-    """acc[indices] += weight * values; indices uint32 strictly increasing and < len(acc), else InvalidValueError
-    with acc untouched."""
+    """acc[indices] += weight * values; indices uint32 strictly increasing and < len(acc), else
+    InvalidValueError with acc untouched."""
     _active.scatter_add(acc, indices, values, weight)
 
 

@@ -30,7 +30,7 @@ Index section, chosen per message, whichever is smaller:
 
 Decoding treats every field as hostile: :func:`parse` checks modes, sizes, exact payload length, index
 validity and finite scales/values before any accumulator is touched, and raises
-:class:`WireFormatError` (a :class:`fedpeft_edge.errors.WireError`) with a ``reason`` code.
+:class:`WireFormatError` (a :class:`fedpeft_edge.runtime.errors.WireError`) with a ``reason`` code.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Decoding order, cheapest check first: total size ≤ ``max_message_bytes`` → m
 limit set and ext types refused → exact key set → types (``bool`` never passes as ``int``) → ranges and
 charsets → codec fields vs payload length (before anything is allocated from a declared size) →
 checksum (blake2b, 8-byte digest, of the payload bytes). Every failure is a
-:class:`~fedpeft_edge.protocol.codec.WireFormatError` with a ``reason`` code.
+:class:`~fedpeft_edge.protocol.reasons.WireFormatError` with a ``reason`` code.
 
 Codec-level validation of the payload itself (indices, scales) happens in ``codec.parse`` /
 ``codec.accumulate_into``, which the aggregator runs before touching its accumulator.
