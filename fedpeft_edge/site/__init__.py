@@ -1,8 +1,9 @@
 """What a device runs: the edge agent, its update encoder, its trainer and data setup, its configuration.
 
 Key names: ``agent.EdgeAgent`` (MQTT loop, outbox until PUBACK, resume), ``encoder.UpdateEncoder``
-(error-feedback residual kept on disk), ``trainer_setup.build_trainer_setup``, ``config.AgentConfig``.
+(error-feedback residual kept on disk), ``outbox.Outbox`` (updates kept on disk until delivered),
+``trainer_setup.build_trainer_setup``, ``config.AgentConfig``.
 Never imports ``central`` or ``models``; submodules are not imported eagerly.
 """
 
-__all__ = ["agent", "config", "encoder", "trainer_setup"]
+__all__ = ["agent", "config", "encoder", "outbox", "trainer_setup"]

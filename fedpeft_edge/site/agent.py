@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +41,13 @@ from fedpeft_edge.protocol import chunking, wire
 from fedpeft_edge.protocol.codec import decode_global
 from fedpeft_edge.protocol.config import transport_config
 from fedpeft_edge.protocol.topics import Topics
-from fedpeft_edge.protocol.transport import MqttTransport, PublishHandle, Will
+from fedpeft_edge.protocol.transport import MqttTransport, Will
 from fedpeft_edge.runtime.durable import atomic_file, atomic_write_bytes
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireError
 from fedpeft_edge.runtime.names import NEWER_GLOBAL_POLICIES
 from fedpeft_edge.site.config import AgentConfig
 from fedpeft_edge.site.encoder import UpdateEncoder
+from fedpeft_edge.site.outbox import Outbox, OutboxEntry
 from fedpeft_edge.training.base import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,6 @@ BatchesFn = Callable[[], Iterable[Batch]]
 
 
 
-
-
-@dataclass
-class _Outgoing:
-    round: int
-    path: Path
-    data: bytes
-    handles: list[PublishHandle] = field(default_factory=list)
-    sent_at_connect: int = -1  # transport.connect_count when last (re)published
-
-    def acked(self) -> bool:
-        return bool(self.handles) and all(h.is_published() for h in self.handles)
 
 
 @dataclass
@@ -100,15 +89,15 @@ class EdgeAgent:
         self.spec_hash = spec_hash
         self.limits = limits or wire.WireLimits()
         self.state_dir = Path(a.state_dir)
-        self.outbox_dir = self.state_dir / "outbox"
+        self.outbox = Outbox(self.state_dir / "outbox")
+        self.outbox_dir = self.outbox.directory
         self.sent_dir = self.state_dir / "sent"
-        for d in (self.state_dir, self.outbox_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.encoder = UpdateEncoder(config.codec, self.n_params)
         self.last_sent_round = -1
         self.last_global_round: int | None = None
         self.rounds_sent: list[int] = []
-        self._outgoing: list[_Outgoing] = []
+        self._outgoing: list[OutboxEntry] = []
         self._latest_global: wire.GlobalMessage | None = None
         self._stop = threading.Event()
         self.transport: MqttTransport | None = None
@@ -129,15 +118,14 @@ class EdgeAgent:
                 self.spec_hash = str(st["spec_hash"])
         enc_tmp = self.state_dir / "encoder.next.npz"
         enc_file = self.state_dir / "encoder.npz"
-        for f in sorted(self.outbox_dir.glob("r*.msg")):
-            rnd = int(f.stem[1:])
+        for entry in self.outbox.load():
             # An outbox entry newer than state.json means we crashed between writing the update and
             # committing the state: the update counts as made, and its residual is the pending one.
-            if rnd > self.last_sent_round:
-                self.last_sent_round = rnd
+            if entry.round > self.last_sent_round:
+                self.last_sent_round = entry.round
                 if enc_tmp.exists():
                     os.replace(enc_tmp, enc_file)
-            self._outgoing.append(_Outgoing(rnd, f, f.read_bytes()))
+            self._outgoing.append(entry)
         enc_tmp.unlink(missing_ok=True)
         if enc_file.exists():
             with np.load(enc_file, allow_pickle=False) as z:
@@ -170,7 +158,7 @@ class EdgeAgent:
         transport.publish(self.topics.status(self.client_id), self._status("online", self.last_global_round),
                           retain=True)
 
-    def _send(self, out: _Outgoing) -> None:
+    def _send(self, out: OutboxEntry) -> None:
         assert self.transport is not None
         topic = self.topics.update(self.client_id)
         budget = self.transport.max_payload(topic)
@@ -187,7 +175,7 @@ class EdgeAgent:
         t = self.transport
         for out in list(self._outgoing):
             if out.acked():
-                out.path.unlink(missing_ok=True)
+                self.outbox.remove(out)
                 self._outgoing.remove(out)
                 log.info("update for round %d acknowledged by the broker", out.round)
             elif t is not None and t.connected and out.sent_at_connect != t.connect_count:
@@ -272,8 +260,8 @@ class EdgeAgent:
         enc_tmp = self.state_dir / "encoder.next.npz"
         with atomic_file(enc_tmp) as fh:  # durable before the outbox entry that relies on it
             np.savez(fh, **self.encoder.state_arrays())
-        path = self.outbox_dir / f"r{rnd:08d}.msg"
-        atomic_write_bytes(path, data)
+        out = self.outbox.put(rnd, data)
+        path = out.path
         if self.cfg.agent.dump_updates:
             self.sent_dir.mkdir(exist_ok=True)
             atomic_write_bytes(self.sent_dir / path.name, data)
@@ -285,7 +273,6 @@ class EdgeAgent:
             self.trainer.save_state(self.state_dir / "trainer.state")
         except (FedPeftError, OSError) as exc:
             log.warning("trainer state not saved: %s", exc)
-        out = _Outgoing(rnd, path, data)
         self._outgoing.append(out)
         self._publish_status("uploading", rnd)
         self._send(out)
