@@ -177,7 +177,7 @@ print(json.dumps({"median_step_s": float(np.median(times[warmup:])), "step_times
 
 
 def _torch_child(steps: int = 6, warmup: int = 1) -> dict:
-    from fedpeft_edge.models.prepare import _text_sources
+    from fedpeft_edge.models.toolchain import _text_sources
 
     weights, _ = _text_sources()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(THREADS))

@@ -46,7 +46,7 @@ import numpy as np
 from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 from fedpeft_edge.central.store import StateError
-from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol import chunk_spool, chunking, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
 from fedpeft_edge.protocol.topics import Topics
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_KEEP = 64  # newest messages kept that failed with an unexpected error
 # Failures after which memory may be ahead of disk: acknowledge nothing, stop, restart from disk.
-PERSISTENCE_FAILURES: tuple[type[BaseException], ...] = (StateError, chunking.SpoolError, MemoryError)
+PERSISTENCE_FAILURES: tuple[type[BaseException], ...] = (StateError, chunk_spool.SpoolError, MemoryError)
 
 
 def load_vector(path: str | Path) -> np.ndarray:
@@ -111,7 +111,7 @@ class AggregatorService:
         # Chunks are acknowledged as they arrive, so they are journalled on disk first (see module doc).
         self.reassembler = chunking.Reassembler(
             max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s),
-            spool=chunking.ChunkSpool(self.state_dir / "chunks"))
+            spool=chunk_spool.ChunkSpool(self.state_dir / "chunks"))
         self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
         self._stale_fleets: set[str] = set()  # fleets whose leftover subscriptions were dropped
         self._stop = threading.Event()

@@ -5,9 +5,10 @@ train with ``fedpeft_edge.training.ort_trainer.OrtTrainer`` → ``export_inferen
 """
 
 from fedpeft_edge.peft.artifacts import ArtifactBundle, generate_artifacts
+from fedpeft_edge.peft.lora import LoraSite
 from fedpeft_edge.peft.merge import export_inference_model
 from fedpeft_edge.peft.spec import METHODS, PeftSpec
-from fedpeft_edge.peft.surgery import LoraSite, PeftPlan, apply_peft
+from fedpeft_edge.peft.surgery import PeftPlan, apply_peft
 
 __all__ = ["METHODS", "ArtifactBundle", "LoraSite", "PeftPlan", "PeftSpec", "apply_peft",
            "export_inference_model", "generate_artifacts"]

@@ -13,12 +13,13 @@ oldest incomplete message; incomplete messages time out.
 
 Durability: a receiver that acknowledges (PUBACKs) chunks as they arrive must not hold them only in
 memory, or a crash while a multi-part message is half received loses it (the sender already has its
-acknowledgements and never resends). A :class:`ChunkSpool` gives the reassembler an on-disk journal:
-every stored chunk is appended to one file per pending message, :meth:`Reassembler.sync` fsyncs them
-(call it BEFORE acknowledging), files of dropped messages are removed at once, files of completed
-messages only at :meth:`Reassembler.commit` (call it AFTER whatever consumed the message was
-persisted), and :meth:`Reassembler.restore` reloads everything after a restart. Completed message ids
-are kept in a small log so a redelivered chunk of an already-consumed message is recognised.
+acknowledgements and never resends). A ``ChunkSpool`` (``fedpeft_edge.protocol.chunk_spool``) gives the
+reassembler an on-disk journal: every stored chunk is appended to one file per pending message,
+:meth:`Reassembler.sync` fsyncs them (call it BEFORE acknowledging), files of dropped messages are
+removed at once, files of completed messages only at :meth:`Reassembler.commit` (call it AFTER whatever
+consumed the message was persisted), and :meth:`Reassembler.restore` reloads everything after a restart.
+Completed message ids are kept in a small log so a redelivered chunk of an already-consumed message is
+recognised.
 
 MQTT packet budget: :func:`payload_budget` subtracts the PUBLISH header, topic, packet id and a
 property allowance from the broker's maximum packet size (MQTT 5 CONNACK Maximum-Packet-Size, or
@@ -27,23 +28,18 @@ the configured ``max_packet_size`` of a 3.1.1 broker, which silently disconnects
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
-import re
 import secrets
-import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import msgpack
 
+from fedpeft_edge.protocol.chunk_spool import MESSAGE_ID_RE, ChunkSpool
 from fedpeft_edge.protocol.reasons import Reason, WireFormatError
-from fedpeft_edge.runtime.durable import atomic_file, fsync_dir
-from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 CHUNK_KEYS: Final = frozenset({"v", "t", "id", "i", "n", "tl", "h", "d"})
 # msgpack of {"v": 1, "t": "chunk", ...}: fixmap(8), "v", 1, "t", "chunk"
@@ -51,10 +47,6 @@ CHUNK_PREFIX: Final = b"\x88\xa1v\x01\xa1t\xa5chunk"
 # Upper bound of a chunk's envelope around its data (keys, id, ints up to 2**32, sha256, bin header).
 CHUNK_OVERHEAD: Final = 128
 MQTT_MAX_PACKET: Final = 268_435_455 + 5  # protocol ceiling on remaining length + fixed header
-_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
-SPOOL_MAGIC: Final = b"FPCHUNK1"
-SPOOL_SUFFIX: Final = ".spool"
-COMPLETED_LOG: Final = "completed.log"
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +63,8 @@ def payload_budget(max_packet_size: int, topic: str, *, mqtt5: bool = True,
     overhead = 5 + 2 + len(topic.encode("utf-8")) + 2 + ((4 + properties_allowance) if mqtt5 else 0)
     budget = min(max_packet_size, MQTT_MAX_PACKET) - overhead
     if budget <= CHUNK_OVERHEAD:
-        raise InvalidValueError(f"max_packet_size {max_packet_size} leaves no room for a payload on {topic!r}")
+        raise InvalidValueError(
+            f"max_packet_size {max_packet_size} leaves no room for a payload on {topic!r}")
     return budget
 
 
@@ -90,12 +83,13 @@ def split_message(data: bytes, max_payload: int, *, message_id: str | None = Non
         return [data]
     step = max_payload - CHUNK_OVERHEAD
     if step < 1:
-        raise InvalidValueError(f"max_payload {max_payload} too small for chunking (overhead {CHUNK_OVERHEAD})")
+        raise InvalidValueError(
+            f"max_payload {max_payload} too small for chunking (overhead {CHUNK_OVERHEAD})")
     count = -(-len(data) // step)
     if count > max_chunks:
         raise InvalidValueError(f"{len(data)} bytes need {count} chunks > max_chunks {max_chunks}")
     mid = message_id or secrets.token_hex(16)
-    if not _ID_RE.fullmatch(mid):
+    if not MESSAGE_ID_RE.fullmatch(mid):
         raise InvalidValueError("message_id must be 32 lowercase hex characters")
     digest = hashlib.sha256(data).digest()
     chunks = []
@@ -149,7 +143,7 @@ def decode_chunk(data: bytes | bytearray | memoryview, *, max_chunk_bytes: int, 
     if obj.keys() != CHUNK_KEYS:
         raise WireFormatError(Reason.BAD_KEYS, f"chunk keys {sorted(map(str, obj.keys()))}")
     mid, digest, payload = obj["id"], obj["h"], obj["d"]
-    if not isinstance(mid, str) or not _ID_RE.fullmatch(mid):
+    if not isinstance(mid, str) or not MESSAGE_ID_RE.fullmatch(mid):
         raise WireFormatError(Reason.BAD_STRING, "chunk id must be 32 lowercase hex characters")
     if not isinstance(digest, bytes) or len(digest) != 32:
         raise WireFormatError(Reason.BAD_TYPE, "chunk h must be a 32-byte sha256 digest")
@@ -380,189 +374,12 @@ class Reassembler:
         self._drop(current, "over_capacity")
 
 
-class SpoolError(FedPeftError):
-    """Chunks could not be made durable: the caller must NOT acknowledge them."""
-
-
-_LEN: Final = struct.Struct("<I")
-
-
-class ChunkSpool:
-    """On-disk journal of the chunks a :class:`Reassembler` holds (one file per pending message).
-
-    File ``<sha256(sender, id)[:32]>.spool``: ``SPOOL_MAGIC``, then length-prefixed (u32 LE) records:
-    the sender (UTF-8), the message id, then each raw chunk message as received. Records are appended
-    without fsync; :meth:`sync` fsyncs every file written since the last sync (and the directory when
-    files were created). A torn tail (crash during an append, i.e. of a chunk never acknowledged) is
-    cut off on load; chunks are re-validated when replayed. ``completed.log`` lists consumed message
-    ids, one ``sender id`` line each, compacted to the newest ``remember`` entries.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str], *, remember: int = 4096) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.remember = remember
-        self._files: dict[tuple[str, str], BinaryIO] = {}
-        self._dirty: set[tuple[str, str]] = set()
-        self._dir_dirty = False
-        self._done: list[tuple[str, str]] = []
-        self._log_lines = 0
-
-    def _path(self, key: tuple[str, str]) -> Path:
-        name = hashlib.sha256(f"{key[0]}\0{key[1]}".encode()).hexdigest()[:32]
-        return self.dir / f"{name}{SPOOL_SUFFIX}"
-
-    def append(self, key: tuple[str, str], raw: bytes) -> None:
-        try:
-            fh = self._files.get(key)
-            if fh is None:
-                fh = open(self._path(key), "ab")  # kept open while the message is pending
-                self._files[key] = fh
-                if fh.tell() == 0:
-                    sender, mid = key[0].encode("utf-8"), key[1].encode("ascii")
-                    fh.write(SPOOL_MAGIC + _LEN.pack(len(sender)) + sender + _LEN.pack(len(mid)) + mid)
-                    self._dir_dirty = True
-            fh.write(_LEN.pack(len(raw)) + raw)
-        except OSError as exc:
-            raise SpoolError(f"cannot spool a chunk in {self.dir}: {exc}") from exc
-        self._dirty.add(key)
-
-    def sync(self) -> None:
-        try:
-            for key in self._dirty:
-                fh = self._files.get(key)
-                if fh is not None:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            if self._dir_dirty:
-                fsync_dir(self.dir)
-        except OSError as exc:
-            raise SpoolError(f"cannot sync spooled chunks in {self.dir}: {exc}") from exc
-        self._dirty.clear()
-        self._dir_dirty = False
-
-    def discard(self, key: tuple[str, str]) -> None:
-        """Forget a message now (dropped by policy, or already consumed)."""
-        fh = self._files.pop(key, None)
-        self._dirty.discard(key)
-        if fh is not None:
-            with contextlib.suppress(OSError):
-                fh.close()
-        with contextlib.suppress(OSError):
-            self._path(key).unlink(missing_ok=True)
-
-    def complete(self, key: tuple[str, str]) -> None:
-        """The message was reassembled; its file goes at the next :meth:`commit`."""
-        self._done.append(key)
-
-    def commit(self) -> None:
-        """Record the completed ids (fsynced), then remove their files. Failures only cost redelivery
-        noise later (a consumer that dedups sees a duplicate), so they are logged, not raised."""
-        if not self._done:
-            return
-        done, self._done = self._done, []
-        try:
-            with open(self.dir / COMPLETED_LOG, "a", encoding="utf-8") as fh:
-                fh.writelines(f"{s} {m}\n" for s, m in done)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._log_lines += len(done)
-            if self._log_lines > 2 * self.remember:
-                self._compact()
-        except OSError as exc:
-            log.warning("could not record completed chunked messages in %s: %s", self.dir, exc)
-        for key in done:
-            self.discard(key)
-
-    def _read_completed(self) -> list[tuple[str, str]]:
-        path = self.dir / COMPLETED_LOG
-        if not path.exists():
-            return []
-        keys = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            parts = line.rsplit(" ", 1)
-            if len(parts) == 2 and parts[0] and _ID_RE.fullmatch(parts[1]):  # a torn last line is skipped
-                keys.append((parts[0], parts[1]))
-        return keys[-self.remember :]
-
-    def _compact(self) -> None:
-        keys = self._read_completed()
-        with atomic_file(self.dir / COMPLETED_LOG, "w", encoding="utf-8") as fh:
-            fh.writelines(f"{s} {m}\n" for s, m in keys)
-        self._log_lines = len(keys)
-
-    def load(self) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], list[bytes]]]]:
-        """``(completed ids, [(key, raw chunks)])``, oldest file first. Unreadable files are removed."""
-        completed = self._read_completed()
-        self._log_lines = len(completed)
-        for stray in self.dir.glob(f".{COMPLETED_LOG}.tmp-*"):
-            stray.unlink(missing_ok=True)
-        messages = []
-        files = sorted(self.dir.glob(f"*{SPOOL_SUFFIX}"), key=lambda f: (f.stat().st_mtime_ns, f.name))
-        for path in files:
-            parsed = _read_spool_file(path)
-            if parsed is None:
-                log.warning("removing unreadable chunk spool file %s", path)
-                path.unlink(missing_ok=True)
-                continue
-            key, records, good_len = parsed
-            if path.name != self._path(key).name:
-                path.unlink(missing_ok=True)
-                continue
-            if good_len != path.stat().st_size:  # torn tail: cut it so later appends stay parseable
-                with open(path, "r+b") as fh:
-                    fh.truncate(good_len)
-            messages.append((key, records))
-        return completed, messages
-
-    def close(self) -> None:
-        for fh in self._files.values():
-            with contextlib.suppress(OSError):
-                fh.close()
-        self._files.clear()
-
-
-def _read_spool_file(path: Path) -> tuple[tuple[str, str], list[bytes], int] | None:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if not data.startswith(SPOOL_MAGIC):
-        return None
-    pos = len(SPOOL_MAGIC)
-    fields: list[bytes] = []
-    records: list[bytes] = []
-    good = pos
-    while pos + _LEN.size <= len(data):
-        (size,) = _LEN.unpack_from(data, pos)
-        end = pos + _LEN.size + size
-        if end > len(data):
-            break
-        item = data[pos + _LEN.size : end]
-        if len(fields) < 2:
-            fields.append(item)
-        else:
-            records.append(item)
-        pos = good = end
-    if len(fields) < 2:
-        return None
-    try:
-        sender, mid = fields[0].decode("utf-8"), fields[1].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if not sender or not _ID_RE.fullmatch(mid):
-        return None
-    return (sender, mid), records, good
-
-
 
 __all__ = [
     "CHUNK_OVERHEAD",
     "CHUNK_PREFIX",
     "Chunk",
-    "ChunkSpool",
     "Reassembler",
-    "SpoolError",
     "decode_chunk",
     "is_chunk",
     "payload_budget",

@@ -23,7 +23,7 @@ from fedpeft_edge.central.broker import BrokerHandle
 from fedpeft_edge.central.config import load_aggregator_config
 from fedpeft_edge.central.service import AggregatorService
 from fedpeft_edge.central.store import RoundState, StateError
-from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol import chunk_spool, chunking, wire
 from fedpeft_edge.protocol.codec import CodecConfig
 from fedpeft_edge.protocol.config import default_spec_hash
 from fedpeft_edge.protocol.topics import Topics
@@ -78,7 +78,7 @@ def _log(path: Path) -> str:
 
 def _spooled_records(spool_dir: Path) -> int:
     files = list(spool_dir.glob("*.spool"))
-    return sum(len(parsed[1]) for f in files if (parsed := chunking._read_spool_file(f)) is not None)
+    return sum(len(parsed[1]) for f in files if (parsed := chunk_spool.read_spool_file(f)) is not None)
 
 
 def test_kill9_with_a_half_received_chunked_update(mosquitto_broker: BrokerHandle, tmp_path: Path) -> None:
@@ -220,14 +220,14 @@ def test_persistence_failure_acknowledges_nothing(mosquitto_broker: BrokerHandle
 
         monkeypatch.setattr(RoundAccumulator, "accumulate", accumulate)
     else:
-        real_sync = chunking.ChunkSpool.sync
+        real_sync = chunk_spool.ChunkSpool.sync
 
-        def sync(self: chunking.ChunkSpool) -> None:
+        def sync(self: chunk_spool.ChunkSpool) -> None:
             if broken.is_set() and self._dirty:
-                raise chunking.SpoolError("fsync failed: I/O error")
+                raise chunk_spool.SpoolError("fsync failed: I/O error")
             real_sync(self)
 
-        monkeypatch.setattr(chunking.ChunkSpool, "sync", sync)
+        monkeypatch.setattr(chunk_spool.ChunkSpool, "sync", sync)
     topics = Topics(fleet)
     env0, env1 = _update(fleet, "site-0", 6), _update(fleet, "site-1", 7, samples=20)
     site = _site(mosquitto_broker, "tester")
@@ -238,7 +238,7 @@ def test_persistence_failure_acknowledges_nothing(mosquitto_broker: BrokerHandle
             assert site.publish(topics.update("site-1"), p).wait(5)
         assert site.publish(topics.update("site-0"), env0).wait(5)
         run.thread.join(15)
-        assert isinstance(run.error, StateError | chunking.SpoolError)  # stopped, nothing acknowledged
+        assert isinstance(run.error, StateError | chunk_spool.SpoolError)  # stopped, nothing acknowledged
         saved = RoundState.load(tmp_path / "agg")
         assert saved is not None and saved.counters.get("accepted", 0) == 0
         broken.clear()

@@ -24,7 +24,7 @@ from fedpeft_edge.models import (
     prepare_image_model,
     prepare_text_model,
 )
-from fedpeft_edge.models import prepare as prepare_mod
+from fedpeft_edge.models import toolchain as prepare_mod
 from fedpeft_edge.models.onnx_utils import check_onnx_model
 from fedpeft_edge.runtime import ort_import
 from fedpeft_edge.runtime.errors import FedPeftError, MissingDependencyError

@@ -13,9 +13,10 @@ import pytest
 from conftest_models import conv_model, image_data, mlp_data, mlp_model, save, text_data, transformer_model
 
 from fedpeft_edge.peft.artifacts import ArtifactBundle, generate_artifacts
+from fedpeft_edge.peft.graph_edit import fix_layernorm_outputs
 from fedpeft_edge.peft.merge import export_inference_model
 from fedpeft_edge.peft.spec import PeftSpec
-from fedpeft_edge.peft.surgery import apply_peft, fix_layernorm_outputs
+from fedpeft_edge.peft.surgery import apply_peft
 from fedpeft_edge.runtime.errors import SpecError
 from fedpeft_edge.runtime.ort_import import ort
 

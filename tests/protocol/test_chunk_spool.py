@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft_edge.protocol import chunk_spool as SP
 from fedpeft_edge.protocol import chunking as CH
 from fedpeft_edge.protocol.reasons import WireFormatError
 
@@ -18,7 +19,7 @@ def _blob(n: int, seed: int = 0) -> bytes:
 
 
 def _spooled(d: Path, **kw: object) -> CH.Reassembler:
-    return CH.Reassembler(spool=CH.ChunkSpool(d), **kw)  # type: ignore[arg-type]
+    return CH.Reassembler(spool=SP.ChunkSpool(d), **kw)  # type: ignore[arg-type]
 
 
 def _files(d: Path) -> list[Path]:
@@ -106,7 +107,7 @@ def test_damaged_spool_file_loses_only_its_message(tmp_path: Path) -> None:
     for c in bad_chunks[:2]:
         r.feed("bad", c, 0.0)
     r.sync()
-    victim = tmp_path / (r.spool._path(("bad", "bb" * 16)).name)  # type: ignore[union-attr]
+    victim = tmp_path / (r.spool.path_of(("bad", "bb" * 16)).name)  # type: ignore[union-attr]
     raw = bytearray(victim.read_bytes())
     raw[-10] ^= 0xFF  # flip a byte inside the second chunk's data
     victim.write_bytes(bytes(raw))
@@ -141,7 +142,7 @@ def test_spool_follows_the_memory_caps(tmp_path: Path) -> None:
 
 
 def test_completed_log_is_compacted(tmp_path: Path) -> None:
-    spool = CH.ChunkSpool(tmp_path, remember=5)
+    spool = SP.ChunkSpool(tmp_path, remember=5)
     r = CH.Reassembler(spool=spool, remember_completed=5)
     for i in range(20):
         data = _blob(2000, i)
@@ -149,9 +150,9 @@ def test_completed_log_is_compacted(tmp_path: Path) -> None:
         assert outs[-1] == data
         r.sync()
         r.commit()
-    lines = (tmp_path / CH.COMPLETED_LOG).read_text().splitlines()
+    lines = (tmp_path / SP.COMPLETED_LOG).read_text().splitlines()
     assert len(lines) <= 10 and lines[-1] == f"a {19:02x}" + f"{19:02x}" * 15
-    completed, pending = CH.ChunkSpool(tmp_path, remember=5).load()
+    completed, pending = SP.ChunkSpool(tmp_path, remember=5).load()
     assert len(completed) == 5 and pending == []
 
 
@@ -160,5 +161,5 @@ def test_failing_disk_raises_spool_error(tmp_path: Path) -> None:
     r = _spooled(d)
     d.rmdir()
     d.write_bytes(b"")  # the directory became a file: every open fails, even for root
-    with pytest.raises(CH.SpoolError):
+    with pytest.raises(SP.SpoolError):
         r.feed("a", CH.split_message(_blob(3000), 1000, message_id=MID)[0], 0.0)

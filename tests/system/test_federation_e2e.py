@@ -1,6 +1,6 @@
 """End to end through a real Mosquitto: `fedpeft-edge aggregate` + three `fedpeft-edge agent` processes.
 
-The sites train a small numpy softmax regression (tests/fed_numpy_trainer.py, a real LocalTrainer) on
+The sites train a small numpy softmax regression (tests/support/fed_numpy_trainer.py, a real LocalTrainer) on
 their own synthetic data; two send top-k int8 updates, the third sends fp32 updates chunked because its
 connection allows only ~1 KB packets. After three rounds the final global must equal FedAvg recomputed
 offline from the exact envelopes the agents sent.

@@ -1,5 +1,5 @@
 """Trainer factory for service tests with the real ORT Training backend on a tiny synthetic transformer
-(tests/conftest_models.py) with LoRA: ``[trainer] kind = "factory"``, ``factory = "fed_ort_trainer:make"``,
+(tests/support/conftest_models.py) with LoRA: ``[trainer] kind = "factory"``, ``factory = "fed_ort_trainer:make"``,
 ``bundle_dir`` = a bundle made by ``generate_artifacts``. Each site gets its own synthetic token data."""
 
 from __future__ import annotations

@@ -147,8 +147,8 @@ def plant_broker(plant_pki: PlantPki) -> BrokerHandle:
 
 
 # --- helpers for service tests that run the CLI as separate processes ---------------------------------
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_DIR = TESTS_DIR.parent
+TESTS_DIR = Path(__file__).resolve().parent  # tests/support: the helper modules services import
+REPO_DIR = TESTS_DIR.parents[1]
 
 
 def service_env() -> dict[str, str]:
