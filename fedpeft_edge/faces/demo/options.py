@@ -1,0 +1,148 @@
+"""Demo options: defaults per task, the quick reduction for CI, and the ``[demo]`` table of a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft_edge.runtime.errors import InvalidValueError, ensure
+
+QUICK_ENV = "FEDPEFT_EDGE_DEMO_QUICK"
+
+
+@dataclass
+class DemoOptions:
+    """Everything the demo can be told; ``resolved()`` fills the task's defaults and the quick reduction."""
+
+    task: str = "text"  # text | cv
+    dataset: str | None = None
+    method: str | None = None
+    agents: int | None = None
+    rounds: int | None = None
+    local_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    codec: str | None = None
+    topk_ratio: float | None = None
+    split: str | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    max_len: int | None = None
+    image_size: int | None = None
+    threads_per_agent: int = 1
+    broker: str = "embedded"
+    out: Path | None = None
+    work_dir: Path | None = None
+    cache_dir: Path | None = None
+    quick: bool = False
+    plain: bool = False
+    round_deadline_s: float = 600.0
+    timeout_s: float = 1800.0
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: Any) -> DemoOptions:
+        base: dict[str, Any] = {}
+        if getattr(args, "config", None) is not None:
+            base = load_demo_config(args.config)
+        for name in (
+            "task",
+            "dataset",
+            "method",
+            "agents",
+            "rounds",
+            "local_steps",
+            "codec",
+            "topk_ratio",
+            "split",
+            "broker",
+            "out",
+            "work_dir",
+            "cache_dir",
+            "plain",
+        ):
+            value = getattr(args, name, None)
+            if value is not None and value is not False:
+                base[name] = value
+        base["quick"] = quick_requested(bool(getattr(args, "quick", False)))
+        return cls(**base)
+
+    def resolved(self) -> DemoOptions:
+        ensure(self.task in ("text", "cv"), f"--task must be text or cv, got {self.task!r}")
+        defaults = dict(TEXT_DEFAULTS if self.task == "text" else CV_DEFAULTS)
+        if self.quick:
+            defaults.update(QUICK_TEXT if self.task == "text" else QUICK_CV)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in defaults.items():
+            # Quick mode caps sizes even when the config asked for more; explicit flags otherwise win.
+            if values.get(key) is None or (self.quick and key in QUICK_CAPS and values[key] > value):
+                values[key] = value
+        out = DemoOptions(**values)
+        for name in ("agents", "rounds", "local_steps", "batch_size", "train_size", "test_size"):
+            v = getattr(out, name)
+            ensure(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        ensure(out.agents <= 16, "the demo runs at most 16 agents on one machine")
+        ensure(out.codec in ("fp32", "int8", "topk_int8"), f"unknown codec {out.codec!r}")
+        ensure(out.broker in ("embedded", "mosquitto", "auto"), f"unknown broker {out.broker!r}")
+        ensure(out.lr is not None and out.lr > 0, "lr must be > 0")
+        return out
+
+
+TEXT_DEFAULTS: dict[str, Any] = {
+    "dataset": "reuters_r8",
+    "method": "lora",
+    "agents": 4,
+    "rounds": 5,
+    "local_steps": 12,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "codec": "topk_int8",
+    "topk_ratio": 0.1,
+    "split": "dirichlet:0.5",
+    "train_size": 1600,
+    "test_size": 400,
+    "max_len": 64,
+    "image_size": 32,
+}
+# The image task trains a smaller network on easier data: more, larger steps fit the same time budget.
+CV_DEFAULTS: dict[str, Any] = {**TEXT_DEFAULTS, "dataset": "mnist5k", "rounds": 10, "local_steps": 20,
+                               "batch_size": 32}
+QUICK_TEXT: dict[str, Any] = {
+    "agents": 2,
+    "rounds": 2,
+    "local_steps": 4,
+    "train_size": 160,
+    "test_size": 96,
+    "max_len": 32,
+}
+QUICK_CV: dict[str, Any] = {"agents": 2, "rounds": 2, "local_steps": 4, "train_size": 160, "test_size": 96}
+QUICK_CAPS = ("agents", "rounds", "local_steps", "train_size", "test_size", "max_len")
+
+
+def quick_requested(flag: bool = False) -> bool:
+    """The documented reduction switch: ``--quick`` or ``FEDPEFT_EDGE_DEMO_QUICK=1``."""
+    return flag or os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_demo_config(path: Path) -> dict[str, Any]:
+    """``[demo]`` table of a TOML file; keys are DemoOptions fields."""
+    import tomllib
+
+    path = Path(path)
+    ensure(path.is_file(), f"demo config not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidValueError(f"{path}: not valid TOML: {exc}") from exc
+    table = dict(raw.get("demo", {}))
+    known = {f.name for f in dataclasses.fields(DemoOptions)}
+    unknown = sorted(set(table) - known)
+    ensure(not unknown, f"{path}: unknown [demo] keys {unknown}; known: {sorted(known)}")
+    for key in ("out", "work_dir", "cache_dir"):
+        if key in table:
+            table[key] = Path(table[key])
+    return table
+

@@ -1,0 +1,160 @@
+"""The experiment grid: its TOML config, the federation settings shared by every cell, and the cells."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft_edge.faces.tasks import SplitConfig, TaskConfig
+from fedpeft_edge.runtime.errors import InvalidValueError, ensure
+
+MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2 parameter count (embeddings + 6 layers), for fp32 comparisons
+COMPRESSIONS = {
+    "fp32": {"mode": "fp32"},
+    "int8": {"mode": "int8"},
+    "topk_int8": {"mode": "topk_int8", "topk_ratio": 0.01},
+    "topk_fp32": {"mode": "topk_fp32", "topk_ratio": 0.01},
+    "topk10_int8": {"mode": "topk_int8", "topk_ratio": 0.1},
+}
+
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How each federation of the grid runs (the same for every cell)."""
+
+    rounds: int = 3
+    clients: int = 4
+    local_steps: int = 5
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    personalise_steps: int = 3
+    local_test_fraction: float = 0.25
+    threads: int = 1
+    seed: int = 0
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    eval_every_round: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "clients", "local_steps", "batch_size", "eval_batch_size", "threads"):
+            value = getattr(self, name)
+            ensure(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"experiment.{name} must be a positive integer, got {value!r}",
+            )
+        ensure(
+            isinstance(self.personalise_steps, int) and self.personalise_steps >= 0,
+            f"experiment.personalise_steps must be >= 0, got {self.personalise_steps!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    settings: FederationSettings
+    tasks: dict[str, TaskConfig]
+    methods: tuple[str, ...]
+    splits: tuple[SplitConfig, ...]
+    compressions: tuple[str, ...]
+    lr: dict[str, dict[str, float]]  # task -> method -> lr ("*" = default)
+    spec_overrides: dict[str, dict[str, dict[str, Any]]]  # task -> method -> spec keys
+    compression_overrides: dict[str, dict[str, Any]]
+    skip_cells: tuple[str, ...] = ()  # "task/method" pairs known to be infeasible (e.g. full on text)
+    out_dir: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> ExperimentConfig:
+        try:
+            import tomllib
+        except ImportError:  # pragma: no cover - Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        path = Path(path)
+        ensure(path.is_file(), f"experiment config not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidValueError(f"{path}: not valid TOML: {exc}") from exc
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentConfig:
+        known_top = {"experiment", "grid", "tasks", "methods", "compression"}
+        unknown = sorted(set(data) - known_top)
+        ensure(not unknown, f"unknown experiment config tables: {', '.join(unknown)}")
+        exp = dict(data.get("experiment", {}))
+        name = str(exp.pop("name", "experiment"))
+        out_dir = exp.pop("out_dir", None)
+        settings = FederationSettings(**_only_known(FederationSettings, exp, "experiment"))
+        grid = dict(data.get("grid", {}))
+        task_names = tuple(grid.pop("tasks", ["text"]))
+        methods = tuple(grid.pop("methods", ["lora"]))
+        splits = tuple(SplitConfig.parse(s) for s in grid.pop("splits", ["iid"]))
+        compressions = tuple(grid.pop("compressions", ["fp32"]))
+        skip = tuple(grid.pop("skip", []))
+        ensure(not grid, f"unknown [grid] keys: {', '.join(sorted(grid))}")
+        for c in compressions:
+            ensure(c in COMPRESSIONS, f"unknown compression {c!r}; known: {', '.join(COMPRESSIONS)}")
+        ensure(task_names and methods and splits and compressions, "every grid axis needs at least one value")
+        tasks: dict[str, TaskConfig] = {}
+        lr: dict[str, dict[str, float]] = {}
+        overrides: dict[str, dict[str, dict[str, Any]]] = {}
+        task_tables = data.get("tasks", {})
+        method_tables = data.get("methods", {})
+        for t in task_names:
+            ensure(t in task_tables, f"grid task {t!r} has no [tasks.{t}] table")
+            table = dict(task_tables[t])
+            lr[t] = {"*": float(table.pop("lr", 3e-3))}
+            per_method_lr = table.pop("method_lr", {})
+            for m, value in per_method_lr.items():
+                lr[t][m] = float(value)
+            tasks[t] = TaskConfig.from_mapping(table)
+            overrides[t] = {}
+            for m in methods:
+                spec_keys = dict(method_tables.get(m, {}))
+                spec_keys.update(dict(method_tables.get(f"{m}.{tasks[t].kind}", {})))
+                overrides[t][m] = spec_keys
+        comp_over = {k: dict(v) for k, v in data.get("compression", {}).items()}
+        return cls(
+            name=name,
+            settings=settings,
+            tasks=tasks,
+            methods=methods,
+            splits=splits,
+            compressions=compressions,
+            lr=lr,
+            spec_overrides=overrides,
+            compression_overrides=comp_over,
+            skip_cells=skip,
+            out_dir=Path(out_dir) if out_dir else None,
+        )
+
+    def lr_for(self, task: str, method: str) -> float:
+        return self.lr[task].get(method, self.lr[task]["*"])
+
+    def codec_config(self, compression: str) -> Any:
+        from fedpeft_edge.protocol.codec import CodecConfig
+
+        params = dict(COMPRESSIONS[compression])
+        params.update(self.compression_overrides.get(compression, {}))
+        return CodecConfig(**params)
+
+    def cells(self) -> list[tuple[str, str, SplitConfig, str]]:
+        out = []
+        for t, m in itertools.product(self.tasks, self.methods):
+            if f"{t}/{m}" in self.skip_cells:
+                continue
+            for s, c in itertools.product(self.splits, self.compressions):
+                out.append((t, m, s, c))
+        return out
+
+
+def _only_known(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    ensure(not unknown, f"unknown [{what}] keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return dict(data)

@@ -1,0 +1,176 @@
+"""Running a grid: every cell in turn, partial results on disk, the summary; and the CLI entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fedpeft_edge.faces import report as rep
+from fedpeft_edge.faces.experiment.cell import CellResult, make_trainer, run_cell
+from fedpeft_edge.faces.experiment.config import ExperimentConfig
+from fedpeft_edge.faces.experiment.results import write_experiment_report
+from fedpeft_edge.faces.tasks import PeakRss, get_bundle, load_task, method_spec
+from fedpeft_edge.runtime.errors import FedPeftError, ensure
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every cell of the grid; write ``results.json``, ``results.md`` and plots into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = config.settings
+    os.environ.setdefault("OMP_NUM_THREADS", str(s.threads))
+    started = time.perf_counter()
+    results: list[CellResult] = []
+    failures: list[dict[str, str]] = []
+    cells = config.cells()
+    log(
+        f"experiment {config.name!r}: {len(cells)} cells, {s.clients} sites x {s.rounds} rounds x "
+        f"{s.local_steps} local steps"
+    )
+    work_root = Path(tempfile.mkdtemp(prefix="fedpeft-exp-"))
+    try:
+        with PeakRss() as peak:
+            for task_name, task_cfg in config.tasks.items():
+                log(
+                    f"task {task_name}: {task_cfg.kind} / {task_cfg.dataset} "
+                    f"(train {task_cfg.train_size}, test {task_cfg.test_size})"
+                )
+                task = load_task(task_cfg, cache_dir=cache_dir)
+                for method in config.methods:
+                    method_cells = [c for c in cells if c[0] == task_name and c[1] == method]
+                    if not method_cells:
+                        continue
+                    try:
+                        spec = method_spec(
+                            method, task.kind, task.num_classes, config.spec_overrides[task_name][method]
+                        )
+                        bundle = get_bundle(task.prepared, spec, cache_dir, log=log)
+                        trainer = make_trainer(bundle, threads=s.threads, lr=config.lr_for(task_name, method))
+                    except FedPeftError as exc:
+                        for c in method_cells:
+                            failures.append({"cell": f"{c[0]}/{c[1]}/{c[2].label}/{c[3]}", "error": str(exc)})
+                        log(f"  {task_name}/{method}: cannot set up: {exc}")
+                        continue
+                    work = work_root / f"{task_name}-{method}"
+                    work.mkdir()
+                    initial_state = work / "initial.state"
+                    trainer.save_state(initial_state)
+                    for _, _, split, compression in method_cells:
+                        log(f"  cell {task_name} / {method} / {split.label} / {compression}")
+                        try:
+                            result = run_cell(
+                                task,
+                                task_name,
+                                bundle,
+                                method,
+                                split,
+                                compression,
+                                config,
+                                trainer=trainer,
+                                initial_state=initial_state,
+                                work_dir=work,
+                                peak=peak,
+                                log=log,
+                            )
+                        except FedPeftError as exc:
+                            failures.append(
+                                {
+                                    "cell": f"{task_name}/{method}/{split.label}/{compression}",
+                                    "error": str(exc),
+                                }
+                            )
+                            log(f"    failed: {exc}")
+                            continue
+                        results.append(result)
+                        # a long grid leaves its finished cells on disk even if it is stopped
+                        rep.write_json(
+                            out_dir / "results.partial.json",
+                            _summary(config, results, failures, time.perf_counter() - started),
+                        )
+                        log(
+                            f"    -> global {result.global_accuracy:.3f}, personalised mean "
+                            f"{result.personalised_mean:.3f} / worst {result.personalised_worst:.3f}, "
+                            f"{rep.human_bytes(result.bytes_up_per_client_update)} per update, "
+                            f"{result.step_ms:.0f} ms/step ({result.seconds:.1f} s)"
+                        )
+                    del trainer
+                    shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work_root, ignore_errors=True)
+    summary = _summary(config, results, failures, time.perf_counter() - started)
+    write_experiment_report(summary, out_dir)
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
+    log(
+        f"wrote {out_dir / 'results.md'} ({len(results)} cells, {len(failures)} failed, "
+        f"{summary['seconds']:.0f} s)"
+    )
+    return summary
+
+
+def _summary(
+    config: ExperimentConfig, results: list[CellResult], failures: list[dict[str, str]], seconds: float
+) -> dict[str, Any]:
+    return {
+        "name": config.name,
+        "settings": asdict(config.settings),
+        "tasks": {k: asdict(v) for k, v in config.tasks.items()},
+        "grid": {
+            "methods": list(config.methods),
+            "splits": [s_.label for s_ in config.splits],
+            "compressions": list(config.compressions),
+        },
+        "cells": [r.to_dict() for r in results],
+        "failures": failures,
+        "seconds": seconds,
+    }
+
+
+def merge_summaries(parts: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
+    """One summary from runs of the same grid split by task (e.g. run in parallel processes)."""
+    ensure(len(parts) > 0, "nothing to merge")
+    merged = dict(parts[0])
+    merged["name"] = name
+    merged["tasks"] = {k: v for p in parts for k, v in p["tasks"].items()}
+    merged["cells"] = [c for p in parts for c in p["cells"]]
+    merged["failures"] = [f for p in parts for f in p["failures"]]
+    merged["seconds"] = max(p["seconds"] for p in parts)
+    return merged
+
+
+def main_experiment(
+    config_path: Path,
+    out_dir: Path | None = None,
+    *,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    tasks: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    config = ExperimentConfig.load(config_path)
+    if threads is not None:
+        config = _with_threads(config, threads)
+    if tasks:
+        unknown = sorted(set(tasks) - set(config.tasks))
+        ensure(not unknown, f"--tasks {unknown} not in the config's grid ({', '.join(config.tasks)})")
+        config = dataclasses.replace(config, tasks={t: config.tasks[t] for t in config.tasks if t in tasks})
+    target = out_dir or config.out_dir or Path("reports") / f"experiment-{config.name}"
+    with contextlib.suppress(OSError):
+        Path(target).mkdir(parents=True, exist_ok=True)
+    return run_experiment(config, Path(target), cache_dir=cache_dir)
+
+
+def _with_threads(config: ExperimentConfig, threads: int) -> ExperimentConfig:
+    return dataclasses.replace(config, settings=dataclasses.replace(config.settings, threads=int(threads)))
