@@ -126,7 +126,8 @@ def render_config(opts: BrokerOptions, port: int, data_dir: Path) -> str:
     if opts.config == "plant":
         p = opts.plant
         if p is None:
-            raise InvalidValueError("config='plant' needs PlantOptions (cafile, certfile, keyfile, password_file)")
+            raise InvalidValueError(
+                "config='plant' needs PlantOptions (cafile, certfile, keyfile, password_file)")
         for name in ("cafile", "certfile", "keyfile", "password_file"):
             path = Path(getattr(p, name))
             if not path.is_file():

@@ -58,7 +58,8 @@ class AggregatorSettings:
         policy_keys = {f.name for f in fields(RoundPolicy)}
         unknown = sorted(set(raw) - own - policy_keys)
         if unknown:
-            raise InvalidValueError(f"[{where}] unknown key(s) {unknown}; allowed: {sorted(own | policy_keys)}")
+            raise InvalidValueError(
+                f"[{where}] unknown key(s) {unknown}; allowed: {sorted(own | policy_keys)}")
         try:
             policy = RoundPolicy(**{k: v for k, v in raw.items() if k in policy_keys})
             return cls(**{k: v for k, v in raw.items() if k in own}, policy=policy)
@@ -86,7 +87,8 @@ class BrokerServiceConfig:
     source: str | None = None
 
 
-def load_aggregator_config(path: str | Path | None = None, text: str | None = None) -> AggregatorServiceConfig:
+def load_aggregator_config(
+    path: str | Path | None = None, text: str | None = None) -> AggregatorServiceConfig:
     return load_service_config(AggregatorServiceConfig, path, text)
 
 

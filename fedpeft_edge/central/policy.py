@@ -72,8 +72,10 @@ class RoundPolicy:
             raise InvalidValueError("max_staleness must be an int >= 0")
         if self.global_mode not in names.GLOBAL_MODES:
             raise InvalidValueError(f"global_mode must be one of {names.GLOBAL_MODES}")
-        if not isinstance(self.server_opt_params, dict) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in self.server_opt_params.values()):
+        params = self.server_opt_params
+        numbers = isinstance(params, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in params.values())
+        if not numbers:
             raise InvalidValueError("server_opt_params must map names to numbers")
         staleness_weight(0, self.staleness_alpha)  # validates alpha
         if self.norm_bound is not None:

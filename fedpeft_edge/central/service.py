@@ -389,5 +389,6 @@ def _initial_from_trainer(cfg: AggregatorServiceConfig) -> tuple[np.ndarray, str
         mod_name, func_name = t.factory.split(":", 1)
         setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
         return np.asarray(setup.trainer.get_flat(), dtype=np.float32), setup.spec_hash
-    raise InvalidValueError("aggregator needs an initial global: set aggregator.initial_global (.npy), or a "
-                            "[trainer] section with kind = 'ort' + bundle_dir (or kind = 'factory' + factory)")
+    raise InvalidValueError(
+        "aggregator needs an initial global: set aggregator.initial_global (.npy), or a [trainer] section "
+        "with kind = 'ort' + bundle_dir (or kind = 'factory' + factory)")

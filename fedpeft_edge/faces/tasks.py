@@ -92,7 +92,8 @@ def _known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise InvalidValueError(f"unknown {what} keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise InvalidValueError(
+            f"unknown {what} keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return dict(data)
 
 

@@ -80,7 +80,8 @@ class CBackend:
                 supported = self.supported_paths()
                 raise InvalidValueError(f"CPU path {cpu!r} is not supported here; supported: {supported}")
         else:
-            raise InvalidValueError(f"unknown CPU path {cpu!r}; use auto, baseline or one of {sorted(PATH_CODES)}")
+            raise InvalidValueError(
+                f"unknown CPU path {cpu!r}; use auto, baseline or one of {sorted(PATH_CODES)}")
         return self.cpu_path
 
     @contextlib.contextmanager

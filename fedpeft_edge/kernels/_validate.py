@@ -13,7 +13,7 @@ import operator
 
 import numpy as np
 
-# Our InvalidTypeError/InvalidValueError subclass the builtins; ``builtins.*`` catches errors from numpy/Python itself.
+# Our InvalidTypeError/InvalidValueError subclass the builtins; ``builtins.*`` catches numpy/Python's own.
 from fedpeft_edge.runtime.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 
 F32 = np.dtype(np.float32)
@@ -35,7 +35,8 @@ def buffer(name: str, arr: object, dtype: np.dtype, *, writable: bool = False) -
     if arr.ndim != 1:
         raise InvalidTypeError(f"{name} must be 1-D, got shape {arr.shape}")
     if not arr.flags.c_contiguous:
-        raise InvalidTypeError(f"{name} must be C-contiguous (got strides {arr.strides}); pass a contiguous copy")
+        raise InvalidTypeError(
+            f"{name} must be C-contiguous (got strides {arr.strides}); pass a contiguous copy")
     if not arr.flags.aligned:
         raise InvalidTypeError(f"{name} must be aligned to its {dtype.itemsize}-byte element size")
     if writable and not arr.flags.writeable:

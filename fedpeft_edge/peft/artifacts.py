@@ -137,7 +137,8 @@ class ArtifactBundle:
         for name, shape in zip(self.param_order, self.param_shapes, strict=True):
             value = np.asarray(params[name].data, dtype=np.float32)
             if value.shape != tuple(shape):
-                raise InvalidValueError(f"checkpoint tensor {name} has shape {value.shape}, manifest says {shape}")
+                raise InvalidValueError(
+                    f"checkpoint tensor {name} has shape {value.shape}, manifest says {shape}")
             parts.append(value.reshape(-1))
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
@@ -160,7 +161,8 @@ class ArtifactBundle:
         except (OSError, json.JSONDecodeError) as exc:
             raise InvalidValueError(f"unreadable bundle manifest {path}: {exc}") from exc
         if data.get("format") != BUNDLE_FORMAT:
-            raise InvalidValueError(f"bundle format {data.get('format')!r} not supported (need {BUNDLE_FORMAT})")
+            raise InvalidValueError(
+                f"bundle format {data.get('format')!r} not supported (need {BUNDLE_FORMAT})")
         spec = PeftSpec.from_dict(data["spec"])
         if spec.spec_hash(data["model_sha256"]) != data["spec_hash"]:
             raise InvalidValueError("bundle manifest spec_hash does not match its spec and model hash")

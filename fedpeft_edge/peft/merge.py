@@ -49,7 +49,8 @@ def export_inference_model(bundle: ArtifactBundle | Path | str, flat: np.ndarray
     layout = FlatLayout.from_shapes(zip(bundle.param_order, bundle.param_shapes, strict=True))
     flat = np.asarray(flat)
     if flat.dtype != np.float32 or flat.shape != (layout.total,):
-        raise InvalidValueError(f"flat must be float32 of shape ({layout.total},), got {flat.dtype} {flat.shape}")
+        raise InvalidValueError(
+            f"flat must be float32 of shape ({layout.total},), got {flat.dtype} {flat.shape}")
     if not np.isfinite(flat).all():
         raise InvalidValueError("flat holds NaN or Inf")
     base_path = Path(base_model_path or bundle.source_model)

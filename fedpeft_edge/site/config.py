@@ -92,13 +92,15 @@ class DataSettings:
     def validate(self) -> None:
         """Source keys must agree (also re-checked after command-line overrides)."""
         if self.dataset and self.path:
-            raise InvalidValueError("[data] set either dataset (a benchmark share) or path (the site's own file), "
+            raise InvalidValueError(
+                "[data] set either dataset (a benchmark share) or path (the site's own file), "
                              "not both")
         if self.path:
             check_classes(self.classes)
             self.limits()
         elif self.classes:
-            raise InvalidValueError("[data] classes applies to path only (a named dataset has its own classes)")
+            raise InvalidValueError(
+                "[data] classes applies to path only (a named dataset has its own classes)")
         if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
             raise InvalidValueError(f"[data] eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
 

@@ -40,7 +40,8 @@ class Outbox:
 
     def load(self) -> list[OutboxEntry]:
         """Every update a previous run left waiting, oldest first."""
-        return [OutboxEntry(int(f.stem[1:]), f, f.read_bytes()) for f in sorted(self.directory.glob("r*.msg"))]
+        files = sorted(self.directory.glob("r*.msg"))
+        return [OutboxEntry(int(f.stem[1:]), f, f.read_bytes()) for f in files]
 
     def put(self, rnd: int, data: bytes) -> OutboxEntry:
         """Write the update durably (before anything is published) and return its entry."""

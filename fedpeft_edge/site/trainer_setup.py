@@ -65,7 +65,8 @@ def build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
     d = cfg.data
     head = bundle.spec.head_classes
     if d.path and head is not None and len(d.classes) != head:
-        raise InvalidValueError(f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
+        raise InvalidValueError(
+            f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
                          "outputs; list every class in the head's output order")
     trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), **t.options)
     if not d.dataset and not d.path:

@@ -71,7 +71,8 @@ class OrtTrainer:
             raise InvalidValueError(f"threads must be a positive integer, got {threads!r}")
         if optimizer == "ort_adamw":
             if prox_mu or clip_norm is not None:
-                raise InvalidValueError("prox_mu and clip_norm need a c_* optimizer (ORT's AdamW graph has neither)")
+                raise InvalidValueError(
+                    "prox_mu and clip_norm need a c_* optimizer (ORT's AdamW graph has neither)")
             fixed = bundle.ort_adamw
             if (weight_decay, beta1, beta2, eps) != (fixed["weight_decay"], fixed["beta1"], fixed["beta2"],
                                                      fixed["eps"]):
@@ -141,7 +142,8 @@ class OrtTrainer:
 
     def set_flat(self, flat: np.ndarray) -> None:
         if not isinstance(flat, np.ndarray) or flat.dtype != np.float32:
-            raise InvalidTypeError(f"flat must be a float32 numpy array, got {getattr(flat, 'dtype', type(flat))}")
+            raise InvalidTypeError(
+                f"flat must be a float32 numpy array, got {getattr(flat, 'dtype', type(flat))}")
         if flat.shape != (self._layout.total,):
             raise InvalidValueError(f"flat has shape {flat.shape}, layout needs ({self._layout.total},)")
         if not np.isfinite(flat).all():

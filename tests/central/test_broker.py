@@ -138,7 +138,8 @@ def test_cli_help_explains_topics_and_state() -> None:
     import sys
 
     def helptext(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "fedpeft_edge.faces.cli", *args, "--help"], capture_output=True,
+        out = subprocess.run(
+            [sys.executable, "-m", "fedpeft_edge.faces.cli", *args, "--help"], capture_output=True,
                              text=True, env=mqtt_fixtures.service_env(), check=True)
         return out.stdout
 

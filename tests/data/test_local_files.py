@@ -226,7 +226,8 @@ def test_split_eval_is_deterministic_disjoint_and_complete() -> None:
 
 # --- configuration --------------------------------------------------------------------------------------
 def test_config_path_and_dataset_are_exclusive() -> None:
-    ok = load_agent_config(text='[data]\npath = "/srv/site.jsonl"\nclasses = ["a", "b"]\neval_fraction = 0.1\n')
+    ok = load_agent_config(
+        text='[data]\npath = "/srv/site.jsonl"\nclasses = ["a", "b"]\neval_fraction = 0.1\n')
     assert ok.data.path == "/srv/site.jsonl" and ok.data.classes == ["a", "b"] and ok.data.dataset is None
     assert load_agent_config(text='[data]\ndataset = "reuters_r8"\n').data.dataset == "reuters_r8"
     assert load_agent_config(text="").data.path is None  # neither: a service without local data (aggregator)

@@ -1,6 +1,7 @@
 """Trainer factory for service tests with the real ORT Training backend on a tiny synthetic transformer
-(tests/support/conftest_models.py) with LoRA: ``[trainer] kind = "factory"``, ``factory = "fed_ort_trainer:make"``,
-``bundle_dir`` = a bundle made by ``generate_artifacts``. Each site gets its own synthetic token data."""
+(tests/support/conftest_models.py) with LoRA: ``[trainer] kind = "factory"``,
+``factory = "fed_ort_trainer:make"``, ``bundle_dir`` = a bundle made by ``generate_artifacts``.
+Each site gets its own synthetic token data."""
 
 from __future__ import annotations
 

@@ -292,12 +292,14 @@ def test_federation_over_embedded_amqtt_broker(tmp_path: Path) -> None:
     broker = start_local_broker(prefer="embedded")
     try:
         base = f'[connection]\nport = {broker.port}\n[fleet]\nname = "amqtt"\n'
-        svc = AggregatorService(load_aggregator_config(text=base + f'[aggregator]\nstate_dir = "{tmp_path}/agg"\n'
+        svc = AggregatorService(
+            load_aggregator_config(text=base + f'[aggregator]\nstate_dir = "{tmp_path}/agg"\n'
                                             "max_rounds = 2\nquorum = 2\n"),
                                 initial_global=np.zeros(27, np.float32))
         agents = []
         for i in range(2):
-            cfg = load_agent_config(text=base + f'[agent]\nclient_id = "site-{i}"\nstate_dir = "{tmp_path}/s{i}"\n'
+            cfg = load_agent_config(
+                text=base + f'[agent]\nclient_id = "site-{i}"\nstate_dir = "{tmp_path}/s{i}"\n'
                               f"idle_exit_s = 20\n[data]\nclient_index = {i}\n")
             s = fnt.make(cfg)
             agents.append(EdgeAgent(cfg, s.trainer, s.train_batches_fn, s.eval_batches_fn))
