@@ -78,6 +78,7 @@ def test_mosquitto_start_restart_keeps_port_and_retained_messages() -> None:
     assert not h.data_dir.exists()  # temporary state dir removed
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_embedded_broker_serves_mqtt311_clients() -> None:
     h = start_local_broker(prefer="embedded")
     try:

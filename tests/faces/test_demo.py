@@ -62,6 +62,7 @@ def _check_report(summary: dict, out: Path, work: Path, agents: int, rounds: int
     assert "Accuracy before and after" in md and "site-1" in md
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
 def test_quick_demo_end_to_end(tmp_path: Path, broker: str) -> None:
     if broker == "mosquitto":

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = REPO / "configs" / "experiment-small.toml"
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_small_grid_has_every_cell(tmp_path: Path) -> None:
     config = ExperimentConfig.load(SMALL)
     expected = {(t, m, s.label, c) for t, m, s, c in config.cells()}

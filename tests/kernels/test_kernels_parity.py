@@ -368,6 +368,7 @@ def test_missing_core_is_import_error_not_silent_fallback():
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which(os.environ.get("CC", "cc")) is None,
                     reason="needs make and a C compiler (both present in CI)")
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_standalone_c_tests_pass(tmp_path):
     # Build in a copy so the source tree gets no artifacts and concurrent builds cannot collide.
     work = tmp_path / "csrc"

@@ -115,6 +115,7 @@ def _assert_matches_reference(tmp: Path, initial: np.ndarray, rounds: int, sites
     return state
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_aggregator_kill9_mid_round_resumes_without_double_counting(broker: BrokerHandle,
                                                                    tmp_path: Path) -> None:
     initial = _initial(tmp_path)
@@ -146,6 +147,7 @@ def test_aggregator_kill9_mid_round_resumes_without_double_counting(broker: Brok
     assert len(state.history) == 3
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_broker_restart_mid_round_everyone_reconnects(broker: BrokerHandle, tmp_path: Path) -> None:
     initial = _initial(tmp_path)
     base = _base(broker.port, tmp_path, "brk", delay=0.1)
@@ -168,6 +170,7 @@ def test_broker_restart_mid_round_everyone_reconnects(broker: BrokerHandle, tmp_
     assert state.counters["accepted"] == 9
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_offline_site_stores_update_and_delivers_it_late(broker: BrokerHandle, tmp_path: Path) -> None:
     """site-2's uplink is cut while it trains round 0; its update waits in the outbox; the process is
     killed; after restart (uplink back) the stored update is sent and counted under the late policy."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mqtt_fixtures as mf
 import numpy as np
+import pytest
 
 from fedpeft_edge.central.store import RoundState
 
@@ -183,6 +184,7 @@ def test_agent_restart_does_not_retrain_or_resend_a_round(mosquitto_broker, tmp_
         listener.close()
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_newer_global_while_training_abandon_vs_finish(mosquitto_broker, tmp_path: Path) -> None:
     import threading
     import time
@@ -276,6 +278,7 @@ client_index = {i}
     np.testing.assert_allclose(state.global_vec, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_federation_over_embedded_amqtt_broker(tmp_path: Path) -> None:
     """Without Mosquitto: the embedded broker (MQTT 3.1.1) carries the same rounds; every client falls
     back from MQTT 5 on its own."""
