@@ -1,4 +1,4 @@
-"""TOML configuration shared by every service: how to reach the broker, the fleet, the bundle, and the loader.
+"""TOML configuration shared by every service: reaching the broker, the fleet, the bundle, and the loader.
 
 One file may hold every section; each service reads its own sections into ONE dataclass
 (:class:`fedpeft_edge.site.config.AgentConfig`, :class:`fedpeft_edge.central.config.AggregatorServiceConfig`,
@@ -6,35 +6,7 @@ One file may hold every section; each service reads its own sections into ONE da
 that same dataclass. Unknown sections and keys are errors (a typo must not silently fall back to a
 default); sections that belong to another service are left to it.
 
-Example (agent)::
-
-    [connection]
-    host = "broker.plant.local"
-    port = 8883
-    username = "site-07"
-    password_file = "/etc/fedpeft/site-07.pass"
-    tls_ca = "/etc/fedpeft/ca.crt"
-
-    [fleet]
-    name = "line-3"
-
-    [agent]
-    client_id = "site-07"
-    state_dir = "/var/lib/fedpeft/agent"
-    local_steps = 50
-
-    [codec]
-    mode = "topk_int8"
-    topk_ratio = 0.01
-
-    [trainer]
-    kind = "ort"
-    bundle_dir = "/var/lib/fedpeft/bundle"
-
-    [data]
-    path = "/var/lib/fedpeft/site-data.jsonl"   # or: dataset = "20newsgroups" + client_index, num_clients
-    classes = ["normal", "bearing_fault", "misalignment"]
-    options = { prepared_dir = "/var/lib/fedpeft/model", max_len = 64 }
+A full example is in :mod:`fedpeft_edge.site.config`; broker_config/README.md shows every service's file.
 """
 
 from __future__ import annotations
