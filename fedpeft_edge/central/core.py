@@ -18,6 +18,12 @@ So: persist (``autosave=True`` does it inside :meth:`AggregatorCore.offer`, or c
 :meth:`AggregatorCore.checkpoint` after a batch) BEFORE acknowledging the MQTT message (paho 2.x:
 ``Client(manual_ack=True)`` + ``client.ack(mid, qos)``).
 
+Safe by default against a lying site: the round's accepted updates are also kept in their encoded form
+(the round buffer, in the same atomic file as the pairs and the sum) and, when the round closes, each is
+clipped to a multiple of the round's median update norm and its claimed samples capped at a multiple of
+the round's median claim (:mod:`fedpeft_edge.central.robust` explains the design). Weights reported at
+offer time (``Decision.weight``, :attr:`AggregatorCore.round_sum`) are therefore provisional.
+
 :class:`AggregatorCore` applies the policy of an :class:`AggregatorConfig`; the MQTT service loop
 drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a timer,
 ``close_round(now)`` → publish the new global.
@@ -28,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,6 +43,7 @@ import numpy as np
 from fedpeft_edge import kernels
 from fedpeft_edge.central.accumulator import RoundAccumulator
 from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
+from fedpeft_edge.central.robust import BufferedUpdate, RoundPlan, plan_round, weighted_metrics
 from fedpeft_edge.central.store import HISTORY_KEEP, RoundState, StateError, new_round_stats
 from fedpeft_edge.central.strategy import (
     NormBound,
@@ -44,16 +51,14 @@ from fedpeft_edge.central.strategy import (
     make_server_optimizer,
     staleness_weight,
 )
-from fedpeft_edge.protocol.codec import encode_global, parse, update_l2_norm
+from fedpeft_edge.protocol.codec import EncodedUpdate, encode_global, parse, update_l2_norm
 from fedpeft_edge.protocol.reasons import WireFormatError
 from fedpeft_edge.protocol.wire import GlobalMessage, UpdateMessage
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 MIN_WEIGHT: Final = 1e-9  # below this a stale update is treated as late (its weight would vanish)
 MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38)
-
-
-
+BUFFER_FULL: Final = "round_buffer_full"  # rejection reason: the round buffer's byte cap is reached
 
 # --------------------------------------------------------------------------------------------------
 # Decisions and the core
@@ -67,7 +72,8 @@ REJECTED: Final = "rejected"
 
 @dataclass(frozen=True)
 class Decision:
-    """What happened to an offered update. ``reason`` is a short code ("" when accepted)."""
+    """What happened to an offered update. ``reason`` is a short code ("" when accepted); ``weight`` is
+    the provisional one (the close-time weight cap may lower it)."""
 
     status: str  # accepted | duplicate | late | rejected
     reason: str = ""
@@ -79,6 +85,13 @@ class Decision:
         return self.status == ACCEPTED
 
 
+def _immutable(enc: EncodedUpdate) -> EncodedUpdate:
+    """``enc`` with its payload as bytes: the buffer must not change if an in-process caller reuses it."""
+    if isinstance(enc.payload, bytes):
+        return enc  # what the wire decoder gives: no copy
+    return replace(enc, payload=bytes(memoryview(enc.payload).cast("B")))
+
+
 class AggregatorCore:
     """Round logic over :class:`RoundState`: validation, dedup, lateness, norm bound, weighted sum,
     server optimiser, round closing. No I/O except the state file in ``state_dir``.
@@ -88,8 +101,9 @@ class AggregatorCore:
     config, else :class:`StateError`.
 
     Not thread-safe: call it from one thread (e.g. a worker fed by paho's ``on_message`` through a
-    queue). Persistence costs one atomic npz write + fsync (~12 ms for 100k params here); to ingest
-    faster, use ``autosave=False``, offer a batch, :meth:`checkpoint` once, then acknowledge the batch.
+    queue). Persistence costs one atomic npz write + fsync (~3-12 ms for 100k params here, plus the
+    round buffer's bytes); to ingest faster, use ``autosave=False``, offer a batch, :meth:`checkpoint`
+    once, then acknowledge the batch.
     """
 
     def __init__(self, config: AggregatorConfig, state_dir: str | os.PathLike[str] | None = None, *,
@@ -118,6 +132,7 @@ class AggregatorCore:
         self._acc = RoundAccumulator(config.n_params)
         self._acc.sum = self._state.acc_sum  # shared buffer: the state always holds the live sum
         self._acc.total_weight, self._acc.count = self._state.acc_total_weight, self._state.acc_count
+        self._buffer_nbytes = self._state.buffer_nbytes  # running total: the cap is checked per offer
 
     # ---- read-only views -----------------------------------------------------------------------------
 
@@ -145,7 +160,8 @@ class AggregatorCore:
     @property
     def round_sum(self) -> np.ndarray:
         """Read-only view of the open round's running weighted sum ``Σ w_i·update_i`` (what has been
-        counted so far; a rejected update leaves it untouched)."""
+        counted so far, with the provisional weights; a rejected update leaves it untouched). The
+        close-time bounds may still clip or re-weight some of it (see :meth:`close_round`)."""
         view = self._acc.sum.view()
         view.flags.writeable = False
         return view
@@ -153,6 +169,16 @@ class AggregatorCore:
     @property
     def accepted_this_round(self) -> int:
         return self._acc.count
+
+    @property
+    def buffered(self) -> list[BufferedUpdate]:
+        """The open round's buffered updates, in acceptance order (empty when the policy needs none)."""
+        return list(self._state.buffer)
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Payload bytes held in the round buffer (bounded by ``max_round_buffer_bytes``)."""
+        return self._buffer_nbytes
 
     @property
     def participants(self) -> list[str]:
@@ -206,6 +232,9 @@ class AggregatorCore:
             return self.note_rejected("spec_hash", nbytes or 0)
         if msg.round > st.round:
             return self.note_rejected("future_round", nbytes or 0)
+        ns = msg.num_samples
+        if isinstance(ns, bool) or not isinstance(ns, int) or ns < 1:  # the wire checks it; in-process not
+            return self.note_rejected("bad_samples", nbytes or 0)
         key = (msg.client_id, msg.round)
         if key in st.accepted:
             self._count("duplicate")
@@ -228,9 +257,10 @@ class AggregatorCore:
         elif not math.isfinite(norm):
             return self.note_rejected("non_finite", nbytes or 0)
         samples = min(msg.num_samples, cfg.max_samples_weight)
+        stale_factor = staleness_weight(staleness, cfg.staleness_alpha) if staleness else 1.0
         weight = float(samples) if cfg.weighting == "samples" else 1.0
         if staleness:
-            weight *= staleness_weight(staleness, cfg.staleness_alpha)
+            weight *= stale_factor
             if weight < MIN_WEIGHT:
                 self._count("late")
                 return Decision(LATE, "staleness weight negligible", staleness=staleness)
@@ -239,10 +269,18 @@ class AggregatorCore:
         mass = weight * scale * norm
         if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
             return self.note_rejected("overflow", nbytes or 0)
+        entry = None
+        if cfg.buffers_updates:
+            if self._buffer_nbytes + msg.update.nbytes > cfg.max_round_buffer_bytes:
+                st.stats["buffer_full"] = True  # nothing more fits: the round is ready to close
+                return self.note_rejected(BUFFER_FULL, nbytes or 0)
+            finite = {k: float(v) for k, v in msg.metrics.items() if math.isfinite(v)}
+            entry = BufferedUpdate(msg.client_id, msg.round, _immutable(msg.update), samples, stale_factor,
+                                   weight, scale, norm, finite)
 
         self._ensure_usable()
         try:
-            self._commit_offer(msg, key, parsed, weight, scale, mass, staleness, nbytes)
+            self._commit_offer(msg, key, parsed, weight, scale, mass, staleness, nbytes, entry)
         except BaseException as exc:
             # Half-applied: memory no longer matches any consistent state. Refuse to persist it; the
             # caller must not acknowledge and should restart from disk (the broker redelivers).
@@ -260,11 +298,15 @@ class AggregatorCore:
             raise StateError("round state was left inconsistent by an earlier failure; restart from disk")
 
     def _commit_offer(self, msg: UpdateMessage, key: tuple[str, int], parsed: Any, weight: float,
-                      scale: float, mass: float, staleness: int, nbytes: int | None) -> None:
+                      scale: float, mass: float, staleness: int, nbytes: int | None,
+                      entry: BufferedUpdate | None) -> None:
         """The mutating part of :meth:`offer` (everything before it only validates)."""
         st = self._state
         self._acc.accumulate(parsed, weight, scale)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
+        if entry is not None:
+            st.buffer.append(entry)
+            self._buffer_nbytes += entry.nbytes
         st.accepted[key] = st.round
         stats = st.stats
         stats["participants"].append(msg.client_id)
@@ -293,10 +335,11 @@ class AggregatorCore:
         return now - self._state.round_started_at >= self.config.round_deadline_s
 
     def ready_to_close(self, now: float | None = None) -> bool:
-        """Quorum reached, or deadline passed with at least ``min_clients`` accepted updates."""
+        """Quorum reached, or deadline passed with at least ``min_clients`` accepted updates, or the round
+        buffer is full (nothing more can be counted in this round)."""
         if self.finished or self._acc.count == 0:
             return False
-        if self._acc.count >= self.config.quorum:
+        if self._acc.count >= self.config.quorum or self._state.stats.get("buffer_full", False):
             return True
         return self._acc.count >= self.config.min_clients and self.deadline_passed(now)
 
@@ -306,18 +349,42 @@ class AggregatorCore:
         if self.autosave:
             self.checkpoint()
 
+    def _plan(self) -> RoundPlan | None:
+        """The close-time bounds of the open round; None when off or the buffer does not hold every
+        counted update (a round resumed from a state written without one)."""
+        cfg, buf = self.config, self._state.buffer
+        if not cfg.buffers_updates or len(buf) != self._acc.count:
+            return None
+        return plan_round(buf, norm_multiplier=cfg.norm_median_multiplier, norm_mode=cfg.norm_mode,
+                          samples_multiplier=cfg.samples_median_multiplier, weighting=cfg.weighting,
+                          norm_reject_multiplier=cfg.norm_reject_multiplier)
+
+    def _round_mean(self, plan: RoundPlan | None) -> tuple[np.ndarray, float]:
+        """The round's weighted mean update and its total weight, under ``plan``."""
+        if plan is None or not plan.binds(self._state.buffer):
+            return self._acc.mean(), self._acc.total_weight  # the running sum is already the answer
+        acc = RoundAccumulator(self.config.n_params)
+        for e, w, s, inc in zip(self._state.buffer, plan.weights, plan.scales, plan.included, strict=True):
+            if inc:
+                acc.accumulate(e.update, w, s)
+        return acc.mean(), acc.total_weight
+
     def close_round(self, now: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Apply the server optimiser to the round's weighted mean, open the next round, persist.
+        """Apply the close-time bounds and the server optimiser to the round's weighted mean, open the
+        next round, persist.
 
         Returns ``(new_global, metrics)``; metrics: round, participants, num_updates, total_weight,
-        bytes_in, duration_s, update_norm, late_accepted, clipped, the weighted mean of every client
-        metric (loss, accuracy, train_seconds, ...), server_optimizer.
+        bytes_in, duration_s, update_norm, late_accepted, clipped (fixed and adaptive bound), the weighted
+        mean of every client metric (loss, accuracy, train_seconds, ...; final weights), server_optimizer,
+        and the close-time bounds: adaptive (whether they ran), norm_median, norm_cap, samples_median,
+        samples_cap, adaptive_clipped, excluded, weight_capped.
         """
         if self._acc.count == 0:
             raise InvalidValueError("cannot close a round without accepted updates")
         now = time.time() if now is None else now
         st = self._state
-        mean = self._acc.mean()
+        plan = self._plan()
+        mean, total_weight = self._round_mean(plan)
         before = self._optimizer.state_arrays()
         new_global = self._optimizer.step(st.global_vec, mean)
         if not kernels.all_finite(new_global):
@@ -328,20 +395,32 @@ class AggregatorCore:
             "round": st.round,
             "participants": list(stats["participants"]),
             "num_updates": self._acc.count,
-            "total_weight": self._acc.total_weight,
+            "total_weight": total_weight,
             "bytes_in": stats["bytes_in"],
             "duration_s": max(0.0, now - st.round_started_at),
             "update_norm": float(kernels.l2_norm(mean)),
             "late_accepted": stats["late_accepted"],
-            "clipped": stats["clipped"],
+            "clipped": stats["clipped"] + (plan.clipped if plan is not None else 0),
             "server_optimizer": self._optimizer.name,
+            "adaptive": plan is not None,
         }
-        for name, wsum in stats["metric_wsum"].items():
-            metrics[name] = wsum / stats["metric_w"][name]
+        if plan is not None:
+            metrics.update(plan.stats())
+            # a liar's claimed samples must not dominate the reported loss/accuracy either
+            metrics.update(weighted_metrics(st.buffer, plan.weights, plan.included))
+            for key, count in (("clipped", plan.clipped), ("excluded", plan.excluded),
+                               ("weight_capped", plan.weight_capped)):
+                if count:
+                    self._count(key, count)
+        else:
+            for name, wsum in stats["metric_wsum"].items():
+                metrics[name] = wsum / stats["metric_w"][name]
         st.global_vec = new_global
         st.round += 1
         self._acc.reset()
         st.acc_total_weight, st.acc_count = 0.0, 0
+        st.buffer = []
+        self._buffer_nbytes = 0
         st.stats = new_round_stats()
         st.round_started_at = now
         keep_from = st.round - self.config.max_staleness - 1
@@ -379,6 +458,7 @@ class AggregatorCore:
         self._optimizer = self._restore_optimizer(loaded)
         self._acc.sum = loaded.acc_sum
         self._acc.total_weight, self._acc.count = loaded.acc_total_weight, loaded.acc_count
+        self._buffer_nbytes = loaded.buffer_nbytes
 
     def _store_optimizer(self) -> None:
         self._state.optimizer_state = self._optimizer.state_arrays()
@@ -414,12 +494,14 @@ class AggregatorCore:
     def summary(self) -> dict[str, Any]:
         """Small JSON-able snapshot for logs and status pages."""
         return {"round": self.round, "accepted_this_round": self._acc.count, "finished": self.finished,
+                "buffer_nbytes": self._buffer_nbytes,
                 "participants": self.participants, "counters": self.counters,
                 "config": {k: v for k, v in asdict(self.config).items() if k != "server_opt_params"}}
 
 
 __all__ = [
     "ACCEPTED",
+    "BUFFER_FULL",
     "DUPLICATE",
     "LATE",
     "REJECTED",

@@ -21,6 +21,14 @@ def _positive_int(name: str, val: object) -> None:
         raise InvalidValueError(f"{name} must be a positive int, got {val!r}")
 
 
+def _multiplier(name: str, val: object) -> None:
+    # >= 1 keeps the median update itself within the bound (0 = off): at most half can ever be touched
+    ok = isinstance(val, int | float) and not isinstance(val, bool) and math.isfinite(val) and (
+        val == 0 or val >= 1)
+    if not ok:
+        raise InvalidValueError(f"{name} must be 0 (off) or a finite number >= 1, got {val!r}")
+
+
 @dataclass(frozen=True)
 class RoundPolicy:
     """Policy knobs of one fleet's aggregator.
@@ -31,6 +39,14 @@ class RoundPolicy:
     to ``max_staleness`` rounds behind. ``norm_bound`` clips (``norm_mode="clip"``) or rejects updates
     whose L2 norm exceeds it. ``weighting`` is ``"samples"`` (FedAvg) or ``"uniform"``; a claimed
     ``num_samples`` above ``max_samples_weight`` counts as that many. ``max_rounds`` None: no end.
+
+    Safe by default against a lying site (central/robust.py), decided when the round closes: an update
+    whose norm exceeds ``norm_median_multiplier`` × the round's median update norm is clipped to that
+    (left out with ``norm_mode="reject"``, and always beyond ``norm_reject_multiplier`` × the median), and
+    a site's claimed samples count at most ``samples_median_multiplier`` × the round's median claim.
+    0 turns each off. For that the core buffers the round's accepted updates (persisted with the round
+    state), at most ``max_round_buffer_bytes`` of payload; an update beyond it is refused
+    (``round_buffer_full``) and the round is ready to close.
     """
 
     min_clients: int = 1
@@ -46,12 +62,22 @@ class RoundPolicy:
     max_rounds: int | None = 10
     weighting: str = "samples"
     max_samples_weight: int = 1_000_000
+    norm_median_multiplier: float = 2.0  # clip above this × the round's median update norm; 0 = off
+    norm_reject_multiplier: float = 10.0  # leave out above this × that median, even with "clip"; 0 = never
+    samples_median_multiplier: float = 1.0  # count at most this × the round's median claimed samples; 0 = off
+    max_round_buffer_bytes: int = 64 * 1024 * 1024  # payload bytes of one round's buffered updates
     global_mode: str = "fp32"  # downlink codec of the global adapter (codec.encode_global)
 
     def __post_init__(self) -> None:
         _positive_int("min_clients", self.min_clients)
         _positive_int("quorum", self.quorum)
         _positive_int("max_samples_weight", self.max_samples_weight)
+        _positive_int("max_round_buffer_bytes", self.max_round_buffer_bytes)
+        _multiplier("norm_median_multiplier", self.norm_median_multiplier)
+        _multiplier("samples_median_multiplier", self.samples_median_multiplier)
+        _multiplier("norm_reject_multiplier", self.norm_reject_multiplier)
+        if 0 < self.norm_reject_multiplier < self.norm_median_multiplier:
+            raise InvalidValueError("norm_reject_multiplier must be 0 or >= norm_median_multiplier")
         if self.quorum < self.min_clients:
             raise InvalidValueError("quorum must be >= min_clients")
         if self.max_rounds is not None:
@@ -84,6 +110,12 @@ class RoundPolicy:
     def as_kwargs(self) -> dict[str, Any]:
         """The policy's fields by name (to build an :class:`AggregatorConfig` from it)."""
         return {f.name: getattr(self, f.name) for f in fields(RoundPolicy)}
+
+    @property
+    def buffers_updates(self) -> bool:
+        """Whether a close-time bound is on, so the round's updates must be kept until it closes."""
+        return self.norm_median_multiplier > 0 or (
+            self.samples_median_multiplier > 0 and self.weighting == "samples")
 
 
 @dataclass(frozen=True, kw_only=True)

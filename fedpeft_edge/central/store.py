@@ -1,10 +1,12 @@
 """The aggregator's round store: everything it must not lose, in one atomically replaced file.
 
 :class:`RoundState` holds the round number, the global vector, the running weighted sum of the open
-round, the accepted ``(client_id, round)`` pairs, the server optimiser state and counters. It lives in
-ONE file, ``<dir>/round_state.npz`` (``np.savez``, loaded with ``allow_pickle=False``; non-array fields
-as JSON stored in a uint8 array), replaced atomically (:func:`fedpeft_edge.runtime.durable.atomic_file`).
-A reader sees the old file or the new one, never a mix; stray temp files are ignored.
+round, the accepted ``(client_id, round)`` pairs, the open round's buffered updates (central/robust.py:
+their payloads concatenated in one uint8 array, their fields in the JSON), the server optimiser state and
+counters. It lives in ONE file, ``<dir>/round_state.npz`` (``np.savez``, loaded with
+``allow_pickle=False``; non-array fields as JSON stored in a uint8 array), replaced atomically
+(:func:`fedpeft_edge.runtime.durable.atomic_file`). A reader sees the old file or the new one, never a
+mix; stray temp files are ignored. Format 1 (before the buffer) still loads, with an empty buffer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from fedpeft_edge import kernels
+from fedpeft_edge.central.robust import BufferedUpdate
+from fedpeft_edge.protocol.codec import parse
+from fedpeft_edge.protocol.reasons import WireFormatError
 from fedpeft_edge.runtime.durable import atomic_file
 from fedpeft_edge.runtime.errors import InvalidValueError
 
@@ -26,7 +31,8 @@ if TYPE_CHECKING:  # only for the type of RoundState.fresh (core imports this mo
     from fedpeft_edge.central.policy import AggregatorConfig
 
 STATE_FILE: Final = "round_state.npz"
-STATE_FORMAT: Final = 1
+STATE_FORMAT: Final = 2  # 2 added the round buffer
+READABLE_FORMATS: Final = (1, 2)
 HISTORY_KEEP: Final = 20  # closed-round metrics kept in the state file (it is rewritten on every save)
 
 
@@ -56,6 +62,12 @@ class RoundState:
     round_started_at: float = 0.0
     stats: dict[str, Any] = field(default_factory=new_round_stats)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the open round's accepted updates, in acceptance order, when the policy buffers them
+    buffer: list[BufferedUpdate] = field(default_factory=list)
+
+    @property
+    def buffer_nbytes(self) -> int:
+        return sum(e.nbytes for e in self.buffer)
 
     @classmethod
     def fresh(cls, config: AggregatorConfig, initial_global: np.ndarray | None, now: float) -> RoundState:
@@ -77,6 +89,7 @@ class RoundState:
             "accepted": [[c, r, at] for (c, r), at in sorted(self.accepted.items())],
             "optimizer_keys": sorted(self.optimizer_state), "counters": self.counters,
             "round_started_at": self.round_started_at, "stats": self.stats, "history": self.history,
+            "buffer": [e.meta() for e in self.buffer],
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -84,8 +97,10 @@ class RoundState:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = json.dumps(self._meta(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+        payloads = b"".join(e.update.payload for e in self.buffer)
         arrays = {"global": self.global_vec, "acc_sum": self.acc_sum,
-                  "meta_json": np.frombuffer(meta, dtype=np.uint8)}
+                  "meta_json": np.frombuffer(meta, dtype=np.uint8),
+                  "buffer_payload": np.frombuffer(payloads, dtype=np.uint8)}
         for key, val in self.optimizer_state.items():
             arrays[f"opt__{key}"] = val
         final = d / STATE_FILE
@@ -106,9 +121,10 @@ class RoundState:
             raise StateError(f"cannot read {path}: {exc}") from exc
         try:
             meta = json.loads(bytes(files.pop("meta_json")).decode("utf-8"))
-            if meta.get("format") != STATE_FORMAT:
+            if meta.get("format") not in READABLE_FORMATS:
                 raise StateError(f"unsupported state format {meta.get('format')!r}")
             g, acc = files.pop("global"), files.pop("acc_sum")
+            payload = files.pop("buffer_payload", np.zeros(0, np.uint8))
             opt = {k[len("opt__"):]: v for k, v in files.items() if k.startswith("opt__")}
             if sorted(opt) != meta["optimizer_keys"]:
                 raise StateError("optimizer arrays do not match the recorded keys")
@@ -117,15 +133,41 @@ class RoundState:
                 if arr.dtype != np.float32 or arr.shape != (n,) or not kernels.all_finite(arr):
                     raise StateError(f"{name} must be finite float32[{n}]")
             accepted = {(str(c), int(r)): int(at) for c, r, at in meta["accepted"]}
+            buffer = _load_buffer(meta.get("buffer", []), payload, n)
+            if len(buffer) > int(meta["acc_count"]):
+                raise StateError("more buffered updates than counted ones")
             return cls(
                 fingerprint=meta["fingerprint"], round=int(meta["round"]), global_vec=g, acc_sum=acc,
                 acc_total_weight=float(meta["acc_total_weight"]), acc_count=int(meta["acc_count"]),
                 accepted=accepted, optimizer_state=opt,
                 counters={str(k): int(v) for k, v in meta["counters"].items()},
                 round_started_at=float(meta["round_started_at"]), stats=meta["stats"],
-                history=list(meta["history"]),
+                history=list(meta["history"]), buffer=buffer,
             )
         except StateError:
             raise
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise StateError(f"inconsistent state in {path}: {exc!r}") from exc
+
+
+def _load_buffer(metas: list[dict[str, Any]], payload: np.ndarray, n: int) -> list[BufferedUpdate]:
+    """The buffered updates from their JSON fields and the concatenated payloads, each validated again."""
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise StateError("buffer_payload must be a uint8 vector")
+    raw = payload.tobytes()
+    out: list[BufferedUpdate] = []
+    offset = 0
+    for m in metas:
+        size = int(m["nbytes"])
+        if size < 0 or offset + size > len(raw):
+            raise StateError("buffered update lengths exceed the stored payload")
+        entry = BufferedUpdate.from_meta(m, raw[offset : offset + size])
+        offset += size
+        try:
+            parse(entry.update, n_params=n)
+        except WireFormatError as exc:
+            raise StateError(f"buffered update of {entry.client_id} unreadable: {exc}") from exc
+        out.append(entry)
+    if offset != len(raw):
+        raise StateError("stored buffer payload longer than its updates")
+    return out

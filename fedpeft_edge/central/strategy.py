@@ -2,8 +2,9 @@
 
 Convention: a site sends ``delta = local_after_training - global_it_started_from``. The aggregator
 forms the weighted mean ``Δ = Σ w_i·delta_i / Σ w_i`` (:class:`RoundAccumulator`, streaming, O(n)
-memory whatever the number of sites) and a :class:`ServerOptimizer` turns ``(global, Δ)`` into the next
-global. ``-Δ`` is the "pseudo-gradient" of Reddi et al. 2021 (Adaptive Federated Optimization):
+memory whatever the number of sites; the close-time bounds of central/robust.py may clip or re-weight
+some ``delta_i`` first) and a :class:`ServerOptimizer` turns ``(global, Δ)`` into the next global.
+``-Δ`` is the "pseudo-gradient" of Reddi et al. 2021 (Adaptive Federated Optimization):
 
 * FedAvg:  ``x ← x + η·Δ``                                   (η = 1 is plain FedAvg)
 * FedAvgM: ``m ← β·m + Δ;  x ← x + η·m``                      (Hsu et al. 2019)

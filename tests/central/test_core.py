@@ -49,7 +49,8 @@ def _msg(client: str, rnd: int = 0, *, samples: int = 100, loss: float = 1.0, se
 
 
 def test_accept_duplicate_and_close_round_with_weighted_metrics() -> None:
-    core = R.AggregatorCore(_config(), now=0.0)
+    # FedAvg's sample weighting itself: the weight cap (at the median claim by default) would cut 300
+    core = R.AggregatorCore(_config(samples_median_multiplier=0), now=0.0)
     m1, m2, m3 = _msg("a", samples=100, loss=1.0), _msg("b", samples=300, loss=2.0), _msg("c", samples=100)
     assert core.offer(m1, now=1.0).accepted
     assert core.offer(m1, now=1.5).status == R.DUPLICATE
@@ -294,7 +295,7 @@ def test_crash_before_rename_does_not_count_the_update(tmp_path: Path) -> None:
     _run_child("crash_before_rename", tmp_path)
     assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name], "the crash left its temp file behind"
     core = R.AggregatorCore(_config(quorum=10_000), tmp_path)
-    assert core.participants == ["c0"]
+    assert core.participants == ["c0"] and [e.client_id for e in core.buffered] == ["c0"]
     assert core.offer(_msg("c1", seed=1)).accepted  # broker redelivery: counted now, exactly once
     assert core.offer(_msg("c0", seed=0)).status == R.DUPLICATE
 
@@ -316,10 +317,13 @@ def test_sigkill_at_a_random_moment_keeps_sum_and_set_consistent(tmp_path: Path)
     for i in range(len(got)):
         C.accumulate_into(_msg(f"c{i}", seed=i).update, expect, 100.0)
     np.testing.assert_allclose(core.round_sum, expect, rtol=1e-6, atol=1e-5)
+    # ... and the round buffer holds exactly those updates, as sent (the close-time bounds read it)
+    assert [e.client_id for e in core.buffered] == got
+    assert [e.update for e in core.buffered] == [_msg(f"c{i}", seed=i).update for i in range(len(got))]
     # redeliver everything the child might have received: each update counts exactly once
     for i in range(len(got) + 3):
         core.offer(_msg(f"c{i}", seed=i))
-    assert core.accepted_this_round == len(got) + 3
+    assert core.accepted_this_round == len(got) + 3 == len(core.buffered)
 
 
 def test_huge_finite_update_cannot_overflow_the_round() -> None:

@@ -104,6 +104,11 @@ class CentralEndpoint:
             server_optimizer=strategy,
             server_opt_params={"lr": float(server_lr)},
             max_rounds=rounds,
+            # The grid compares PEFT methods and codecs under plain FedAvg weighting (the figures in
+            # docs/experiments.md); the service's lying-site bounds are measured on their own.
+            norm_median_multiplier=0.0,
+            norm_reject_multiplier=0.0,
+            samples_median_multiplier=0.0,
         )
         self.core = AggregatorCore(config, None, initial_global=initial)
         self.global_flat = self._received_global()
