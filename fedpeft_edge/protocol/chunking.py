@@ -185,8 +185,10 @@ class Reassembler:
     ``drops`` by reason); duplicate chunks (QoS 1 redelivery) are ignored. Incomplete messages older
     than ``timeout_s`` are purged. Caps: a new message beyond ``max_pending_per_sender`` evicts that
     sender's oldest incomplete one, beyond ``max_pending_messages`` the oldest overall; going over
-    ``max_pending_bytes`` evicts the same sender's older messages, then drops the current one
-    (``over_capacity``) — one flooding sender cannot push out the others' bytes. ``drops`` counts
+    ``max_pending_bytes`` (all senders) or ``max_pending_bytes_per_sender`` (default: one whole message,
+    ``min(max_pending_bytes, max_message_bytes)``) evicts the same sender's older messages, then drops the
+    current one (``over_capacity``) — one flooding sender can neither push out the others' bytes nor hold
+    the whole budget. ``drops`` counts
     everything dropped, by reason (``evicted``, ``over_capacity``, ``timeout``, ``duplicate_chunk``,
     ``late_chunk`` and the WireFormatError reasons).
 
@@ -199,8 +201,12 @@ class Reassembler:
     def __init__(self, *, max_pending_bytes: int = 256 * 1024 * 1024, max_pending_messages: int = 256,
                  max_pending_per_sender: int = 4, timeout_s: float = 120.0, max_chunks: int = 4096,
                  max_message_bytes: int = 256 * 1024 * 1024, max_chunk_bytes: int = 268_435_455,
-                 remember_completed: int = 4096, spool: ChunkSpool | None = None) -> None:
+                 remember_completed: int = 4096, spool: ChunkSpool | None = None,
+                 max_pending_bytes_per_sender: int | None = None) -> None:
         self.max_pending_bytes = max_pending_bytes
+        self.max_pending_bytes_per_sender = (min(max_pending_bytes, max_message_bytes)
+                                             if max_pending_bytes_per_sender is None
+                                             else max_pending_bytes_per_sender)
         self.max_pending_messages = max_pending_messages
         self.max_pending_per_sender = max_pending_per_sender
         self.timeout_s = timeout_s
@@ -365,11 +371,15 @@ class Reassembler:
     def _enforce_byte_cap(self, current: tuple[str, str]) -> None:
         # A sender over the byte cap pays first: its own older messages go, then the current one. Other
         # senders' in-flight messages are never evicted for bytes (they time out if they stall).
-        if self.pending_bytes <= self.max_pending_bytes:
+        def within_caps() -> bool:
+            mine = sum(p.held for k, p in self._pending.items() if k[0] == current[0])
+            return self.pending_bytes <= self.max_pending_bytes and mine <= self.max_pending_bytes_per_sender
+
+        if within_caps():
             return
         for key in [k for k in self._pending if k[0] == current[0] and k != current]:
             self._drop(key, "evicted")
-            if self.pending_bytes <= self.max_pending_bytes:
+            if within_caps():
                 return
         self._drop(current, "over_capacity")
 

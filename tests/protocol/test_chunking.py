@@ -214,6 +214,27 @@ def test_byte_cap_drops_the_flooder_not_the_others() -> None:
     assert r.pending_bytes == 0
 
 
+def test_one_sender_cannot_hold_the_whole_budget() -> None:
+    """The per-sender byte cap: a site with several half-sent messages keeps at most its share, so the
+    budget left over stays free for the others (without the share, the same flood starves them)."""
+    def run(share: int) -> tuple[CH.Reassembler, bytes | None]:
+        r = CH.Reassembler(max_pending_bytes=100_000, max_pending_per_sender=10,
+                           max_pending_bytes_per_sender=share)
+        for i in range(4):  # four 40 kB messages, of each only the first 20 kB chunk arrives
+            r.feed("greedy", CH.split_message(_blob(40_000, 40 + i), 20_000)[0], 0.0)
+        out = None
+        for c in CH.split_message(_blob(40_000, 50), 20_000):
+            out = r.feed("honest", c, 0.0)
+        return r, out
+
+    r, out = run(share=40_000)
+    assert out == _blob(40_000, 50) and r.drops["evicted"] >= 2
+    r, out = run(share=100_000)  # no per-sender share: the flood holds 80 kB and the honest site loses
+    assert out is None and r.drops["over_capacity"] == 1
+    # the default share is one whole message: min(max_pending_bytes, max_message_bytes)
+    assert CH.Reassembler(max_pending_bytes=100, max_message_bytes=40).max_pending_bytes_per_sender == 40
+
+
 def test_message_larger_than_the_pending_cap_is_refused() -> None:
     r = CH.Reassembler(max_pending_bytes=10_000)
     chunk = CH.split_message(_blob(30_000, 22), 4000)[0]
