@@ -79,6 +79,7 @@ class Decision:
     reason: str = ""
     weight: float = 0.0
     staleness: int = 0
+    detail: str = ""  # for the log: what exactly was wrong (a rejection's values, expected vs got)
 
     @property
     def accepted(self) -> bool:
@@ -201,13 +202,13 @@ class AggregatorCore:
     def _count(self, key: str, amount: int = 1) -> None:
         self._state.counters[key] = self._state.counters.get(key, 0) + amount
 
-    def note_rejected(self, reason: str, nbytes: int = 0) -> Decision:
+    def note_rejected(self, reason: str, nbytes: int = 0, detail: str = "") -> Decision:
         """Count a message rejected before it reached :meth:`offer` (e.g. wire decoding failed)."""
         self._count("rejected")
         self._count(f"rejected:{reason}")
         if nbytes:
             self._count("bytes_rejected", int(nbytes))
-        return Decision(REJECTED, reason)
+        return Decision(REJECTED, reason, detail=detail)
 
     def offer(self, msg: UpdateMessage, *, sender: str | None = None, nbytes: int | None = None,
               now: float | None = None) -> Decision:
@@ -223,18 +224,23 @@ class AggregatorCore:
         """
         cfg, st = self.config, self._state
         if self.finished:
-            return self.note_rejected("finished", nbytes or 0)
+            return self.note_rejected("finished", nbytes or 0,
+                                      f"all {cfg.max_rounds} rounds are done")
         if sender is not None and sender != msg.client_id:
-            return self.note_rejected("client_mismatch", nbytes or 0)
+            return self.note_rejected("client_mismatch", nbytes or 0,
+                                      f"envelope site {msg.client_id!r} sent on {sender!r}'s topic")
         if msg.fleet != cfg.fleet:
-            return self.note_rejected("wrong_fleet", nbytes or 0)
+            return self.note_rejected("wrong_fleet", nbytes or 0,
+                                      f"fleet {msg.fleet!r}, expected {cfg.fleet!r}")
         if msg.spec_hash != cfg.spec_hash:
-            return self.note_rejected("spec_hash", nbytes or 0)
+            return self.note_rejected("spec_hash", nbytes or 0,
+                                      f"spec hash {msg.spec_hash}, expected {cfg.spec_hash} (another bundle?)")
         if msg.round > st.round:
-            return self.note_rejected("future_round", nbytes or 0)
+            return self.note_rejected("future_round", nbytes or 0,
+                                      f"round {msg.round}, open round {st.round}")
         ns = msg.num_samples
         if isinstance(ns, bool) or not isinstance(ns, int) or ns < 1:  # the wire checks it; in-process not
-            return self.note_rejected("bad_samples", nbytes or 0)
+            return self.note_rejected("bad_samples", nbytes or 0, f"num_samples {ns!r}")
         key = (msg.client_id, msg.round)
         if key in st.accepted:
             self._count("duplicate")
@@ -247,15 +253,15 @@ class AggregatorCore:
             parsed = parse(msg.update, n_params=cfg.n_params)
             norm = update_l2_norm(parsed)
         except WireFormatError as exc:
-            return self.note_rejected(exc.reason, nbytes or 0)
+            return self.note_rejected(exc.reason, nbytes or 0, str(exc))
         scale = 1.0
         if self._norm is not None:
             s = self._norm.scale_for(norm)
             if s is None:
-                return self.note_rejected("norm_bound", nbytes or 0)
+                return self.note_rejected("norm_bound", nbytes or 0, f"update norm {norm:.4g} over the bound")
             scale = s
         elif not math.isfinite(norm):
-            return self.note_rejected("non_finite", nbytes or 0)
+            return self.note_rejected("non_finite", nbytes or 0, "update norm is not finite")
         samples = min(msg.num_samples, cfg.max_samples_weight)
         stale_factor = staleness_weight(staleness, cfg.staleness_alpha) if staleness else 1.0
         weight = float(samples) if cfg.weighting == "samples" else 1.0
@@ -268,12 +274,15 @@ class AggregatorCore:
         # (finite but huge) update can overflow the round's sum to Inf and wedge the round.
         mass = weight * scale * norm
         if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
-            return self.note_rejected("overflow", nbytes or 0)
+            return self.note_rejected("overflow", nbytes or 0,
+                                      f"weight x norm {mass:.4g} would overflow the sum")
         entry = None
         if cfg.buffers_updates:
             if self._buffer_nbytes + msg.update.nbytes > cfg.max_round_buffer_bytes:
                 st.stats["buffer_full"] = True  # nothing more fits: the round is ready to close
-                return self.note_rejected(BUFFER_FULL, nbytes or 0)
+                return self.note_rejected(BUFFER_FULL, nbytes or 0,
+                                          f"round buffer holds {self._buffer_nbytes} bytes, cap "
+                                          f"{cfg.max_round_buffer_bytes}")
             finite = {k: float(v) for k, v in msg.metrics.items() if math.isfinite(v)}
             entry = BufferedUpdate(msg.client_id, msg.round, _immutable(msg.update), samples, stale_factor,
                                    weight, scale, norm, finite)
