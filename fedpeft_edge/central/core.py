@@ -234,7 +234,7 @@ class AggregatorCore:
                                       f"fleet {msg.fleet!r}, expected {cfg.fleet!r}")
         if msg.spec_hash != cfg.spec_hash:
             return self.note_rejected("spec_hash", nbytes or 0,
-                                      f"spec hash {msg.spec_hash}, expected {cfg.spec_hash} (another bundle?)")
+                                      f"spec hash {msg.spec_hash}, expected {cfg.spec_hash} (other bundle?)")
         if msg.round > st.round:
             return self.note_rejected("future_round", nbytes or 0,
                                       f"round {msg.round}, open round {st.round}")
