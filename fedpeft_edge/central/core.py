@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,6 +42,7 @@ import numpy as np
 
 from fedpeft_edge import kernels
 from fedpeft_edge.central.accumulator import RoundAccumulator
+from fedpeft_edge.central.decision import ACCEPTED, BUFFER_FULL, DUPLICATE, LATE, REJECTED, Decision
 from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
 from fedpeft_edge.central.robust import BufferedUpdate, RoundPlan, plan_round, weighted_metrics
 from fedpeft_edge.central.store import HISTORY_KEEP, RoundState, StateError, new_round_stats
@@ -58,32 +59,9 @@ from fedpeft_edge.runtime.errors import InvalidValueError
 
 MIN_WEIGHT: Final = 1e-9  # below this a stale update is treated as late (its weight would vanish)
 MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38)
-BUFFER_FULL: Final = "round_buffer_full"  # rejection reason: the round buffer's byte cap is reached
 
 # --------------------------------------------------------------------------------------------------
-# Decisions and the core
-
-
-ACCEPTED: Final = "accepted"
-DUPLICATE: Final = "duplicate"
-LATE: Final = "late"
-REJECTED: Final = "rejected"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What happened to an offered update. ``reason`` is a short code ("" when accepted); ``weight`` is
-    the provisional one (the close-time weight cap may lower it)."""
-
-    status: str  # accepted | duplicate | late | rejected
-    reason: str = ""
-    weight: float = 0.0
-    staleness: int = 0
-    detail: str = ""  # for the log: what exactly was wrong (a rejection's values, expected vs got)
-
-    @property
-    def accepted(self) -> bool:
-        return self.status == ACCEPTED
+# The core
 
 
 def _immutable(enc: EncodedUpdate) -> EncodedUpdate:
@@ -508,14 +486,4 @@ class AggregatorCore:
                 "config": {k: v for k, v in asdict(self.config).items() if k != "server_opt_params"}}
 
 
-__all__ = [
-    "ACCEPTED",
-    "BUFFER_FULL",
-    "DUPLICATE",
-    "LATE",
-    "REJECTED",
-    "AggregatorConfig",
-    "AggregatorCore",
-    "Decision",
-    "RoundPolicy",
-]
+__all__ = ["AggregatorConfig", "AggregatorCore", "RoundPolicy"]

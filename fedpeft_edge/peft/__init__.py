@@ -2,6 +2,8 @@
 
 ``PeftSpec`` (spec) → ``apply_peft`` (surgery) → ``generate_artifacts``/``ArtifactBundle`` (artifacts) →
 train with ``fedpeft_edge.training.ort_trainer.OrtTrainer`` → ``export_inference_model`` (merge).
+``lowering.lower_to_gradient_model`` turns a bundle into a gradient model that stock onnxruntime runs
+(``fedpeft_edge.training.gradient_trainer.GradientTrainer``); import it from its module.
 """
 
 from fedpeft_edge.peft.artifacts import ArtifactBundle, generate_artifacts
