@@ -50,6 +50,9 @@ class AggregatorSettings:
     max_update_bytes: int = 64 * 1024 * 1024
     metrics_file: str | None = None  # default: <state_dir>/metrics.jsonl
     chunk_timeout_s: float = 120.0
+    # After the final round, keep answering resends (acks) and re-announcing the final global until every
+    # site heard from reports it is done (or went offline), at most this long; 0: exit at once.
+    final_linger_s: float = 30.0
     policy: RoundPolicy = field(default_factory=RoundPolicy)
 
     @classmethod

@@ -1,7 +1,8 @@
 """Aggregator service: the MQTT loop around :class:`~fedpeft_edge.central.core.AggregatorCore`.
 
 Subscribes to ``fedpeft/{fleet}/update/+`` (QoS 1, persistent session, manual PUBACK) and
-``fedpeft/{fleet}/status/+``; publishes the global adapter retained on ``fedpeft/{fleet}/global``.
+``fedpeft/{fleet}/status/+``; publishes the global adapter retained on ``fedpeft/{fleet}/global`` and its
+decision on every update to the sending site on ``fedpeft/{fleet}/ack/{site}`` (QoS 1, JSON).
 
 Per incoming update: size cap → chunk reassembly (per sender = topic level) → wire decoding (hostile
 input, typed reasons) → ``core.offer`` (sender must match the envelope, spec hash, round, dedup by
@@ -21,6 +22,25 @@ What gets acknowledged (the broker redelivers whatever is not):
   ``MemoryError``) acknowledges nothing of the batch: ``run()`` stops with the error (crash-only: the
   next start reloads the persisted state and the broker redelivers the batch).
 
+End-to-end acknowledgement: the broker's PUBACK to a site only means "in the broker's memory", so
+a site keeps each update until this service acknowledges it on the site's ack topic. Acks are published
+only after the round state that holds the decision is durable (after ``core.checkpoint()`` in
+:meth:`AggregatorService.process_batch` and :meth:`AggregatorService.recover_spooled`), for every update
+decided — accepted, duplicate (so a resend of a counted update is acked again), late, or rejected once
+its round is known — and for a re-sent chunk of a multi-part update already consumed (``received``,
+named by its chunk message id). An update rejected before its round could be read gets no ack.
+
+Re-announcement: after every reconnect (a broker restart may have lost the retained global, or this
+client's session with its subscriptions) the main loop republishes the current global, retained; the
+transport renews the subscriptions on every connect and the connect hook republishes the status. Sites
+take a re-announced global as the sign to resend what is still unacknowledged. The final global is
+republished the same way until the broker acknowledged it on the current connection (bounded).
+
+After the final round the service stays up to ``final_linger_s``, until every site it heard from reports
+itself done, idle or offline: a site whose last ack (or the final global) a broker crash lost resends,
+and only a running aggregator can answer. Such late copies are answered from the final state
+(``duplicate`` when counted, else ``late``) without touching the core.
+
 On start the deadline clock of the open round is restarted (a resumed round gets its full deadline
 again instead of closing at once with ``min_clients`` after a long outage).
 
@@ -35,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections import Counter
@@ -45,17 +66,20 @@ import numpy as np
 
 from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
-from fedpeft_edge.central.store import StateError
+from fedpeft_edge.central.store import RoundState, StateError
 from fedpeft_edge.protocol import chunk_spool, chunking, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
 from fedpeft_edge.protocol.topics import Topics
-from fedpeft_edge.protocol.transport import Message, MqttTransport, Will
+from fedpeft_edge.protocol.transport import Message, MqttTransport, PublishHandle, Will
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_KEEP = 64  # newest messages kept that failed with an unexpected error
+FINAL_ANNOUNCE_TIMEOUT_S = 30.0  # how long the final global is republished until the broker has it
+# Site states that may still need an answer from us (anything else: done, idle, offline, error...).
+ACTIVE_SITE_STATES = frozenset({"online", "training", "uploading"})
 # Failures after which memory may be ahead of disk: acknowledge nothing, stop, restart from disk.
 PERSISTENCE_FAILURES: tuple[type[BaseException], ...] = (StateError, chunk_spool.SpoolError, MemoryError)
 
@@ -113,6 +137,14 @@ class AggregatorService:
             max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s),
             spool=chunk_spool.ChunkSpool(self.state_dir / "chunks"))
         self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
+        # Decisions of the current batch, published once its state is durable; keyed so one ack per
+        # update and batch (all chunks of a re-sent multi-part update give one "received" ack).
+        self._acks: dict[tuple[str, int | None, str | None], wire.AckMessage] = {}
+        self.acks_sent: Counter[str] = Counter()  # by status (logs, tests)
+        self._announced_at = -1  # transport.connect_count when the global was last published
+        self._global_handle: PublishHandle | None = None
+        self.site_states: dict[str, str] = {}  # last status per site (by topic), for the final linger
+        self._final_accepted: set[tuple[str, int]] | None = None  # counted pairs, once finished
         self._stale_fleets: set[str] = set()  # fleets whose leftover subscriptions were dropped
         self._stop = threading.Event()
         self.serving = threading.Event()  # set once recovery is done and the message loop runs
@@ -126,19 +158,66 @@ class AggregatorService:
     def _global_payload(self) -> bytes:
         return wire.encode_global(self.core.global_message(), self.limits)
 
-    def _publish_global(self, timeout: float = 30.0) -> int:
+    def _publish_global(self, timeout: float = 30.0, why: str = "") -> int:
         assert self.transport is not None
         data = self._global_payload()
         if len(data) > self.transport.max_payload(self.topics.global_):
             raise InvalidValueError(f"global message of {len(data)} bytes exceeds the broker packet limit; "
                              "raise max_packet_size or use global_mode = 'int8'")
+        # Read before publishing: a reconnect after this point triggers another announcement.
+        self._announced_at = self.transport.connect_count
         handle = self.transport.publish(self.topics.global_, data, qos=1, retain=True)
-        if not handle.wait(timeout):
+        self._global_handle = handle
+        if timeout > 0 and not handle.wait(timeout):
             log.warning("global for round %d not yet acknowledged by the broker (will be resent)",
                         self.core.round)
-        log.info("global published for round %d (%d bytes%s)", self.core.round, len(data),
-                 ", final" if self.core.finished else "")
+        log.info("global %s for round %d (%d bytes%s)", f"re-announced ({why})" if why else "published",
+                 self.core.round, len(data), ", final" if self.core.finished else "")
         return len(data)
+
+    def _reannounce_if_reconnected(self) -> None:
+        """After a reconnect the broker may have lost the retained global (crash, no persistence) or our
+        session: publish it again. Runs in the main loop — paho's thread must not touch the core."""
+        t = self.transport
+        if t is not None and t.connected and t.connect_count != self._announced_at:
+            self._publish_global(timeout=0, why="after a reconnect")
+
+    def _announce_final(self, timeout: float = FINAL_ANNOUNCE_TIMEOUT_S) -> None:
+        """Nobody republishes the final global after this service exits: make sure the broker took it on
+        the current connection (republishing after any reconnect), bounded by ``timeout``."""
+        assert self.transport is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            handle = self._global_handle
+            if self.transport.connect_count != self._announced_at or handle is None:
+                if self.transport.connected:
+                    self._publish_global(timeout=0, why="final, after a reconnect")
+            elif handle.is_published():
+                return
+            time.sleep(0.05)
+        if not self._stop.is_set():
+            log.warning("final global not confirmed by the broker within %.0f s; a restart of this service "
+                        "publishes it again", timeout)
+
+    # --- acknowledgements to sites ----------------------------------------------------------------
+    def _queue_ack(self, site: str, rnd: int | None, status: str, reason: str = "",
+                   msg_id: str | None = None) -> None:
+        reason = re.sub(r"[^ -~]", "?", reason)[: wire.MAX_ACK_REASON]  # printable ASCII for the wire
+        self._acks[(site, rnd, msg_id)] = wire.AckMessage(self.topics.fleet, site, rnd, status, reason,
+                                                          time.time(), msg_id)
+
+    def _send_acks(self) -> None:
+        """Publish the queued acks. Call only after the state holding their decisions is durable."""
+        acks, self._acks = self._acks, {}
+        if self.transport is None:
+            return
+        for ack in acks.values():
+            try:
+                self.transport.publish(self.topics.ack(ack.site), wire.encode_ack(ack, self.limits), qos=1)
+            except FedPeftError as exc:  # e.g. an odd site name: that site resends and is acked later
+                log.warning("ack to %s for round %s not sent: %s", ack.site, ack.round, exc)
+                continue
+            self.acks_sent[ack.status] += 1
 
     def _next_batch(self, max_messages: int = 256) -> list[Message]:
         assert self.transport is not None
@@ -175,8 +254,11 @@ class AggregatorService:
         size = len(msg.payload)
         try:
             if chunking.is_chunk(msg.payload):
+                late_before = self.reassembler.drops["late_chunk"]
                 whole = self.reassembler.feed(sender, msg.payload, now)
                 if whole is None:
+                    if self.reassembler.drops["late_chunk"] > late_before:
+                        self._ack_consumed_chunk(sender, msg.payload)
                     return "chunk"
                 data = whole
             else:
@@ -187,6 +269,17 @@ class AggregatorService:
             self._reject(sender, reason_of(exc), str(exc), size)
             return "rejected"
         return self._handle_update(sender, data, now, size)
+
+    def _ack_consumed_chunk(self, sender: str, payload: bytes) -> None:
+        """A chunk of a message this service already reassembled and consumed (a site's resend after a
+        lost ack): its decision is on disk, but its round is not known here any more — ack by id."""
+        r = self.reassembler
+        try:
+            chunk = chunking.decode_chunk(payload, max_chunk_bytes=r.max_chunk_bytes, max_chunks=r.max_chunks,
+                                          max_total_len=min(r.max_message_bytes, r.max_pending_bytes))
+        except WireFormatError:  # cannot happen: feed() parsed it already
+            return
+        self._queue_ack(sender, None, "received", "already consumed", msg_id=chunk.message_id)
 
     def _drop_stale_subscription(self, topic: str) -> bool:
         """A message of another fleet reaches us only through a subscription that the broker kept in
@@ -212,7 +305,18 @@ class AggregatorService:
         except WireFormatError as exc:
             self._reject(sender, reason_of(exc), str(exc), size)
             return "rejected"
-        decision = self.core.offer(upd, sender=sender, nbytes=len(data), now=now)
+        if self.core.finished:
+            return self._answer_after_final(sender, upd)
+        try:
+            decision = self.core.offer(upd, sender=sender, nbytes=len(data), now=now)
+        except PERSISTENCE_FAILURES:
+            raise
+        except Exception:
+            # Rejected for good by the caller (internal_error): tell the site, or it resends forever.
+            self._queue_ack(sender, upd.round, "rejected", "internal_error")
+            raise
+        # The ack goes to the topic's site (the identity the broker vouches for), after the checkpoint.
+        self._queue_ack(sender, upd.round, decision.status, decision.reason)
         if decision.accepted:
             log.info("update from %s for round %d accepted (%d samples, weight %.1f%s); %d/%d this round",
                      sender, upd.round, upd.num_samples, decision.weight,
@@ -225,6 +329,17 @@ class AggregatorService:
             log.info("update from %s for round %d %s (%s)", sender, upd.round, decision.status,
                      decision.reason)
         return decision.status
+
+    def _answer_after_final(self, sender: str, upd: wire.UpdateMessage) -> str:
+        """A copy arriving after the final round (a site resending after a lost ack): nothing can change
+        any more, so answer from the final state — counted or not — and leave the core alone."""
+        if self._final_accepted is None:
+            state = RoundState.load(self.state_dir)  # the final state: on disk since the last close
+            self._final_accepted = set(state.accepted) if state is not None else set()
+        status = "duplicate" if (sender, upd.round) in self._final_accepted else "late"
+        self._queue_ack(sender, upd.round, status, "federation finished")
+        log.info("update from %s for round %d after the final round: %s", sender, upd.round, status)
+        return status
 
     def _quarantine(self, msg: Message, now: float) -> None:
         """Keep a copy of a message that failed unexpectedly (it is acknowledged, so the broker
@@ -246,6 +361,7 @@ class AggregatorService:
         Raises (acknowledging nothing) on a persistence failure, see :data:`PERSISTENCE_FAILURES`.
         """
         assert self.transport is not None
+        self._acks = {}
         for msg in batch:
             try:
                 self.handle(msg, now)
@@ -266,10 +382,12 @@ class AggregatorService:
         self.reassembler.commit()  # consumed messages' chunks are no longer needed
         for msg in batch:
             self.transport.ack(msg)
+        self._send_acks()  # end to end: the decisions are on disk now
 
     def recover_spooled(self, now: float) -> int:
         """Reload the chunk spool; updates that were complete on disk are offered again (the core
         recognises one already counted as a duplicate). Returns how many were complete."""
+        self._acks = {}
         recovered = self.reassembler.restore(now)
         for sender, data in recovered:
             try:
@@ -281,6 +399,7 @@ class AggregatorService:
                 self._reject(sender, "internal_error", "see the traceback above", len(data))
         self.core.checkpoint()
         self.reassembler.commit()
+        self._send_acks()
         return len(recovered)
 
     def _log_status(self, sender: str | None, payload: bytes) -> None:
@@ -291,8 +410,28 @@ class AggregatorService:
         except WireFormatError as exc:
             log.debug("unreadable status from %s: %s", sender, exc)
             return
+        if sender is not None and sender != self.cfg.aggregator.client_id:
+            self.site_states[sender] = st.state  # keyed by topic: the identity the broker vouches for
         where = f" (round {st.round})" if st.round is not None else ""
         log.info("site %s is %s%s", st.client_id, st.state, where)
+
+    def _active_sites(self) -> list[str]:
+        return sorted(s for s, state in self.site_states.items() if state in ACTIVE_SITE_STATES)
+
+    def _serve_after_final(self, linger_s: float) -> None:
+        """Keep serving (acks for resends, the final global after reconnects) until no site is active
+        any more, or ``linger_s`` passed."""
+        deadline = time.monotonic() + linger_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self._reannounce_if_reconnected()
+            batch = self._next_batch()
+            if batch:
+                self.process_batch(batch, time.time())
+            elif not self._active_sites():
+                return  # the queue is empty too: every status that was on its way has been read
+        if self._active_sites():
+            log.info("stopped waiting after %.0f s for site(s) still active: %s", linger_s,
+                     ", ".join(self._active_sites()))
 
     # --- rounds -----------------------------------------------------------------------------------
     def _close_round(self, now: float) -> None:
@@ -344,6 +483,7 @@ class AggregatorService:
             self.core.checkpoint()
             self.serving.set()
             while not self._stop.is_set() and not self.core.finished:
+                self._reannounce_if_reconnected()
                 batch = self._next_batch()
                 now = time.time()
                 if batch:
@@ -354,7 +494,9 @@ class AggregatorService:
                     self._close_round(now)
                     closed += 1
             if self.core.finished:
+                self._announce_final()
                 log.info("all %d rounds done; final global published", self.core_config.max_rounds)
+                self._serve_after_final(float(a.final_linger_s))
         except PERSISTENCE_FAILURES as exc:
             log.error("state could not be persisted (%s); stopping with %d message(s) unacknowledged: the "
                       "broker redelivers them to the next start, which resumes from disk", exc, len(batch))

@@ -4,6 +4,8 @@
 - ``fedpeft/{fleet}/update/{client_id}`` QoS 1: a site's update for a round; chunks of a large update
   travel on the same topic (the envelope says whether a payload is a whole update or a chunk).
 - ``fedpeft/{fleet}/status/{client_id}`` retained: online/offline (offline is the last will).
+- ``fedpeft/{fleet}/ack/{client_id}``    QoS 1, aggregator → that site only: the aggregator's durable
+  decision on one of its updates (JSON); the site keeps an update in its outbox until then.
 Metadata (round, spec hash, sender) lives in the msgpack envelope, so MQTT 3.1.1 brokers serve too.
 """
 
@@ -50,6 +52,13 @@ class Topics:
     @property
     def status_filter(self) -> str:
         return f"{ROOT}/{self.fleet}/status/+"
+
+    def ack(self, client_id: str) -> str:
+        return f"{ROOT}/{self.fleet}/ack/{check_name('client id', client_id)}"
+
+    @property
+    def acks_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/ack/+"
 
     def client_of(self, topic: str) -> str | None:
         """The client id of an update/status topic of this fleet, else None."""

@@ -6,6 +6,9 @@ Spec: ``docs/wire-format.md``. Three message kinds travel over MQTT:
 * ``global`` (aggregator → sites, retained): the global adapter of a round;
 * ``status`` (site → anyone, retained / last will): the agent's state.
 
+A fourth kind, ``ack`` (aggregator → one site), is small JSON rather than msgpack so operators can read it
+with ``mosquitto_sub``; it is decoded just as strictly (:func:`decode_ack`).
+
 Decoding order, cheapest check first: total size ≤ ``max_message_bytes`` → msgpack with every length
 limit set and ext types refused → exact key set → types (``bool`` never passes as ``int``) → ranges and
 charsets → codec fields vs payload length (before anything is allocated from a declared size) →
@@ -19,6 +22,7 @@ Codec-level validation of the payload itself (indices, scales) happens in ``code
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -362,19 +366,123 @@ def message_kind(data: bytes | bytearray | memoryview, limits: WireLimits = DEFA
     return kind
 
 
+
+# --------------------------------------------------------------------------------------------------
+# Acknowledgement (aggregator → site): JSON, small, decoded as hostile input like everything else
+
+ACK_KEYS: Final = frozenset({"v", "t", "fleet", "site", "round", "msg", "status", "reason", "time"})
+# accepted / duplicate / late / rejected: the core's decision on the update of (site, round);
+# received: a re-sent chunk of a multi-part update the aggregator had already consumed (round unknown
+# to it then, so "msg" names the chunk message id instead).
+ACK_STATUSES: Final = ("accepted", "duplicate", "late", "rejected", "received")
+MAX_ACK_BYTES: Final = 512  # a real ack is ~150 bytes; anything larger is refused before parsing
+MAX_ACK_REASON: Final = 128
+_MSG_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+_PRINTABLE_RE: Final = re.compile(r"[ -~]*")  # printable ASCII: safe in logs, no control characters
+
+
+@dataclass(frozen=True)
+class AckMessage:
+    """The aggregator's durable decision on one update, sent on ``fedpeft/{fleet}/ack/{site}``.
+
+    Sent only after the decision is in the aggregator's persisted round state, so a site may then
+    delete the update from its outbox. ``round`` names the update (a site sends one per round);
+    ``msg`` (a chunk message id) replaces it when only the chunks of an already consumed update came in.
+    """
+
+    fleet: str
+    site: str
+    round: int | None
+    status: str
+    reason: str = ""
+    time: float = 0.0
+    msg: str | None = None
+
+
+def encode_ack(msg: AckMessage, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
+    obj = {"v": WIRE_VERSION, "t": "ack", "fleet": msg.fleet, "site": msg.site, "round": msg.round,
+           "msg": msg.msg, "status": msg.status, "reason": msg.reason[:MAX_ACK_REASON],
+           "time": round(float(msg.time), 3)}
+    data = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=True).encode("ascii")
+    decode_ack(data, limits)
+    return data
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, val in pairs:
+        if key in out:  # json.loads would silently keep the last copy
+            raise WireFormatError(Reason.BAD_KEYS, f"duplicate key {key[:16]!r}")
+        out[key] = val
+    return out
+
+
+def _json_constant(name: str) -> Any:
+    raise WireFormatError(Reason.NON_FINITE, f"{name} is not allowed")
+
+
+def decode_ack(data: bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> AckMessage:
+    """Parse and validate an ``ack`` (JSON object with exactly :data:`ACK_KEYS`)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireFormatError(Reason.BAD_TYPE, f"message must be bytes, got {type(data).__name__}")
+    size = memoryview(data).nbytes
+    if size > MAX_ACK_BYTES:
+        raise WireFormatError(Reason.OVERSIZED, f"ack of {size} bytes > {MAX_ACK_BYTES}")
+    if size == 0:
+        raise WireFormatError(Reason.TRUNCATED, "empty message")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_json_pairs,
+                         parse_constant=_json_constant)
+    except WireFormatError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise WireFormatError(Reason.MALFORMED, f"invalid JSON: {type(exc).__name__}") from exc
+    if not isinstance(obj, dict):
+        raise WireFormatError(Reason.MALFORMED, f"top level must be an object, got {type(obj).__name__}")
+    _check_header(obj, "ack", ACK_KEYS)
+    fleet = _ident(obj, "fleet", limits)
+    site = _ident(obj, "site", limits)
+    rnd = None if obj["round"] is None else _int(obj, "round", 0, limits.max_round)
+    mid = obj["msg"]
+    if mid is not None and (not isinstance(mid, str) or not _MSG_ID_RE.fullmatch(mid)):
+        raise WireFormatError(Reason.BAD_STRING, "msg must be null or 32 lowercase hex characters")
+    if rnd is None and mid is None:
+        raise WireFormatError(Reason.BAD_KEYS, "an ack names a round or a message id")
+    status = obj["status"]
+    if status not in ACK_STATUSES:  # also refuses non-strings (never equal to a listed str)
+        raise WireFormatError(Reason.BAD_STRING, f"status must be one of {ACK_STATUSES}")
+    reason = obj["reason"]
+    if not isinstance(reason, str):
+        raise WireFormatError(Reason.BAD_TYPE, "reason must be str")
+    if len(reason) > MAX_ACK_REASON or not _PRINTABLE_RE.fullmatch(reason):
+        raise WireFormatError(Reason.BAD_STRING, f"reason must be printable ASCII, <= {MAX_ACK_REASON} chars")
+    ts = obj["time"]
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise WireFormatError(Reason.BAD_TYPE, "time must be a number")
+    if not math.isfinite(float(ts)) or float(ts) < 0:
+        raise WireFormatError(Reason.OUT_OF_RANGE, "time must be finite and >= 0")
+    return AckMessage(fleet, site, rnd, status, reason, float(ts), mid)
+
+
 __all__ = [
+    "ACK_KEYS",
+    "ACK_STATUSES",
     "CHECKSUM_BYTES",
     "DEFAULT_LIMITS",
+    "MAX_ACK_BYTES",
     "WIRE_VERSION",
+    "AckMessage",
     "GlobalMessage",
     "StatusMessage",
     "UpdateMessage",
     "WireFormatError",
     "WireLimits",
     "checksum",
+    "decode_ack",
     "decode_global",
     "decode_status",
     "decode_update",
+    "encode_ack",
     "encode_global",
     "encode_status",
     "encode_update",

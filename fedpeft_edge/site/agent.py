@@ -6,9 +6,16 @@ kept on disk) → publish on ``fedpeft/{fleet}/update/{client_id}`` with QoS 1 �
 until the aggregator announces the final round (global ``meta["final"]``) or ``max_rounds`` is reached.
 Only the encoded delta and a few scalars (sample count, loss, accuracy) ever leave the site.
 
-Store and forward: the encoded update is written to ``<state_dir>/outbox/`` before it is published and
-removed only when the broker acknowledged every part (PUBACK). On restart, and after every reconnect,
-unacknowledged updates are sent again; the aggregator counts an update for (client, round) once.
+Store and forward, end to end: the encoded update is written to ``<state_dir>/outbox/`` before it is
+published and removed only when the aggregator acknowledges it on ``fedpeft/{fleet}/ack/{client_id}``,
+which it does after its decision (accepted, duplicate, late, rejected) is in its persisted round state.
+The broker's PUBACK is not enough: Mosquitto acknowledges a publish once it is in memory, and a broker
+crash loses what it had not yet saved. Until acknowledged, an update is published again — same bytes,
+same chunk message id — at the start of a run, after every reconnect, when a global the agent already
+knows is announced again (the aggregator re-announces after each of its reconnects: its subscription is
+back) and on a timer (``resend_after_s``, doubling per timer resend up to 8x). The aggregator counts an
+update for (client, round) once, so copies are harmless. The final drain waits ``drain_timeout_s`` for
+acknowledgements; what is still waiting stays in the outbox for the next start.
 
 A newer global arriving while training: ``newer_global_policy = "finish"`` (default) completes the
 round and sends the update (the aggregator applies its late-update policy), then moves to the newest
@@ -17,20 +24,20 @@ global; ``"abandon"`` stops training at the next batch and moves on without send
 State directory layout::
 
     state.json          last round sent, last global seen, spec hash (atomic rewrite)
-    encoder.npz         error-feedback residual (np.savez, loaded with allow_pickle=False)
+    encoder.npz         error-feedback residual and the round it belongs to (np.savez, no pickles)
+    encoder.next.npz    the pending residual while an update is being committed
     trainer.state       trainer.save_state() (adapter + optimizer state)
-    outbox/r<round>.msg encoded update envelope waiting for its PUBACK
+    outbox/r<round>.msg encoded update envelope waiting for the aggregator's acknowledgement
     sent/r<round>.msg   copy of every sent update when ``dump_updates`` (audit, tests)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
+import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +49,12 @@ from fedpeft_edge.protocol.codec import decode_global
 from fedpeft_edge.protocol.config import transport_config
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, Will
-from fedpeft_edge.runtime.durable import atomic_file, atomic_write_bytes
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireError
 from fedpeft_edge.runtime.names import NEWER_GLOBAL_POLICIES
 from fedpeft_edge.site.config import AgentConfig
 from fedpeft_edge.site.encoder import UpdateEncoder
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
+from fedpeft_edge.site.state import SiteStateFiles, update_rounds, write_file
 from fedpeft_edge.training.base import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,12 @@ class EdgeAgent:
             raise InvalidValueError("agent.client_id is required (it is the site's MQTT identity)")
         if a.newer_global_policy not in NEWER_GLOBAL_POLICIES:
             raise InvalidValueError(f"agent.newer_global_policy must be one of {NEWER_GLOBAL_POLICIES}")
+        for key in ("resend_after_s", "drain_timeout_s"):
+            val = getattr(a, key)
+            if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val) or val < 0:
+                raise InvalidValueError(f"agent.{key} must be a finite number >= 0, got {val!r}")
+        if a.resend_after_s <= 0:
+            raise InvalidValueError("agent.resend_after_s must be > 0")
         self.cfg = config
         self.client_id = a.client_id
         self.trainer = trainer
@@ -99,6 +112,9 @@ class EdgeAgent:
         self.rounds_sent: list[int] = []
         self._outgoing: list[OutboxEntry] = []
         self._latest_global: wire.GlobalMessage | None = None
+        self._reannounced = False  # a known global came again: resend what is waiting (see module doc)
+        self.resends = 0  # publishes of an update beyond its first (this run; tests, logs)
+        self.ack_counts: Counter[str] = Counter()  # acknowledgements taken, by status
         self._stop = threading.Event()
         self.transport: MqttTransport | None = None
         self._load_state()
@@ -109,33 +125,25 @@ class EdgeAgent:
         return self.state_dir / "state.json"
 
     def _load_state(self) -> None:
-        if self._state_file.exists():
-            st = json.loads(self._state_file.read_text())
-            self.last_sent_round = int(st.get("last_sent_round", -1))
-            lg = st.get("last_global_round")
-            self.last_global_round = None if lg is None else int(lg)
-            if self.spec_hash is None and st.get("spec_hash"):
-                self.spec_hash = str(st["spec_hash"])
-        enc_tmp = self.state_dir / "encoder.next.npz"
-        enc_file = self.state_dir / "encoder.npz"
-        for entry in self.outbox.load():
-            # An outbox entry newer than state.json means we crashed between writing the update and
-            # committing the state: the update counts as made, and its residual is the pending one.
-            if entry.round > self.last_sent_round:
-                self.last_sent_round = entry.round
-                if enc_tmp.exists():
-                    os.replace(enc_tmp, enc_file)
-            self._outgoing.append(entry)
-        enc_tmp.unlink(missing_ok=True)
-        if enc_file.exists():
-            with np.load(enc_file, allow_pickle=False) as z:
-                self.encoder.load_state_arrays({k: z[k] for k in z.files})
-        tstate = self.state_dir / "trainer.state"
-        if tstate.exists():
-            try:
-                self.trainer.load_state(tstate)
-            except (FedPeftError, OSError, KeyError) as exc:
-                log.warning("ignoring trainer state %s: %s", tstate, exc)
+        # Each piece loads on its own; a damaged one is set aside and starts fresh (see site/state.py).
+        self._files = SiteStateFiles(self.state_dir)
+        self._outgoing.extend(self.outbox.load())
+        if self.cfg.agent.dump_updates:
+            # sent/ is written just after the outbox entry: a kill in between leaves a gap to fill.
+            for entry in self._outgoing:
+                if not (self.sent_dir / entry.path.name).exists():
+                    self.sent_dir.mkdir(exist_ok=True)
+                    write_file(self.sent_dir / entry.path.name, entry.data)
+        # An outbox (or sent/) entry newer than state.json means we crashed between writing the update and
+        # committing the state: the update counts as made, and its residual is the pending one.
+        made = [e.round for e in self._outgoing] + update_rounds(self.sent_dir)
+        resumed = self._files.resume(self.encoder, self.trainer, made)
+        self.last_sent_round = resumed.last_sent_round
+        self.last_global_round = resumed.last_global_round
+        if self.spec_hash is None and resumed.spec_hash:
+            self.spec_hash = resumed.spec_hash
+        if resumed.repaired:
+            self._save_state()  # commit what was re-derived, so the next start finds it directly
         if self.last_sent_round >= 0:
             log.info("resuming: last update sent for round %d, %d update(s) waiting in the outbox",
                      self.last_sent_round, len(self._outgoing))
@@ -143,7 +151,7 @@ class EdgeAgent:
     def _save_state(self) -> None:
         st = {"last_sent_round": self.last_sent_round, "last_global_round": self.last_global_round,
               "spec_hash": self.spec_hash, "client_id": self.client_id, "saved_at": time.time()}
-        atomic_write_bytes(self._state_file, json.dumps(st).encode())
+        self._files.write_state(st)
 
     # --- messaging --------------------------------------------------------------------------------
     def _status(self, state: str, rnd: int | None = None) -> bytes:
@@ -158,28 +166,70 @@ class EdgeAgent:
         transport.publish(self.topics.status(self.client_id), self._status("online", self.last_global_round),
                           retain=True)
 
-    def _send(self, out: OutboxEntry) -> None:
+    def _send(self, out: OutboxEntry, why: str = "new") -> None:
         assert self.transport is not None
         topic = self.topics.update(self.client_id)
         budget = self.transport.max_payload(topic)
         # Same message id on every resend so the aggregator's reassembler sees duplicates, not a new message.
-        mid = hashlib.sha256(self.client_id.encode() + out.data).hexdigest()[:32]
-        parts = chunking.split_message(out.data, budget, message_id=mid)
+        parts = chunking.split_message(out.data, budget, message_id=out.mid(self.client_id))
         out.handles = [self.transport.publish(topic, p, qos=1) for p in parts]
         out.sent_at_connect = self.transport.connect_count
-        log.info("update for round %d queued for sending (%d bytes, %d part(s))", out.round, len(out.data),
-                 len(parts))
+        out.sent_at = time.monotonic()
+        out.sends += 1
+        if why != "new":
+            self.resends += 1
+        log.info("update for round %d queued for sending (%d bytes, %d part(s)%s)", out.round, len(out.data),
+                 len(parts), "" if why == "new" else f"; resent: {why}")
 
     def _pump_outbox(self) -> None:
-        """Drop acknowledged updates from disk; resend the others after a reconnect."""
+        """Publish waiting updates again where a copy may have been lost (rules in the module doc)."""
         t = self.transport
+        reannounced, self._reannounced = self._reannounced, False
+        if t is None or not t.connected:
+            return  # paho would only pile up copies while offline; the reconnect resends anyway
+        now = time.monotonic()
+        base = float(self.cfg.agent.resend_after_s)
         for out in list(self._outgoing):
-            if out.acked():
-                self.outbox.remove(out)
-                self._outgoing.remove(out)
-                log.info("update for round %d acknowledged by the broker", out.round)
-            elif t is not None and t.connected and out.sent_at_connect != t.connect_count:
-                self._send(out)
+            if out.sent_at_connect != t.connect_count:
+                # A new connection (or this run's first): the broker may have lost the last copy.
+                out.timer_resends = 0
+                self._send(out, "reconnected" if out.sends else "waiting since an earlier run")
+            elif not out.delivered_to_broker():
+                continue  # still on its way to the broker
+            elif reannounced:
+                out.timer_resends = 0
+                self._send(out, "global announced again")
+            elif now - out.sent_at >= base * min(2 ** out.timer_resends, 8):
+                out.timer_resends += 1
+                self._send(out, f"no acknowledgement after {now - out.sent_at:.1f} s")
+
+    def _on_ack(self, payload: bytes) -> None:
+        """The aggregator decided one of our updates (durably): it leaves the outbox. A bad ack is
+        ignored with a log line; the update then simply stays and is resent."""
+        try:
+            ack = wire.decode_ack(payload, self.limits)
+        except WireError as exc:
+            log.warning("ignoring an unreadable acknowledgement (%d bytes): %s", len(payload), exc)
+            return
+        if ack.fleet != self.topics.fleet or ack.site != self.client_id:
+            log.warning("ignoring an acknowledgement addressed to %s/%s", ack.fleet, ack.site)
+            return
+        for out in self._outgoing:
+            if out.round == ack.round or (ack.msg is not None and ack.msg == out.mid(self.client_id)):
+                break
+        else:
+            log.debug("acknowledgement for round %s (%s) matches nothing waiting", ack.round, ack.status)
+            return
+        self.outbox.remove(out)
+        self._outgoing.remove(out)
+        self.ack_counts[ack.status] += 1
+        detail = f" ({ack.reason})" if ack.reason else ""
+        if ack.status == "rejected":
+            log.warning("update for round %d rejected by the aggregator%s; removed from the outbox (a resend "
+                        "would be rejected again)", out.round, detail)
+        else:
+            log.info("update for round %d acknowledged by the aggregator: %s%s", out.round, ack.status,
+                     detail)
 
     def _poll(self, timeout: float = 0.0) -> None:
         """Take messages from the transport (waiting up to ``timeout`` for the first); keep the newest
@@ -191,6 +241,9 @@ class EdgeAgent:
             wait = 0.0
             if msg is None:
                 return
+            if msg.topic == self.topics.ack(self.client_id):
+                self._on_ack(msg.payload)
+                continue
             if msg.topic != self.topics.global_:
                 continue
             try:
@@ -199,6 +252,9 @@ class EdgeAgent:
             except (WireError, FedPeftError) as exc:
                 log.warning("ignoring global message: %s", exc)
                 continue
+            if self._latest_global is not None and g.round <= self._latest_global.round:
+                # A round we know, announced again: the aggregator (re)connected, or we did.
+                self._reannounced = True
             if self._latest_global is None or g.round >= self._latest_global.round:
                 self._latest_global = g
 
@@ -256,23 +312,18 @@ class EdgeAgent:
         assert self.spec_hash is not None
         data = wire.encode_update(wire.UpdateMessage(self.topics.fleet, rnd, self.client_id, self.spec_hash,
                                                      int(tm.samples), metrics, enc), self.limits)
-        # Crash safety order: pending residual, then the outbox entry, then commit both (see _load_state).
-        enc_tmp = self.state_dir / "encoder.next.npz"
-        with atomic_file(enc_tmp) as fh:  # durable before the outbox entry that relies on it
-            np.savez(fh, **self.encoder.state_arrays())
+        # Crash safety order: pending residual, then the outbox entry, then commit both (site/state.py).
+        self._files.write_encoder_pending(self.encoder, rnd)  # durable before the outbox entry relying on it
         out = self.outbox.put(rnd, data)
         path = out.path
         if self.cfg.agent.dump_updates:
             self.sent_dir.mkdir(exist_ok=True)
-            atomic_write_bytes(self.sent_dir / path.name, data)
-        os.replace(enc_tmp, self.state_dir / "encoder.npz")
+            write_file(self.sent_dir / path.name, data)
+        self._files.commit_encoder()
         self.last_sent_round = rnd
         self.rounds_sent.append(rnd)
         self._save_state()
-        try:
-            self.trainer.save_state(self.state_dir / "trainer.state")
-        except (FedPeftError, OSError) as exc:
-            log.warning("trainer state not saved: %s", exc)
+        self._files.save_trainer(self.trainer)  # last: a stale trainer.state only resets optimizer moments
         self._outgoing.append(out)
         self._publish_status("uploading", rnd)
         self._send(out)
@@ -290,9 +341,9 @@ class EdgeAgent:
             will=Will(self.topics.status(self.client_id), self._status("offline")),
             on_connect=self._on_connect)
         self.transport.subscribe(self.topics.global_, qos=1)
+        self.transport.subscribe(self.topics.ack(self.client_id), qos=1)
         self.transport.connect(connect_timeout)
-        for out in self._outgoing:  # store-and-forward: resend what a previous run could not deliver
-            self._send(out)
+        self._pump_outbox()  # store and forward: what a previous run left waiting goes out now
         final_seen, reason = False, "stopped"
         last_activity = time.monotonic()
         try:
@@ -319,7 +370,7 @@ class EdgeAgent:
                 if a.idle_exit_s is not None and time.monotonic() - last_activity > a.idle_exit_s:
                     reason = "idle timeout"
                     break
-            self._drain_outbox(timeout=30.0)
+            self._drain_outbox(timeout=float(a.drain_timeout_s), resend_now=final_seen)
             self._publish_status("done" if final_seen else "idle", self.last_global_round)
         finally:
             self.transport.close(final=(self.topics.status(self.client_id),
@@ -327,13 +378,18 @@ class EdgeAgent:
         log.info("agent %s finished: %s; rounds sent %s", self.client_id, reason, self.rounds_sent)
         return AgentResult(list(self.rounds_sent), self.last_global_round, final_seen, reason)
 
-    def _drain_outbox(self, timeout: float) -> None:
+    def _drain_outbox(self, timeout: float, *, resend_now: bool = False) -> None:
+        """Wait (bounded) until the aggregator has acknowledged every waiting update."""
         deadline = time.monotonic() + timeout
+        # After the final global: the aggregator acks every decided update before it publishes the global
+        # that follows, so one still waiting lost its ack (or never arrived) — send it again at once
+        # (the aggregator stays a while to answer) rather than on the timer.
+        self._reannounced = resend_now
         while self._outgoing and time.monotonic() < deadline and not self._stop.is_set():
             self._pump_outbox()
-            time.sleep(0.05)
+            self._poll(0.05)
         if self._outgoing:
-            log.warning("%d update(s) still unacknowledged; they stay in %s for the next start",
+            log.warning("%d update(s) not acknowledged by the aggregator; they stay in %s for the next start",
                         len(self._outgoing), self.outbox_dir)
 
 

@@ -62,6 +62,10 @@ class AgentSettings:
     dump_updates: bool = False  # keep a copy of every sent update in <state_dir>/sent/ (audit, tests)
     evaluate: bool = True
     idle_exit_s: float | None = None  # stop when no new global arrived for this long (tests, demos)
+    # Publish an update again when the aggregator's acknowledgement has not come this long after the
+    # last send (doubling per timer resend, up to 8x); reconnects and re-announced globals resend at once.
+    resend_after_s: float = 60.0
+    drain_timeout_s: float = 30.0  # at the end, wait this long for outstanding acknowledgements
 
 
 @dataclass

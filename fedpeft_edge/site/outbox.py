@@ -1,12 +1,16 @@
-"""The site's outbox: encoded updates kept on disk until their delivery is confirmed (store and forward).
+"""The site's outbox: encoded updates kept on disk until the aggregator has decided them (store and forward).
 
 Each update is one file ``<state_dir>/outbox/r<round>.msg`` holding the exact envelope bytes, written
-atomically before the first publish, so a restart resends the very same bytes (the aggregator counts an
-update for (client, round) once, whatever the number of copies).
+atomically before the first publish, so every resend — after a reconnect, a re-announced global, a timer,
+or a restart — carries the very same bytes and chunk message id (the aggregator counts an update for
+(client, round) once, whatever the number of copies). A file leaves the outbox only when the aggregator's
+acknowledgement for its round arrives (``fedpeft/{fleet}/ack/{client_id}``), never on the broker's PUBACK:
+Mosquitto acknowledges a publish once it is in its memory, which a broker crash can lose.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,18 +18,31 @@ from fedpeft_edge.protocol.transport import PublishHandle
 from fedpeft_edge.runtime.durable import atomic_write_bytes
 
 
+def message_id(client_id: str, data: bytes) -> str:
+    """The chunk message id of an update: a function of its bytes, so every resend reuses it and the
+    aggregator's reassembler sees copies of one message, not new messages."""
+    return hashlib.sha256(client_id.encode() + data).hexdigest()[:32]
+
+
 @dataclass
 class OutboxEntry:
-    """One waiting update and the publishes of its last (re)send."""
+    """One update waiting for the aggregator's acknowledgement, and the publishes of its last (re)send."""
 
     round: int
     path: Path
     data: bytes
     handles: list[PublishHandle] = field(default_factory=list)
-    sent_at_connect: int = -1  # transport.connect_count when last (re)published
+    sent_at_connect: int = -1  # transport.connect_count when last (re)published; -1: not yet this run
+    sent_at: float = 0.0  # time.monotonic() of the last (re)publish
+    sends: int = 0  # publishes of this entry in this run (first send included)
+    timer_resends: int = 0  # resends by the timer since the last reconnect / re-announced global
 
-    def acked(self) -> bool:
+    def delivered_to_broker(self) -> bool:
+        """Every part of the last send got its PUBACK (the broker holds it in memory; not yet decided)."""
         return bool(self.handles) and all(h.is_published() for h in self.handles)
+
+    def mid(self, client_id: str) -> str:
+        return message_id(client_id, self.data)
 
 
 class Outbox:
@@ -53,4 +70,4 @@ class Outbox:
         entry.path.unlink(missing_ok=True)
 
 
-__all__ = ["Outbox", "OutboxEntry"]
+__all__ = ["Outbox", "OutboxEntry", "message_id"]

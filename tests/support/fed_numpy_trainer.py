@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_edge.peft.layout import FlatLayout
+from fedpeft_edge.runtime.durable import npz_bytes, read_npz
+from fedpeft_edge.runtime.errors import InvalidValueError
 from fedpeft_edge.site.config import AgentConfig, DataSettings
+from fedpeft_edge.site.state import write_file
 from fedpeft_edge.site.trainer_setup import TrainerSetup
 from fedpeft_edge.training.base import EvalMetrics, TrainMetrics
 
@@ -86,12 +89,15 @@ class SoftmaxRegressionTrainer:
         return EvalMetrics(loss=loss_sum / n, accuracy=correct / n, samples=samples)
 
     def save_state(self, path: Path) -> None:
-        with open(path, "wb") as fh:
-            np.savez(fh, flat=self._flat)
+        # Through the site's writer: atomic, and the crash-injection hook of the kill tests applies.
+        write_file(Path(path), npz_bytes({"flat": self._flat}))
 
     def load_state(self, path: Path) -> None:
-        with np.load(path, allow_pickle=False) as z:
-            self.set_flat(z["flat"])
+        flat = read_npz(Path(path))["flat"]  # any damage: InvalidValueError (or KeyError), never EOFError
+        if flat.dtype != np.float32 or flat.shape != (self._layout.total,) or not np.isfinite(flat).all():
+            raise InvalidValueError(f"trainer state holds {flat.dtype}{flat.shape}, "
+                                    f"not finite float32[{self._layout.total}]")
+        self.set_flat(flat)
 
 
 def site_data(client_index: int, seed: int = 0, n: int = 120, features: int = FEATURES

@@ -120,12 +120,12 @@ def _publish_global(broker, fleet: str, rnd: int, vec: np.ndarray, spec: str, fi
     t.close()
 
 
-def _update_listener(broker, fleet: str):
+def _update_listener(broker, fleet: str, client_id: str | None = None):
     from fedpeft_edge.protocol.topics import Topics
     from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
-    t = MqttTransport(TransportConfig(host=broker.host, port=broker.port, client_id=f"listen-{fleet}",
-                                      clean_start=True))
+    t = MqttTransport(TransportConfig(host=broker.host, port=broker.port,
+                                      client_id=client_id or f"listen-{fleet}", clean_start=True))
     t.subscribe(Topics(fleet).updates_filter)
     t.connect(10)
     return t
@@ -142,6 +142,17 @@ def _drain_rounds(t, seconds: float) -> list[int]:
         if m is not None:
             rounds.append(wire.decode_update(m.payload).round)
     return rounds
+
+
+def _drain_payloads(t, seconds: float) -> list[bytes]:
+    import time
+
+    got, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        m = t.get(0.05)
+        if m is not None:
+            got.append(m.payload)
+    return got
 
 
 def _agent(broker, fleet: str, tmp: Path, policy: str = "finish", delay: float = 0.0, **agent_kw):
@@ -170,16 +181,59 @@ options = {{ step_delay_s = {delay} }}
     return EdgeAgent(cfg, s.trainer, s.train_batches_fn, s.eval_batches_fn)
 
 
-def test_agent_restart_does_not_retrain_or_resend_a_round(mosquitto_broker, tmp_path: Path) -> None:
+class _Acker:
+    """A scripted aggregator's acknowledgements: acks every update it sees as accepted."""
+
+    def __init__(self, broker, fleet: str) -> None:
+        import threading
+
+        from fedpeft_edge.protocol.topics import Topics
+
+        self.topics = Topics(fleet)
+        self.t = _update_listener(broker, fleet, client_id=f"acker-{fleet}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import time
+
+        from fedpeft_edge.protocol import wire
+
+        while not self._stop.is_set():
+            m = self.t.get(0.05)
+            if m is not None:
+                upd = wire.decode_update(m.payload)
+                ack = wire.AckMessage(upd.fleet, upd.client_id, upd.round, "accepted", "", time.time())
+                self.t.publish(self.topics.ack(upd.client_id), wire.encode_ack(ack))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.t.close()
+
+
+def test_agent_restart_resends_unacknowledged_never_retrains(mosquitto_broker, tmp_path: Path) -> None:
     fleet, spec = "skip", "00112233aabbccdd"
     _publish_global(mosquitto_broker, fleet, 0, np.zeros(27, np.float32), spec)
     listener = _update_listener(mosquitto_broker, fleet)
+    outbox = tmp_path / "site-0" / "outbox"
     try:
-        first = _agent(mosquitto_broker, fleet, tmp_path, max_rounds=1).run(connect_timeout=10)
-        assert first.rounds_sent == [0]
-        second = _agent(mosquitto_broker, fleet, tmp_path, idle_exit_s=1.0).run(connect_timeout=10)
+        # No aggregator acknowledges: the update stays in the outbox although the broker took it.
+        first = _agent(mosquitto_broker, fleet, tmp_path, max_rounds=1, drain_timeout_s=0.5).run(
+            connect_timeout=10)
+        assert first.rounds_sent == [0] and [f.name for f in outbox.iterdir()] == ["r00000000.msg"]
+        acker = _Acker(mosquitto_broker, fleet)
+        try:  # next start: the same bytes again, acknowledged this time, never retrained
+            second = _agent(mosquitto_broker, fleet, tmp_path, idle_exit_s=1.0).run(connect_timeout=10)
+        finally:
+            acker.close()
         assert second.rounds_sent == [] and second.last_global_round == 0  # saw round 0, skipped it
-        assert _drain_rounds(listener, 0.5) == [0]  # exactly one update ever published
+        assert not any(outbox.iterdir())
+        third = _agent(mosquitto_broker, fleet, tmp_path, idle_exit_s=0.5).run(connect_timeout=10)
+        assert third.rounds_sent == []
+        copies = _drain_payloads(listener, 0.5)
+        assert len(copies) == 2 and copies[0] == copies[1]  # one update, published once per start
     finally:
         listener.close()
 
@@ -194,7 +248,7 @@ def test_newer_global_while_training_abandon_vs_finish(mosquitto_broker, tmp_pat
         _publish_global(mosquitto_broker, fleet, 0, np.zeros(27, np.float32), spec)
         listener = _update_listener(mosquitto_broker, fleet)
         agent = _agent(mosquitto_broker, fleet, tmp_path / policy, policy=policy, delay=0.15, max_rounds=2,
-                       idle_exit_s=1.5)
+                       idle_exit_s=1.5, drain_timeout_s=0.5)
         runner = threading.Thread(target=agent.run, kwargs={"connect_timeout": 10})
         runner.start()
         try:
