@@ -67,7 +67,7 @@ import numpy as np
 from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 from fedpeft_edge.central.store import RoundState, StateError
-from fedpeft_edge.protocol import chunk_spool, chunking, wire
+from fedpeft_edge.protocol import chunk_spool, chunking, notices, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
 from fedpeft_edge.protocol.topics import Topics
@@ -139,7 +139,7 @@ class AggregatorService:
         self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
         # Decisions of the current batch, published once its state is durable; keyed so one ack per
         # update and batch (all chunks of a re-sent multi-part update give one "received" ack).
-        self._acks: dict[tuple[str, int | None, str | None], wire.AckMessage] = {}
+        self._acks: dict[tuple[str, int | None, str | None], notices.AckMessage] = {}
         self.acks_sent: Counter[str] = Counter()  # by status (logs, tests)
         self._announced_at = -1  # transport.connect_count when the global was last published
         self._global_handle: PublishHandle | None = None
@@ -202,8 +202,8 @@ class AggregatorService:
     # --- acknowledgements to sites ----------------------------------------------------------------
     def _queue_ack(self, site: str, rnd: int | None, status: str, reason: str = "",
                    msg_id: str | None = None) -> None:
-        reason = re.sub(r"[^ -~]", "?", reason)[: wire.MAX_ACK_REASON]  # printable ASCII for the wire
-        self._acks[(site, rnd, msg_id)] = wire.AckMessage(self.topics.fleet, site, rnd, status, reason,
+        reason = re.sub(r"[^ -~]", "?", reason)[: notices.MAX_ACK_REASON]  # printable ASCII for the wire
+        self._acks[(site, rnd, msg_id)] = notices.AckMessage(self.topics.fleet, site, rnd, status, reason,
                                                           time.time(), msg_id)
 
     def _send_acks(self) -> None:
@@ -213,7 +213,7 @@ class AggregatorService:
             return
         for ack in acks.values():
             try:
-                self.transport.publish(self.topics.ack(ack.site), wire.encode_ack(ack, self.limits), qos=1)
+                self.transport.publish(self.topics.ack(ack.site), notices.encode_ack(ack, self.limits), qos=1)
             except FedPeftError as exc:  # e.g. an odd site name: that site resends and is acked later
                 log.warning("ack to %s for round %s not sent: %s", ack.site, ack.round, exc)
                 continue
@@ -406,7 +406,7 @@ class AggregatorService:
         if not payload:
             return
         try:
-            st = wire.decode_status(payload, self.limits)
+            st = notices.decode_status(payload, self.limits)
         except WireFormatError as exc:
             log.debug("unreadable status from %s: %s", sender, exc)
             return
@@ -454,13 +454,13 @@ class AggregatorService:
     def run(self, *, connect_timeout: float | None = 60.0) -> AggregatorResult:
         a = self.cfg.aggregator
         tcfg = transport_config(self.cfg.connection, a.client_id, manual_ack=True)
-        offline = wire.encode_status(wire.StatusMessage(a.client_id, "offline", time.time(), None),
+        offline = notices.encode_status(notices.StatusMessage(a.client_id, "offline", time.time(), None),
                                      self.limits)
         status_topic = self.topics.status(a.client_id)
 
         def announce(t: MqttTransport) -> None:  # paho's thread, on every (re)connect
-            online = wire.StatusMessage(a.client_id, "online", time.time(), self.core.round)
-            t.publish(status_topic, wire.encode_status(online, self.limits), retain=True)
+            online = notices.StatusMessage(a.client_id, "online", time.time(), self.core.round)
+            t.publish(status_topic, notices.encode_status(online, self.limits), retain=True)
 
         self.transport = MqttTransport(tcfg, will=Will(status_topic, offline), on_connect=announce)
         self.transport.subscribe(self.topics.updates_filter, qos=1)
@@ -507,8 +507,8 @@ class AggregatorService:
             if self.reassembler.spool is not None:
                 self.reassembler.spool.close()
             final_state = "done" if self.core.finished else "offline"
-            bye = wire.StatusMessage(a.client_id, final_state, time.time(), self.core.round)
-            self.transport.close(final=(status_topic, wire.encode_status(bye, self.limits)))
+            bye = notices.StatusMessage(a.client_id, final_state, time.time(), self.core.round)
+            self.transport.close(final=(status_topic, notices.encode_status(bye, self.limits)))
         return AggregatorResult(closed, self.core.round, self.core.finished, self.core.counters,
                                 np.array(self.core.global_vector))
 

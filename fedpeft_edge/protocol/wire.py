@@ -22,7 +22,6 @@ Codec-level validation of the payload itself (indices, scales) happens in ``code
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -40,12 +39,10 @@ CHECKSUM_BYTES: Final = 8  # blake2b(payload, digest_size=8)
 _IDENT_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _HEX_RE: Final = re.compile(r"[0-9a-f]+")
 _KEY_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-_STATE_RE: Final = re.compile(r"[a-z][a-z_]*")
 
 # Envelope keys, per kind (exact sets: unknown or missing keys are errors).
 UPDATE_KEYS: Final = frozenset({"v", "t", "fl", "r", "c", "sh", "ns", "m", "cd", "p", "ck"})
 GLOBAL_KEYS: Final = frozenset({"v", "t", "fl", "r", "sh", "cd", "p", "ck", "meta"})
-STATUS_KEYS: Final = frozenset({"v", "t", "c", "st", "ts", "r"})
 CODEC_KEYS: Final = frozenset({"mo", "n", "k", "b", "ic", "il"})
 
 
@@ -99,16 +96,6 @@ class GlobalMessage:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class StatusMessage:
-    """An agent's state ("online", "offline", "training", "uploading", "idle", "error", ...)."""
-
-    client_id: str
-    state: str
-    ts: float
-    round: int | None = None
-
-
 def checksum(payload: bytes | memoryview) -> bytes:
     """8-byte blake2b digest of the payload (integrity, not authentication)."""
     return hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest()
@@ -142,14 +129,6 @@ def encode_global(msg: GlobalMessage, limits: WireLimits = DEFAULT_LIMITS) -> by
            "meta": dict(msg.meta)}
     data = _pack(obj)
     decode_global(data, limits)
-    return data
-
-
-def encode_status(msg: StatusMessage, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
-    obj = {"v": WIRE_VERSION, "t": "status", "c": msg.client_id, "st": msg.state, "ts": float(msg.ts),
-           "r": msg.round}
-    data = _pack(obj)
-    decode_status(data, limits)
     return data
 
 
@@ -335,156 +314,32 @@ def decode_global(data: bytes | bytearray | memoryview, limits: WireLimits = DEF
     return GlobalMessage(fleet, rnd, spec, enc, meta)
 
 
-def decode_status(data: bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> StatusMessage:
-    obj = _unpack(data, limits, "status")
-    _check_header(obj, "status", STATUS_KEYS)
-    client = _ident(obj, "c", limits)
-    state = obj["st"]
-    if not isinstance(state, str):
-        raise WireFormatError(Reason.BAD_TYPE, "st must be str")
-    if not 1 <= len(state) <= limits.max_str_len or not _STATE_RE.fullmatch(state):
-        raise WireFormatError(Reason.BAD_STRING, "st must match [a-z][a-z_]*")
-    ts = obj["ts"]
-    if isinstance(ts, bool) or not isinstance(ts, int | float):
-        raise WireFormatError(Reason.BAD_TYPE, "ts must be a number")
-    if not math.isfinite(float(ts)) or float(ts) < 0:
-        raise WireFormatError(Reason.OUT_OF_RANGE, "ts must be finite and >= 0")
-    rnd = None if obj["r"] is None else _int(obj, "r", 0, limits.max_round)
-    return StatusMessage(client, state, float(ts), rnd)
-
-
 def message_kind(data: bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> str:
-    """The ``t`` field of an envelope ("update", "global", "status", "chunk"), fully unpacked and checked
+    """The ``t`` field of an envelope ("update", "global", "chunk"), fully unpacked and checked
     for version; use it to route when one topic carries several kinds."""
     obj = _unpack(data, limits, "any")
     v = obj.get("v")
     if isinstance(v, bool) or v != WIRE_VERSION:
         raise WireFormatError(Reason.BAD_VERSION, f"unsupported wire version {v!r}")
     kind = obj.get("t")
-    if kind not in ("update", "global", "status", "chunk"):
+    if kind not in ("update", "global", "chunk"):
         raise WireFormatError(Reason.BAD_KIND, f"unknown message kind {kind!r}")
     return kind
 
 
 
-# --------------------------------------------------------------------------------------------------
-# Acknowledgement (aggregator → site): JSON, small, decoded as hostile input like everything else
-
-ACK_KEYS: Final = frozenset({"v", "t", "fleet", "site", "round", "msg", "status", "reason", "time"})
-# accepted / duplicate / late / rejected: the core's decision on the update of (site, round);
-# received: a re-sent chunk of a multi-part update the aggregator had already consumed (round unknown
-# to it then, so "msg" names the chunk message id instead).
-ACK_STATUSES: Final = ("accepted", "duplicate", "late", "rejected", "received")
-MAX_ACK_BYTES: Final = 512  # a real ack is ~150 bytes; anything larger is refused before parsing
-MAX_ACK_REASON: Final = 128
-_MSG_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
-_PRINTABLE_RE: Final = re.compile(r"[ -~]*")  # printable ASCII: safe in logs, no control characters
-
-
-@dataclass(frozen=True)
-class AckMessage:
-    """The aggregator's durable decision on one update, sent on ``fedpeft/{fleet}/ack/{site}``.
-
-    Sent only after the decision is in the aggregator's persisted round state, so a site may then
-    delete the update from its outbox. ``round`` names the update (a site sends one per round);
-    ``msg`` (a chunk message id) replaces it when only the chunks of an already consumed update came in.
-    """
-
-    fleet: str
-    site: str
-    round: int | None
-    status: str
-    reason: str = ""
-    time: float = 0.0
-    msg: str | None = None
-
-
-def encode_ack(msg: AckMessage, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
-    obj = {"v": WIRE_VERSION, "t": "ack", "fleet": msg.fleet, "site": msg.site, "round": msg.round,
-           "msg": msg.msg, "status": msg.status, "reason": msg.reason[:MAX_ACK_REASON],
-           "time": round(float(msg.time), 3)}
-    data = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=True).encode("ascii")
-    decode_ack(data, limits)
-    return data
-
-
-def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, val in pairs:
-        if key in out:  # json.loads would silently keep the last copy
-            raise WireFormatError(Reason.BAD_KEYS, f"duplicate key {key[:16]!r}")
-        out[key] = val
-    return out
-
-
-def _json_constant(name: str) -> Any:
-    raise WireFormatError(Reason.NON_FINITE, f"{name} is not allowed")
-
-
-def decode_ack(data: bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> AckMessage:
-    """Parse and validate an ``ack`` (JSON object with exactly :data:`ACK_KEYS`)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise WireFormatError(Reason.BAD_TYPE, f"message must be bytes, got {type(data).__name__}")
-    size = memoryview(data).nbytes
-    if size > MAX_ACK_BYTES:
-        raise WireFormatError(Reason.OVERSIZED, f"ack of {size} bytes > {MAX_ACK_BYTES}")
-    if size == 0:
-        raise WireFormatError(Reason.TRUNCATED, "empty message")
-    try:
-        obj = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_json_pairs,
-                         parse_constant=_json_constant)
-    except WireFormatError:
-        raise
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise WireFormatError(Reason.MALFORMED, f"invalid JSON: {type(exc).__name__}") from exc
-    if not isinstance(obj, dict):
-        raise WireFormatError(Reason.MALFORMED, f"top level must be an object, got {type(obj).__name__}")
-    _check_header(obj, "ack", ACK_KEYS)
-    fleet = _ident(obj, "fleet", limits)
-    site = _ident(obj, "site", limits)
-    rnd = None if obj["round"] is None else _int(obj, "round", 0, limits.max_round)
-    mid = obj["msg"]
-    if mid is not None and (not isinstance(mid, str) or not _MSG_ID_RE.fullmatch(mid)):
-        raise WireFormatError(Reason.BAD_STRING, "msg must be null or 32 lowercase hex characters")
-    if rnd is None and mid is None:
-        raise WireFormatError(Reason.BAD_KEYS, "an ack names a round or a message id")
-    status = obj["status"]
-    if status not in ACK_STATUSES:  # also refuses non-strings (never equal to a listed str)
-        raise WireFormatError(Reason.BAD_STRING, f"status must be one of {ACK_STATUSES}")
-    reason = obj["reason"]
-    if not isinstance(reason, str):
-        raise WireFormatError(Reason.BAD_TYPE, "reason must be str")
-    if len(reason) > MAX_ACK_REASON or not _PRINTABLE_RE.fullmatch(reason):
-        raise WireFormatError(Reason.BAD_STRING, f"reason must be printable ASCII, <= {MAX_ACK_REASON} chars")
-    ts = obj["time"]
-    if isinstance(ts, bool) or not isinstance(ts, int | float):
-        raise WireFormatError(Reason.BAD_TYPE, "time must be a number")
-    if not math.isfinite(float(ts)) or float(ts) < 0:
-        raise WireFormatError(Reason.OUT_OF_RANGE, "time must be finite and >= 0")
-    return AckMessage(fleet, site, rnd, status, reason, float(ts), mid)
-
-
 __all__ = [
-    "ACK_KEYS",
-    "ACK_STATUSES",
     "CHECKSUM_BYTES",
     "DEFAULT_LIMITS",
-    "MAX_ACK_BYTES",
     "WIRE_VERSION",
-    "AckMessage",
     "GlobalMessage",
-    "StatusMessage",
     "UpdateMessage",
     "WireFormatError",
     "WireLimits",
     "checksum",
-    "decode_ack",
     "decode_global",
-    "decode_status",
     "decode_update",
-    "encode_ack",
     "encode_global",
-    "encode_status",
     "encode_update",
     "message_kind",
 ]

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpeft_edge.protocol import chunking, wire
+from fedpeft_edge.protocol import chunking, notices, wire
 from fedpeft_edge.protocol.codec import decode_global
 from fedpeft_edge.protocol.config import transport_config
 from fedpeft_edge.protocol.topics import Topics
@@ -155,7 +155,8 @@ class EdgeAgent:
 
     # --- messaging --------------------------------------------------------------------------------
     def _status(self, state: str, rnd: int | None = None) -> bytes:
-        return wire.encode_status(wire.StatusMessage(self.client_id, state, time.time(), rnd), self.limits)
+        status = notices.StatusMessage(self.client_id, state, time.time(), rnd)
+        return notices.encode_status(status, self.limits)
 
     def _publish_status(self, state: str, rnd: int | None = None) -> None:
         if self.transport is not None and self.transport.connected:
@@ -207,7 +208,7 @@ class EdgeAgent:
         """The aggregator decided one of our updates (durably): it leaves the outbox. A bad ack is
         ignored with a log line; the update then simply stays and is resent."""
         try:
-            ack = wire.decode_ack(payload, self.limits)
+            ack = notices.decode_ack(payload, self.limits)
         except WireError as exc:
             log.warning("ignoring an unreadable acknowledgement (%d bytes): %s", len(payload), exc)
             return

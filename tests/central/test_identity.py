@@ -20,7 +20,7 @@ import uuid
 from mqtt_fixtures import PLANT_FLEET, PlantPki, require_mosquitto, wait_for
 
 from fedpeft_edge.central.broker import BrokerHandle, PlantOptions, start_local_broker
-from fedpeft_edge.protocol import wire
+from fedpeft_edge.protocol import notices
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
@@ -147,9 +147,9 @@ def test_only_the_aggregator_writes_acks_and_a_site_reads_only_its_own(plant_bro
         c.connect(10)
     try:
         time.sleep(0.3)  # SUBACKs
-        ack_a = wire.encode_ack(wire.AckMessage(PLANT_FLEET, "site-a", 4, "accepted", "", time.time()))
-        ack_b = wire.encode_ack(wire.AckMessage(PLANT_FLEET, "site-b", 4, "duplicate", "", time.time()))
-        forged = wire.encode_ack(wire.AckMessage(PLANT_FLEET, "site-a", 5, "accepted", "", time.time()))
+        ack_a = notices.encode_ack(notices.AckMessage(PLANT_FLEET, "site-a", 4, "accepted", "", time.time()))
+        ack_b = notices.encode_ack(notices.AckMessage(PLANT_FLEET, "site-b", 4, "duplicate", "", time.time()))
+        forged = notices.encode_ack(notices.AckMessage(PLANT_FLEET, "site-a", 5, "accepted", "", time.time()))
         assert agg.publish(T.ack("site-a"), ack_a).wait(5)
         assert agg.publish(T.ack("site-b"), ack_b).wait(5)
         spy.publish(T.ack("site-a"), forged).wait(5)  # acknowledged by the broker (3.1.1 style), dropped

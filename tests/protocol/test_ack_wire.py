@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedpeft_edge.protocol import wire
+from fedpeft_edge.protocol import notices, wire
 from fedpeft_edge.protocol.reasons import Reason
 
 GOOD = {"v": 1, "t": "ack", "fleet": "line-3", "site": "site-07", "round": 12, "msg": None,
@@ -21,20 +21,20 @@ def _bytes(obj: object) -> bytes:
 
 def _reason(data: bytes) -> str:
     with pytest.raises(wire.WireFormatError) as info:
-        wire.decode_ack(data)
+        notices.decode_ack(data)
     return info.value.reason
 
 
 def test_round_trip_is_small_readable_json() -> None:
-    ack = wire.AckMessage("line-3", "site-07", 12, "duplicate", "already counted", 1764590000.123456)
-    data = wire.encode_ack(ack)
+    ack = notices.AckMessage("line-3", "site-07", 12, "duplicate", "already counted", 1764590000.123456)
+    data = notices.encode_ack(ack)
     assert len(data) < 200 and json.loads(data)["status"] == "duplicate"
-    back = wire.decode_ack(data)
+    back = notices.decode_ack(data)
     assert (back.fleet, back.site, back.round, back.status, back.reason, back.msg) == (
         "line-3", "site-07", 12, "duplicate", "already counted", None)
     assert back.time == pytest.approx(1764590000.123, abs=1e-3)
-    by_id = wire.AckMessage("line-3", "site-07", None, "received", "already consumed", 1.0, "ab" * 16)
-    assert wire.decode_ack(wire.encode_ack(by_id)).msg == "ab" * 16
+    by_id = notices.AckMessage("line-3", "site-07", None, "received", "already consumed", 1.0, "ab" * 16)
+    assert notices.decode_ack(notices.encode_ack(by_id)).msg == "ab" * 16
 
 
 @pytest.mark.parametrize(("change", "reason"), [
@@ -80,7 +80,7 @@ def test_missing_key() -> None:
     (b'"ack"', Reason.MALFORMED),
     (b"[" * 400 + b"]" * 400, Reason.OVERSIZED),
     (b"[" * 250 + b"]" * 250, Reason.MALFORMED),
-    (b" " * (wire.MAX_ACK_BYTES + 1), Reason.OVERSIZED),
+    (b" " * (notices.MAX_ACK_BYTES + 1), Reason.OVERSIZED),
     (_bytes(GOOD).replace(b"1764590000.5", b"NaN"), Reason.NON_FINITE),
     (_bytes(GOOD).replace(b"1764590000.5", b"Infinity"), Reason.NON_FINITE),
     (_bytes(GOOD)[:-1] + b', "round": 13}', Reason.BAD_KEYS),  # duplicate key: never "last one wins"
@@ -92,13 +92,13 @@ def test_hostile_bytes(data: bytes, reason: str) -> None:
 
 def test_not_bytes() -> None:
     with pytest.raises(wire.WireFormatError):
-        wire.decode_ack("{}")  # type: ignore[arg-type]
+        notices.decode_ack("{}")  # type: ignore[arg-type]
 
 
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_raise_only_wire_errors(data: bytes) -> None:
     try:
-        wire.decode_ack(data)
+        notices.decode_ack(data)
     except wire.WireFormatError:
         pass
 
@@ -108,14 +108,14 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
 
 
-@given(st.dictionaries(st.sampled_from([*sorted(wire.ACK_KEYS), "x"]), json_values, max_size=10))
+@given(st.dictionaries(st.sampled_from([*sorted(notices.ACK_KEYS), "x"]), json_values, max_size=10))
 def test_arbitrary_objects_raise_only_wire_errors(obj: dict) -> None:
     try:
         data = json.dumps({**GOOD, **obj}).encode()
     except ValueError:
         return
     try:
-        ack = wire.decode_ack(data)
+        ack = notices.decode_ack(data)
     except wire.WireFormatError:
         return
-    assert ack.status in wire.ACK_STATUSES and (ack.round is not None or ack.msg is not None)
+    assert ack.status in notices.ACK_STATUSES and (ack.round is not None or ack.msg is not None)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fedpeft_edge.protocol import chunking as CH
 from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.protocol import notices
 from fedpeft_edge.protocol import wire as W
 from fedpeft_edge.protocol.indices import decode_bitmap_indices, decode_varint_indices
 from fedpeft_edge.runtime.errors import WireError
@@ -55,7 +56,7 @@ def _ingest(data: bytes) -> None:
 @given(st.binary(max_size=4096))
 def test_random_bytes_only_raise_wire_error(data: bytes) -> None:
     _ingest(data)
-    for decode in (W.decode_global, W.decode_status):
+    for decode in (W.decode_global, notices.decode_status):
         try:
             decode(data, LIMITS)
         except WireError:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import msgpack
 import numpy as np
 import pytest
 
+import fedpeft_edge
 from fedpeft_edge.protocol import codec as C
+from fedpeft_edge.protocol import notices
 from fedpeft_edge.protocol import wire as W
 from fedpeft_edge.protocol.reasons import Reason, reason_of
 from fedpeft_edge.runtime.errors import WireError
@@ -36,7 +39,7 @@ def _obj(msg: W.UpdateMessage | None = None) -> dict:
 
 
 def _reason_of_decode(data: bytes, limits: W.WireLimits = W.DEFAULT_LIMITS, kind: str = "update") -> str:
-    decode = {"update": W.decode_update, "global": W.decode_global, "status": W.decode_status}[kind]
+    decode = {"update": W.decode_update, "global": W.decode_global, "status": notices.decode_status}[kind]
     with pytest.raises(WireError) as ei:
         decode(data, limits)
     return reason_of(ei.value)
@@ -59,15 +62,16 @@ def test_global_and_status_round_trip() -> None:
     back = W.decode_global(W.encode_global(g))
     assert back == g
     np.testing.assert_array_equal(C.decode_global(back.vector, N), vec)
-    s = W.StatusMessage("gw-01", "training", 1_700_000_000.5, 4)
-    assert W.decode_status(W.encode_status(s)) == s
-    s2 = W.StatusMessage("gw-01", "offline", 0.0, None)
-    assert W.decode_status(W.encode_status(s2)) == s2
+    s = notices.StatusMessage("gw-01", "training", 1_700_000_000.5, 4)
+    assert notices.decode_status(notices.encode_status(s)) == s
+    s2 = notices.StatusMessage("gw-01", "offline", 0.0, None)
+    assert notices.decode_status(notices.encode_status(s2)) == s2
 
 
 def test_message_kind_routes() -> None:
     assert W.message_kind(W.encode_update(_update())) == "update"
-    assert W.message_kind(W.encode_status(W.StatusMessage("a", "online", 1.0))) == "status"
+    with pytest.raises(WireError):  # status is JSON now (operators read it), never a msgpack envelope
+        W.message_kind(notices.encode_status(notices.StatusMessage("a", "online", 1.0)))
     with pytest.raises(WireError):
         W.message_kind(_raw({"v": 1, "t": "exploit"}))
 
@@ -235,16 +239,33 @@ def test_global_rejects_sparse_vectors_and_bad_meta() -> None:
     assert _reason_of_decode(_raw(g), kind="global") == Reason.BAD_TYPE
 
 
+def test_status_is_readable_json() -> None:
+    """What an operator sees with mosquitto_sub: one line of JSON with site, state, round, time, version."""
+    status = notices.StatusMessage("gw-01", "paused", 1_700_000_000.25, 7, detail="cpu busy")
+    data = notices.encode_status(status)
+    obj = json.loads(data)
+    assert obj == {"v": 1, "t": "status", "site": "gw-01", "state": "paused", "round": 7,
+                   "time": 1_700_000_000.25, "version": fedpeft_edge.__version__, "detail": "cpu busy"}
+
+
 def test_status_violations() -> None:
-    good = {"v": 1, "t": "status", "c": "gw-01", "st": "online", "ts": 1.0, "r": None}
-    assert W.decode_status(_raw(good)).state == "online"
-    for key, value, reason in [("st", "Online!", Reason.BAD_STRING),
-                               ("ts", float("nan"), Reason.OUT_OF_RANGE),
-                               ("ts", -1.0, Reason.OUT_OF_RANGE), ("ts", True, Reason.BAD_TYPE),
-                               ("r", -2, Reason.OUT_OF_RANGE), ("c", "a b", Reason.BAD_STRING)]:
+    good = {"v": 1, "t": "status", "site": "gw-01", "state": "online", "round": None, "time": 1.0,
+            "version": "0.1.0", "detail": ""}
+    assert notices.decode_status(json.dumps(good).encode()).state == "online"
+    for key, value, reason in [("state", "Online!", Reason.BAD_STRING),
+                               ("time", -1.0, Reason.OUT_OF_RANGE), ("time", True, Reason.BAD_TYPE),
+                               ("round", -2, Reason.OUT_OF_RANGE), ("site", "a b", Reason.BAD_STRING),
+                               ("version", "1.0; rm -rf", Reason.BAD_STRING),
+                               ("detail", "x\n" * 3, Reason.BAD_STRING),
+                               ("detail", "x" * 300, Reason.BAD_STRING)]:
         bad = dict(good)
         bad[key] = value
-        assert _reason_of_decode(_raw(bad), kind="status") == reason, key
+        assert _reason_of_decode(json.dumps(bad).encode(), kind="status") == reason, key
+    assert _reason_of_decode(b'{"v":1,"v":1}', kind="status") == Reason.BAD_KEYS  # duplicate keys
+    assert _reason_of_decode(json.dumps({**good, "time": "NaN"}).replace('"NaN"', "NaN").encode(),
+                             kind="status") == Reason.NON_FINITE
+    assert _reason_of_decode(b" " * 2000, kind="status") == Reason.OVERSIZED
+    assert _reason_of_decode(_raw({"v": 1, "t": "status"}), kind="status") == Reason.MALFORMED  # msgpack
 
 
 def test_limits_validate_themselves() -> None:

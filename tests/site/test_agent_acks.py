@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fedpeft_edge.central.broker import BrokerHandle
-from fedpeft_edge.protocol import wire
+from fedpeft_edge.protocol import notices, wire
 from fedpeft_edge.protocol.codec import encode_global
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
@@ -77,7 +77,7 @@ drain_timeout_s = 30
         def ack(**kw: object) -> bytes:
             fields = {"fleet": FLEET, "site": "site-0", "round": 0, "status": "accepted", "reason": "",
                       "time": time.time()} | kw
-            return wire.encode_ack(wire.AckMessage(**fields))  # type: ignore[arg-type]
+            return notices.encode_ack(notices.AckMessage(**fields))  # type: ignore[arg-type]
 
         bad = [b"", b"not json", b"{" * 600, b'{"v":1,"t":"ack"}', ack(site="site-1"), ack(fleet="other"),
                ack(round=7), ack(round=None, msg="cd" * 16)]

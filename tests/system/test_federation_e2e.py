@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fedpeft_edge.central.store import RoundState
+from fedpeft_edge.protocol import notices
 
 FLEET = "e2e"
 FEATURES = 100  # 303 parameters: an fp32 update (~1.4 KB) needs two chunks under a 1200-byte packet cap
@@ -204,8 +205,8 @@ class _Acker:
             m = self.t.get(0.05)
             if m is not None:
                 upd = wire.decode_update(m.payload)
-                ack = wire.AckMessage(upd.fleet, upd.client_id, upd.round, "accepted", "", time.time())
-                self.t.publish(self.topics.ack(upd.client_id), wire.encode_ack(ack))
+                ack = notices.AckMessage(upd.fleet, upd.client_id, upd.round, "accepted", "", time.time())
+                self.t.publish(self.topics.ack(upd.client_id), notices.encode_ack(ack))
 
     def close(self) -> None:
         self._stop.set()
