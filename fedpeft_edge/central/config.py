@@ -16,6 +16,7 @@ from fedpeft_edge.protocol.config import (
     ConnectionSettings,
     FleetSettings,
     TrainerSettings,
+    check_types,
     load_service_config,
 )
 from fedpeft_edge.runtime.errors import InvalidValueError
@@ -50,6 +51,10 @@ class AggregatorSettings:
     max_update_bytes: int = 64 * 1024 * 1024
     metrics_file: str | None = None  # default: <state_dir>/metrics.jsonl
     chunk_timeout_s: float = 120.0
+    # Memory for half-received multi-part updates: all sites together, and one site's share (default: one
+    # whole update, max_update_bytes), so one site cannot hold the whole budget.
+    max_pending_chunk_bytes: int = 256 * 1024 * 1024
+    max_pending_chunk_bytes_per_site: int | None = None
     # After the final round, keep answering resends (acks) and re-announcing the final global until every
     # site heard from reports it is done (or went offline), at most this long; 0: exit at once.
     final_linger_s: float = 30.0
@@ -63,9 +68,11 @@ class AggregatorSettings:
         if unknown:
             raise InvalidValueError(
                 f"[{where}] unknown key(s) {unknown}; allowed: {sorted(own | policy_keys)}")
+        mine = {k: v for k, v in raw.items() if k in own}
+        check_types(cls, mine, where)
         try:
             policy = RoundPolicy(**{k: v for k, v in raw.items() if k in policy_keys})
-            return cls(**{k: v for k, v in raw.items() if k in own}, policy=policy)
+            return cls(**mine, policy=policy)
         except TypeError as exc:
             raise InvalidValueError(f"[{where}] {exc}") from exc
 

@@ -45,7 +45,8 @@ On start the deadline clock of the open round is restarted (a resumed round gets
 again instead of closing at once with ``min_clients`` after a long outage).
 
 A round closes on quorum or at its deadline (with ``min_clients``); the server optimiser makes the
-next global, which is published retained with QoS 1; one JSON line per round goes to the metrics file.
+next global, which is published retained with QoS 1; one JSON line per round goes to the metrics file
+(rewritten on the next start from the saved round state if a kill lost it: ``metrics_log``).
 After ``max_rounds`` the final global is published with ``meta.final = true`` and the service exits.
 Every rejected message is logged with its reason and counted; nothing a peer sends can crash the loop.
 """
@@ -53,7 +54,6 @@ Every rejected message is logged with its reason and counted; nothing a peer sen
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -66,6 +66,8 @@ import numpy as np
 
 from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
+from fedpeft_edge.central.initial_global import initial_from_trainer, load_vector
+from fedpeft_edge.central.metrics_log import MetricsLog
 from fedpeft_edge.central.store import RoundState, StateError
 from fedpeft_edge.protocol import chunk_spool, chunking, notices, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
@@ -82,19 +84,6 @@ FINAL_ANNOUNCE_TIMEOUT_S = 30.0  # how long the final global is republished unti
 ACTIVE_SITE_STATES = frozenset({"online", "training", "uploading"})
 # Failures after which memory may be ahead of disk: acknowledge nothing, stop, restart from disk.
 PERSISTENCE_FAILURES: tuple[type[BaseException], ...] = (StateError, chunk_spool.SpoolError, MemoryError)
-
-
-def load_vector(path: str | Path) -> np.ndarray:
-    """A 1-D float32 vector from a .npy file (no pickles)."""
-    try:
-        arr = np.load(Path(path), allow_pickle=False)
-    except (OSError, InvalidValueError) as exc:
-        raise InvalidValueError(f"cannot read initial global {path}: {exc}") from exc
-    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.size == 0:
-        raise InvalidValueError(f"initial global {path} must be a non-empty 1-D array")
-    if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
-        raise InvalidValueError(f"initial global {path} must hold finite floats")
-    return arr.astype(np.float32)
 
 
 @dataclass
@@ -117,10 +106,11 @@ class AggregatorService:
         self.state_dir = Path(a.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = Path(a.metrics_file) if a.metrics_file else self.state_dir / "metrics.jsonl"
+        self.metrics_log = MetricsLog(self.metrics_path)
         if initial_global is None and a.initial_global:
             initial_global = load_vector(a.initial_global)
         if initial_global is None:
-            initial_global, bundle_hash = _initial_from_trainer(config)
+            initial_global, bundle_hash = initial_from_trainer(config)
             spec_hash = spec_hash or bundle_hash
         n = int(initial_global.size)
         self.spec_hash = a.spec_hash or spec_hash or default_spec_hash(n)
@@ -135,6 +125,8 @@ class AggregatorService:
         # Chunks are acknowledged as they arrive, so they are journalled on disk first (see module doc).
         self.reassembler = chunking.Reassembler(
             max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s),
+            max_pending_bytes=int(a.max_pending_chunk_bytes),
+            max_pending_bytes_per_sender=a.max_pending_chunk_bytes_per_site,
             spool=chunk_spool.ChunkSpool(self.state_dir / "chunks"))
         self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
         # Decisions of the current batch, published once its state is durable; keyed so one ack per
@@ -324,7 +316,8 @@ class AggregatorService:
                      self.core.accepted_this_round, self.core_config.quorum)
         elif decision.status == "rejected":
             self.rejections[decision.reason] += 1
-            log.warning("update from %s for round %d rejected (%s)", sender, upd.round, decision.reason)
+            log.warning("update from %s for round %d rejected (%s): %s", sender, upd.round, decision.reason,
+                        decision.detail or "no detail")
         else:
             log.info("update from %s for round %d %s (%s)", sender, upd.round, decision.status,
                      decision.reason)
@@ -445,8 +438,7 @@ class AggregatorService:
         line = dict(metrics, bytes_out=bytes_out, closed_at=now, next_round=self.core.round,
                     rejected={k: v for k, v in rejected.items() if v},
                     chunk_drops=dict(self.reassembler.drops))
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(line, default=float) + "\n")
+        self.metrics_log.append(line)
         log.info("round %d closed: %d participant(s) %s, %.1f s, mean client loss %s; next round %d",
                  closing, metrics["num_updates"], metrics["participants"], metrics["duration_s"],
                  f"{metrics['loss']:.4f}" if "loss" in metrics else "n/a", self.core.round)
@@ -474,6 +466,8 @@ class AggregatorService:
         batch: list[Message] = []
         try:
             self.recover_spooled(time.time())
+            # A kill between saving a closed round and appending its line loses only the line: redo it.
+            self.metrics_log.restore(self.core.history)
             # (Re)publish the current global: after a crash between closing a round and publishing,
             # this is what completes the round's hand-over.
             self._publish_global()
@@ -511,26 +505,3 @@ class AggregatorService:
             self.transport.close(final=(status_topic, notices.encode_status(bye, self.limits)))
         return AggregatorResult(closed, self.core.round, self.core.finished, self.core.counters,
                                 np.array(self.core.global_vector))
-
-
-def _initial_from_trainer(cfg: AggregatorServiceConfig) -> tuple[np.ndarray, str | None]:
-    """The first global from ``[trainer]``: the bundle's starting adapter (no trainer or data is built),
-    or, for ``kind = "factory"`` (tests, simulations), the factory's trainer."""
-    t = cfg.trainer
-    if t.kind == "ort" and t.bundle_dir:
-        from fedpeft_edge.peft.artifacts import ArtifactBundle
-
-        try:
-            bundle = ArtifactBundle.load(t.bundle_dir)
-        except (OSError, FedPeftError) as exc:
-            raise InvalidValueError(f"aggregator cannot read the bundle {t.bundle_dir}: {exc}") from exc
-        return bundle.initial_vector(), bundle.spec_hash
-    if t.kind == "factory" and t.factory and ":" in t.factory:
-        import importlib
-
-        mod_name, func_name = t.factory.split(":", 1)
-        setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
-        return np.asarray(setup.trainer.get_flat(), dtype=np.float32), setup.spec_hash
-    raise InvalidValueError(
-        "aggregator needs an initial global: set aggregator.initial_global (.npy), or a [trainer] section "
-        "with kind = 'ort' + bundle_dir (or kind = 'factory' + factory)")

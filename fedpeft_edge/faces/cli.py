@@ -306,8 +306,9 @@ register(Command(
     "agent", "run a site's training agent (trains locally, sends only compressed adapter updates)",
     "Wait for the global adapter on fedpeft/<fleet>/global, train it on this site's own data, and send\n"
     "only the compressed change (never the data) to fedpeft/<fleet>/update/<site>. Updates are kept in\n"
-    "<state-dir>/outbox until the broker confirms them, so nothing is lost when the network or the\n"
-    "broker is down; the agent resumes after a restart. Runs until the aggregator's last round.",
+    "<state-dir>/outbox until the aggregator acknowledges it counted them (fedpeft/<fleet>/ack/<site>),\n"
+    "so nothing is lost when the network or the broker is down, even if the broker crashes; the agent\n"
+    "resumes after a restart. Runs until the aggregator's last round.",
     _agent_args, _agent_run))
 
 

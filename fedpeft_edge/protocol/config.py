@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +76,35 @@ class TrainerSettings:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def _type_ok(value: object, hint: Any) -> bool:
+    """Whether a TOML value fits a simple annotation (int, float, str, bool, X | None, dict, list)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # TOML writes 30 for 30.0
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (dict, list) or hint in (dict, list):
+        return isinstance(value, origin or hint)
+    return True  # anything richer validates itself (its __post_init__)
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse a TOML value of the wrong type before it reaches the service (``port = "1883"``...)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _type_ok(value, hints[key]):
+            raise InvalidValueError(
+                f"[{where}] {key} = {value!r} has the wrong type; expected {hints[key]}")
+
+
 def build_section(cls: type[T], raw: object, where: str) -> T:
     """Build one section dataclass from its TOML table; unknown keys are errors. A class may parse its
     table itself with a ``from_table(raw, where)`` classmethod (e.g. to fill a nested dataclass)."""
@@ -88,6 +119,7 @@ def build_section(cls: type[T], raw: object, where: str) -> T:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise InvalidValueError(f"[{where}] unknown key(s) {unknown}; allowed: {sorted(known)}")
+    check_types(cls, raw, where)
     try:
         return cls(**raw)
     except (TypeError, ValueError) as exc:

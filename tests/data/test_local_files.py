@@ -240,7 +240,7 @@ def test_config_path_and_dataset_are_exclusive() -> None:
         '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\neval_fraction = 1.0\n': "eval_fraction",
         '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\nlabels = ["a"]\n': "unknown key",
         '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\nmax_rows = 0\n': "max_rows must be a positive",
-        '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\nmax_file_bytes = "1G"\n': "max_file_bytes must",
+        '[data]\npath = "/srv/site.jsonl"\nclasses = ["a"]\nmax_file_bytes = "1G"\n': "wrong type",
     }
     for text, message in bad.items():
         with pytest.raises(ValueError) as info:

@@ -1,0 +1,48 @@
+"""Where the aggregator's first global comes from: a ``.npy`` vector, the bundle, or a trainer factory."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from fedpeft_edge.central.config import AggregatorServiceConfig
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
+
+
+def load_vector(path: str | Path) -> np.ndarray:
+    """A 1-D float32 vector from a .npy file (no pickles)."""
+    try:
+        arr = np.load(Path(path), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidValueError(f"cannot read initial global {path}: {exc}") from exc
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.size == 0:
+        raise InvalidValueError(f"initial global {path} must be a non-empty 1-D array")
+    if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
+        raise InvalidValueError(f"initial global {path} must hold finite floats")
+    return arr.astype(np.float32)
+
+
+def initial_from_trainer(cfg: AggregatorServiceConfig) -> tuple[np.ndarray, str | None]:
+    """The first global from ``[trainer]``: the bundle's starting adapter (no trainer or data is built),
+    or, for ``kind = "factory"`` (tests, simulations), the factory's trainer."""
+    t = cfg.trainer
+    if t.kind == "ort" and t.bundle_dir:
+        from fedpeft_edge.peft.artifacts import ArtifactBundle
+
+        try:
+            bundle = ArtifactBundle.load(t.bundle_dir)
+        except (OSError, FedPeftError) as exc:
+            raise InvalidValueError(f"aggregator cannot read the bundle {t.bundle_dir}: {exc}") from exc
+        return bundle.initial_vector(), bundle.spec_hash
+    if t.kind == "factory" and t.factory and ":" in t.factory:
+        mod_name, func_name = t.factory.split(":", 1)
+        setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
+        return np.asarray(setup.trainer.get_flat(), dtype=np.float32), setup.spec_hash
+    raise InvalidValueError(
+        "aggregator needs an initial global: set aggregator.initial_global (.npy), or a [trainer] section "
+        "with kind = 'ort' + bundle_dir (or kind = 'factory' + factory)")
+
+
+__all__ = ["initial_from_trainer", "load_vector"]
