@@ -91,6 +91,7 @@ def test_wrong_password_is_refused(plant_broker: BrokerHandle, plant_pki: PlantP
         unknown.connect(10)
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_plain_tcp_to_tls_listener_fails(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
     plain = _client(plant_broker, plant_pki, "site-a", tls=False)
     with pytest.raises(TransportError):
@@ -108,6 +109,7 @@ def test_tls_connection_works_and_reports_protocol(plant_broker: BrokerHandle, p
         c.close()
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_mutual_tls_requires_client_certificate(plant_pki: PlantPki) -> None:
     broker = start_plant_broker(plant_pki, require_certificate=True)
     try:

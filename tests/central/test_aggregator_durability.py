@@ -81,6 +81,7 @@ def _spooled_records(spool_dir: Path) -> int:
     return sum(len(parsed[1]) for f in files if (parsed := chunk_spool.read_spool_file(f)) is not None)
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_kill9_with_a_half_received_chunked_update(mosquitto_broker: BrokerHandle, tmp_path: Path) -> None:
     fleet = "chunkkill"
     initial = _initial(tmp_path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
 from mqtt_fixtures import PLANT_FLEET, PlantPki, require_mosquitto, wait_for
 
 from fedpeft_edge.central.broker import BrokerHandle, PlantOptions, start_local_broker
@@ -74,11 +75,13 @@ def _impostors_disconnect_nobody(broker: BrokerHandle, pki: PlantPki, *, cert: b
         site_b.close()
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_valid_account_under_another_client_id_disconnects_nobody(plant_broker: BrokerHandle,
                                                                   plant_pki: PlantPki) -> None:
     _impostors_disconnect_nobody(plant_broker, plant_pki, cert=False)
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_aggregator_queue_survives_an_impostor_with_a_clean_start(plant_broker: BrokerHandle,
                                                                  plant_pki: PlantPki) -> None:
     agg = _client(plant_broker, plant_pki, "aggregator", clean=False)
@@ -110,6 +113,7 @@ def test_aggregator_queue_survives_an_impostor_with_a_clean_start(plant_broker: 
         wipe.close()
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_certificate_cn_is_the_client_id(plant_pki: PlantPki) -> None:
     """Mutual TLS with use_identity_as_username: the CN becomes the user name, and so the client id."""
     broker = _plant_broker(plant_pki, ["use_identity_as_username true"], require_certificate=True)

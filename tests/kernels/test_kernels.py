@@ -34,6 +34,7 @@ def _normal(n: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
 # int8 quantisation
 # ======================================================================================================
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 @hyp
 @given(x=f32_arrays(elements=quantizable_f32()), block=BLOCKS)
 def test_quantize_roundtrip_error_is_at_most_half_a_step(kernels, x, block):

@@ -103,6 +103,7 @@ def test_reconnect_after_broker_restart_delivers_queued_publish() -> None:
         h.stop()
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_connect_timeout_when_nothing_listens() -> None:
     from fedpeft_edge.central.broker import free_port
 

@@ -214,6 +214,7 @@ class _Acker:
         self.t.close()
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_agent_restart_resends_unacknowledged_never_retrains(mosquitto_broker, tmp_path: Path) -> None:
     fleet, spec = "skip", "00112233aabbccdd"
     _publish_global(mosquitto_broker, fleet, 0, np.zeros(27, np.float32), spec)
@@ -268,6 +269,7 @@ def test_newer_global_while_training_abandon_vs_finish(mosquitto_broker, tmp_pat
             assert got == [0, 1] and agent.rounds_sent == [0, 1]  # round 0 finished and sent (late)
 
 
+@pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_ort_lora_sites_through_the_cli(mosquitto_broker, tmp_path: Path) -> None:
     """The same federation with the real ORT Training backend: LoRA on a tiny synthetic transformer,
     spec hash from the artifact bundle, initial global = the bundle's initial adapter."""
