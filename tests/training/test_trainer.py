@@ -3,32 +3,19 @@ round-trips, resume reproduces the next step, the C optimizers track ORT's AdamW
 
 from __future__ import annotations
 
+import lowering_cases
 import numpy as np
 import pytest
 from conftest_models import batches, conv_model, image_data, mlp_model, save, text_data, transformer_model
 
 from fedpeft_edge.peft.artifacts import generate_artifacts
-from fedpeft_edge.peft.spec import PeftSpec
 from fedpeft_edge.runtime.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fedpeft_edge.training.base import LocalTrainer
 from fedpeft_edge.training.ort_trainer import OrtTrainer
 
-QV = [r"attention\.self\.(query|value)"]
-
-CASES = {
-    "lora": ("tf", PeftSpec("lora", targets=QV, rank=4, head_classes=3)),
-    "ffa_lora": ("tf", PeftSpec("ffa_lora", targets=QV, rank=4, head_classes=3)),
-    "adapter": ("tf", PeftSpec("adapter", targets=[r"output\.dense"], adapter_dim=4, head_classes=3)),
-    "prompt": ("tf", PeftSpec("prompt", num_virtual_tokens=3, head_classes=3)),
-    "bitfit": ("tf", PeftSpec("bitfit", head_classes=3)),
-    "select": ("tf", PeftSpec("select", select_patterns=["LayerNorm"], head_classes=3)),
-    "head_only": ("tf", PeftSpec("head_only", head_classes=3)),
-    "full": ("tf", PeftSpec("full", head_classes=3)),
-    "conv_lora": ("conv", PeftSpec("lora", target_ops=["Conv"], rank=2, head_classes=3)),
-    "conv_adapter": ("conv", PeftSpec("adapter", target_ops=["Conv"], adapter_dim=4,
-                                      adapter_activation="relu", head_classes=3)),
-    "gemm_lora": ("gemm", PeftSpec("lora", target_ops=["Gemm", "MatMul"], rank=2, head_classes=3)),
-}
+# The same synthetic PEFT cases the lowering tests use (one list for both backends' tests); the trainer
+# tests leave out the strided-stem case, which exists for the lowering of convolution weight gradients.
+CASES = {name: case for name, case in lowering_cases.CASES.items() if name != "conv_select"}
 DATA = {"tf": text_data, "conv": image_data, "gemm": None}
 
 
