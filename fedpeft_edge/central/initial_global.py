@@ -1,4 +1,5 @@
-"""Where the aggregator's first global comes from: a ``.npy`` vector, the bundle, or a trainer factory."""
+"""Where the aggregator's first global comes from: a ``.npy`` vector, the gradient model or bundle, or a
+trainer factory."""
 
 from __future__ import annotations
 
@@ -25,10 +26,20 @@ def load_vector(path: str | Path) -> np.ndarray:
 
 
 def initial_from_trainer(cfg: AggregatorServiceConfig) -> tuple[np.ndarray, str | None]:
-    """The first global from ``[trainer]``: the bundle's starting adapter (no trainer or data is built),
-    or, for ``kind = "factory"`` (tests, simulations), the factory's trainer."""
+    """The first global from ``[trainer]``: the starting adapter of the gradient model (``kind =
+    "gradient"`` with ``gradient_dir``) or of the bundle (``bundle_dir``; the same values, and no trainer or
+    data is built), or, for ``kind = "factory"`` (tests, simulations), the factory's trainer."""
     t = cfg.trainer
-    if t.kind == "ort" and t.bundle_dir:
+    if t.kind == "gradient" and t.gradient_dir:
+        from fedpeft_edge.peft.lowering import GradientModel
+
+        try:
+            model = GradientModel.load(t.gradient_dir)
+            return model.initial_vector(), model.spec_hash
+        except (OSError, FedPeftError) as exc:
+            raise InvalidValueError(
+                f"aggregator cannot read the gradient model {t.gradient_dir}: {exc}") from exc
+    if t.kind in ("gradient", "ort") and t.bundle_dir:
         from fedpeft_edge.peft.artifacts import ArtifactBundle
 
         try:
@@ -42,7 +53,8 @@ def initial_from_trainer(cfg: AggregatorServiceConfig) -> tuple[np.ndarray, str 
         return np.asarray(setup.trainer.get_flat(), dtype=np.float32), setup.spec_hash
     raise InvalidValueError(
         "aggregator needs an initial global: set aggregator.initial_global (.npy), or a [trainer] section "
-        "with kind = 'ort' + bundle_dir (or kind = 'factory' + factory)")
+        "with kind = 'gradient' + gradient_dir or bundle_dir, kind = 'ort' + bundle_dir, or kind = "
+        "'factory' + factory")
 
 
 __all__ = ["initial_from_trainer", "load_vector"]

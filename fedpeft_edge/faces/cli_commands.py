@@ -81,6 +81,12 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local broker: embedded amqtt (default, nothing to install) or Mosquitto",
     )
+    g.add_argument(
+        "--backend",
+        choices=("gradient", "ort"),
+        default=None,
+        help="training backend: gradient (default, stock onnxruntime) or ort (ONNX Runtime Training)",
+    )
     g.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
     g.add_argument(
         "--work-dir", type=Path, default=None, help="where the services keep state (default: temp)"

@@ -3,8 +3,9 @@
 A *task* is "this backbone on this dataset": the prepared ONNX backbone (cached), encoded model inputs for
 a training pool and a global test set, and a split of the pool over sites. Each site's shard is cut again
 into a local training part and a local test part, so personalisation is measured on data the site never
-trained on. PEFT specs per method and the artifact bundle cache (one bundle per model, spec) live here too,
-so every cell of an experiment grid and every demo run reuse the same artifacts.
+trained on. PEFT specs per method and the artifact cache (one bundle per model and spec, and its lowered
+gradient model) live here too, so every cell of an experiment grid and every demo run reuse the same
+artifacts.
 """
 
 from __future__ import annotations
@@ -286,6 +287,19 @@ def get_bundle(prepared: Any, spec: Any, cache_dir: Path | None = None, *, log: 
         log(f"generating training artifacts for {spec.method} on the {prepared.kind} model (first run only)")
     # generate_artifacts builds in a private temp dir and renames into place when complete.
     return generate_artifacts(prepared.onnx_path, spec, final)
+
+
+def get_gradient_model(bundle: Any, cache_dir: Path | None = None, *, log: Any = None) -> Any:
+    """The bundle lowered to a gradient model (stock onnxruntime): made once, then loaded from the cache."""
+    from fedpeft_edge.models.prepare import default_cache_dir
+    from fedpeft_edge.peft.lowering import MANIFEST
+    from fedpeft_edge.site.trainer_setup import cached_gradient_model
+
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "gradient_models"
+    folder = root / Path(bundle.directory).name  # named like the bundle: one per (backbone, spec)
+    if log is not None and not (folder / MANIFEST).is_file():
+        log("lowering the training artifacts to a gradient model for stock onnxruntime (first run only)")
+    return cached_gradient_model(bundle, folder)
 
 
 @dataclass

@@ -70,8 +70,10 @@ class FleetSettings:
 
 @dataclass
 class TrainerSettings:
-    kind: str = "ort"  # ort | factory
+    # gradient (stock onnxruntime, the default) | ort (ORT Training) | factory; see site/trainer_setup.py
+    kind: str = "gradient"
     bundle_dir: str | None = None
+    gradient_dir: str | None = None  # a lowered gradient model (kind = "gradient"); else made from bundle_dir
     factory: str | None = None  # "package.module:function" returning (trainer, train_fn, eval_fn)
     options: dict[str, Any] = field(default_factory=dict)
 

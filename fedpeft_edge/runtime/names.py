@@ -25,7 +25,7 @@ NEWER_GLOBAL_POLICIES: Final = ("finish", "abandon")
 # data/partition.py: how a benchmark dataset is split into sites' shares (demos, experiments).
 PARTITIONS: Final = ("iid", "dirichlet", "group")
 # site/trainer_setup.py: where a site's trainer comes from.
-TRAINER_KINDS: Final = ("ort", "factory")
+TRAINER_KINDS: Final = ("gradient", "ort", "factory")
 
 __all__ = [
     "CODEC_MODES",

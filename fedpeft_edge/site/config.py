@@ -22,8 +22,8 @@ Example::
     topk_ratio = 0.01
 
     [trainer]
-    kind = "ort"
-    bundle_dir = "/var/lib/fedpeft/bundle"
+    kind = "gradient"                              # the default (stock onnxruntime); "ort": ORT Training
+    gradient_dir = "/var/lib/fedpeft/gradient"     # lowered centrally; or bundle_dir, lowered on first start
 
     [data]
     path = "/var/lib/fedpeft/site-data.jsonl"   # or: dataset = "20newsgroups" + client_index, num_clients

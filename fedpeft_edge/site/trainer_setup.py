@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpeft_edge.runtime.errors import InvalidValueError
+from fedpeft_edge.protocol.config import TrainerSettings
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
+from fedpeft_edge.runtime.names import TRAINER_KINDS
 from fedpeft_edge.site.config import AgentConfig
 from fedpeft_edge.training.base import LocalTrainer
+
+if TYPE_CHECKING:
+    from fedpeft_edge.peft.lowering import GradientModel
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +38,18 @@ class TrainerSetup:
 
 
 # --- trainer + data from configuration (the agent CLI) -----------------------------------------------
+GRADIENT_CACHE = "gradient_model"  # <state_dir>/gradient_model: the bundle lowered by this site, once
+
+
 def build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
     """Make the site's trainer and data from ``[trainer]`` and ``[data]``.
 
     ``kind = "factory"``: ``factory = "module:function"``, called with the config, returns TrainerSetup.
-    ``kind = "ort"``: ONNX Runtime Training over the artifact bundle in ``bundle_dir``. The site's data is
+    ``kind = "gradient"`` (the default): :class:`GradientTrainer` on stock onnxruntime over the lowered
+    gradient model in ``gradient_dir``, or over ``bundle_dir`` lowered once into
+    ``<state_dir>/gradient_model`` (lowering needs ORT Training; a device with stock onnxruntime is given
+    ``gradient_dir``). ``kind = "ort"``: :class:`OrtTrainer` (ONNX Runtime Training) over ``bundle_dir``.
+    ``options`` are the trainer's keyword options (lr, optimizer, ...). The site's data is
     its own file ``data.path`` (labels mapped through ``data.classes``; ``eval_fraction`` held out) or
     its share ``partition(...)[client_index]`` of the benchmark ``data.dataset``; neither gives a setup
     without data (the aggregator only needs the initial adapter). Model inputs are made with the
@@ -46,31 +61,36 @@ def build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
     if t.kind == "factory":
         if not t.factory or ":" not in t.factory:
             raise InvalidValueError("trainer.factory must be 'package.module:function'")
-
-
         mod_name, func_name = t.factory.split(":", 1)
         setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
         if not isinstance(setup, TrainerSetup):
             raise InvalidValueError(f"{t.factory} must return a TrainerSetup, got {type(setup).__name__}")
         return setup
-    if t.kind != "ort":
-        raise InvalidValueError(f"trainer.kind must be 'ort' or 'factory', not {t.kind!r}")
-    if not t.bundle_dir:
-        raise InvalidValueError("trainer.bundle_dir is required for kind = 'ort'")
-    cfg.data.validate()  # command-line flags may have set dataset next to a configured path
-    from fedpeft_edge.peft.artifacts import ArtifactBundle
-    from fedpeft_edge.training.ort_trainer import OrtTrainer
+    if t.kind not in TRAINER_KINDS:
+        raise InvalidValueError(f"trainer.kind must be one of {TRAINER_KINDS}, not {t.kind!r}")
+    trainer: LocalTrainer
+    threads = max(1, int(cfg.agent.threads))
+    if t.kind == "ort":
+        if not t.bundle_dir:
+            raise InvalidValueError("trainer.bundle_dir is required for kind = 'ort'")
+        cfg.data.validate()  # command-line flags may have set dataset next to a configured path
+        from fedpeft_edge.peft.artifacts import ArtifactBundle
+        from fedpeft_edge.training.ort_trainer import OrtTrainer
 
-    bundle = ArtifactBundle.load(t.bundle_dir)
+        model: Any = ArtifactBundle.load(t.bundle_dir)
+        _check_head(cfg, model.spec.head_classes)
+        trainer = OrtTrainer(model, threads=threads, **t.options)
+    else:
+        if not t.gradient_dir and not t.bundle_dir:
+            raise InvalidValueError("kind = 'gradient' needs trainer.gradient_dir (a lowered gradient model) "
+                                    "or trainer.bundle_dir (lowered on first start)")
+        cfg.data.validate()
+        model = gradient_model_for(t, Path(cfg.agent.state_dir))
+        _check_head(cfg, model.spec.head_classes)
+        trainer = make_gradient_trainer(model, threads, t.options)
     d = cfg.data
-    head = bundle.spec.head_classes
-    if d.path and head is not None and len(d.classes) != head:
-        raise InvalidValueError(
-            f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
-                         "outputs; list every class in the head's output order")
-    trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), **t.options)
     if not d.dataset and not d.path:
-        return TrainerSetup(trainer, lambda: iter(()), None, bundle.spec_hash)
+        return TrainerSetup(trainer, lambda: iter(()), None, model.spec_hash)
     train_in, train_y, eval_in, eval_y = site_arrays(cfg)
     epoch = [0]
 
@@ -85,7 +105,83 @@ def build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
 
         return iterate_batches(eval_in, eval_y, d.batch_size, shuffle=False, seed=0)
 
-    return TrainerSetup(trainer, train_fn, eval_fn if eval_y.size else None, bundle.spec_hash)
+    return TrainerSetup(trainer, train_fn, eval_fn if eval_y.size else None, model.spec_hash)
+
+
+def _check_head(cfg: AgentConfig, head: int | None) -> None:
+    d = cfg.data
+    if d.path and head is not None and len(d.classes) != head:
+        raise InvalidValueError(
+            f"data.classes names {len(d.classes)} classes but the bundle's head has {head} "
+            "outputs; list every class in the head's output order")
+
+
+# --- the gradient backend (stock onnxruntime) ---------------------------------------------------------
+def gradient_model_for(t: TrainerSettings, state_dir: Path) -> GradientModel:
+    """The gradient model of ``[trainer]``: ``gradient_dir`` as given, or ``bundle_dir`` lowered into
+    ``<state_dir>/gradient_model`` on first use and reused while it matches the bundle's spec hash."""
+    from fedpeft_edge.peft.artifacts import ArtifactBundle
+    from fedpeft_edge.peft.lowering import GradientModel
+
+    if t.gradient_dir:
+        model = GradientModel.load(t.gradient_dir)
+        if t.bundle_dir:  # both given: they must describe the same adapter
+            bundle_hash = ArtifactBundle.load(t.bundle_dir).spec_hash
+            if bundle_hash != model.spec_hash:
+                raise InvalidValueError(
+                    f"trainer.gradient_dir {t.gradient_dir} (spec {model.spec_hash[:12]}) was not lowered "
+                    f"from trainer.bundle_dir {t.bundle_dir} (spec {bundle_hash[:12]})")
+        return model
+    if not t.bundle_dir:
+        raise InvalidValueError("kind = 'gradient' needs trainer.gradient_dir or trainer.bundle_dir")
+    bundle = ArtifactBundle.load(t.bundle_dir)
+    return cached_gradient_model(bundle, state_dir / GRADIENT_CACHE)
+
+
+def cached_gradient_model(bundle: Any, folder: Path) -> GradientModel:
+    """``bundle`` lowered into ``folder``: reused when a complete one for the same spec is there, else made
+    (lowering writes a temp folder beside it and renames it into place, so a crash leaves no half model)."""
+    from fedpeft_edge.peft.lowering import GradientModel, lower_to_gradient_model
+
+    def existing() -> GradientModel | None:
+        try:
+            model = GradientModel.load(folder)
+        except FedPeftError:
+            return None
+        return model if model.spec_hash == bundle.spec_hash else None
+
+    if (model := existing()) is not None:
+        return model
+    log.info("lowering the bundle %s to a gradient model in %s (first start only)", bundle.directory, folder)
+    try:
+        return lower_to_gradient_model(bundle, folder, overwrite=True)
+    except ImportError as exc:
+        raise InvalidValueError(
+            f"lowering the bundle needs onnxruntime-training ({exc}); on a device with stock onnxruntime "
+            "set trainer.gradient_dir to a gradient model lowered on the central side") from exc
+    except OSError:
+        if (model := existing()) is not None:  # another process finished the same folder first
+            return model
+        raise
+
+
+def make_gradient_trainer(model: GradientModel, threads: int, options: Mapping[str, Any]) -> LocalTrainer:
+    """GradientTrainer with ``[trainer] options``; options it does not have are refused by name."""
+    from fedpeft_edge.training.gradient_trainer import OPTIMIZERS, GradientTrainer
+
+    allowed = set(inspect.signature(GradientTrainer.__init__).parameters) - {"self", "model", "threads"}
+    unknown = sorted(set(options) - allowed)
+    if "threads" in options:
+        raise InvalidValueError("trainer.options.threads: set agent.threads instead")
+    if unknown:
+        raise InvalidValueError(f"trainer.options {unknown} not supported by kind = 'gradient'; "
+                                f"allowed: {sorted(allowed)}")
+    optimizer = options.get("optimizer", "c_adamw")
+    if optimizer not in OPTIMIZERS:
+        hint = " (ORT's AdamW graph needs kind = 'ort')" if optimizer == "ort_adamw" else ""
+        raise InvalidValueError(f"trainer.options.optimizer {optimizer!r} not supported by kind = "
+                                f"'gradient'{hint}; use one of {OPTIMIZERS}")
+    return GradientTrainer(model, threads=threads, **options)
 
 
 def site_arrays(cfg: AgentConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],

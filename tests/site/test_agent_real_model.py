@@ -2,9 +2,11 @@
 
 Central side: MiniLM-L6 exported to ONNX (shared prepared-model cache) and a LoRA (query/value, rank 8)
 training bundle with an 8-class head. Two sites each hold their own ``.jsonl`` file (a disjoint slice of
-Reuters R8) and run ``python -m fedpeft_edge.faces.cli agent`` with ``[trainer] kind = "ort"`` and
-``[data] path``; the aggregator runs ``... aggregate`` with the same bundle. Two rounds of a few local
-ORT Training steps, top-k int8 updates.
+Reuters R8) and run ``python -m fedpeft_edge.faces.cli agent`` with ``[data] path`` and either
+``[trainer] kind = "gradient"`` (the default: stock onnxruntime over the lowered bundle; one site is given
+the lowered folder, the other only the bundle, which it lowers on start) or ``kind = "ort"`` (ORT
+Training); the aggregator runs ``... aggregate`` with the same bundle. Two rounds of a few local steps,
+top-k int8 updates.
 """
 
 from __future__ import annotations
@@ -34,15 +36,27 @@ QV = [r"attention\.self\.(query|value)"]
 
 @pytest.fixture(scope="module")
 def central(tmp_path_factory: pytest.TempPathFactory):
-    """The prepared MiniLM (shared cache) and a fresh LoRA artifact bundle made from it."""
+    """The prepared MiniLM (shared cache), a fresh LoRA artifact bundle made from it, and the bundle
+    lowered to a gradient model."""
     from fedpeft_edge.models.prepare import prepare_text_model
     from fedpeft_edge.peft.artifacts import generate_artifacts
+    from fedpeft_edge.peft.lowering import lower_to_gradient_model
     from fedpeft_edge.peft.spec import PeftSpec
 
     prepared = prepare_text_model(max_len=32)
     spec = PeftSpec("lora", targets=QV, rank=8, alpha=16, head_classes=8)
-    bundle = generate_artifacts(prepared.onnx_path, spec, tmp_path_factory.mktemp("central") / "bundle")
-    return prepared, bundle
+    root = tmp_path_factory.mktemp("central")
+    bundle = generate_artifacts(prepared.onnx_path, spec, root / "bundle")
+    return prepared, bundle, lower_to_gradient_model(bundle, root / "gradient")
+
+
+def trainer_section(kind: str, bundle, lowered, site: int | None) -> str:
+    """``[trainer]`` for a kind; with "gradient", site 1 gets only the bundle (it lowers it itself)."""
+    if kind == "ort":
+        return f'kind = "ort"\nbundle_dir = "{bundle.directory}"\n'
+    if site == 1:
+        return f'bundle_dir = "{bundle.directory}"\n'  # kind = "gradient" is the default
+    return f'kind = "gradient"\ngradient_dir = "{lowered.directory}"\n'
 
 
 def write_site_files(tmp: Path) -> tuple[list[str], list[Path], list[list[str]]]:
@@ -63,8 +77,11 @@ def write_site_files(tmp: Path) -> tuple[list[str], list[Path], list[list[str]]]
     return list(r8.classes), paths, texts
 
 
-def test_two_sites_train_minilm_lora_on_their_own_files(mosquitto_broker, central, tmp_path: Path) -> None:
-    prepared, bundle = central
+@pytest.mark.parametrize("kind", ["gradient", "ort"])
+def test_two_sites_train_minilm_lora_on_their_own_files(mosquitto_broker, central, tmp_path: Path,
+                                                        kind: str) -> None:
+    prepared, bundle, lowered = central
+    fleet = f"{FLEET}-{kind}"  # the broker is shared: a fleet's retained final global would end the next run
     classes, data_files, site_texts = write_site_files(tmp_path)
     assert not set(site_texts[0]) & set(site_texts[1])  # the sites' data really is disjoint
 
@@ -72,13 +89,13 @@ def test_two_sites_train_minilm_lora_on_their_own_files(mosquitto_broker, centra
 [connection]
 port = {mosquitto_broker.port}
 [fleet]
-name = "{FLEET}"
-[trainer]
-kind = "ort"
-bundle_dir = "{bundle.directory}"
-options = {{ lr = 0.005 }}
+name = "{fleet}"
 """
-    agg_cfg = mf.write_toml(tmp_path / "agg.toml", common + f"""
+
+    def trainer(site: int | None) -> str:
+        return f"[trainer]\n{trainer_section(kind, bundle, lowered, site)}options = {{ lr = 0.005 }}\n"
+
+    agg_cfg = mf.write_toml(tmp_path / "agg.toml", common + trainer(None) + f"""
 [aggregator]
 state_dir = "{tmp_path}/agg"
 max_rounds = {ROUNDS}
@@ -88,11 +105,11 @@ round_deadline_s = 80
 """)
     listener = MqttTransport(TransportConfig(host=mosquitto_broker.host, port=mosquitto_broker.port,
                                              client_id="test-globals", clean_start=True))
-    listener.subscribe(Topics(FLEET).global_, qos=1)
+    listener.subscribe(Topics(fleet).global_, qos=1)
     listener.connect(10)
     procs = [mf.spawn_cli(["aggregate", "--config", str(agg_cfg)], tmp_path / "agg.log")]
     for i in range(SITES):
-        cfg = mf.write_toml(tmp_path / f"site-{i}.toml", common + f"""
+        cfg = mf.write_toml(tmp_path / f"site-{i}.toml", common + trainer(i) + f"""
 [agent]
 client_id = "site-{i}"
 state_dir = "{tmp_path}/site-{i}"
@@ -151,6 +168,8 @@ options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 32 }}
     assert {g.spec_hash for g in globals_seen.values()} == {bundle.spec_hash}
     assert globals_seen[ROUNDS].meta.get("final") is True
 
+    # The site given only the bundle lowered it into its state dir on start.
+    assert (tmp_path / "site-1" / "gradient_model" / "gradient.json").is_file() == (kind == "gradient")
     for i in range(SITES):
         site_log = logs[f"site-{i}.log"]
         # eval_fraction 0.25 of 64 documents held out locally
@@ -169,16 +188,17 @@ options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 32 }}
                 for piece in (text[:40], text[len(text) // 2:len(text) // 2 + 40]):
                     if len(piece.strip()) >= 20:
                         assert piece.encode() not in envelope, (i, rnd, piece)
-    print(f"\nreal-model federation: {elapsed:.1f} s for {ROUNDS} rounds x {SITES} sites")
+    print(f"\nreal-model federation ({kind}): {elapsed:.1f} s for {ROUNDS} rounds x {SITES} sites")
 
 
-def test_site_config_errors_stop_the_agent_before_it_connects(central, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["gradient", "ort"])
+def test_site_config_errors_stop_the_agent_before_it_connects(central, tmp_path: Path, kind: str) -> None:
     """A class list that does not fit the head, or a label outside it, ends `agent` with exit code 2 and
     a message naming the problem (file and line), before any connection is attempted."""
     import subprocess
     import sys
 
-    prepared, bundle = central
+    prepared, bundle, lowered = central
     data = tmp_path / "site.jsonl"
     data.write_text(json.dumps({"text": "pump 3 running hot", "label": "acq"}) + "\n"
                     + json.dumps({"text": "pump 4 fine", "label": "overheating"}) + "\n", encoding="utf-8")
@@ -189,8 +209,7 @@ port = 9
 client_id = "site-x"
 state_dir = "{tmp_path}/state"
 [trainer]
-kind = "ort"
-bundle_dir = "{bundle.directory}"
+{trainer_section(kind, bundle, lowered, 0)}
 [data]
 path = "{data}"
 options = {{ prepared_dir = "{prepared.onnx_path.parent}", max_len = 32 }}

@@ -190,6 +190,7 @@ class LocalFleet:
         *,
         spec_hash: str,
         bundle_dir: Path,
+        gradient_dir: Path | None = None,
         shard_paths: Sequence[Path],
         n_params: int,
         log: Callable[[str], None],
@@ -200,6 +201,7 @@ class LocalFleet:
         self.work = work
         self.spec_hash = spec_hash
         self.bundle_dir = bundle_dir
+        self.gradient_dir = gradient_dir  # set: the agents train with GradientTrainer, else OrtTrainer
         self.shard_paths = list(shard_paths)
         self.n_params = n_params
         self.log = log
@@ -271,6 +273,7 @@ class LocalFleet:
                     "kind": "factory",
                     "factory": FACTORY,
                     "bundle_dir": str(self.bundle_dir),
+                    **({"gradient_dir": str(self.gradient_dir)} if self.gradient_dir is not None else {}),
                     "options": {
                         "shard": str(self.shard_paths[i]),
                         "lr": float(opts.lr),  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from typing import Any
 from fedpeft_edge.runtime.errors import InvalidValueError, ensure
 
 QUICK_ENV = "FEDPEFT_EDGE_DEMO_QUICK"
+BACKENDS = ("gradient", "ort")  # GradientTrainer (default) or OrtTrainer, for agents and the evaluator
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DemoOptions:
     image_size: int | None = None
     threads_per_agent: int = 1
     broker: str = "embedded"
+    backend: str = "gradient"  # the agents' trainer: gradient (stock onnxruntime) | ort (ORT Training)
     out: Path | None = None
     work_dir: Path | None = None
     cache_dir: Path | None = None
@@ -59,6 +61,7 @@ class DemoOptions:
             "topk_ratio",
             "split",
             "broker",
+            "backend",
             "out",
             "work_dir",
             "cache_dir",
@@ -87,6 +90,7 @@ class DemoOptions:
         ensure(out.agents <= 16, "the demo runs at most 16 agents on one machine")
         ensure(out.codec in ("fp32", "int8", "topk_int8"), f"unknown codec {out.codec!r}")
         ensure(out.broker in ("embedded", "mosquitto", "auto"), f"unknown broker {out.broker!r}")
+        ensure(out.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {out.backend!r}")
         ensure(out.lr is not None and out.lr > 0, "lr must be > 0")
         return out
 

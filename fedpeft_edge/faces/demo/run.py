@@ -31,6 +31,7 @@ from fedpeft_edge.faces.tasks import (
     TaskConfig,
     TaskData,
     get_bundle,
+    get_gradient_model,
     load_task,
     method_spec,
     split_sites,
@@ -43,6 +44,7 @@ class Prepared:
 
     task: TaskData
     bundle: Any
+    gradient_dir: Path | None  # the lowered bundle the agents train on (backend "gradient"), else None
     shards: list[Any]
     shard_paths: list[Path]
     evaluator: Any
@@ -84,13 +86,22 @@ def prepare(opts: DemoOptions, work: Path, log: Callable[[str], None]) -> Prepar
     split = SplitConfig.parse(opts.split)  # type: ignore[arg-type]
     shards = split_sites(task, split, opts.agents, seed=opts.seed)  # type: ignore[arg-type]
     shard_paths = write_shards(task, shards, work / "sites")
-    from fedpeft_edge.training.ort_trainer import OrtTrainer
+    evaluator: Any
+    gradient_dir = None
+    if opts.backend == "gradient":  # the evaluator uses the agents' backend too
+        from fedpeft_edge.training.gradient_trainer import GradientTrainer
 
-    evaluator = OrtTrainer(bundle, threads=2, lr=float(opts.lr))  # type: ignore[arg-type]
+        model = get_gradient_model(bundle, opts.cache_dir, log=log)
+        gradient_dir = Path(model.directory)
+        evaluator = GradientTrainer(model, threads=2, lr=float(opts.lr))  # type: ignore[arg-type]
+    else:
+        from fedpeft_edge.training.ort_trainer import OrtTrainer
+
+        evaluator = OrtTrainer(bundle, threads=2, lr=float(opts.lr))  # type: ignore[arg-type]
     initial = evaluator.get_flat()
     np.save(work / "initial.npy", initial, allow_pickle=False)
-    prep = Prepared(task, bundle, shards, shard_paths, evaluator, initial, full_model_params(task),
-                    time.perf_counter() - t0)
+    prep = Prepared(task, bundle, gradient_dir, shards, shard_paths, evaluator, initial,
+                    full_model_params(task), time.perf_counter() - t0)
     log(
         f"  {prep.n_params:,} trainable parameters ({100 * prep.n_params / prep.full_params:.2f} % of "
         f"{prep.full_params:,}); sites hold {[s.num_train for s in shards]} training samples; "
@@ -177,7 +188,8 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
     # 1. central preparation; 2. broker and services; 3. follow the rounds
     prep = prepare(opts, work, log)
     fleet = LocalFleet(opts, work, spec_hash=prep.bundle.spec_hash, bundle_dir=Path(prep.bundle.directory),
-                       shard_paths=prep.shard_paths, n_params=prep.n_params, log=log)
+                       gradient_dir=prep.gradient_dir, shard_paths=prep.shard_paths, n_params=prep.n_params,
+                       log=log)
     seen = Observed()
     try:
         fleet.start()

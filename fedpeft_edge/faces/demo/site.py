@@ -17,20 +17,32 @@ FACTORY = "fedpeft_edge.faces.demo.site:site_trainer_setup"
 
 
 def site_trainer_setup(cfg: Any) -> Any:
-    """Agent factory (``trainer.kind = "factory"``): the site's OrtTrainer and its own shard.
+    """Agent factory (``trainer.kind = "factory"``): the site's trainer and its own shard.
 
-    ``trainer.options``: ``shard`` (npz written by the demo), ``lr``, ``batch_size``, ``seed``. The shard
-    holds ``train/<input>``, ``train/labels``, ``test/<input>``, ``test/labels`` arrays.
+    The trainer is a GradientTrainer (stock onnxruntime) over ``trainer.gradient_dir`` when it is set,
+    else an OrtTrainer (ORT Training) over ``trainer.bundle_dir``. ``trainer.options``: ``shard`` (npz
+    written by the demo), ``lr``, ``batch_size``, ``seed``. The shard holds ``train/<input>``,
+    ``train/labels``, ``test/<input>``, ``test/labels`` arrays.
     """
-    from fedpeft_edge.peft.artifacts import ArtifactBundle
     from fedpeft_edge.site.trainer_setup import TrainerSetup
-    from fedpeft_edge.training.ort_trainer import OrtTrainer
 
     opts = dict(cfg.trainer.options)
-    ensure(cfg.trainer.bundle_dir, "trainer.bundle_dir is required")
+    ensure(cfg.trainer.gradient_dir or cfg.trainer.bundle_dir,
+           "trainer.gradient_dir or trainer.bundle_dir is required")
     ensure("shard" in opts, "trainer.options.shard (the site's data file) is required")
-    bundle = ArtifactBundle.load(cfg.trainer.bundle_dir)
-    trainer = OrtTrainer(bundle, threads=max(1, int(cfg.agent.threads)), lr=float(opts.get("lr", 3e-3)))
+    threads, lr = max(1, int(cfg.agent.threads)), float(opts.get("lr", 3e-3))
+    if cfg.trainer.gradient_dir:
+        from fedpeft_edge.peft.lowering import GradientModel
+        from fedpeft_edge.training.gradient_trainer import GradientTrainer
+
+        bundle: Any = GradientModel.load(cfg.trainer.gradient_dir)
+        trainer: Any = GradientTrainer(bundle, threads=threads, lr=lr)
+    else:
+        from fedpeft_edge.peft.artifacts import ArtifactBundle
+        from fedpeft_edge.training.ort_trainer import OrtTrainer
+
+        bundle = ArtifactBundle.load(cfg.trainer.bundle_dir)
+        trainer = OrtTrainer(bundle, threads=threads, lr=lr)
     train_in, train_y, test_in, test_y = load_shard(Path(opts["shard"]))
     batch_size = int(opts.get("batch_size", 16))
     seed = int(opts.get("seed", 0))
