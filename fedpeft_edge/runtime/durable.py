@@ -103,6 +103,7 @@ def read_npz(path: Path, *, max_bytes: int | None = None) -> dict[str, Any]:
                     out[info.filename[:-4]] = _read_member(zf, info, size)
         except InvalidValueError as exc:
             raise InvalidValueError(f"{path.name}: {exc}") from exc
+        # zipfile raises NotImplementedError for a compression method it lacks: damage, like the rest.
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
                 OverflowError, NotImplementedError, struct.error, zlib.error) as exc:
             raise InvalidValueError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ STATE_FORMAT = 1
 _MOMENT_KEYS = {"c_adamw": ("m", "v"), "c_sgd": ("mom",)}
 
 
-class FlatVectorTrainer:
+class FlatVectorTrainer(ABC):
     """Base of the trainers whose parameters are one flat float32 vector (see the module docstring)."""
 
     bundle: Any
@@ -78,19 +79,21 @@ class FlatVectorTrainer:
         return self._layout
 
     # ---- subclass interface ---------------------------------------------------------------------
+    @abstractmethod
     def get_flat(self) -> np.ndarray:
-        raise NotImplementedError
+        """A copy of the trainable parameters as one float32 vector (flat-vector order)."""
 
+    @abstractmethod
     def _write(self, flat: np.ndarray) -> None:
         """Store ``flat`` (already checked: float32, right length, finite) as the trainable parameters."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_step(self, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray]:
-        raise NotImplementedError
+        """One optimizer step on one batch; returns (loss, logits)."""
 
+    @abstractmethod
     def _eval_forward(self, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray]:
         """(loss, logits) of one batch without gradients."""
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -103,6 +106,7 @@ class FlatVectorTrainer:
     def _restore_extra(self, data: Mapping[str, np.ndarray], path: Path) -> None:
         """Called by :meth:`load_state` after every common check passed, before the parameters change;
         raise :class:`InvalidValueError` (leaving the trainer as it was) if the extra state is unusable."""
+        return None  # an optional hook: a trainer without extra resume state has nothing to check
 
     # ---- flat vector ----------------------------------------------------------------------------
     def set_flat(self, flat: np.ndarray) -> None:
