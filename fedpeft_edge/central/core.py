@@ -145,6 +145,11 @@ class AggregatorCore:
         view.flags.writeable = False
         return view
 
+    def was_counted(self, client_id: str, rnd: int) -> bool:
+        """Whether the update of ``client_id`` trained from round ``rnd`` is in some global (pairs older
+        than ``max_staleness`` rounds are forgotten; such an update would be late anyway)."""
+        return (client_id, rnd) in self._state.accepted
+
     @property
     def accepted_this_round(self) -> int:
         return self._acc.count

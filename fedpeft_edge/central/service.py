@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -64,17 +63,18 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpeft_edge.central.acks import AckQueue
 from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 from fedpeft_edge.central.initial_global import initial_from_trainer, load_vector
 from fedpeft_edge.central.metrics_log import MetricsLog
-from fedpeft_edge.central.store import RoundState, StateError
+from fedpeft_edge.central.store import StateError
 from fedpeft_edge.protocol import chunk_spool, chunking, notices, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import Message, MqttTransport, PublishHandle, Will
-from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
+from fedpeft_edge.runtime.errors import InvalidValueError
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,10 @@ class AggregatorService:
             max_pending_bytes_per_sender=a.max_pending_chunk_bytes_per_site,
             spool=chunk_spool.ChunkSpool(self.state_dir / "chunks"))
         self.rejections: Counter[str] = Counter()  # this process's rejections by reason (logs, tests)
-        # Decisions of the current batch, published once its state is durable; keyed so one ack per
-        # update and batch (all chunks of a re-sent multi-part update give one "received" ack).
-        self._acks: dict[tuple[str, int | None, str | None], notices.AckMessage] = {}
-        self.acks_sent: Counter[str] = Counter()  # by status (logs, tests)
+        self.acks = AckQueue(self.topics, self.limits)  # decisions of the current batch, sent once durable
         self._announced_at = -1  # transport.connect_count when the global was last published
         self._global_handle: PublishHandle | None = None
         self.site_states: dict[str, str] = {}  # last status per site (by topic), for the final linger
-        self._final_accepted: set[tuple[str, int]] | None = None  # counted pairs, once finished
         self._stale_fleets: set[str] = set()  # fleets whose leftover subscriptions were dropped
         self._stop = threading.Event()
         self.serving = threading.Event()  # set once recovery is done and the message loop runs
@@ -190,26 +186,6 @@ class AggregatorService:
         if not self._stop.is_set():
             log.warning("final global not confirmed by the broker within %.0f s; a restart of this service "
                         "publishes it again", timeout)
-
-    # --- acknowledgements to sites ----------------------------------------------------------------
-    def _queue_ack(self, site: str, rnd: int | None, status: str, reason: str = "",
-                   msg_id: str | None = None) -> None:
-        reason = re.sub(r"[^ -~]", "?", reason)[: notices.MAX_ACK_REASON]  # printable ASCII for the wire
-        self._acks[(site, rnd, msg_id)] = notices.AckMessage(self.topics.fleet, site, rnd, status, reason,
-                                                          time.time(), msg_id)
-
-    def _send_acks(self) -> None:
-        """Publish the queued acks. Call only after the state holding their decisions is durable."""
-        acks, self._acks = self._acks, {}
-        if self.transport is None:
-            return
-        for ack in acks.values():
-            try:
-                self.transport.publish(self.topics.ack(ack.site), notices.encode_ack(ack, self.limits), qos=1)
-            except FedPeftError as exc:  # e.g. an odd site name: that site resends and is acked later
-                log.warning("ack to %s for round %s not sent: %s", ack.site, ack.round, exc)
-                continue
-            self.acks_sent[ack.status] += 1
 
     def _next_batch(self, max_messages: int = 256) -> list[Message]:
         assert self.transport is not None
@@ -271,7 +247,7 @@ class AggregatorService:
                                           max_total_len=min(r.max_message_bytes, r.max_pending_bytes))
         except WireFormatError:  # cannot happen: feed() parsed it already
             return
-        self._queue_ack(sender, None, "received", "already consumed", msg_id=chunk.message_id)
+        self.acks.queue(sender, None, "received", "already consumed", msg_id=chunk.message_id)
 
     def _drop_stale_subscription(self, topic: str) -> bool:
         """A message of another fleet reaches us only through a subscription that the broker kept in
@@ -305,10 +281,10 @@ class AggregatorService:
             raise
         except Exception:
             # Rejected for good by the caller (internal_error): tell the site, or it resends forever.
-            self._queue_ack(sender, upd.round, "rejected", "internal_error")
+            self.acks.queue(sender, upd.round, "rejected", "internal_error")
             raise
         # The ack goes to the topic's site (the identity the broker vouches for), after the checkpoint.
-        self._queue_ack(sender, upd.round, decision.status, decision.reason)
+        self.acks.queue(sender, upd.round, decision.status, decision.reason)
         if decision.accepted:
             log.info("update from %s for round %d accepted (%d samples, weight %.1f%s); %d/%d this round",
                      sender, upd.round, upd.num_samples, decision.weight,
@@ -326,11 +302,8 @@ class AggregatorService:
     def _answer_after_final(self, sender: str, upd: wire.UpdateMessage) -> str:
         """A copy arriving after the final round (a site resending after a lost ack): nothing can change
         any more, so answer from the final state — counted or not — and leave the core alone."""
-        if self._final_accepted is None:
-            state = RoundState.load(self.state_dir)  # the final state: on disk since the last close
-            self._final_accepted = set(state.accepted) if state is not None else set()
-        status = "duplicate" if (sender, upd.round) in self._final_accepted else "late"
-        self._queue_ack(sender, upd.round, status, "federation finished")
+        status = "duplicate" if self.core.was_counted(sender, upd.round) else "late"
+        self.acks.queue(sender, upd.round, status, "federation finished")
         log.info("update from %s for round %d after the final round: %s", sender, upd.round, status)
         return status
 
@@ -354,7 +327,7 @@ class AggregatorService:
         Raises (acknowledging nothing) on a persistence failure, see :data:`PERSISTENCE_FAILURES`.
         """
         assert self.transport is not None
-        self._acks = {}
+        self.acks.clear()
         for msg in batch:
             try:
                 self.handle(msg, now)
@@ -375,12 +348,12 @@ class AggregatorService:
         self.reassembler.commit()  # consumed messages' chunks are no longer needed
         for msg in batch:
             self.transport.ack(msg)
-        self._send_acks()  # end to end: the decisions are on disk now
+        self.acks.send(self.transport)  # end to end: the decisions are on disk now
 
     def recover_spooled(self, now: float) -> int:
         """Reload the chunk spool; updates that were complete on disk are offered again (the core
         recognises one already counted as a duplicate). Returns how many were complete."""
-        self._acks = {}
+        self.acks.clear()
         recovered = self.reassembler.restore(now)
         for sender, data in recovered:
             try:
@@ -392,7 +365,7 @@ class AggregatorService:
                 self._reject(sender, "internal_error", "see the traceback above", len(data))
         self.core.checkpoint()
         self.reassembler.commit()
-        self._send_acks()
+        self.acks.send(self.transport)
         return len(recovered)
 
     def _log_status(self, sender: str | None, payload: bytes) -> None:
