@@ -6,39 +6,18 @@ import time
 
 import numpy as np
 import pytest
-from mqtt_fixtures import PLANT_FLEET, PlantPki, start_plant_broker
+from mqtt_fixtures import PLANT_FLEET, PlantPki, drain, plant_client, start_plant_broker
 
 from fedpeft_edge.central.broker import BrokerHandle
 from fedpeft_edge.protocol.topics import Topics
-from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig, TransportError
+from fedpeft_edge.protocol.transport import TransportError
 
 T = Topics(PLANT_FLEET)
 
 
-def _client(broker: BrokerHandle, pki: PlantPki, user: str, *, password: str | None = None,
-            cert: bool = False, tls: bool = True, client_id: str | None = None) -> MqttTransport:
-    cfg = TransportConfig(
-        host="localhost", port=broker.port, client_id=client_id or user, username=user,
-        password=pki.passwords[user] if password is None else password,
-        tls_ca=pki.ca if tls else None,
-        tls_cert=pki.client_certs[user][0] if cert else None,
-        tls_key=pki.client_certs[user][1] if cert else None,
-        clean_start=True, reconnect_max=2)
-    return MqttTransport(cfg)
-
-
-def _drain(t: MqttTransport, seconds: float) -> list[tuple[str, bytes]]:
-    got, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
-        m = t.get(0.05)
-        if m is not None:
-            got.append((m.topic, m.payload))
-    return got
-
-
 def test_site_cannot_publish_on_another_sites_topic(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
-    agg = _client(plant_broker, plant_pki, "aggregator")
-    site_a = _client(plant_broker, plant_pki, "site-a")
+    agg = plant_client(plant_broker, plant_pki, "aggregator")
+    site_a = plant_client(plant_broker, plant_pki, "site-a")
     agg.connect(10)
     agg.subscribe(T.updates_filter)
     site_a.connect(10)
@@ -47,12 +26,12 @@ def test_site_cannot_publish_on_another_sites_topic(plant_broker: BrokerHandle, 
         # Mosquitto acknowledges a forbidden QoS 1 publish (MQTT 3.1.1 cannot say no) but drops it.
         site_a.publish(T.update("site-b"), b"forged").wait(5)
         site_a.publish(T.update("site-a"), b"genuine").wait(5)
-        got = _drain(agg, 1.0)
+        got = drain(agg, 1.0)
         assert (T.update("site-a"), b"genuine") in got  # the control message does arrive
         assert all(payload != b"forged" for _, payload in got)
         # A site cannot overwrite the retained global either.
         site_a.publish(T.global_, b"fake global", retain=True).wait(5)
-        assert all(payload != b"fake global" for _, payload in _drain(agg, 0.3))
+        assert all(payload != b"fake global" for _, payload in drain(agg, 0.3))
     finally:
         site_a.close()
         agg.close()
@@ -60,9 +39,9 @@ def test_site_cannot_publish_on_another_sites_topic(plant_broker: BrokerHandle, 
 
 def test_site_cannot_read_other_updates_but_reads_global(plant_broker: BrokerHandle,
                                                           plant_pki: PlantPki) -> None:
-    agg = _client(plant_broker, plant_pki, "aggregator")
-    site_a = _client(plant_broker, plant_pki, "site-a")
-    spy = _client(plant_broker, plant_pki, "site-b")
+    agg = plant_client(plant_broker, plant_pki, "aggregator")
+    site_a = plant_client(plant_broker, plant_pki, "site-a")
+    spy = plant_client(plant_broker, plant_pki, "site-b")
     for c in (agg, site_a, spy):
         c.connect(10)
     try:
@@ -73,7 +52,7 @@ def test_site_cannot_read_other_updates_but_reads_global(plant_broker: BrokerHan
         time.sleep(0.3)
         site_a.publish(T.update("site-a"), b"secret update").wait(5)
         agg.publish(T.global_, b"global v1", retain=False).wait(5)
-        got = _drain(spy, 1.0)
+        got = drain(spy, 1.0)
         assert (T.global_, b"global v1") in got  # the positive control: reads on global work
         assert all(payload != b"secret update" for _, payload in got)
     finally:
@@ -82,10 +61,10 @@ def test_site_cannot_read_other_updates_but_reads_global(plant_broker: BrokerHan
 
 
 def test_wrong_password_is_refused(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
-    bad = _client(plant_broker, plant_pki, "site-a", password="not-the-password")
+    bad = plant_client(plant_broker, plant_pki, "site-a", password="not-the-password")
     with pytest.raises(TransportError, match="refused"):
         bad.connect(10)
-    unknown = _client(plant_broker, plant_pki, "site-a", client_id="x")
+    unknown = plant_client(plant_broker, plant_pki, "site-a", client_id="x")
     unknown.cfg.username = "nobody"
     with pytest.raises(TransportError, match="refused"):
         unknown.connect(10)
@@ -93,14 +72,14 @@ def test_wrong_password_is_refused(plant_broker: BrokerHandle, plant_pki: PlantP
 
 @pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_plain_tcp_to_tls_listener_fails(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
-    plain = _client(plant_broker, plant_pki, "site-a", tls=False)
+    plain = plant_client(plant_broker, plant_pki, "site-a", tls=False)
     with pytest.raises(TransportError):
         plain.connect(1)
     plain.close()
 
 
 def test_tls_connection_works_and_reports_protocol(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
-    c = _client(plant_broker, plant_pki, "site-a")
+    c = plant_client(plant_broker, plant_pki, "site-a")
     c.connect(10)
     try:
         assert c.connected and c.protocol_used == "5"
@@ -113,11 +92,11 @@ def test_tls_connection_works_and_reports_protocol(plant_broker: BrokerHandle, p
 def test_mutual_tls_requires_client_certificate(plant_pki: PlantPki) -> None:
     broker = start_plant_broker(plant_pki, require_certificate=True)
     try:
-        without = _client(broker, plant_pki, "site-a")
+        without = plant_client(broker, plant_pki, "site-a")
         with pytest.raises(TransportError):
             without.connect(1)
         without.close()
-        with_cert = _client(broker, plant_pki, "site-a", cert=True)
+        with_cert = plant_client(broker, plant_pki, "site-a", cert=True)
         with_cert.connect(10)
         assert with_cert.connected
         with_cert.close()

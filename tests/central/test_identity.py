@@ -18,34 +18,13 @@ import time
 import uuid
 
 import pytest
-from mqtt_fixtures import PLANT_FLEET, PlantPki, require_mosquitto, wait_for
+from mqtt_fixtures import PLANT_FLEET, PlantPki, drain, plant_client, require_mosquitto, wait_for
 
 from fedpeft_edge.central.broker import BrokerHandle, PlantOptions, start_local_broker
 from fedpeft_edge.protocol import notices
 from fedpeft_edge.protocol.topics import Topics
-from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
 T = Topics(PLANT_FLEET)
-
-
-def _client(broker: BrokerHandle, pki: PlantPki, user: str, *, client_id: str | None = None,
-            clean: bool = True, cert: bool = False) -> MqttTransport:
-    cfg = TransportConfig(
-        host="localhost", port=broker.port, client_id=client_id or user, username=user,
-        password=pki.passwords[user], tls_ca=pki.ca,
-        tls_cert=pki.client_certs[user][0] if cert else None,
-        tls_key=pki.client_certs[user][1] if cert else None,
-        clean_start=clean, reconnect_max=2)
-    return MqttTransport(cfg)
-
-
-def _payloads(t: MqttTransport, seconds: float) -> list[tuple[str, bytes]]:
-    got, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
-        m = t.get(0.05)
-        if m is not None:
-            got.append((m.topic, m.payload))
-    return got
 
 
 def _plant_broker(pki: PlantPki, extra: list[str], *, require_certificate: bool = False) -> BrokerHandle:
@@ -56,13 +35,13 @@ def _plant_broker(pki: PlantPki, extra: list[str], *, require_certificate: bool 
 
 
 def _impostors_disconnect_nobody(broker: BrokerHandle, pki: PlantPki, *, cert: bool) -> None:
-    agg = _client(broker, pki, "aggregator", cert=cert)
-    site_b = _client(broker, pki, "site-b", cert=cert)
+    agg = plant_client(broker, pki, "aggregator", cert=cert)
+    site_b = plant_client(broker, pki, "site-b", cert=cert)
     agg.connect(10)
     site_b.connect(10)
     try:
         for victim in ("site-b", "aggregator"):
-            imp = _client(broker, pki, "site-a", client_id=victim, cert=cert)
+            imp = plant_client(broker, pki, "site-a", client_id=victim, cert=cert)
             imp.connect(10)  # valid credentials: let in, but under its own name
             try:
                 time.sleep(1.5)  # a takeover shows as a disconnect, and paho reconnects after ~1 s
@@ -84,12 +63,12 @@ def test_valid_account_under_another_client_id_disconnects_nobody(plant_broker: 
 @pytest.mark.slow  # several seconds (real broker, TLS or many examples): full suite only
 def test_aggregator_queue_survives_an_impostor_with_a_clean_start(plant_broker: BrokerHandle,
                                                                  plant_pki: PlantPki) -> None:
-    agg = _client(plant_broker, plant_pki, "aggregator", clean=False)
+    agg = plant_client(plant_broker, plant_pki, "aggregator", clean=False)
     agg.subscribe(T.updates_filter, qos=1)
     agg.connect(10)
     time.sleep(0.3)  # SUBACK
     agg.close()  # persistent session: the broker queues QoS 1 updates for it from now on
-    site = _client(plant_broker, plant_pki, "site-a")
+    site = plant_client(plant_broker, plant_pki, "site-a")
     site.connect(10)
     payload = f"queued for the aggregator {uuid.uuid4()}".encode()
     try:
@@ -97,18 +76,18 @@ def test_aggregator_queue_survives_an_impostor_with_a_clean_start(plant_broker: 
     finally:
         site.close()
     # With a clean start, a takeover of the id "aggregator" would wipe that session and its queue.
-    imp = _client(plant_broker, plant_pki, "site-b", client_id="aggregator", clean=True)
+    imp = plant_client(plant_broker, plant_pki, "site-b", client_id="aggregator", clean=True)
     imp.connect(10)
     time.sleep(0.3)
     imp.close()
-    agg2 = _client(plant_broker, plant_pki, "aggregator", clean=False)
+    agg2 = plant_client(plant_broker, plant_pki, "aggregator", clean=False)
     agg2.subscribe(T.updates_filter, qos=1)
     agg2.connect(10)
     try:
-        assert (T.update("site-a"), payload) in _payloads(agg2, 1.5)
+        assert (T.update("site-a"), payload) in drain(agg2, 1.5)
     finally:
         agg2.close()
-        wipe = _client(plant_broker, plant_pki, "aggregator", clean=True)  # leave no session behind
+        wipe = plant_client(plant_broker, plant_pki, "aggregator", clean=True)  # leave no session behind
         wipe.connect(10)
         wipe.close()
 
@@ -127,8 +106,8 @@ def test_control_without_the_binding_an_impostor_takes_over(plant_pki: PlantPki)
     """The same impostor on a broker without use_username_as_clientid (the last setting wins): the
     aggregator is disconnected. This is what the plant configuration prevents."""
     broker = _plant_broker(plant_pki, ["use_username_as_clientid false"])
-    agg = _client(broker, plant_pki, "aggregator")
-    imp = _client(broker, plant_pki, "site-a", client_id="aggregator")
+    agg = plant_client(broker, plant_pki, "aggregator")
+    imp = plant_client(broker, plant_pki, "site-a", client_id="aggregator")
     try:
         agg.connect(10)
         imp.connect(10)
@@ -141,9 +120,9 @@ def test_control_without_the_binding_an_impostor_takes_over(plant_pki: PlantPki)
 
 def test_only_the_aggregator_writes_acks_and_a_site_reads_only_its_own(plant_broker: BrokerHandle,
                                                                      plant_pki: PlantPki) -> None:
-    agg = _client(plant_broker, plant_pki, "aggregator")
-    site_a = _client(plant_broker, plant_pki, "site-a")
-    spy = _client(plant_broker, plant_pki, "site-b")
+    agg = plant_client(plant_broker, plant_pki, "aggregator")
+    site_a = plant_client(plant_broker, plant_pki, "site-a")
+    spy = plant_client(plant_broker, plant_pki, "site-b")
     site_a.subscribe(T.ack("site-a"))
     spy.subscribe(T.acks_filter)
     spy.subscribe("fedpeft/#")
@@ -157,8 +136,8 @@ def test_only_the_aggregator_writes_acks_and_a_site_reads_only_its_own(plant_bro
         assert agg.publish(T.ack("site-a"), ack_a).wait(5)
         assert agg.publish(T.ack("site-b"), ack_b).wait(5)
         spy.publish(T.ack("site-a"), forged).wait(5)  # acknowledged by the broker (3.1.1 style), dropped
-        got_a = [p for _, p in _payloads(site_a, 1.0)]
-        got_spy = [p for _, p in _payloads(spy, 0.3)]
+        got_a = [p for _, p in drain(site_a, 1.0)]
+        got_spy = [p for _, p in drain(spy, 0.3)]
         assert ack_a in got_a and forged not in got_a
         assert ack_b in got_spy and ack_a not in got_spy  # its own ack only
     finally:

@@ -15,6 +15,7 @@ import datetime as dt
 import ipaddress
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fedpeft_edge.central.broker import (
     find_mosquitto,
     start_local_broker,
 )
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
 PLANT_FLEET = "plant"
 PLANT_USERS = {"aggregator": "agg-secret", "site-a": "a-secret", "site-b": "b-secret"}
@@ -114,6 +116,31 @@ def make_test_pki(out: Path, users: dict[str, str] = PLANT_USERS) -> PlantPki:
     for user, pw in users.items():
         subprocess.run([passwd_tool, "-b", str(pwfile), user, pw], check=True, capture_output=True)
     return PlantPki(out, out / "ca.crt", out / "server.crt", out / "server.key", clients, pwfile, dict(users))
+
+
+def plant_client(broker: BrokerHandle, pki: PlantPki, user: str, *, client_id: str | None = None,
+                 password: str | None = None, cert: bool = False, tls: bool = True,
+                 clean: bool = True) -> MqttTransport:
+    """A client of the plant broker logged in as ``user`` (its password and, with ``cert``, its client
+    certificate); ``client_id`` defaults to the user name."""
+    cfg = TransportConfig(
+        host="localhost", port=broker.port, client_id=client_id or user, username=user,
+        password=pki.passwords[user] if password is None else password,
+        tls_ca=pki.ca if tls else None,
+        tls_cert=pki.client_certs[user][0] if cert else None,
+        tls_key=pki.client_certs[user][1] if cert else None,
+        clean_start=clean, reconnect_max=2)
+    return MqttTransport(cfg)
+
+
+def drain(t: MqttTransport, seconds: float) -> list[tuple[str, bytes]]:
+    """Every (topic, payload) the client receives within ``seconds``."""
+    got, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        m = t.get(0.05)
+        if m is not None:
+            got.append((m.topic, m.payload))
+    return got
 
 
 def start_plant_broker(pki: PlantPki, *, require_certificate: bool = False, fleet: str = PLANT_FLEET
