@@ -193,8 +193,10 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 PREPARE_HELP = "central side: export the model to ONNX and build the training artifact bundle"
 PREPARE_DESCRIPTION = """\
-Exports the pretrained backbone (needs the [prepare] extra: torch, transformers) and generates the ORT
-training artifacts for a PEFT method. Copy the bundle folder to the sites; they train it without torch.
+Exports the pretrained backbone (needs the [prepare] extra: torch, transformers), generates the ORT
+training artifacts for a PEFT method and lowers them to a gradient model that stock onnxruntime runs.
+Copy the bundle folder (and, for gateways with stock onnxruntime, the gradient-model folder: their
+[trainer] gradient_dir) to the sites; they train without torch.
 """
 
 
@@ -210,6 +212,8 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-len", type=int, default=64, help="default 64")
     g.add_argument("--image-size", type=int, default=32, help="default 32")
     g.add_argument("--out", type=Path, default=None, help="copy the bundle to this new folder")
+    g.add_argument("--gradient-out", type=Path, default=None,
+                   help="copy the gradient model (a site's [trainer] gradient_dir) to this new folder")
     g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
 
 
@@ -217,7 +221,13 @@ def _run_prepare(args: argparse.Namespace) -> int:
     import json
     import shutil
 
-    from fedpeft_edge.faces.tasks import TaskConfig, get_bundle, method_spec, prepare_backbone
+    from fedpeft_edge.faces.tasks import (
+        TaskConfig,
+        get_bundle,
+        get_gradient_model,
+        method_spec,
+        prepare_backbone,
+    )
     from fedpeft_edge.peft.spec import PeftSpec
 
     dataset = args.dataset or ("reuters_r8" if args.task == "text" else "mnist5k")
@@ -239,15 +249,21 @@ def _run_prepare(args: argparse.Namespace) -> int:
         spec = PeftSpec.from_dict(raw.get("peft", raw))
     else:
         spec = method_spec(args.method, args.task, classes)
+    for out in (args.out, args.gradient_out):
+        if out is not None and out.exists():
+            raise FedPeftError(f"{out} exists; choose a new folder")
     bundle = get_bundle(prepared, spec, args.cache_dir, log=print)
-    target = bundle.directory
+    gradient = get_gradient_model(bundle, args.cache_dir, log=print)
+    target, gradient_dir = bundle.directory, gradient.directory
     if args.out is not None:
-        if args.out.exists():
-            raise FedPeftError(f"{args.out} exists; choose a new folder for the bundle")
         shutil.copytree(bundle.directory, args.out)
         target = args.out
+    if args.gradient_out is not None:
+        shutil.copytree(gradient.directory, args.gradient_out)
+        gradient_dir = args.gradient_out
     print(f"model:     {prepared.onnx_path}")
     print(f"bundle:    {target}")
+    print(f"gradient:  {gradient_dir}")
     print(f"method:    {spec.method}, {bundle.num_trainable:,} trainable parameters")
     print(f"spec hash: {bundle.spec_hash}")
     return 0
