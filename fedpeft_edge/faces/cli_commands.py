@@ -156,12 +156,19 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bench")
     g.add_argument("--task", choices=("text", "image"), default="text", help="model family (default text)")
     g.add_argument("--method", default="lora", help="PEFT method when no --bundle is given (default lora)")
-    g.add_argument("--bundle", type=Path, default=None, help="artifact bundle from `fedpeft-edge prepare`")
+    g.add_argument("--bundle", type=Path, default=None,
+                   help="from `fedpeft-edge prepare`: the gradient-model folder (--gradient-out, what a site "
+                        "trains on) or the artifact bundle")
+    g.add_argument("--backend", choices=("gradient", "ort"), default="gradient",
+                   help="gradient: the gradient model on stock onnxruntime (the site default); "
+                        "ort: ORT Training (central side, for comparison)")
     g.add_argument("--batch-size", type=int, default=16, help="default 16")
     g.add_argument("--seq-len", type=int, default=64, help="tokens per text sample (default 64)")
     g.add_argument("--image-size", type=int, default=32, help="default 32")
     g.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up (default 3)")
     g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    g.add_argument("--kernel-elements", type=int, default=1 << 20,
+                   help="floats per C-kernel timing (default 1,048,576)")
     g.add_argument("--broker", default=None, help="host:port of an MQTT broker for the round-trip check")
     g.add_argument("--rss-limit-mb", type=float, default=400.0, help="peak memory limit (default 400)")
     g.add_argument("--skip-training", action="store_true", help="kernels, codec and MQTT only")
@@ -175,11 +182,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         task=args.task,
         method=args.method,
+        backend=args.backend,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         image_size=args.image_size,
         steps=args.steps,
         threads=args.threads,
+        kernel_elements=args.kernel_elements,
         broker=args.broker,
         bundle_dir=args.bundle,
         cache_dir=args.cache_dir,

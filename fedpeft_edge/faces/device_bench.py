@@ -5,7 +5,8 @@ Checks, each with a verdict (ok / warn / fail) and the figures behind it:
 - ``kernels``: which C path is active (or that the numpy fallback was forced) and the throughput of the
   hot kernels (int8 quantisation, top-k with error feedback, AdamW, accumulation) over 1M floats;
 - ``training``: load the configured model + PEFT method and time a few training steps (first step apart:
-  it includes session warm-up);
+  it includes session warm-up), on the site's backend: the gradient model on stock onnxruntime (default;
+  ``--bundle`` is then the gradient-model folder from ``prepare --gradient-out``) or ORT Training;
 - ``memory``: peak resident set size of this process, against a limit;
 - ``codec``: bytes of one adapter update in each codec mode, with encode time;
 - ``mqtt`` (with ``--broker host:port``): connect, publish a message of the update's size with QoS 1 to
@@ -42,6 +43,7 @@ BENCH_KEYS = ("system", "kernels", "training", "memory", "codec", "mqtt", "verdi
 class BenchOptions:
     task: str = "text"
     method: str = "lora"
+    backend: str = "gradient"  # "gradient" (stock onnxruntime, the site default) or "ort" (ORT Training)
     batch_size: int = 16
     seq_len: int = 64
     image_size: int = 32
@@ -122,6 +124,42 @@ def _synthetic_batch(opts: BenchOptions, bundle: Any) -> dict[str, np.ndarray]:
     return batch
 
 
+def _load_model(opts: BenchOptions, log: Callable[[str], None]) -> Any:
+    """The model the backend trains: a GradientModel (gradient) or an ArtifactBundle (ort)."""
+    from fedpeft_edge.peft.lowering import MANIFEST, GradientModel
+
+    given = opts.bundle_dir
+    if given is not None and (Path(given) / MANIFEST).is_file():
+        ensure(opts.backend == "gradient",
+               f"{given} is a gradient model (stock onnxruntime); the ort backend needs an artifact bundle")
+        return GradientModel.load(given)
+    bundle = _load_bundle(opts, log)
+    if opts.backend == "ort":
+        return bundle
+    from fedpeft_edge.faces.tasks import get_gradient_model
+
+    # An artifact bundle on a gradient-backend bench: lowered once into the cache (central side only).
+    return get_gradient_model(bundle, opts.cache_dir, log=log)
+
+
+def _make_trainer(opts: BenchOptions, model: Any) -> Any:
+    if opts.backend == "ort":
+        from fedpeft_edge.training.ort_trainer import OrtTrainer
+
+        return OrtTrainer(model, threads=opts.threads, lr=1e-3)
+    from fedpeft_edge.training.gradient_trainer import GradientTrainer
+
+    return GradientTrainer(model, threads=opts.threads, lr=1e-3)
+
+
+def trainer_label(backend: str) -> str:
+    """What ran the steps, e.g. ``"onnxruntime 1.32.0"`` (stock build, gradient model) or
+    ``"onnxruntime-training 1.19.2 (training API)"``."""
+    from fedpeft_edge.runtime.ort_import import runtime_label
+
+    return runtime_label() if backend == "gradient" else f"{runtime_label()} (training API)"
+
+
 def _load_bundle(opts: BenchOptions, log: Callable[[str], None]) -> Any:
     from fedpeft_edge.peft.artifacts import ArtifactBundle
 
@@ -143,17 +181,15 @@ def _load_bundle(opts: BenchOptions, log: Callable[[str], None]) -> Any:
 
 
 def bench_training(opts: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
-    from fedpeft_edge.training.ort_trainer import OrtTrainer
-
     t0 = time.perf_counter()
-    bundle = _load_bundle(opts, log)
+    bundle = _load_model(opts, log)
     t_bundle = time.perf_counter() - t0
     # A given bundle decides the model family, whatever --task said.
     kind = "image" if "pixel_values" in bundle.input_names else "text"
     if kind != opts.task:
         opts = dataclasses.replace(opts, task=kind)
     t0 = time.perf_counter()
-    trainer = OrtTrainer(bundle, threads=opts.threads, lr=1e-3)
+    trainer = _make_trainer(opts, bundle)
     t_load = time.perf_counter() - t0
     batch = _synthetic_batch(opts, bundle)
     step_times = []
@@ -164,6 +200,8 @@ def bench_training(opts: BenchOptions, log: Callable[[str], None]) -> dict[str, 
         losses.append(metrics.loss)
     flat = trainer.get_flat()
     return {
+        "trainer": trainer_label(opts.backend),
+        "backend": opts.backend,
         "task": opts.task,
         "method": bundle.spec.method,
         "spec_hash": bundle.spec_hash,
@@ -290,6 +328,7 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
     """Run every check; return the JSON-ready result with per-check verdicts."""
     ensure(opts.task in ("text", "image"), f"task must be text or image, got {opts.task!r}")
     ensure(opts.steps >= 1, "steps must be >= 1")
+    ensure(opts.backend in ("gradient", "ort"), f"backend must be gradient or ort, got {opts.backend!r}")
     os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))
     import fedpeft_edge
 
@@ -344,7 +383,7 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
                 "training step",
                 status,
                 f"{med * 1000:.0f} ms/step median ({training['samples_per_second']:.1f} samples/s), "
-                f"{training['trainable_params']:,} trainable parameters",
+                f"{training['trainable_params']:,} trainable parameters, on {training['trainer']}",
             )
         except (FedPeftError, ImportError, OSError) as exc:
             result["training"] = {"error": str(exc)}

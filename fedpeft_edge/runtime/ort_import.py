@@ -23,7 +23,11 @@ from types import ModuleType
 
 from fedpeft_edge.runtime.errors import MissingDependencyError
 
-_INSTALL_HINT = "pip install --force-reinstall --no-deps onnxruntime-training-cpu==1.19.2"
+# The training build is central-only ([prepare] extra); a device has the stock build (base install).
+_TRAINING_HINT = (
+    "the training API is central-only: pip install 'fedpeft-edge[prepare]', then "
+    "pip install --force-reinstall --no-deps onnxruntime-training-cpu==1.19.2"
+)
 
 
 def _bare_package(name: str, directory: Path) -> None:
@@ -62,8 +66,26 @@ def ort() -> ModuleType:
     try:
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MissingDependencyError(f"onnxruntime-training-cpu is missing: {_INSTALL_HINT}") from exc
+        raise MissingDependencyError("onnxruntime is missing: pip install onnxruntime") from exc
     return onnxruntime
+
+
+def runtime_build() -> str:
+    """``"training"`` when the importable onnxruntime is the training build, ``"stock"`` otherwise.
+
+    Read from the files, without importing onnxruntime, so that it is safe before the shim's first import.
+    """
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError("onnxruntime is missing: pip install onnxruntime")
+    return "training" if (Path(spec.origin).parent / "training" / "api").is_dir() else "stock"
+
+
+def runtime_label() -> str:
+    """What runs the graphs, for reports and bench JSON: ``"onnxruntime 1.32.0"`` or
+    ``"onnxruntime-training 1.19.2"``."""
+    name = "onnxruntime-training" if runtime_build() == "training" else "onnxruntime"
+    return f"{name} {ort().__version__}"
 
 
 def _prepare() -> None:
@@ -71,8 +93,8 @@ def _prepare() -> None:
     root = Path(onnxruntime.__file__).parent
     if not (root / "training" / "api").is_dir():
         raise MissingDependencyError(
-            "the installed onnxruntime has no training API (plain onnxruntime shadows the training "
-            f"build?): {_INSTALL_HINT}"
+            f"the installed onnxruntime {onnxruntime.__version__} is the stock build, without the training "
+            f"API; {_TRAINING_HINT}"
         )
     _bare_package("onnxruntime.training", root / "training")
     _bare_package("onnxruntime.tools", root / "tools")

@@ -26,6 +26,9 @@ def test_bench_cli_writes_json_with_every_check(tmp_path: Path) -> None:
     assert data["kernels"]["backend"] in ("c", "numpy")
     assert all(v > 0 for v in data["kernels"]["throughput_melem_s"].values())
     t = data["training"]
+    # The site default: the gradient model on a plain InferenceSession, named with its runtime.
+    assert t["backend"] == "gradient" and t["trainer"].startswith("onnxruntime")
+    assert not t["trainer"].endswith("(training API)")
     assert t["trainable_params"] > 1000 and t["loss_finite"] and t["step_seconds_median"] > 0
     assert data["memory"]["peak_rss_mb"] > 50
     modes = data["codec"]["modes"]
@@ -34,6 +37,40 @@ def test_bench_cli_writes_json_with_every_check(tmp_path: Path) -> None:
     assert data["mqtt"]["ok"] is True and data["mqtt"]["rtt_update_ms"] > 0
     checks = {v["check"]: v["status"] for v in data["verdicts"]}
     assert checks["MQTT round trip"] == "ok" and checks["training step"] in ("ok", "warn")
+
+
+def test_bench_ort_backend_names_the_training_api_and_trains_the_same_parameters(tmp_path: Path) -> None:
+    """--backend ort (central side, comparison): same bundle, same trainable count, the training API named."""
+    results = {}
+    for backend in ("gradient", "ort"):
+        out = tmp_path / f"{backend}.json"
+        code = cli_main(["bench", "--task", "image", "--backend", backend, "--steps", "1",
+                         "--batch-size", "4",
+                         "--kernel-elements", "4096", "--out", str(out), "--rss-limit-mb", "4000"])
+        assert code == 0
+        results[backend] = load_bench_json(out)["training"]
+    assert results["ort"]["trainer"].endswith("(training API)")
+    assert results["ort"]["trainable_params"] == results["gradient"]["trainable_params"]
+    assert results["ort"]["spec_hash"] == results["gradient"]["spec_hash"]
+    # Same initial parameters and the same synthetic batch: the first loss agrees across backends.
+    assert results["ort"]["losses"][0] == pytest.approx(results["gradient"]["losses"][0], rel=1e-4)
+
+
+def test_bench_rejects_a_gradient_model_for_the_ort_backend(tmp_path: Path) -> None:
+    from fedpeft_edge.faces.tasks import (
+        TaskConfig,
+        get_bundle,
+        get_gradient_model,
+        method_spec,
+        prepare_backbone,
+    )
+
+    prepared = prepare_backbone(TaskConfig(kind="image", dataset="mnist5k", max_len=64, image_size=32), None)
+    gradient = get_gradient_model(get_bundle(prepared, method_spec("lora", "image", 10), None), None)
+    result = run_bench(BenchOptions(backend="ort", bundle_dir=gradient.directory, kernel_elements=1 << 12),
+                       log=lambda _: None)
+    assert result["passed"] is False
+    assert "artifact bundle" in result["training"]["error"]
 
 
 def test_bench_reports_unreachable_broker_as_failure(tmp_path: Path) -> None:
