@@ -47,16 +47,19 @@ def test_declared_pythons_match_this_test() -> None:
 
 
 @pytest.fixture(scope="module")
-def gradient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What a site receives from the central side: `prepare --gradient-out` (cached backbone + bundle)."""
-    out = tmp_path_factory.mktemp("central") / "minilm-lora-gradient"
-    assert cli_main(["prepare", "--task", "text", "--method", "lora", "--gradient-out", str(out)]) == 0
-    assert (out / "gradient.json").is_file() and (out / "base.data").is_file()
-    return out
+def central(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What the central side hands out: `prepare --out --gradient-out` (cached backbone + bundle)."""
+    root = tmp_path_factory.mktemp("central")
+    bundle, gradient = root / "minilm-lora-bundle", root / "minilm-lora-gradient"
+    assert cli_main(["prepare", "--task", "text", "--method", "lora", "--out", str(bundle),
+                     "--gradient-out", str(gradient)]) == 0
+    assert (gradient / "gradient.json").is_file() and (gradient / "base.data").is_file()
+    return {"bundle": bundle, "gradient": gradient}
 
 
 @pytest.mark.parametrize("version", DEVICE_PYTHONS)
-def test_device_install_trains_on_stock_onnxruntime(version: str, gradient_dir: Path, tmp_path: Path) -> None:
+def test_device_install_trains_on_stock_onnxruntime(version: str, central: dict[str, Path], tmp_path: Path
+                                                    ) -> None:
     python = _interpreter(version)
     if python is None:
         if os.environ.get("CI"):
@@ -75,7 +78,7 @@ def test_device_install_trains_on_stock_onnxruntime(version: str, gradient_dir: 
 
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    bench = subprocess.run([str(venv / "bin" / "fedpeft-edge"), "bench", "--bundle", str(gradient_dir),
+    bench = subprocess.run([str(venv / "bin" / "fedpeft-edge"), "bench", "--bundle", str(central["gradient"]),
                             "--steps", "2", "--threads", "2", "--kernel-elements", str(1 << 16),
                             "--rss-limit-mb", "4000", "--out", str(out)],
                            capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
@@ -90,3 +93,13 @@ def test_device_install_trains_on_stock_onnxruntime(version: str, gradient_dir: 
     assert data["memory"]["peak_rss_mb"] > 50
     assert data["kernels"]["backend"] == "c"  # the C core compiled for this interpreter
     assert sys.executable not in bench.stdout  # really the device venv's interpreter
+
+    if version == "3.11":  # once: the training backend on a device is a clear error, not a crash
+        out_ort = tmp_path / "bench-ort.json"
+        ort_run = subprocess.run([str(venv / "bin" / "fedpeft-edge"), "bench", "--backend", "ort", "--bundle",
+                                  str(central["bundle"]), "--steps", "1", "--kernel-elements", "4096",
+                                  "--out", str(out_ort)], capture_output=True, text=True, timeout=600,
+                                 cwd=tmp_path, env=env)
+        assert ort_run.returncode == 1, ort_run.stdout[-2000:] + ort_run.stderr[-2000:]
+        error = json.loads(out_ort.read_text())["training"]["error"]
+        assert "stock build" in error and "[prepare]" in error, error
