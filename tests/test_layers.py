@@ -37,9 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"runtime", "kernels", "data", "peft"},
     "models": {"runtime", "kernels", "data", "peft", "training"},
     "protocol": {"runtime", "kernels", "data"},
-    "site": LOWER_THAN_PROTOCOL | {"protocol"},
-    "central": LOWER_THAN_PROTOCOL | {"models", "protocol"},
-    "faces": LOWER_THAN_PROTOCOL | {"models", "protocol", "site", "central"},
+    "bundle": {"runtime", "kernels", "data", "peft"},
+    "site": LOWER_THAN_PROTOCOL | {"protocol", "bundle"},
+    "central": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle"},
+    "faces": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle", "site", "central"},
     "package": set(),
     "main": {"faces"},
 }

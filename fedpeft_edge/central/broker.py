@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, MissingDependencyError
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, MissingDependencyError, readable_file
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def port_in_use(bind: str, port: int) -> bool:
+    """Whether another process listens on ``bind:port`` (a bind test, as the broker itself would do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is not "in use"
+        try:
+            s.bind((bind or "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
 def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -97,6 +108,15 @@ class PlantOptions:
     acl_file: Path | None = None  # None: our broker_config/acl.conf filled for `fleet`
     require_certificate: bool = False
     fleet: str = "+"
+
+    def check_files(self) -> None:
+        """Every file readable, each named in a one-line error (Mosquitto would only exit with its code)."""
+        readable_file(self.cafile, "broker CA file (--cafile)")
+        readable_file(self.certfile, "broker certificate (--certfile)")
+        readable_file(self.keyfile, "broker private key (--keyfile)")
+        readable_file(self.password_file, "broker password file (--password-file)")
+        if self.acl_file is not None:
+            readable_file(self.acl_file, "broker ACL file (--acl-file)")
 
 
 @dataclass
@@ -373,6 +393,12 @@ def start_local_broker(
     else:
         log.warning("mosquitto not found; using the embedded amqtt broker (MQTT 3.1.1, slower)")
         kind = "embedded"
+    if plant is not None:
+        plant.check_files()
+    if int(port) != 0 and port_in_use(bind, int(port)):
+        # Else a broker that cannot bind looks "ready" (the other process answers) and exits soon after.
+        raise BrokerError(f"port {bind}:{port} is already in use (another broker or service listens there): "
+                          "stop it or choose another port")
     owns = data_dir is None
     ddir = Path(tempfile.mkdtemp(prefix="fedpeft-broker-")) if owns else Path(data_dir)  # type: ignore[arg-type]
     ddir.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,10 @@ class AggregatorSettings:
     # After the final round, keep answering resends (acks) and re-announcing the final global until every
     # site heard from reports it is done (or went offline), at most this long; 0: exit at once.
     final_linger_s: float = 30.0
+    # The site bundle the fleet trains with, announced retained on fedpeft/<fleet>/bundle (sites holding
+    # another one report needs_bundle): the bundle file (its id is read from its manifest) or the id.
+    bundle_file: str | None = None
+    bundle_id: str | None = None
     policy: RoundPolicy = field(default_factory=RoundPolicy)
 
     @classmethod

@@ -66,6 +66,7 @@ import numpy as np
 from fedpeft_edge.central.acks import AckQueue
 from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
+from fedpeft_edge.central.fleet_bundle import announce_bundle, fleet_bundle_id
 from fedpeft_edge.central.initial_global import initial_from_trainer, load_vector
 from fedpeft_edge.central.metrics_log import MetricsLog
 from fedpeft_edge.central.store import StateError
@@ -138,6 +139,7 @@ class AggregatorService:
         self.serving = threading.Event()  # set once recovery is done and the message loop runs
         self.transport: MqttTransport | None = None
         self._round_rejections_base = dict(self.core.counters)
+        self.bundle_id = fleet_bundle_id(a.bundle_file, a.bundle_id)  # announced on fedpeft/<fleet>/bundle
 
     # --- helpers ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -426,8 +428,10 @@ class AggregatorService:
         def announce(t: MqttTransport) -> None:  # paho's thread, on every (re)connect
             online = notices.StatusMessage(a.client_id, "online", time.time(), self.core.round)
             t.publish(status_topic, notices.encode_status(online, self.limits), retain=True)
+            announce_bundle(t, self.topics, self.bundle_id, self.limits)  # before the global
 
-        self.transport = MqttTransport(tcfg, will=Will(status_topic, offline), on_connect=announce)
+        self.transport = MqttTransport(tcfg, will=Will(status_topic, offline), on_connect=announce,
+                                       stop=self._stop)
         self.transport.subscribe(self.topics.updates_filter, qos=1)
         self.transport.subscribe(self.topics.status_filter, qos=1)
         self.transport.connect(connect_timeout)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.runtime import names
-from fedpeft_edge.runtime.errors import FedPeftError
+from fedpeft_edge.runtime.errors import FedPeftError, readable_file
 
 log = logging.getLogger("fedpeft_edge.faces.cli")
 
@@ -88,6 +88,8 @@ def _load(args: argparse.Namespace, loader: Callable[..., Any]) -> Any:
     """The command's own config dataclass from ``--config`` (or defaults), with the connection flags."""
     from fedpeft_edge.protocol.config import override
 
+    if args.config:
+        readable_file(args.config, "configuration file (--config)")
     cfg = loader(args.config) if args.config else loader()
     if hasattr(args, "host"):
         override(cfg.connection, host=args.host, port=args.port, username=args.username,
@@ -161,9 +163,13 @@ def _broker_run(args: argparse.Namespace) -> int:
     try:
         while not stopping[0] and handle.is_running():
             time.sleep(0.2)
+        if not stopping[0]:
+            lines = [ln for ln in handle.log_text().splitlines() if ln.strip()]
+            log.error("the %s broker on port %d exited on its own: %s", handle.kind, handle.port,
+                      lines[-1] if lines else "no log line")
     finally:
         handle.stop(keep_dir=b.data_dir is not None)
-    return 0 if stopping[0] else 1
+    return 0 if stopping[0] else 2
 
 
 register(Command(
@@ -296,7 +302,7 @@ def _agent_run(args: argparse.Namespace) -> int:
         cfg.connection.username = cfg.agent.client_id
     setup = build_trainer_setup(cfg)
     agent = EdgeAgent(cfg, setup.trainer, setup.train_batches_fn, setup.eval_batches_fn,
-                      spec_hash=setup.spec_hash)
+                      spec_hash=setup.spec_hash, bundle_id=setup.bundle_id)
     _stop_on_signals(agent.stop)
     result = agent.run()
     return 0 if result.final_seen or result.reason in ("max_rounds reached", "idle timeout", "stopped") else 1
@@ -310,6 +316,44 @@ register(Command(
     "so nothing is lost when the network or the broker is down, even if the broker crashes; the agent\n"
     "resumes after a restart. Runs until the aggregator's last round.",
     _agent_args, _agent_run))
+
+
+# --- status ------------------------------------------------------------------------------------------
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    _add_connection(p)
+    g = p.add_argument_group("status")
+    g.add_argument("--client-id", help="MQTT client id (default: status-<random>; a clean session)")
+    g.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained statuses (default 2)")
+    g.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
+
+
+def _status_run(args: argparse.Namespace) -> int:
+    import json
+
+    from fedpeft_edge.faces.fleet_status import collect, load_status_config, print_table
+
+    cfg = _load(args, load_status_config)
+    if cfg.connection.username is None and cfg.connection.password_file and args.client_id:
+        cfg.connection.username = args.client_id
+    statuses, bad = collect(cfg, client_id=args.client_id, wait_s=args.wait)
+    if args.json:
+        for s in statuses:
+            print(json.dumps({"id": s.client_id, "state": s.state, "round": s.round, "time": s.ts,
+                              "version": s.version, "detail": s.detail}))
+    else:
+        print_table(statuses, cfg.fleet.name)
+    for topic in bad:
+        log.warning("malformed status on %s (ignored)", topic)
+    return 0
+
+
+register(Command(
+    "status", "show the fleet: every site's and the aggregator's state, round and last change",
+    "Read the retained status of every service of the fleet from fedpeft/<fleet>/status/+ and print one\n"
+    "line each: training, waiting, paused (with the reason), offline (the broker's last will), done.\n"
+    "Give the connection as flags or with --config (an agent's or the aggregator's TOML works).",
+    _status_args, _status_run))
 
 
 # --- entry point -------------------------------------------------------------------------------------
@@ -340,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args))
     except FedPeftError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:  # a file or port the configuration names: one line, not a traceback
         log.error("%s", exc)
         return 2
 

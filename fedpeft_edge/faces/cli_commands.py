@@ -162,14 +162,21 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("gradient", "ort"), default="gradient",
                    help="gradient: the gradient model on stock onnxruntime (the site default); "
                         "ort: ORT Training (central side, for comparison)")
-    g.add_argument("--batch-size", type=int, default=16, help="default 16")
-    g.add_argument("--seq-len", type=int, default=64, help="tokens per text sample (default 64)")
+    g.add_argument("--batch-size", type=int, default=None, help="default: the site config's, else 16")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per text sample (default: the site config's max_len, else 64)")
     g.add_argument("--image-size", type=int, default=32, help="default 32")
     g.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up (default 3)")
-    g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the site's, else 1)")
+    g.add_argument("--round-steps", type=int, default=None,
+                   help="training steps per round (default: the site's [agent] local_steps)")
+    g.add_argument("--deadline", type=float, default=None,
+                   help="the aggregator's round deadline in seconds: the round time is checked against it")
     g.add_argument("--kernel-elements", type=int, default=1 << 20,
                    help="floats per C-kernel timing (default 1,048,576)")
-    g.add_argument("--broker", default=None, help="host:port of an MQTT broker for the round-trip check")
+    g.add_argument("--broker", default=None,
+                   help="host:port of a plain MQTT broker for the round-trip check (with --config: the "
+                        "site's own broker settings, TLS and login included, are used instead)")
     g.add_argument("--rss-limit-mb", type=float, default=400.0, help="peak memory limit (default 400)")
     g.add_argument("--skip-training", action="store_true", help="kernels, codec and MQTT only")
     g.add_argument("--out", type=Path, default=Path("fedpeft-bench.json"), help="JSON output file")
@@ -177,24 +184,34 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from fedpeft_edge.faces.device_bench import BenchOptions, main_bench
+    import dataclasses
+
+    from fedpeft_edge.faces.device_bench import BenchOptions, main_bench, options_from_agent_config
 
     opts = BenchOptions(
         task=args.task,
         method=args.method,
         backend=args.backend,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
         image_size=args.image_size,
         steps=args.steps,
-        threads=args.threads,
         kernel_elements=args.kernel_elements,
         broker=args.broker,
         bundle_dir=args.bundle,
         cache_dir=args.cache_dir,
         rss_limit_mb=args.rss_limit_mb,
         skip_training=args.skip_training,
+        deadline_s=args.deadline,
     )
+    if args.config is not None:
+        # The site's own config: the check runs the way its agent will (model, batch, threads, broker).
+        from fedpeft_edge.site.config import load_agent_config
+
+        opts = options_from_agent_config(load_agent_config(args.config), opts)
+        if args.bundle is not None:
+            opts = dataclasses.replace(opts, bundle_dir=args.bundle)
+    explicit = {"batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads,
+                "round_steps": args.round_steps}
+    opts = dataclasses.replace(opts, **{k: v for k, v in explicit.items() if v is not None})
     return main_bench(opts, args.out)
 
 
@@ -214,7 +231,9 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task", choices=("text", "image"), default="text", help="default text")
     g.add_argument("--method", default="lora", help="PEFT method (default lora)")
     g.add_argument(
-        "--classes", type=int, default=None, help="labels of the new head (default: the data set's)"
+        "--classes", default=None,
+        help="labels of the new head: a count (8) or the names in output order (acq,crude,...); "
+             "default: the data set's"
     )
     g.add_argument("--dataset", default=None, help="data set whose label count sizes the head")
     g.add_argument("--spec", type=Path, default=None, help="PEFT spec as TOML/JSON (overrides --method)")
@@ -224,6 +243,9 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-out", type=Path, default=None,
                    help="copy the gradient model (a site's [trainer] gradient_dir) to this new folder")
     g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
+    from fedpeft_edge.faces.bundle_commands import add_site_bundle_args
+
+    add_site_bundle_args(p.add_argument_group("site bundle (one signed file for the sites)"))
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
@@ -242,11 +264,9 @@ def _run_prepare(args: argparse.Namespace) -> int:
     dataset = args.dataset or ("reuters_r8" if args.task == "text" else "mnist5k")
     task = TaskConfig(kind=args.task, dataset=dataset, max_len=args.max_len, image_size=args.image_size)
     prepared = prepare_backbone(task, args.cache_dir)
-    classes = args.classes
-    if classes is None:
-        from fedpeft_edge.data.datasets import load_dataset
+    from fedpeft_edge.faces.bundle_commands import parse_classes, write_prepared_bundle
 
-        classes = load_dataset(dataset, "test").num_classes
+    classes, labels = parse_classes(args.classes, dataset, explicit_dataset=args.dataset is not None)
     if args.spec is not None:
         text = args.spec.read_text()
         if args.spec.suffix == ".json":
@@ -258,7 +278,12 @@ def _run_prepare(args: argparse.Namespace) -> int:
         spec = PeftSpec.from_dict(raw.get("peft", raw))
     else:
         spec = method_spec(args.method, args.task, classes)
-    for out in (args.out, args.gradient_out):
+    if labels is not None and spec.head_classes is not None and len(labels) != spec.head_classes:
+        if args.classes is not None:
+            raise FedPeftError(f"--classes names {len(labels)} labels, the spec's head has "
+                               f"{spec.head_classes}")
+        labels = None  # a spec file with its own head size: the data set's names do not apply
+    for out in (args.out, args.gradient_out, args.site_bundle):
         if out is not None and out.exists():
             raise FedPeftError(f"{out} exists; choose a new folder")
     bundle = get_bundle(prepared, spec, args.cache_dir, log=print)
@@ -270,6 +295,10 @@ def _run_prepare(args: argparse.Namespace) -> int:
     if args.gradient_out is not None:
         shutil.copytree(gradient.directory, args.gradient_out)
         gradient_dir = args.gradient_out
+    if args.site_bundle is not None:
+        site = write_prepared_bundle(args, prepared, gradient, labels)
+        print(f"site bundle: {site.path} (id {site.bundle_id}, {'signed' if site.signed else 'UNSIGNED'}, "
+              f"{site.bytes / 1e6:.1f} MB)")
     print(f"model:     {prepared.onnx_path}")
     print(f"bundle:    {target}")
     print(f"gradient:  {gradient_dir}")
@@ -284,3 +313,13 @@ _COMMANDS = (
     ("bench", BENCH_HELP, BENCH_DESCRIPTION, _bench_args, _run_bench),
     ("prepare", PREPARE_HELP, PREPARE_DESCRIPTION, _prepare_args, _run_prepare),
 )
+
+# infer, model, wheelhouse: the trained model on site and the offline device install (model_commands.py).
+from fedpeft_edge.faces.model_commands import COMMANDS as _MODEL_COMMANDS  # noqa: E402
+
+_COMMANDS = (*_COMMANDS, *_MODEL_COMMANDS)
+
+# bundle: keygen, sign, verify, inspect of site bundles (bundle_commands.py).
+from fedpeft_edge.faces.bundle_commands import COMMANDS as _BUNDLE_COMMANDS  # noqa: E402
+
+_COMMANDS = (*_COMMANDS, *_BUNDLE_COMMANDS)

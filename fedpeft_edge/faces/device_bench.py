@@ -23,7 +23,6 @@ import os
 import platform
 import secrets
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft_edge.faces import report as rep
+from fedpeft_edge.protocol.transport import TransportConfig
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, ensure
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skipped"
@@ -57,6 +57,38 @@ class BenchOptions:
     rss_limit_mb: float = 400.0
     step_limit_s: float = 2.0
     skip_training: bool = False
+    # From the site's own config (:func:`options_from_agent_config`): how the agent will really run.
+    site: str | None = None
+    connection: TransportConfig | None = None  # the agent's broker settings (TLS, login)
+    bench_topic: str | None = None
+    round_steps: int | None = None  # optimizer steps per round ([agent] local_steps, or from the data)
+    deadline_s: float | None = None  # the aggregator's round deadline
+
+
+def options_from_agent_config(cfg: Any, base: BenchOptions) -> BenchOptions:
+    """``base`` with what the site's agent config says: model folder and backend, batch, threads, max_len,
+    steps per round, and the broker with its TLS and login (so the check goes the agent's way)."""
+    from fedpeft_edge.protocol.config import transport_config
+
+    t, d, a = cfg.trainer, cfg.data, cfg.agent
+    ensure(t.kind in ("gradient", "ort"), f"bench checks the gradient and ort trainers, not {t.kind!r}")
+    folder = t.gradient_dir if (t.kind == "gradient" and t.gradient_dir) else t.bundle_dir
+    governor = getattr(cfg, "governor", None)
+    threads = int(a.threads)
+    cap = getattr(governor, "max_threads", None)
+    if cap:
+        threads = min(threads, int(cap))
+    steps = a.local_steps
+    if steps is None and d.max_samples:
+        steps = -(-int(d.max_samples) // int(d.batch_size)) * max(1, int(a.local_epochs))
+    connection = transport_config(cfg.connection, a.client_id or "bench")
+    if connection.username is None and cfg.connection.password_file:
+        connection.username = a.client_id  # as the agent logs in (faces/cli.py)
+    return dataclasses.replace(
+        base, backend=t.kind, bundle_dir=Path(folder) if folder else base.bundle_dir,
+        batch_size=int(d.batch_size), threads=threads,
+        seq_len=int(d.options.get("max_len", base.seq_len)), round_steps=steps, site=a.client_id or None,
+        connection=connection, bench_topic=f"fedpeft/{cfg.fleet.name}/bench/{a.client_id or 'bench'}")
 
 
 def _timed(fn: Callable[[], Any], repeat: int = 5) -> float:
@@ -248,71 +280,61 @@ def bench_codec(n: int) -> dict[str, Any]:
     return out
 
 
-def bench_mqtt(broker: str, payload_bytes: int, *, timeout: float = 10.0) -> dict[str, Any]:
-    """Publish ``payload_bytes`` with QoS 1 to a private topic and receive it back; times in ms."""
-    import paho.mqtt.client as mqtt
+def bench_mqtt(broker: str | TransportConfig, payload_bytes: int, *, topic: str | None = None,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """Publish ``payload_bytes`` with QoS 1 to a bench topic and receive it back; times in ms.
 
-    host, _, port_text = broker.rpartition(":")
-    ensure(host and port_text.isdigit(), f"--broker must be host:port, got {broker!r}")
-    port = int(port_text)
-    topic = f"fedpeft/bench/{secrets.token_hex(6)}"
-    received: dict[str, Any] = {}
-    got = threading.Event()
-    subscribed = threading.Event()
-    connected = threading.Event()
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=f"fedpeft-bench-{secrets.token_hex(4)}",
-        protocol=mqtt.MQTTv311,
-    )
+    ``broker`` is ``host:port`` (plain, anonymous) or the site's own transport settings (TLS, login): the
+    check then goes exactly the way the agent's connection goes. The plant ACL lets every account read and
+    write ``fedpeft/<fleet>/bench/<user>`` for this.
+    """
+    from fedpeft_edge.protocol.transport import MqttTransport, TransportError
 
-    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        received["connect_reason"] = str(reason)
-        if not reason.is_failure:
-            connected.set()
-            c.subscribe(topic, qos=1)
-
-    def on_subscribe(*args: Any) -> None:
-        subscribed.set()
-
-    def on_message(c: Any, userdata: Any, msg: Any) -> None:
-        received.setdefault("arrivals", []).append((time.perf_counter(), len(msg.payload)))
-        got.set()
-
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    result: dict[str, Any] = {"broker": broker, "payload_bytes": payload_bytes}
+    if isinstance(broker, str):
+        host, _, port_text = broker.rpartition(":")
+        ensure(host and port_text.isdigit(), f"--broker must be host:port, got {broker!r}")
+        tcfg = TransportConfig(host=host, port=int(port_text),
+                               client_id=f"fedpeft-bench-{secrets.token_hex(4)}")
+    else:
+        tcfg = dataclasses.replace(broker)
+    # A clean session: the bench must not leave one at the broker, nor take over queued messages.
+    tcfg.clean_start = True
+    topic = topic or f"fedpeft/bench/{secrets.token_hex(6)}"
+    transport = MqttTransport(tcfg)
+    transport.subscribe(topic, qos=1)
+    result: dict[str, Any] = {"broker": f"{tcfg.host}:{tcfg.port}", "tls": tcfg.tls_ca is not None,
+                              "login": tcfg.username is not None, "payload_bytes": payload_bytes}
     t0 = time.perf_counter()
     try:
-        client.connect(host, port, keepalive=30)
-    except OSError as exc:
-        result.update(ok=False, error=f"cannot connect: {exc}")
+        transport.connect(timeout)
+    except (TransportError, OSError) as exc:
+        diagnosis = transport.last_diagnosis
+        result.update(ok=False, error=f"cannot connect: {exc}" + (f" ({diagnosis})" if diagnosis else ""))
+        transport.close()
         return result
-    client.loop_start()
     try:
-        if not connected.wait(timeout):
-            result.update(ok=False, error=f"no CONNACK within {timeout} s ({received.get('connect_reason')})")
-            return result
         result["connect_ms"] = 1000 * (time.perf_counter() - t0)
-        if not subscribed.wait(timeout):
-            result.update(ok=False, error="no SUBACK")
-            return result
+        result["protocol"] = transport.protocol_used
+        time.sleep(0.2)  # the SUBACK: MqttTransport subscribes on connect
         rtts = []
         for size in (64, payload_bytes):
-            got.clear()
-            received.pop("arrivals", None)
+            body = os.urandom(size)
             start = time.perf_counter()
-            client.publish(topic, os.urandom(size), qos=1)
-            if not got.wait(timeout):
-                result.update(ok=False, error=f"a {size}-byte message did not come back within {timeout} s")
-                return result
-            arrival, length = received["arrivals"][0]
-            ensure(length == size, f"message came back with {length} bytes, not {size}", raising=FedPeftError)
-            rtts.append(1000 * (arrival - start))
+            transport.publish(topic, body, qos=1)
+            while True:
+                left = timeout - (time.perf_counter() - start)
+                msg = transport.get(timeout=max(0.0, left))
+                if msg is None:
+                    result.update(ok=False, error=f"a {size}-byte message did not come back within "
+                                                  f"{timeout} s (may this account read and write {topic}?)")
+                    return result
+                if msg.topic == topic and msg.payload == body:
+                    break
+            rtts.append(1000 * (time.perf_counter() - start))
         result.update(ok=True, rtt_small_ms=rtts[0], rtt_update_ms=rtts[1])
         return result
     finally:
-        client.loop_stop()
-        client.disconnect()
+        transport.close()
 
 
 def _peak_rss_mb() -> float:
@@ -329,6 +351,7 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
     ensure(opts.task in ("text", "image"), f"task must be text or image, got {opts.task!r}")
     ensure(opts.steps >= 1, "steps must be >= 1")
     ensure(opts.backend in ("gradient", "ort"), f"backend must be gradient or ort, got {opts.backend!r}")
+    ensure(opts.deadline_s is None or opts.deadline_s > 0, "the round deadline must be > 0 s")
     os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))
     import fedpeft_edge
 
@@ -389,11 +412,18 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
             result["training"] = {"error": str(exc)}
             verdict("training step", FAIL, str(exc))
 
+    training = result.get("training", {})
+    if "step_seconds_median" in training:
+        result["round"] = round_estimate(training["step_seconds_median"], opts)
+        r = result["round"]
+        verdict("round time", r["status"], r["detail"])
+
     peak = _peak_rss_mb()
     result["memory"] = {"peak_rss_mb": peak, "limit_mb": opts.rss_limit_mb}
+    # Over the limit fails: a site that swaps or is OOM-killed takes the plant PC down with it.
     verdict(
         "peak memory",
-        OK if peak <= opts.rss_limit_mb else WARN,
+        OK if peak <= opts.rss_limit_mb else FAIL,
         f"{peak:.0f} MB peak RSS (limit {opts.rss_limit_mb:.0f} MB)",
     )
 
@@ -411,11 +441,13 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
         result["codec"] = {"error": str(exc)}
         verdict("codec", FAIL, str(exc))
 
-    if opts.broker:
-        log(f"MQTT round trip via {opts.broker} ...")
+    target: str | TransportConfig | None = opts.connection or opts.broker
+    if target is not None:
+        where = opts.broker or f"{opts.connection.host}:{opts.connection.port}"  # type: ignore[union-attr]
+        log(f"MQTT round trip via {where} ...")
         size = int(result.get("codec", {}).get("modes", {}).get("topk_int8", {}).get("bytes", 4096)) + 200
         try:
-            result["mqtt"] = bench_mqtt(opts.broker, size)
+            result["mqtt"] = bench_mqtt(target, size, topic=opts.bench_topic)
         except (FedPeftError, OSError) as exc:
             result["mqtt"] = {"ok": False, "error": str(exc)}
         m = result["mqtt"]
@@ -424,7 +456,8 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
                 "MQTT round trip",
                 OK,
                 f"{m['rtt_small_ms']:.1f} ms (64 B), {m['rtt_update_ms']:.1f} ms "
-                f"({rep.human_bytes(m['payload_bytes'])} update) via {opts.broker}",
+                f"({rep.human_bytes(m['payload_bytes'])} update) via {m['broker']}"
+                f"{' over TLS' if m.get('tls') else ''}{' with login' if m.get('login') else ''}",
             )
         else:
             verdict("MQTT round trip", FAIL, m.get("error", "failed"))
@@ -434,7 +467,41 @@ def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print) -> dict
 
     result["verdicts"] = verdicts
     result["passed"] = all(v["status"] != FAIL for v in verdicts)
+    result["verdict"] = final_verdict(result, opts)
     return result
+
+
+def round_estimate(step_s: float, opts: BenchOptions) -> dict[str, Any]:
+    """ms/step turned into "a round takes N s against a deadline of M s"."""
+    out: dict[str, Any] = {"step_seconds": step_s, "steps": opts.round_steps, "deadline_s": opts.deadline_s}
+    if opts.round_steps is None:
+        out.update(status=WARN, detail=f"{step_s * 1000:.0f} ms/step; steps per round unknown: set [agent] "
+                                       "local_steps (or --round-steps) to get the round time")
+        return out
+    seconds = step_s * opts.round_steps
+    out["round_seconds"] = seconds
+    text = f"{opts.round_steps} steps × {step_s * 1000:.0f} ms = {seconds:.0f} s of training per round"
+    if opts.deadline_s is None:
+        out.update(status=OK, detail=text + " (no deadline given: --deadline)")
+    elif seconds > opts.deadline_s:
+        out.update(status=FAIL, detail=text + f", over the {opts.deadline_s:.0f} s deadline: fewer local "
+                                              "steps, a smaller batch or more threads")
+    elif seconds > 0.8 * opts.deadline_s:
+        out.update(status=WARN, detail=text + f", close to the {opts.deadline_s:.0f} s deadline (> 80 %)")
+    else:
+        out.update(status=OK, detail=text + f" against a deadline of {opts.deadline_s:.0f} s "
+                                            f"({100 * seconds / opts.deadline_s:.0f} %)")
+    return out
+
+
+def final_verdict(result: dict[str, Any], opts: BenchOptions) -> str:
+    """One line: is this box good enough for the site?"""
+    who = f"site {opts.site}" if opts.site else "a site"
+    failed = [v["check"] for v in result["verdicts"] if v["status"] == FAIL]
+    if failed:
+        return f"NOT GOOD ENOUGH for {who}: {', '.join(failed)} failed"
+    warned = [v["check"] for v in result["verdicts"] if v["status"] == WARN]
+    return f"GOOD ENOUGH for {who}" + (f" (look at: {', '.join(warned)})" if warned else "")
 
 
 def verdict_table(result: dict[str, Any]) -> str:
@@ -463,6 +530,7 @@ def print_verdicts(result: dict[str, Any]) -> None:
 def main_bench(opts: BenchOptions, out: Path | None) -> int:
     result = run_bench(opts)
     print_verdicts(result)
+    print(f"VERDICT: {result['verdict']}")
     if out is not None:
         rep.write_json(out, result)
         print(f"wrote {out}")

@@ -6,11 +6,28 @@ train with ``fedpeft_edge.training.ort_trainer.OrtTrainer`` → ``export_inferen
 (``fedpeft_edge.training.gradient_trainer.GradientTrainer``); import it from its module.
 """
 
-from fedpeft_edge.peft.artifacts import ArtifactBundle, generate_artifacts
-from fedpeft_edge.peft.lora import LoraSite
-from fedpeft_edge.peft.merge import export_inference_model
-from fedpeft_edge.peft.spec import METHODS, PeftSpec
-from fedpeft_edge.peft.surgery import PeftPlan, apply_peft
+# Loaded on first use (PEP 562): the surgery and artifact modules import onnx (about 18 MB and 0.6 s),
+# which a device needs for none of spec, layout or the gradient model (fedpeft_edge.peft.lowering.model).
+_LAZY = {
+    "ArtifactBundle": "artifacts", "generate_artifacts": "artifacts", "LoraSite": "lora",
+    "export_inference_model": "merge", "METHODS": "spec", "PeftSpec": "spec", "PeftPlan": "surgery",
+    "apply_peft": "surgery",
+}
 
 __all__ = ["METHODS", "ArtifactBundle", "LoraSite", "PeftPlan", "PeftSpec", "apply_peft",
            "export_inference_model", "generate_artifacts"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

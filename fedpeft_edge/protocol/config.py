@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from fedpeft_edge.protocol.codec import CodecConfig
 from fedpeft_edge.protocol.transport import TransportConfig
-from fedpeft_edge.runtime.errors import InvalidValueError
+from fedpeft_edge.runtime.errors import InvalidValueError, readable_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +32,8 @@ else:  # pragma: no cover - Python 3.10
 T = TypeVar("T")
 
 # Every section any service reads: a file may hold them all, and a name outside this list is a typo.
-ALL_SECTIONS = ("connection", "fleet", "broker", "aggregator", "agent", "codec", "trainer", "data")
+ALL_SECTIONS = ("connection", "fleet", "broker", "aggregator", "agent", "codec", "trainer", "data",
+                "governor", "bundle")
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ConnectionSettings:
         if self.password is not None:
             return self.password
         if self.password_file:
-            text = Path(self.password_file).read_text().splitlines()
+            text = readable_file(self.password_file, "MQTT password file").read_text().splitlines()
             return text[0] if text else ""
         return None
 

@@ -194,18 +194,61 @@ def decode_ack(data: bytes | bytearray | memoryview, limits: WireLimits = DEFAUL
     return AckMessage(fleet, site, rnd, status, reason, _time(obj, "time"), mid)
 
 
+# --------------------------------------------------------------------------------------------------
+# Bundle notice (aggregator → sites, retained on fedpeft/{fleet}/bundle)
+
+BUNDLE_KEYS: Final = frozenset({"v", "t", "fleet", "bundle", "time"})
+MAX_BUNDLE_NOTICE_BYTES: Final = 512
+_BUNDLE_ID_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class BundleNotice:
+    """The id (sha256 of the manifest content, bundle/format.py) of the site bundle the fleet trains with;
+    a site holding another bundle reports ``needs_bundle`` instead of training."""
+
+    fleet: str
+    bundle_id: str
+    time: float = 0.0
+
+
+def encode_bundle_notice(msg: BundleNotice, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
+    obj = {"v": WIRE_VERSION, "t": "bundle", "fleet": msg.fleet, "bundle": msg.bundle_id,
+           "time": round(float(msg.time), 3)}
+    data = _dump(obj)
+    decode_bundle_notice(data, limits)
+    return data
+
+
+def decode_bundle_notice(data: bytes | bytearray | memoryview,
+                         limits: WireLimits = DEFAULT_LIMITS) -> BundleNotice:
+    """Parse and validate a ``bundle`` notice (JSON object with exactly :data:`BUNDLE_KEYS`)."""
+    obj = _load(data, MAX_BUNDLE_NOTICE_BYTES, "bundle notice")
+    _check_header(obj, "bundle", BUNDLE_KEYS)
+    fleet = _ident(obj, "fleet", limits)
+    bid = obj["bundle"]
+    if not isinstance(bid, str) or not _BUNDLE_ID_RE.fullmatch(bid):
+        raise WireFormatError(Reason.BAD_STRING, "bundle must be 64 lowercase hex characters")
+    return BundleNotice(fleet, bid, _time(obj, "time"))
+
+
 
 
 __all__ = [
     "ACK_KEYS",
     "ACK_STATUSES",
+    "BUNDLE_KEYS",
     "MAX_ACK_BYTES",
+    "MAX_BUNDLE_NOTICE_BYTES",
     "MAX_STATUS_BYTES",
     "STATUS_KEYS",
     "AckMessage",
+    "BundleNotice",
     "StatusMessage",
     "decode_ack",
+    "decode_bundle_notice",
     "decode_status",
     "encode_ack",
+    "encode_bundle_notice",
     "encode_status",
 ]

@@ -6,6 +6,8 @@
 - ``fedpeft/{fleet}/status/{client_id}`` retained: online/offline (offline is the last will).
 - ``fedpeft/{fleet}/ack/{client_id}``    QoS 1, aggregator → that site only: the aggregator's durable
   decision on one of its updates (JSON); the site keeps an update in its outbox until then.
+- ``fedpeft/{fleet}/bundle``             retained, aggregator → sites: the id of the site bundle the fleet
+  trains with (JSON, ``notices.BundleNotice``); a site holding another bundle waits (``needs_bundle``).
 Metadata (round, spec hash, sender) lives in the msgpack envelope, so MQTT 3.1.1 brokers serve too.
 """
 
@@ -59,6 +61,10 @@ class Topics:
     @property
     def acks_filter(self) -> str:
         return f"{ROOT}/{self.fleet}/ack/+"
+
+    @property
+    def bundle(self) -> str:
+        return f"{ROOT}/{self.fleet}/bundle"
 
     def client_of(self, topic: str) -> str | None:
         """The client id of an update/status topic of this fleet, else None."""

@@ -9,6 +9,11 @@
   broker deliver it again.
 - The broker's CONNACK Maximum-Packet-Size (MQTT 5) caps :meth:`MqttTransport.max_payload`, the size above
   which callers must split a message into chunks.
+- A failed connection is explained (:mod:`.diagnose`: refused, timeout, TLS verify failure and why, plain
+  MQTT on a TLS port, not authorised) with host:port and protocol, at the first failure and again after
+  every :data:`FAILURES_BEFORE_HINT` in a row; retrying goes on with backoff.
+- A ``stop`` event ends :meth:`MqttTransport.connect` at once, so a service stops within a second of
+  SIGTERM even while it cannot reach its broker.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
+from fedpeft_edge.protocol.diagnose import Endpoint, connack_advice, describe, diagnose
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, readable_file
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ _PUBLISH_OVERHEAD = 5 + 2 + 2 + 32
 _UNSUPPORTED_PROTOCOL = {132, 1}
 # Reason codes that retrying cannot fix: bad credentials, not authorised, banned, bad client id.
 _FATAL_CONNACK = {4, 5, 2, 133, 134, 135, 138, 140}
+# Failed attempts in a row after which the cause is logged again, with the count.
+FAILURES_BEFORE_HINT = 5
 
 
 class TransportError(FedPeftError, ConnectionError):
@@ -96,10 +104,12 @@ class Will:
 class PublishHandle:
     """Completion of one publish: QoS 1 is complete when the broker's PUBACK arrived."""
 
-    def __init__(self, info: mqtt.MQTTMessageInfo, topic: str, size: int) -> None:
+    def __init__(self, info: mqtt.MQTTMessageInfo, topic: str, size: int,
+                 stop: threading.Event | None = None) -> None:
         self._info = info
         self.topic = topic
         self.size = size
+        self._stop = stop  # a stopping service does not wait for a broker that is not there
 
     @property
     def mid(self) -> int:
@@ -116,10 +126,12 @@ class PublishHandle:
         except (RuntimeError, InvalidValueError):
             return False
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None, *, even_when_stopping: bool = False) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.is_published():
             if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if self._stop is not None and self._stop.is_set() and not even_when_stopping:
                 return False
             time.sleep(0.01)
         return True
@@ -129,8 +141,12 @@ class MqttTransport:
     """One MQTT connection. Create, ``connect()``, ``subscribe()``/``publish()``, ``close()``."""
 
     def __init__(self, cfg: TransportConfig, *, will: Will | None = None,
-                 on_connect: Callable[[MqttTransport], None] | None = None) -> None:
+                 on_connect: Callable[[MqttTransport], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.cfg = cfg
+        self._stop = stop
+        self.failures_in_a_row = 0
+        self.last_diagnosis: str | None = None
         self.will = will
         self._on_connect_hook = on_connect
         self._queue: queue.Queue[Message] = queue.Queue()
@@ -161,6 +177,11 @@ class MqttTransport:
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.tls_ca is not None:
+            # Named here: ssl's own FileNotFoundError carries no file name.
+            readable_file(c.tls_ca, "TLS CA file ([connection] tls_ca)")
+            if c.tls_cert is not None:
+                readable_file(c.tls_cert, "TLS client certificate ([connection] tls_cert)")
+                readable_file(c.tls_key, "TLS client key ([connection] tls_key)")  # type: ignore[arg-type]
             client.tls_set(ca_certs=str(c.tls_ca), certfile=str(c.tls_cert) if c.tls_cert else None,
                            keyfile=str(c.tls_key) if c.tls_key else None, cert_reqs=ssl.CERT_REQUIRED,
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -206,6 +227,9 @@ class MqttTransport:
             silent_after = 2.0 if (proto == mqtt.MQTTv5 and i + 1 < len(candidates)) else None
             if self._wait_first_connack(timeout, silent_after):
                 return
+            if self.stopping:
+                log.info("stopped while connecting to %s", self.where)
+                return  # the caller's stop path closes the client
             reason = self._first_reason
             if reason is None and self._silent:
                 # Some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT that has properties.
@@ -222,9 +246,48 @@ class MqttTransport:
                 log.info("broker refused MQTT 5, falling back to MQTT 3.1.1")
                 continue
             if reason is None:
-                raise TransportError(f"no connection to {self.cfg.host}:{self.cfg.port} within {timeout}s")
-            raise TransportError(f"broker {self.cfg.host}:{self.cfg.port} refused client "
-                                 f"{self.cfg.client_id!r}: {reason}")
+                raise TransportError(f"no connection to {self.where} within {timeout}s: "
+                                     f"{diagnose(self.endpoint)}")
+            raise TransportError(f"broker {self.where} refused client {self.cfg.client_id!r}: {reason}: "
+                                 f"{connack_advice(code)}")
+
+    @property
+    def endpoint(self) -> Endpoint:
+        c = self.cfg
+        return Endpoint(c.host, int(c.port), None if c.tls_ca is None else str(c.tls_ca),
+                        None if c.tls_cert is None else str(c.tls_cert),
+                        None if c.tls_key is None else str(c.tls_key), c.tls_insecure)
+
+    @property
+    def where(self) -> str:
+        """``host:port (MQTT 5, TLS)``: named in every connection message."""
+        return describe(self.endpoint, self.protocol_used or self.cfg.protocol)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    def _note_failure(self, cause: str | None = None) -> None:
+        """Count a failed attempt; explain it at the first and after every FAILURES_BEFORE_HINT in a row."""
+        if self._closing or self.stopping:
+            return
+        self.failures_in_a_row += 1
+        n = self.failures_in_a_row
+        if n != 1 and n % FAILURES_BEFORE_HINT:
+            log.debug("connection attempt %d to %s failed", n, self.where)
+            return
+        # The probe opens its own sockets (up to a few seconds): off paho's network thread.
+        threading.Thread(target=self._explain, args=(n, cause), name="mqtt-diagnose", daemon=True).start()
+
+    def _explain(self, n: int, cause: str | None) -> None:
+        why = cause or diagnose(self.endpoint)
+        self.last_diagnosis = why
+        retry = f"retrying with backoff (at most {self.cfg.reconnect_max:.0f} s apart)"
+        if n == 1:
+            log.warning("cannot connect to %s as %s: %s; %s", self.where, self.cfg.client_id, why, retry)
+        else:
+            log.warning("%d connection attempts in a row to %s have failed: %s; still %s", n, self.where,
+                        why, retry)
 
     def _wait_first_connack(self, timeout: float | None, silent_after: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -232,6 +295,8 @@ class MqttTransport:
         while True:
             if self._connected.is_set():
                 return True
+            if self.stopping:
+                return False
             opened = self._socket_opened_at
             if silent_after is not None and opened is not None and time.monotonic() - opened > silent_after:
                 self._silent = True
@@ -248,8 +313,11 @@ class MqttTransport:
                     reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
             expected = int(reason.value) in _UNSUPPORTED_PROTOCOL and self.cfg.protocol == "auto"
-            log.log(logging.DEBUG if expected else logging.WARNING, "broker refused connection of %s: %s",
-                    self.cfg.client_id, reason)
+            if expected:
+                log.debug("broker refused MQTT 5 for %s: %s", self.cfg.client_id, reason)
+            else:
+                self._note_failure(f"the broker refused {self.cfg.client_id!r}: {reason}: "
+                                   f"{connack_advice(int(reason.value))}")
             self._first_reason = reason
             self._first_result.set()
             if int(reason.value) in _FATAL_CONNACK:
@@ -260,6 +328,9 @@ class MqttTransport:
         mps = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         self.broker_max_packet_size = int(mps) if mps else None
         self.connect_count += 1
+        if self.failures_in_a_row:
+            log.info("connected after %d failed attempts", self.failures_in_a_row)
+        self.failures_in_a_row = 0
         with self._lock:
             subs = list(self._subs.items())
         for topic, qos in subs:
@@ -280,11 +351,14 @@ class MqttTransport:
         self._connected.clear()
         self._first_result.set()
         if was and not self._closing:
-            log.warning("disconnected from broker (%s); reconnecting with backoff", reason)
+            log.warning("disconnected from broker %s (%s); reconnecting with backoff", self.where, reason)
+        elif not was and not self._first_reason:
+            # Closed before any CONNACK: e.g. plain MQTT sent to a TLS port; the probe tells.
+            self._note_failure()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         self._first_result.set()
-        log.debug("connection attempt to %s:%d failed; retrying", self.cfg.host, self.cfg.port)
+        self._note_failure()
 
     def _on_socket_open(self, client: mqtt.Client, userdata: object, sock: object) -> None:
         self._socket_opened_at = time.monotonic()
@@ -330,7 +404,7 @@ class MqttTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-        return PublishHandle(info, topic, len(payload))
+        return PublishHandle(info, topic, len(payload), self._stop)
 
     def get(self, timeout: float | None = None) -> Message | None:
         try:
@@ -354,7 +428,8 @@ class MqttTransport:
         self._closing = True
         if final is not None and self.connected:
             try:
-                self.publish(final[0], final[1], qos=1, retain=True).wait(timeout)
+                # The last status goes out even when stopping: it is how the fleet learns we left.
+                self.publish(final[0], final[1], qos=1, retain=True).wait(timeout, even_when_stopping=True)
             except FedPeftError:
                 pass
         try:

@@ -9,6 +9,9 @@ This is the bottom floor: it imports nothing of the package.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class FedPeftError(Exception):
     """Base of every fedpeft_edge error."""
@@ -44,6 +47,28 @@ class UpdateRejected(FedPeftError):
 
 class MissingDependencyError(FedPeftError, ImportError):
     """An optional package is missing; the message names the command that installs it."""
+
+
+class ConfigFileError(FedPeftError, OSError):
+    """A file named by the configuration is missing or unreadable; the message names the file and its role."""
+
+
+def readable_file(path: str | Path, role: str) -> Path:
+    """``path`` as a Path when it is a readable regular file, else a one-line :class:`ConfigFileError`
+    ("TLS CA file /etc/x/ca.crt: not found"); ssl and paho would otherwise fail without the file name."""
+    p = Path(path)
+    try:
+        with open(p, "rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigFileError(f"{role} {p}: not found") from None
+    except IsADirectoryError:
+        raise ConfigFileError(f"{role} {p}: is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigFileError(f"{role} {p}: not readable by this user (uid {os.getuid()})") from None
+    except OSError as exc:
+        raise ConfigFileError(f"{role} {p}: {exc.strerror or exc}") from None
+    return p
 
 
 def ensure(cond: object, message: str, *, raising: type[Exception] = InvalidValueError) -> None:

@@ -2,9 +2,10 @@
 
 Key names: ``agent.EdgeAgent`` (MQTT loop, outbox until the aggregator acks, resume),
 ``encoder.UpdateEncoder`` (error-feedback residual kept on disk), ``outbox.Outbox`` (updates kept on disk
-until the aggregator has decided them),
+until the aggregator has decided them), ``governor.Governor`` (training windows, CPU and memory limits,
+thread cap: the plant's work comes first),
 ``trainer_setup.build_trainer_setup``, ``config.AgentConfig``.
 Never imports ``central`` or ``models``; submodules are not imported eagerly.
 """
 
-__all__ = ["agent", "config", "encoder", "outbox", "trainer_setup"]
+__all__ = ["agent", "config", "encoder", "governor", "outbox", "trainer_setup"]

@@ -51,16 +51,20 @@ from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, Will
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireError
 from fedpeft_edge.runtime.names import NEWER_GLOBAL_POLICIES
+from fedpeft_edge.site.bundle_setup import BundleGate
 from fedpeft_edge.site.config import AgentConfig
 from fedpeft_edge.site.encoder import UpdateEncoder
+from fedpeft_edge.site.governor import Governor
+from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
-from fedpeft_edge.site.state import SiteStateFiles, update_rounds, write_file
+from fedpeft_edge.site.state import SiteStateFiles, prune_updates, update_rounds, write_file
 from fedpeft_edge.training.base import LocalTrainer
 
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, np.ndarray]
 BatchesFn = Callable[[], Iterable[Batch]]
+WAITING_DETAIL = "waiting for a new federation"  # status detail after the final round (exit_after_final off)
 
 
 
@@ -80,7 +84,7 @@ class EdgeAgent:
 
     def __init__(self, config: AgentConfig, trainer: LocalTrainer, train_batches_fn: BatchesFn,
                  eval_batches_fn: BatchesFn | None = None, *, spec_hash: str | None = None,
-                 limits: wire.WireLimits | None = None) -> None:
+                 limits: wire.WireLimits | None = None, bundle_id: str | None = None) -> None:
         a = config.agent
         if not a.client_id:
             raise InvalidValueError("agent.client_id is required (it is the site's MQTT identity)")
@@ -116,7 +120,11 @@ class EdgeAgent:
         self.resends = 0  # publishes of an update beyond its first (this run; tests, logs)
         self.ack_counts: Counter[str] = Counter()  # acknowledgements taken, by status
         self._stop = threading.Event()
+        self.governor = Governor.from_settings(config.governor)  # when training may run (site/governor.py)
+        self._status_now = ("", "")  # (state, detail) last published: "paused" is re-said after others
+        self._final_round: int | None = None  # a finished federation's final round (exit_after_final off)
         self.transport: MqttTransport | None = None
+        self.bundle_gate = BundleGate(bundle_id)  # the fleet's bundle against ours (site/bundle_setup.py)
         self._load_state()
 
     # --- persistence ------------------------------------------------------------------------------
@@ -140,6 +148,7 @@ class EdgeAgent:
         resumed = self._files.resume(self.encoder, self.trainer, made)
         self.last_sent_round = resumed.last_sent_round
         self.last_global_round = resumed.last_global_round
+        self._final_round = resumed.final_round
         if self.spec_hash is None and resumed.spec_hash:
             self.spec_hash = resumed.spec_hash
         if resumed.repaired:
@@ -150,22 +159,26 @@ class EdgeAgent:
 
     def _save_state(self) -> None:
         st = {"last_sent_round": self.last_sent_round, "last_global_round": self.last_global_round,
-              "spec_hash": self.spec_hash, "client_id": self.client_id, "saved_at": time.time()}
+              "spec_hash": self.spec_hash, "client_id": self.client_id, "saved_at": time.time(),
+              "final_round": self._final_round}
         self._files.write_state(st)
 
     # --- messaging --------------------------------------------------------------------------------
-    def _status(self, state: str, rnd: int | None = None) -> bytes:
-        status = notices.StatusMessage(self.client_id, state, time.time(), rnd)
+    def _status(self, state: str, rnd: int | None = None, detail: str = "") -> bytes:
+        status = notices.StatusMessage(self.client_id, state, time.time(), rnd, detail=detail)
         return notices.encode_status(status, self.limits)
 
-    def _publish_status(self, state: str, rnd: int | None = None) -> None:
+    def _publish_status(self, state: str, rnd: int | None = None, detail: str = "") -> None:
+        self._status_now = (state, detail)
         if self.transport is not None and self.transport.connected:
-            self.transport.publish(self.topics.status(self.client_id), self._status(state, rnd), retain=True)
+            self.transport.publish(self.topics.status(self.client_id), self._status(state, rnd, detail),
+                                   retain=True)
 
     def _on_connect(self, transport: MqttTransport) -> None:
-        # Runs in paho's network thread: publish only (never block here).
-        transport.publish(self.topics.status(self.client_id), self._status("online", self.last_global_round),
-                          retain=True)
+        # Runs in paho's network thread: publish only (never block here). Paused or done stays so.
+        state, detail = self._status_now if self._status_now[0] in ("paused", "done") else ("online", "")
+        transport.publish(self.topics.status(self.client_id),
+                          self._status(state, self.last_global_round, detail), retain=True)
 
     def _send(self, out: OutboxEntry, why: str = "new") -> None:
         assert self.transport is not None
@@ -245,6 +258,9 @@ class EdgeAgent:
             if msg.topic == self.topics.ack(self.client_id):
                 self._on_ack(msg.payload)
                 continue
+            if msg.topic == self.topics.bundle:
+                self.bundle_gate.take(msg.payload, self.topics.fleet, self.limits)
+                continue
             if msg.topic != self.topics.global_:
                 continue
             try:
@@ -256,7 +272,8 @@ class EdgeAgent:
             if self._latest_global is not None and g.round <= self._latest_global.round:
                 # A round we know, announced again: the aggregator (re)connected, or we did.
                 self._reannounced = True
-            if self._latest_global is None or g.round >= self._latest_global.round:
+            newest = self._latest_global is None or g.round >= self._latest_global.round
+            if newest or self._opens_federation(g):
                 self._latest_global = g
 
     def _check_global(self, g: wire.GlobalMessage) -> None:
@@ -274,6 +291,7 @@ class EdgeAgent:
     def _batches_until_newer(self, rnd: int) -> Iterator[Batch]:
         """The local batches, stopping early if a newer global arrives and the policy is 'abandon'."""
         abandon = self.cfg.agent.newer_global_policy == "abandon"
+        given = 0
         for _ in range(max(1, int(self.cfg.agent.local_epochs))):
             for batch in self.train_batches_fn():
                 if abandon:
@@ -284,6 +302,14 @@ class EdgeAgent:
                 if self._stop.is_set():
                     self._abandoned = True
                     return
+                pause = self.governor.check()  # between steps; cached between check_interval_s
+                if pause is not None:
+                    # Steps done: the round ends with them (its update is committed before the site sits
+                    # paused); none yet: the round waits for the governor (see _governed).
+                    self._abandoned = given == 0
+                    log.info("pausing round %d after %d step(s): %s", rnd, given, pause)
+                    return
+                given += 1
                 yield batch
 
     def _train_round(self, g: wire.GlobalMessage) -> None:
@@ -300,7 +326,7 @@ class EdgeAgent:
         tm = self.trainer.train(self._batches_until_newer(rnd), max_steps=self.cfg.agent.local_steps)
         if self._abandoned:
             newer = self._latest_global.round if self._latest_global else rnd
-            log.info("round %d abandoned (newer global %d arrived or stopping)", rnd, newer)
+            log.info("round %d abandoned (newer global %d arrived, stopping or paused)", rnd, newer)
             return
         if tm.samples <= 0:
             raise InvalidValueError("local training saw no samples; check the data configuration")
@@ -326,10 +352,75 @@ class EdgeAgent:
         self._save_state()
         self._files.save_trainer(self.trainer)  # last: a stale trainer.state only resets optimizer moments
         self._outgoing.append(out)
+        self._bound_disk()
         self._publish_status("uploading", rnd)
         self._send(out)
         log.info("round %d trained: %d samples, %d steps, loss %.4f; update %d bytes (%s, k=%d of %d)",
                  rnd, tm.samples, tm.steps, tm.loss, len(data), enc.mode, enc.k, enc.n)
+
+    # --- running for months: the governor, federations that end and start, bounded disk -----------------
+    def _governed(self, rnd: int | None) -> bool:
+        """Whether the governor (site/governor.py) holds training back now; the status says why.
+
+        No work is parked in memory while paused: a round paused after some steps ended with them
+        (_batches_until_newer; FedAvg weighs it by its samples) and its update went through the crash-safe
+        commit before the site sits here, and a round paused before its first step simply waits. So a
+        kill -9 while paused loses nothing, and a closed window (hours) does not hold an update back until
+        its round's deadline has passed."""
+        reason = self.governor.check()
+        if reason is not None and self._status_now != ("paused", reason):
+            if self._status_now[0] != "paused":
+                log.info("paused: %s", reason)
+            self._publish_status("paused", rnd, reason)
+        elif reason is None and self._status_now[0] == "paused":
+            log.info("resuming: the governor allows training again")
+            done = self._final_round is not None and self._final_round == self.last_global_round
+            state, detail = ("done", WAITING_DETAIL) if done else ("online", "")
+            self._publish_status(state, rnd, detail)
+        return reason is not None
+
+    def _federation_done(self, g: wire.GlobalMessage) -> None:
+        """The final round came and ``exit_after_final`` is off: note it (durably) once, and wait."""
+        if self._final_round == g.round and self._status_now[0] in ("done", "paused"):
+            return
+        if self._final_round != g.round:
+            log.info("federation finished at round %d; waiting for a new federation", g.round)
+            self._final_round = g.round
+            self._save_state()
+            self._reannounced = True  # one still waiting lost its ack: resend it now (see _drain_outbox)
+        self._publish_status("done", g.round, WAITING_DETAIL)
+
+    def _opens_federation(self, g: wire.GlobalMessage) -> bool:
+        """A non-final global below the final round of a finished federation opens a new one (a fresh
+        aggregator run starts again at round 0). MQTT delivers one topic's QoS 1 messages in order, so an
+        older global of the finished run does not come after its final."""
+        return self._final_round is not None and not g.meta.get("final") and g.round < self._final_round
+
+    def _start_federation(self, g: wire.GlobalMessage) -> None:
+        """Forget the finished federation's rounds (they start again at 0) and join the new one."""
+        dropped = self._files.forget_federation(self.outbox_dir, self.sent_dir)
+        self._outgoing.clear()
+        self.encoder.reset_residual()  # the old adapter's unsent remainder means nothing to the new run
+        log.warning("a new federation starts at round %d (the last one ended at round %s): %d waiting "
+                    "update(s) of the finished one dropped, error-feedback residual reset", g.round,
+                    self._final_round, dropped)
+        self.last_sent_round, self._final_round = -1, None
+        self._save_state()  # last: until here a restart still sees the finished federation and redoes this
+
+    def _bound_disk(self) -> None:
+        """Disk use stays bounded over months: beyond ``max_outbox_updates`` the oldest waiting update is
+        dropped (an aggregator that never acknowledges must not fill the disk), and ``sent/`` keeps its
+        newest ``max_sent_updates``. The newest file stays, so the last round sent derived from them
+        after a restart is unchanged."""
+        a = self.cfg.agent
+        while len(self._outgoing) > max(1, int(a.max_outbox_updates)):
+            oldest = min(self._outgoing, key=lambda e: e.round)
+            self.outbox.remove(oldest)
+            self._outgoing.remove(oldest)
+            log.warning("outbox holds more than %d unacknowledged updates: the update of round %d is dropped",
+                        a.max_outbox_updates, oldest.round)
+        if a.dump_updates:
+            prune_updates(self.sent_dir, int(a.max_sent_updates))
 
     # --- main loop --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -340,7 +431,9 @@ class EdgeAgent:
         self.transport = MqttTransport(
             transport_config(self.cfg.connection, self.client_id),
             will=Will(self.topics.status(self.client_id), self._status("offline")),
-            on_connect=self._on_connect)
+            on_connect=self._on_connect, stop=self._stop)
+        if self.bundle_gate.active:  # before the global: its retained notice is delivered first
+            self.transport.subscribe(self.topics.bundle, qos=1)
         self.transport.subscribe(self.topics.global_, qos=1)
         self.transport.subscribe(self.topics.ack(self.client_id), qos=1)
         self.transport.connect(connect_timeout)
@@ -353,18 +446,29 @@ class EdgeAgent:
                 self._pump_outbox()
                 g = self._latest_global
                 if g is not None and g.round != self.last_global_round:
+                    if self._opens_federation(g):
+                        self._start_federation(g)
                     self.last_global_round = g.round
                     self._save_state()
                     last_activity = time.monotonic()
                     final_note = " (final)" if g.meta.get("final") else ""
                     log.info("global for round %d received%s", g.round, final_note)
-                if g is not None and g.meta.get("final"):
-                    final_seen, reason = True, "final round announced"
-                    break
+                    export_global(self, g)  # merged inference model to <state>/model; never raises
+                final = g is not None and bool(g.meta.get("final"))
+                if final:
+                    final_seen = True
+                    if a.exit_after_final:
+                        reason = "final round announced"
+                        break
+                    self._federation_done(g)  # a service stays: a new federation may come
                 if a.max_rounds is not None and len(self.rounds_sent) >= a.max_rounds:
                     reason = "max_rounds reached"
                     break
-                if g is not None and g.round > self.last_sent_round:
+                paused = self._governed(g.round if g is not None else self.last_global_round)
+                if self.bundle_gate.blocks(self._publish_status, self.transport.connect_count,
+                                           self.last_global_round):
+                    paused = True  # the fleet trains another bundle: needs_bundle is on the status
+                if g is not None and not final and not paused and g.round > self.last_sent_round:
                     self._train_round(g)
                     last_activity = time.monotonic()
                     continue

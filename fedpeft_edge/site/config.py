@@ -29,6 +29,16 @@ Example::
     path = "/var/lib/fedpeft/site-data.jsonl"   # or: dataset = "20newsgroups" + client_index, num_clients
     classes = ["normal", "bearing_fault", "misalignment"]
     options = { prepared_dir = "/var/lib/fedpeft/model", max_len = 64 }
+
+    [governor]                                  # optional; the default restricts nothing
+    windows = ["22:00-06:00"]                   # local time; several allowed
+    max_other_cpu_percent = 50                  # pause while the plant's processes use more
+    min_available_mb = 512
+    max_threads = 2
+
+    [bundle]                                    # optional: one signed file instead of [trainer] folders
+    path = "/var/lib/fedpeft/site.bundle"       # from `fedpeft-edge prepare --site-bundle`
+    public_key = "/etc/fedpeft/bundle-signing.pub"
 """
 
 from __future__ import annotations
@@ -66,6 +76,31 @@ class AgentSettings:
     # last send (doubling per timer resend, up to 8x); reconnects and re-announced globals resend at once.
     resend_after_s: float = 60.0
     drain_timeout_s: float = 30.0  # at the end, wait this long for outstanding acknowledgements
+    # After the aggregator's final round: false (a service) waits for a new federation and joins it;
+    # true (demos, tests, one-shot runs) drains the outbox and returns.
+    exit_after_final: bool = False
+    # Disk bounds for an agent that runs for months: updates waiting for an ack (oldest dropped beyond
+    # this, with a WARNING) and audit copies in sent/ (oldest deleted).
+    max_outbox_updates: int = 100
+    max_sent_updates: int = 1000
+
+
+@dataclass
+class GovernorSettings:
+    """``[governor]``: when the site may train (site/governor.py). The default restricts nothing."""
+
+    windows: list[str] = field(default_factory=list)  # local time, e.g. ["22:00-06:00", "12:00-13:00"]
+    max_other_cpu_percent: float | None = None  # pause while other processes use more (of all cores)
+    min_available_mb: float | None = None  # pause while less memory is available
+    max_threads: int | None = None  # cap on the trainer's intra-op threads ([agent] threads above it)
+    check_interval_s: float = 5.0  # how often the conditions are re-evaluated (between training steps)
+    cpu_window_s: float = 10.0  # the CPU reading is an average over this span
+    hysteresis_percent: float = 10.0  # resume only this far (points of CPU, % of memory) inside the limit
+
+    def __post_init__(self) -> None:
+        from fedpeft_edge.site.governor import Governor
+
+        Governor.from_settings(self)  # validates every value (windows, ranges) when the file is read
 
 
 @dataclass
@@ -114,8 +149,21 @@ class DataSettings:
 
 
 @dataclass
+class BundleSettings:
+    """``[bundle]``: the site bundle (site/bundle_setup.py), verified before anything else and extracted
+    into ``<state_dir>/bundles/<bundle id>``; it then provides the gradient model, the tokenizer or image
+    settings, the label names and the fleet's codec defaults."""
+
+    path: str | None = None  # the bundle file; None: no bundle, [trainer] names the folders
+    public_key: str | None = None  # trusted Ed25519 public key (PEM) that must have signed it
+    allow_unsigned: bool = False  # development only: accept an unsigned bundle (or no public key)
+    max_bytes: int = 8 << 30  # refuse bigger bundle files before reading them
+
+
+@dataclass
 class AgentConfig:
-    """Everything ``fedpeft-edge agent`` reads: ``[connection] [fleet] [agent] [codec] [trainer] [data]``."""
+    """Everything ``fedpeft-edge agent`` reads: ``[connection] [fleet] [agent] [codec] [trainer] [data]
+    [governor] [bundle]``."""
 
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
@@ -123,6 +171,8 @@ class AgentConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    governor: GovernorSettings = field(default_factory=GovernorSettings)
+    bundle: BundleSettings = field(default_factory=BundleSettings)
     source: str | None = None  # the file it came from (for log messages)
 
 
@@ -131,4 +181,5 @@ def load_agent_config(path: str | Path | None = None, text: str | None = None) -
     return load_service_config(AgentConfig, path, text)
 
 
-__all__ = ["AgentConfig", "AgentSettings", "DataSettings", "load_agent_config"]
+__all__ = ["AgentConfig", "AgentSettings", "BundleSettings", "DataSettings", "GovernorSettings",
+           "load_agent_config"]

@@ -8,7 +8,7 @@ Loading: each piece loads on its own. A piece that is empty, truncated, garbage 
 shape/dtype is moved aside as ``<name>.corrupt-<UTC time>`` (at most :data:`KEEP_CORRUPT` per name), a
 WARNING names the file and what was lost, and only that piece starts fresh:
 
-``state.json`` (last round sent, last global seen, spec hash)
+``state.json`` (last round sent, last global seen, spec hash, final round of a finished federation)
     ``last_sent_round`` is re-derived from the round recorded in ``encoder.npz`` and from the update files
     in ``outbox/`` and ``sent/``, so the site never trains a round it already sent (a second update for
     that round would carry different bytes). The last global seen is forgotten until the next one
@@ -126,6 +126,7 @@ class SavedState:
     last_sent_round: int
     last_global_round: int | None
     spec_hash: str | None
+    final_round: int | None = None  # the final round of a finished federation (the agent waits for a new one)
 
     @classmethod
     def parse(cls, raw: bytes) -> SavedState:
@@ -141,7 +142,10 @@ class SavedState:
             raise InvalidValueError(f"last_global_round is {seen!r}")
         if spec is not None and not isinstance(spec, str):
             raise InvalidValueError(f"spec_hash is {spec!r}")
-        return cls(sent, seen, spec or None)
+        final = st.get("final_round")  # absent in files written before it existed
+        if final is not None and (isinstance(final, bool) or not isinstance(final, int) or final < 0):
+            raise InvalidValueError(f"final_round is {final!r}")
+        return cls(sent, seen, spec or None, final)
 
 
 @dataclass
@@ -153,6 +157,7 @@ class Resumed:
     spec_hash: str | None
     repaired: bool  # a piece was rebuilt: the caller should commit state.json now
     damaged: list[str]  # names of the files moved aside
+    final_round: int | None = None
 
 
 class SiteStateFiles:
@@ -292,7 +297,34 @@ class SiteStateFiles:
 
         self.load_trainer(trainer)
         return Resumed(last_sent, saved.last_global_round if saved else None,
-                       saved.spec_hash if saved else None, repaired or bool(self.damaged), list(self.damaged))
+                       saved.spec_hash if saved else None, repaired or bool(self.damaged), list(self.damaged),
+                       saved.final_round if saved else None)
+
+    # ---- a new federation -----------------------------------------------------------------------------
+    def forget_federation(self, outbox_dir: Path, sent_dir: Path) -> int:
+        """Remove what says "rounds were sent" in a finished federation, before a new one (its rounds start
+        again at 0). Everything :meth:`resume` derives the last round sent from goes first — outbox
+        entries, ``sent/`` (moved to ``sent.previous/``, replacing an older one), ``encoder.npz`` — and the
+        caller writes ``state.json`` last, so a kill in between leaves the old federation's state, which the
+        next start forgets again the same way. Returns the number of outbox entries dropped."""
+        dropped = 0
+        for f in sorted(Path(outbox_dir).glob("r*.msg")):
+            f.unlink(missing_ok=True)
+            dropped += 1
+        if dropped:
+            fsync_dir(Path(outbox_dir))
+        sent_dir = Path(sent_dir)
+        if sent_dir.is_dir():
+            previous = sent_dir.with_name(sent_dir.name + ".previous")
+            if previous.exists():
+                for f in previous.iterdir():
+                    f.unlink()
+                previous.rmdir()
+            sent_dir.rename(previous)
+        for path in (self.encoder_pending, self.encoder):
+            path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        return dropped
 
     @staticmethod
     def _read_bytes(path: Path) -> bytes:
@@ -306,6 +338,17 @@ def _encoder_bytes(encoder: UpdateEncoder, rnd: int) -> bytes:
     return npz_bytes({**encoder.state_arrays(), "round": np.array(rnd, np.int64)})
 
 
+def prune_updates(directory: Path, keep: int) -> list[Path]:
+    """Delete the oldest update files (``r<round>.msg``) of ``directory`` beyond the newest ``keep``; the
+    newest stays, so the last round sent derived from them is unchanged. Returns the deleted paths."""
+    files = sorted(f for f in Path(directory).glob("r*.msg") if f.stem[1:].isdigit()) \
+        if Path(directory).is_dir() else []
+    doomed = files[:max(0, len(files) - max(1, int(keep)))]
+    for f in doomed:
+        f.unlink(missing_ok=True)
+    return doomed
+
+
 def update_rounds(*directories: Path) -> list[int]:
     """Rounds of the update files (``r<round>.msg``) in ``directories``."""
     rounds = []
@@ -316,5 +359,5 @@ def update_rounds(*directories: Path) -> list[int]:
     return rounds
 
 
-__all__ = ["CRASH_ENV", "KEEP_CORRUPT", "Resumed", "SavedState", "SiteStateFiles", "update_rounds",
-           "write_file"]
+__all__ = ["CRASH_ENV", "KEEP_CORRUPT", "Resumed", "SavedState", "SiteStateFiles", "prune_updates",
+           "update_rounds", "write_file"]

@@ -35,6 +35,7 @@ class TrainerSetup:
     train_batches_fn: BatchesFn
     eval_batches_fn: BatchesFn | None = None
     spec_hash: str | None = None  # from the PEFT artifact bundle; None: adopt the aggregator's
+    bundle_id: str | None = None  # the verified site bundle ([bundle]) it was built from
 
 
 # --- trainer + data from configuration (the agent CLI) -----------------------------------------------
@@ -42,6 +43,18 @@ GRADIENT_CACHE = "gradient_model"  # <state_dir>/gradient_model: the bundle lowe
 
 
 def build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
+    """``[bundle]`` first (site/bundle_setup.py: verified, extracted, applied to the config; refused with
+    a one-line BundleError), then :func:`_build_trainer_setup`."""
+    from fedpeft_edge.site.bundle_setup import prepare_site_bundle
+
+    site_bundle = prepare_site_bundle(cfg)
+    setup = _build_trainer_setup(cfg)
+    if site_bundle is not None:
+        setup.bundle_id = site_bundle.bundle_id
+    return setup
+
+
+def _build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
     """Make the site's trainer and data from ``[trainer]`` and ``[data]``.
 
     ``kind = "factory"``: ``factory = "module:function"``, called with the config, returns TrainerSetup.
@@ -70,6 +83,10 @@ def build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
         raise InvalidValueError(f"trainer.kind must be one of {TRAINER_KINDS}, not {t.kind!r}")
     trainer: LocalTrainer
     threads = max(1, int(cfg.agent.threads))
+    cap = cfg.governor.max_threads  # [governor] max_threads (site/governor.py): the plant keeps its cores
+    if cap is not None and threads > cap:
+        log.info("intra-op threads capped by [governor] max_threads: %d -> %d", threads, cap)
+        threads = cap
     if t.kind == "ort":
         if not t.bundle_dir:
             raise InvalidValueError("trainer.bundle_dir is required for kind = 'ort'")
@@ -120,12 +137,13 @@ def _check_head(cfg: AgentConfig, head: int | None) -> None:
 def gradient_model_for(t: TrainerSettings, state_dir: Path) -> GradientModel:
     """The gradient model of ``[trainer]``: ``gradient_dir`` as given, or ``bundle_dir`` lowered into
     ``<state_dir>/gradient_model`` on first use and reused while it matches the bundle's spec hash."""
-    from fedpeft_edge.peft.artifacts import ArtifactBundle
     from fedpeft_edge.peft.lowering import GradientModel
 
     if t.gradient_dir:
         model = GradientModel.load(t.gradient_dir)
         if t.bundle_dir:  # both given: they must describe the same adapter
+            from fedpeft_edge.peft.artifacts import ArtifactBundle  # imports onnx: only when needed
+
             bundle_hash = ArtifactBundle.load(t.bundle_dir).spec_hash
             if bundle_hash != model.spec_hash:
                 raise InvalidValueError(
@@ -134,6 +152,8 @@ def gradient_model_for(t: TrainerSettings, state_dir: Path) -> GradientModel:
         return model
     if not t.bundle_dir:
         raise InvalidValueError("kind = 'gradient' needs trainer.gradient_dir or trainer.bundle_dir")
+    from fedpeft_edge.peft.artifacts import ArtifactBundle
+
     bundle = ArtifactBundle.load(t.bundle_dir)
     return cached_gradient_model(bundle, state_dir / GRADIENT_CACHE)
 

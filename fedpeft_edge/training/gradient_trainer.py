@@ -39,6 +39,31 @@ from fedpeft_edge.training.flat_trainer import C_OPTIMIZERS, FlatVectorTrainer
 
 OPTIMIZERS = C_OPTIMIZERS  # ORT's AdamW graph needs ORT Training
 
+# Session configuration of every GradientTrainer session (tests/training checks these are applied).
+SESSION_CONFIG = {
+    # Pre-packed copies of the frozen weights would double them in anonymous memory (STACK_NOTES).
+    "session.disable_prepacking": "1",
+    # Both sessions (training, evaluation) allocate from one process-wide arena (see _use_shared_arena).
+    "session.use_env_allocators": "1",
+}
+# The shared CPU arena: grows by exactly what is asked (no power-of-two overshoot of the activation peak).
+ARENA_CONFIG = {"arena_extend_strategy": 1}  # 1 = kSameAsRequested
+_SHARED_ARENA: bool | None = None  # None: not tried yet; False: registering failed, sessions keep their own
+
+
+def _use_shared_arena() -> bool:
+    """Register the process-wide CPU arena once (see ARENA_CONFIG); sessions opt in by SESSION_CONFIG."""
+    global _SHARED_ARENA
+    if _SHARED_ARENA is None:
+        rt = ort()
+        try:
+            info = rt.OrtMemoryInfo("Cpu", rt.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, rt.OrtMemType.DEFAULT)
+            rt.create_and_register_allocator(info, rt.OrtArenaCfg(dict(ARENA_CONFIG)))
+            _SHARED_ARENA = True
+        except Exception as exc:  # e.g. registered by other code of this process first: that one serves
+            _SHARED_ARENA = "already" in str(exc).lower()
+    return bool(_SHARED_ARENA)
+
 
 class _Run:
     """One session with its IOBinding: parameters bound once, data inputs bound per call."""
@@ -84,7 +109,10 @@ class GradientTrainer(FlatVectorTrainer):
                  lr_schedule: str = "constant", warmup_steps: int = 0, total_steps: int | None = None,
                  optimizer: str = "c_adamw", weight_decay: float = 0.0, momentum: float = 0.9,
                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6, prox_mu: float = 0.0,
-                 clip_norm: float | None = None, seed: int = 0) -> None:
+                 clip_norm: float | None = None, seed: int = 0, micro_batch: int | None = None) -> None:
+        if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                        or micro_batch < 1):
+            raise InvalidValueError(f"micro_batch must be a positive integer or None, got {micro_batch!r}")
         if not isinstance(model, GradientModel):
             model = GradientModel.load(model)
         if model.logits_output is None:
@@ -95,27 +123,48 @@ class GradientTrainer(FlatVectorTrainer):
                            optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, beta1=beta1,
                            beta2=beta2, eps=eps, prox_mu=prox_mu, clip_norm=clip_norm, seed=seed)
         self.bundle = model  # like OrtTrainer.bundle: spec_hash, param_order, param_shapes
+        self.micro_batch = micro_batch
         self._dtypes = {k: np.dtype(v) for k, v in model.input_dtypes.items()}
         self._flat = model.initial_vector()
         self._grad = np.zeros_like(self._flat)
         rt = ort()
+        _use_shared_arena()
+        # The frozen base, mapped once from base.data and handed to both sessions as initializers (each
+        # session mapping the external data itself would count it twice in the process's memory).
+        self._base = {name: rt.OrtValue.ortvalue_from_numpy(view) for name, view in model.map_base().items()}
         # One OrtValue per trainable tensor, viewing the flat vector (zero-copy, bound once).
         self._param_values = [(name, rt.OrtValue.ortvalue_from_numpy(view))
                               for name, view in self._layout.split(self._flat).items()]
         grads = list(zip(model.grad_outputs, self._layout.split(self._grad).values(), strict=True))
-        self._train_run = _Run(self._session(model.gradient_model), self._param_values,
-                               [model.loss_output, model.logits_output], grads)
+        session = self._session(model.gradient_model, "gradient_model")
+        outputs = [model.loss_output, model.logits_output]
+        self._train_run = _Run(session, self._param_values, outputs, grads)
+        # Micro-batches after the first write their gradients here; they are added into _grad.
+        self._grad_part = np.zeros_like(self._flat) if micro_batch else None
+        self._part_run = (_Run(session, self._param_values, outputs,
+                               list(zip(model.grad_outputs, self._layout.split(self._grad_part).values(),
+                                        strict=True)))
+                          if self._grad_part is not None else None)
         self._eval_run: _Run | None = None  # built on first use: a device may never evaluate
 
-    def _session(self, path: Path) -> Any:
+    def _session_options(self) -> Any:
         rt = ort()
         options = rt.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        for key, value in SESSION_CONFIG.items():
+            if key == "session.use_env_allocators" and not _SHARED_ARENA:
+                continue
+            options.add_session_config_entry(key, value)
         options.enable_mem_pattern = False  # STACK_NOTES: -240 MB peak for MiniLM LoRA, same speed
-        options.add_session_config_entry("session.disable_prepacking", "1")  # keeps weights mapped, -40 MB
-        return rt.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return options
+
+    def _session(self, path: Path, role: str) -> Any:
+        options = self._session_options()
+        for name in self.bundle.base_names.get(role, ()):
+            options.add_initializer(name, self._base[name])  # ORT reads the mapped buffer, no copy
+        return ort().InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     @property
     def zero_copy_report(self) -> dict[str, list[str]]:
@@ -152,8 +201,27 @@ class GradientTrainer(FlatVectorTrainer):
 
     # ---- training -------------------------------------------------------------------------------
     def _forward_backward(self, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray]:
-        loss, logits = self._train_run(self._feeds(batch))
-        return float(loss), logits
+        feeds = self._feeds(batch)
+        n = len(feeds[self.bundle.labels_name])
+        if self._part_run is None or n <= self.micro_batch:
+            loss, logits = self._train_run(feeds)
+            return float(loss), logits
+        # Gradient accumulation over micro-batches: the loss is a mean over samples, so the batch's loss
+        # and gradient are the micro-batches' weighted by their share of the samples. The activations
+        # held for the backward pass shrink with the micro-batch (the memory of a training step).
+        total, parts = 0.0, []
+        for start in range(0, n, self.micro_batch):
+            part = {k: v[start:start + self.micro_batch] for k, v in feeds.items()}
+            weight = len(part[self.bundle.labels_name]) / n
+            if start == 0:
+                loss, logits = self._train_run(part)
+                self._grad *= np.float32(weight)
+            else:
+                loss, logits = self._part_run(part)
+                self._grad += np.float32(weight) * self._grad_part
+            total += float(loss) * weight
+            parts.append(logits)
+        return total, np.concatenate(parts)
 
     def loss_and_gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
         """Forward and backward on one batch without an optimizer step: ``(loss, logits, flat gradient)``."""
@@ -169,7 +237,7 @@ class GradientTrainer(FlatVectorTrainer):
 
     def _eval(self) -> _Run:
         if self._eval_run is None:
-            self._eval_run = _Run(self._session(self.bundle.eval_model), self._param_values,
+            self._eval_run = _Run(self._session(self.bundle.eval_model, "eval_model"), self._param_values,
                                   list(self.bundle.eval_outputs), [])
         return self._eval_run
 

@@ -145,6 +145,7 @@ quorum = 2
 client_id = "{site}"
 state_dir = "{tmp_path}/{site}"
 idle_exit_s = 20
+exit_after_final = true
 [data]
 client_index = {i}
 """)

@@ -88,3 +88,87 @@ def test_bad_broker_address_is_a_typed_error() -> None:
 
     with pytest.raises(InvalidValueError):
         bench_mqtt("no-port-here", 100)
+
+
+def _image_gradient_dir() -> Path:
+    from fedpeft_edge.faces.tasks import (
+        TaskConfig,
+        get_bundle,
+        get_gradient_model,
+        method_spec,
+        prepare_backbone,
+    )
+
+    prepared = prepare_backbone(TaskConfig(kind="image", dataset="mnist5k", max_len=64, image_size=32), None)
+    return get_gradient_model(get_bundle(prepared, method_spec("lora", "image", 10), None), None).directory
+
+
+def _site_toml(tmp_path: Path, broker, pki, gradient: Path, *, local_steps: int) -> Path:
+    pw = tmp_path / "site-a.pw"
+    pw.write_text(pki.passwords["site-a"] + "\n")
+    path = tmp_path / "site.toml"
+    path.write_text(f"""
+[connection]
+host = "localhost"
+port = {broker.port}
+password_file = "{pw}"
+tls_ca = "{pki.ca}"
+[fleet]
+name = "plant"
+[agent]
+client_id = "site-a"
+threads = 1
+local_steps = {local_steps}
+[data]
+batch_size = 4
+[trainer]
+kind = "gradient"
+gradient_dir = "{gradient}"
+""")
+    return path
+
+
+def test_bench_with_the_site_config_goes_the_agents_way_through_the_plant_broker(
+        plant_broker, plant_pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """TLS + login + ACL from the site's own TOML; batch, threads and steps per round from it too."""
+    config = _site_toml(tmp_path, plant_broker, plant_pki, _image_gradient_dir(), local_steps=5)
+    out = tmp_path / "bench.json"
+    code = cli_main(["bench", "--config", str(config), "--steps", "2", "--kernel-elements", "4096",
+                     "--deadline", "600", "--rss-limit-mb", "4000", "--out", str(out)])
+    printed = capsys.readouterr().out
+    data = load_bench_json(out)
+    assert code == 0, data["verdicts"]
+    assert data["training"]["batch_size"] == 4 and data["training"]["threads"] == 1
+    assert data["mqtt"]["ok"] is True and data["mqtt"]["tls"] is True and data["mqtt"]["login"] is True
+    r = data["round"]
+    assert r["steps"] == 5
+    assert r["round_seconds"] == pytest.approx(5 * data["training"]["step_seconds_median"])
+    assert "VERDICT: GOOD ENOUGH for site site-a" in printed
+
+
+def test_bench_says_not_good_enough_when_the_round_misses_the_deadline_or_memory_the_limit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gradient = _image_gradient_dir()
+    out = tmp_path / "bench.json"
+    code = cli_main(["bench", "--bundle", str(gradient), "--steps", "1", "--kernel-elements", "4096",
+                     "--batch-size", "4", "--round-steps", "100000", "--deadline", "1",
+                     "--rss-limit-mb", "10", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    data = load_bench_json(out)
+    checks = {v["check"]: v["status"] for v in data["verdicts"]}
+    assert checks["round time"] == "fail" and checks["peak memory"] == "fail"
+    verdict = [ln for ln in printed.splitlines() if ln.startswith("VERDICT:")]
+    assert len(verdict) == 1 and "NOT GOOD ENOUGH" in verdict[0] and "round time" in verdict[0]
+
+
+def test_bench_with_wrong_site_credentials_names_the_reason(plant_broker, plant_pki, tmp_path: Path) -> None:
+    config = _site_toml(tmp_path, plant_broker, plant_pki, _image_gradient_dir(), local_steps=1)
+    (tmp_path / "site-a.pw").write_text("wrong\n")
+    out = tmp_path / "bench.json"
+    code = cli_main(["bench", "--config", str(config), "--skip-training", "--kernel-elements", "4096",
+                     "--out", str(out)])
+    assert code == 1
+    mqtt = load_bench_json(out)["mqtt"]
+    assert mqtt["ok"] is False and "not authorised" in mqtt["error"]
+    assert f":{plant_broker.port}" in mqtt["error"]

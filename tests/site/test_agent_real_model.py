@@ -115,6 +115,7 @@ client_id = "site-{i}"
 state_dir = "{tmp_path}/site-{i}"
 dump_updates = true
 idle_exit_s = 60
+exit_after_final = true
 local_steps = 3
 threads = 1
 [codec]

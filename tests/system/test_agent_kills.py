@@ -90,6 +90,7 @@ state_dir = "{tmp}/site-{i}"
 dump_updates = {"true" if i == 0 else "false"}
 idle_exit_s = 150
 drain_timeout_s = 5
+exit_after_final = true
 [data]
 client_index = {i}
 batch_size = 16

@@ -130,6 +130,7 @@ client_id = "site-{i}"
 state_dir = "{tmp}/site-{i}"
 dump_updates = true
 idle_exit_s = 30
+exit_after_final = true
 resend_after_s = 1.0
 drain_timeout_s = 5
 [codec]

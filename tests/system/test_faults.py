@@ -76,6 +76,7 @@ client_id = "site-{i}"
 state_dir = "{tmp}/site-{i}"
 dump_updates = true
 idle_exit_s = 40
+exit_after_final = true
 [data]
 client_index = {i}
 batch_size = 16

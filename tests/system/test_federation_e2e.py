@@ -49,6 +49,7 @@ client_id = "site-{i}"
 state_dir = "{tmp}/site-{i}"
 dump_updates = true
 idle_exit_s = 60
+exit_after_final = true
 [codec]
 mode = "{codec}"
 topk_ratio = 0.25
@@ -172,6 +173,7 @@ name = "{fleet}"
 client_id = "site-0"
 state_dir = "{tmp}/site-0"
 newer_global_policy = "{policy}"
+exit_after_final = true
 {extra}
 [codec]
 mode = "fp32"
@@ -309,6 +311,7 @@ client_id = "site-{i}"
 state_dir = "{tmp_path}/site-{i}"
 dump_updates = true
 idle_exit_s = 60
+exit_after_final = true
 [data]
 client_index = {i}
 """)

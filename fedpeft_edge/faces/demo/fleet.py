@@ -267,6 +267,7 @@ class LocalFleet:
                     "dump_updates": True,
                     "evaluate": True,
                     "idle_exit_s": opts.round_deadline_s,
+                    "exit_after_final": True,  # a demo ends with its federation
                 },
                 "codec": codec,
                 "trainer": {

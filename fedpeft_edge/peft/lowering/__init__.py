@@ -10,13 +10,15 @@ is rewritten into standard ops with the same math. The package's modules:
 ``ops``             the per-op rewrites (GeluGrad, SoftmaxCrossEntropyLossGrad, LayerNormalizationGrad,
                     ConvGrad, ...) and :func:`lower_training_ops`, which applies them to one graph
 ``gradient_model``  :func:`lower_to_gradient_model`, which writes a bundle's gradient model, eval model,
-                    frozen base and manifest, and :class:`GradientModel`, which loads and verifies them
+                    frozen base and manifest
+``model``           :class:`GradientModel`, which loads and verifies them (imports no onnx: what a
+                    device needs; the other modules load on first use of their names)
 
 Frozen values come from the bundle's checkpoint (the only place the bundle keeps them), read with ORT
 Training's ``CheckpointState``: lowering runs where artifacts are made, never on a device.
 """
 
-from fedpeft_edge.peft.lowering.gradient_model import (
+from fedpeft_edge.peft.lowering.model import (
     BASE_DATA,
     EVAL_MODEL,
     GRADIENT_FORMAT,
@@ -25,17 +27,28 @@ from fedpeft_edge.peft.lowering.gradient_model import (
     LABELS,
     MANIFEST,
     GradientModel,
-    lower_to_gradient_model,
 )
-from fedpeft_edge.peft.lowering.ops import lower_training_ops
-from fedpeft_edge.peft.lowering.stock import (
-    STOCK_CONTRIB_OPS,
-    TRAINING_ONLY_OPS,
-    LoweringError,
-    is_stock_node,
-    unsupported_nodes,
-)
+
+# onnx-importing names, loaded on first use (PEP 562): a device reading a gradient model needs none.
+_LAZY = {"lower_to_gradient_model": "gradient_model", "lower_training_ops": "ops",
+         "STOCK_CONTRIB_OPS": "stock", "TRAINING_ONLY_OPS": "stock", "LoweringError": "stock",
+         "is_stock_node": "stock", "unsupported_nodes": "stock"}
 
 __all__ = ["BASE_DATA", "EVAL_MODEL", "GRADIENT_FORMAT", "GRADIENT_MODEL", "INITIAL_PARAMS", "LABELS",
            "MANIFEST", "STOCK_CONTRIB_OPS", "TRAINING_ONLY_OPS", "GradientModel", "LoweringError",
            "is_stock_node", "lower_to_gradient_model", "lower_training_ops", "unsupported_nodes"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -17,36 +17,34 @@ from the bundle's checkpoint, read with ORT Training's ``CheckpointState`` (neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from fedpeft_edge.peft.artifacts import ArtifactBundle
-from fedpeft_edge.peft.layout import FlatLayout
+from fedpeft_edge.peft.lowering.model import (
+    BASE_DATA,
+    EVAL_MODEL,
+    GRADIENT_MODEL,
+    INITIAL_PARAMS,
+    LABELS,
+    MANIFEST,
+    GradientModel,
+    _sha256,
+)
 from fedpeft_edge.peft.lowering.ops import lower_training_ops
 from fedpeft_edge.peft.lowering.stock import _MS, LoweringError, _describe, _tidy
-from fedpeft_edge.peft.spec import PeftSpec
 from fedpeft_edge.runtime.errors import InvalidValueError
 from fedpeft_edge.runtime.ort_import import training_api
 
-GRADIENT_FORMAT = 1
-MANIFEST = "gradient.json"
-GRADIENT_MODEL = "gradient_model.onnx"
-EVAL_MODEL = "eval_model.onnx"
-BASE_DATA = "base.data"
-INITIAL_PARAMS = "initial_params.npy"
-LABELS = "labels"
 _ALIGN = 64  # byte alignment of every tensor in base.data (SIMD loads straight from the mapped file)
 _ACC_SUFFIX = "_grad.accumulation.buffer"
 
@@ -158,116 +156,6 @@ def _input_types(graph: onnx.GraphProto, names: Iterable[str]) -> dict[str, str]
     return {n: np.dtype(helper.tensor_dtype_to_np_dtype(types[n])).name for n in names}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class GradientModel:
-    """A lowered bundle: what a device with stock onnxruntime needs to train (see the module docstring)."""
-
-    directory: Path
-    spec: PeftSpec
-    spec_hash: str
-    model_sha256: str
-    param_order: tuple[str, ...]            # flat-vector order (= the bundle's)
-    param_shapes: tuple[tuple[int, ...], ...]
-    input_names: tuple[str, ...]            # model inputs, labels excluded
-    input_dtypes: dict[str, str]            # numpy dtype name of every input, labels included
-    loss_output: str
-    logits_output: str | None
-    grad_outputs: tuple[str, ...]           # one per trainable tensor, flat-vector order
-    eval_outputs: tuple[str, str]           # loss and logits of the eval model
-    lowered_ops: dict[str, int]
-    source_bundle: str
-
-    @property
-    def gradient_model(self) -> Path:
-        return self.directory / GRADIENT_MODEL
-
-    @property
-    def eval_model(self) -> Path:
-        return self.directory / EVAL_MODEL
-
-    @property
-    def base_data(self) -> Path:
-        return self.directory / BASE_DATA
-
-    @property
-    def labels_name(self) -> str:
-        return LABELS
-
-    @property
-    def layout(self) -> FlatLayout:
-        return FlatLayout.from_shapes(zip(self.param_order, self.param_shapes, strict=True))
-
-    @property
-    def num_trainable(self) -> int:
-        return self.layout.total
-
-    def initial_vector(self) -> np.ndarray:
-        """The trainable tensors' starting values (a fresh float32 vector)."""
-        value = np.load(self.directory / INITIAL_PARAMS, allow_pickle=False)
-        if value.dtype != np.float32 or value.shape != (self.num_trainable,):
-            raise InvalidValueError(f"{INITIAL_PARAMS}: {value.dtype} {value.shape}, expected float32 "
-                                    f"({self.num_trainable},)")
-        return np.array(value, np.float32, order="C")
-
-    def manifest(self, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return {"format": GRADIENT_FORMAT, "spec": self.spec.to_dict(), "spec_hash": self.spec_hash,
-                "model_sha256": self.model_sha256, "param_order": list(self.param_order),
-                "param_shapes": [list(s) for s in self.param_shapes], "input_names": list(self.input_names),
-                "input_dtypes": dict(self.input_dtypes), "labels": LABELS,
-                "outputs": {"loss": self.loss_output, "logits": self.logits_output,
-                            "gradients": list(self.grad_outputs), "eval": list(self.eval_outputs)},
-                "lowered_ops": dict(self.lowered_ops), "source_bundle": self.source_bundle, "files": files}
-
-    @classmethod
-    def load(cls, directory: Path | str) -> GradientModel:
-        directory = Path(directory)
-        path = directory / MANIFEST
-        if not path.is_file():
-            raise InvalidValueError(f"{directory} is not a gradient model (no {MANIFEST})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != GRADIENT_FORMAT:
-                raise InvalidValueError(f"gradient model format {data.get('format')!r} not supported "
-                                        f"(need {GRADIENT_FORMAT})")
-            spec = PeftSpec.from_dict(data["spec"])
-            if spec.spec_hash(data["model_sha256"]) != data["spec_hash"]:
-                raise InvalidValueError("gradient model spec_hash does not match its spec and model hash")
-            for role, info in data["files"].items():  # sizes only: hashing the base on every start is slow
-                f = directory / info["name"]
-                if not f.is_file() or f.stat().st_size != int(info["bytes"]):
-                    raise InvalidValueError(f"gradient model {directory}: {role} file {info['name']} is "
-                                            "missing or has the wrong size")
-            outputs = data["outputs"]
-            return cls(directory=directory, spec=spec, spec_hash=data["spec_hash"],
-                       model_sha256=data["model_sha256"], param_order=tuple(data["param_order"]),
-                       param_shapes=tuple(tuple(int(d) for d in s) for s in data["param_shapes"]),
-                       input_names=tuple(data["input_names"]), input_dtypes=dict(data["input_dtypes"]),
-                       loss_output=outputs["loss"], logits_output=outputs["logits"],
-                       grad_outputs=tuple(outputs["gradients"]), eval_outputs=tuple(outputs["eval"]),
-                       lowered_ops=dict(data["lowered_ops"]),
-                       source_bundle=data["source_bundle"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, InvalidValueError):
-                raise
-            raise InvalidValueError(f"unreadable gradient model manifest {path}: {exc}") from exc
-
-    def verify(self) -> None:
-        """Check every file against the sha256 in the manifest (reads the whole base)."""
-        data = json.loads((self.directory / MANIFEST).read_text(encoding="utf-8"))
-        for role, info in data["files"].items():
-            if _sha256(self.directory / info["name"]) != info["sha256"]:
-                raise InvalidValueError(f"gradient model {self.directory}: {role} file {info['name']} "
-                                        "does not match its sha256")
-
-
 def lower_to_gradient_model(bundle: ArtifactBundle | Path | str, out_dir: Path | str, *,
                             overwrite: bool = False) -> GradientModel:
     """Write the gradient model, eval model, frozen base and starting vector of ``bundle`` to ``out_dir``.
@@ -303,7 +191,8 @@ def lower_to_gradient_model(bundle: ArtifactBundle | Path | str, out_dir: Path |
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         places, initial = _write_base(tmp / BASE_DATA, bundle, frozen_names)
-        for model in (grad_model, eval_model):
+        base_names: dict[str, tuple[str, ...]] = {}
+        for role, model in (("gradient_model", grad_model), ("eval_model", eval_model)):
             _externalise(model.graph, places)
             # model inputs, labels, then the trainable tensors in flat-vector order
             rank = {n: i for i, n in enumerate([*bundle.plan.input_names, LABELS, *bundle.param_order])}
@@ -311,6 +200,7 @@ def lower_to_gradient_model(bundle: ArtifactBundle | Path | str, out_dir: Path |
             del model.graph.input[:]
             model.graph.input.extend(inputs)
             _tidy(model)
+            base_names[role] = tuple(t.name for t in model.graph.initializer if t.name in places)
         onnx.save(grad_model, str(tmp / GRADIENT_MODEL))
         onnx.save(eval_model, str(tmp / EVAL_MODEL))
         np.save(tmp / INITIAL_PARAMS, initial)
@@ -321,7 +211,10 @@ def lower_to_gradient_model(bundle: ArtifactBundle | Path | str, out_dir: Path |
             input_dtypes=_input_types(grad_model.graph, [*bundle.plan.input_names, LABELS]),
             loss_output=loss, logits_output=logits, grad_outputs=tuple(grad_outputs),
             eval_outputs=(eval_names[0], eval_names[1]),
-            lowered_ops=dict(sorted(counts.items())), source_bundle=str(bundle.directory))
+            lowered_ops=dict(sorted(counts.items())), source_bundle=str(bundle.directory),
+            base_tensors={n: (np.dtype(d).name, tuple(int(x) for x in shape), int(off))
+                          for n, (d, shape, off, _) in places.items()},
+            base_names=base_names)
         files = {role: {"name": name, "bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                  for role, name in (("gradient_model", GRADIENT_MODEL), ("eval_model", EVAL_MODEL),
                                     ("base_data", BASE_DATA), ("initial_params", INITIAL_PARAMS))}

@@ -118,19 +118,26 @@ class _Lowerer(_GraphRewriter):
                 helper.make_node("Mul", [dy, t["one_minus"]], [node.output[0]])]
 
     def gelu_grad(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-        """``dY * (½(1 + erf(x/√2)) + x·exp(-x²/2)/√(2π))`` (exact erf GELU, like ORT's kernel)."""
+        """``dY * (½(1 + erf(x/√2)) + x·exp(-x²/2)/√(2π))`` (exact erf GELU, like ORT's kernel).
+
+        With ``a = x/√2`` that is ``½·dY·(1 + erf(a) + (2/√π)·a/exp(a²))``: nine elementwise passes
+        (``a/exp(a²)`` is 0, not NaN, where ``exp(a²)`` overflows). ``x`` is read through
+        ``Reshape(x, Shape(dY))``, a no-op that makes every node wait for ``dY``: without it the
+        scheduler computes the ``x``-only part right after the forward pass and keeps its full-size
+        result alive through the whole backward pass, one per GELU (the activation peak of a step).
+        """
         dy, x = node.input[:2]
-        t = self.names("a", "erf", "phi2", "hx", "q", "e", "xe", "xs", "s", "d")
+        t = self.names("shape", "x", "a", "erf", "a2", "ea", "r", "u", "s", "d")
         mk = helper.make_node
-        return [mk("Mul", [x, self.const(1.0 / math.sqrt(2.0))], [t["a"]]),
+        return [mk("Shape", [dy], [t["shape"]]),
+                mk("Reshape", [x, t["shape"]], [t["x"]]),
+                mk("Mul", [t["x"], self.const(1.0 / math.sqrt(2.0))], [t["a"]]),
                 mk("Erf", [t["a"]], [t["erf"]]),
-                mk("Add", [t["erf"], self.const(1.0)], [t["phi2"]]),          # 2Φ(x)
-                mk("Mul", [x, self.const(-0.5)], [t["hx"]]),
-                mk("Mul", [t["hx"], x], [t["q"]]),
-                mk("Exp", [t["q"]], [t["e"]]),
-                mk("Mul", [x, t["e"]], [t["xe"]]),
-                mk("Mul", [t["xe"], self.const(2.0 / math.sqrt(2.0 * math.pi))], [t["xs"]]),  # 2x·φ(x)
-                mk("Add", [t["phi2"], t["xs"]], [t["s"]]),
+                mk("Mul", [t["a"], t["a"]], [t["a2"]]),
+                mk("Exp", [t["a2"]], [t["ea"]]),
+                mk("Div", [t["a"], t["ea"]], [t["r"]]),                            # a·exp(-a²)
+                mk("Mul", [t["r"], self.const(2.0 / math.sqrt(math.pi))], [t["u"]]),  # 2x·φ(x)
+                mk("Sum", [t["erf"], t["u"], self.const(1.0)], [t["s"]]),          # 2(Φ(x) + x·φ(x))
                 mk("Mul", [dy, t["s"]], [t["d"]]),
                 mk("Mul", [t["d"], self.const(0.5)], [node.output[0]])]
 
