@@ -313,9 +313,12 @@ def open_bundle(path: str | os.PathLike[str], limits: BundleLimits = DEFAULT_LIM
             _check_member_type(info)
             if info.filename in members or info.filename.lower() in {n.lower() for n in members}:
                 raise BundleError("malformed", f"member {info.filename[:80]!r} appears twice")
-            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            if info.compress_type != zipfile.ZIP_STORED:
                 raise BundleError("malformed", f"member {info.filename[:80]!r} is compressed (bundles are "
                                                "stored)")
+            if info.compress_size != info.file_size:
+                raise BundleError("malformed", f"member {info.filename[:80]!r}: its stored and its "
+                                               "declared size differ")
             if info.flag_bits & 0x1:
                 raise BundleError("malformed", f"member {info.filename[:80]!r} is encrypted")
             if info.file_size > limits.max_member_bytes:

@@ -228,7 +228,8 @@ Copy the bundle folder (and, for gateways with stock onnxruntime, the gradient-m
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prepare")
-    g.add_argument("--task", choices=("text", "image"), default="text", help="default text")
+    g.add_argument("--task", choices=("text", "image"), default=None,
+                   help="default text (with --onnx: read from the model's inputs)")
     g.add_argument("--method", default="lora", help="PEFT method (default lora)")
     g.add_argument(
         "--classes", default=None,
@@ -243,6 +244,19 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-out", type=Path, default=None,
                    help="copy the gradient model (a site's [trainer] gradient_dir) to this new folder")
     g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
+    b = p.add_argument_group("bring your own model (docs/own-model.md)")
+    b.add_argument("--onnx", type=Path, default=None,
+                   help="your ONNX classifier backbone (an encoder or a CNN) instead of the built-in models")
+    b.add_argument("--features-output", default=None,
+                   help="the output to train the head on (default: the only output); rank 3 is mean-pooled "
+                        "over the attention mask, rank 4 average-pooled")
+    b.add_argument("--input-map", default=None,
+                   help="rename your inputs to ours: ids=input_ids,mask=attention_mask (text) or "
+                        "image=pixel_values")
+    b.add_argument("--tokenizer", type=Path, default=None, help="text models: the tokenizer.json sites use")
+    b.add_argument("--targets", default=None,
+                   help="LoRA/adapter target weights, a regular expression over initializer names "
+                        "(default with --onnx: every MatMul/Gemm weight for text, every 1x1 Conv for images)")
     from fedpeft_edge.faces.bundle_commands import add_site_bundle_args
 
     add_site_bundle_args(p.add_argument_group("site bundle (one signed file for the sites)"))
@@ -261,9 +275,27 @@ def _run_prepare(args: argparse.Namespace) -> int:
     )
     from fedpeft_edge.peft.spec import PeftSpec
 
+    overrides: dict[str, object] = {}
+    if args.onnx is not None:
+        from fedpeft_edge.models.byo import prepare_onnx_model  # central side: torch not needed
+
+        input_map = dict(pair.split("=", 1) for pair in args.input_map.split(",")) if args.input_map else None
+        prepared = prepare_onnx_model(args.onnx, kind=args.task, features_output=args.features_output,
+                                      input_map=input_map, tokenizer=args.tokenizer, max_len=args.max_len,
+                                      image_size=args.image_size if args.image_size != 32 else None,
+                                      cache_dir=args.cache_dir)
+        args.task = prepared.kind
+        if args.method in ("lora", "ffa_lora", "adapter"):
+            from fedpeft_edge.models.byo import default_targets
+
+            overrides = default_targets(prepared, args.targets)
+        print(f"your model: {prepared.kind}, inputs {list(prepared.input_names)}, features "
+              f"[batch, {prepared.feature_dim}]")
+    args.task = args.task or "text"
     dataset = args.dataset or ("reuters_r8" if args.task == "text" else "mnist5k")
-    task = TaskConfig(kind=args.task, dataset=dataset, max_len=args.max_len, image_size=args.image_size)
-    prepared = prepare_backbone(task, args.cache_dir)
+    if args.onnx is None:
+        task = TaskConfig(kind=args.task, dataset=dataset, max_len=args.max_len, image_size=args.image_size)
+        prepared = prepare_backbone(task, args.cache_dir)
     from fedpeft_edge.faces.bundle_commands import parse_classes, write_prepared_bundle
 
     classes, labels = parse_classes(args.classes, dataset, explicit_dataset=args.dataset is not None)
@@ -277,7 +309,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
             raw = tomllib.loads(text)
         spec = PeftSpec.from_dict(raw.get("peft", raw))
     else:
-        spec = method_spec(args.method, args.task, classes)
+        spec = method_spec(args.method, args.task, classes, overrides or None)
     if labels is not None and spec.head_classes is not None and len(labels) != spec.head_classes:
         if args.classes is not None:
             raise FedPeftError(f"--classes names {len(labels)} labels, the spec's head has "

@@ -64,7 +64,8 @@ def _refused(path: Path, reason: str, pub, tmp_path: Path, **kw) -> BundleError:
         extract_bundle(path, out, pub, **kw)
     assert extracted.value.reason == reason
     _nothing_extracted(out)
-    assert "\n" not in str(extracted.value) and str(extracted.value).startswith(f"bundle refused ({reason}): ")
+    text = str(extracted.value)
+    assert "\n" not in text and text.startswith(f"bundle refused ({reason}): ")
     return extracted.value
 
 
@@ -108,7 +109,8 @@ def test_write_sign_verify_extract_round_trip(made, tmp_path) -> None:
     (ex.directory / "gradient" / "base.data").write_bytes(b"short")
     third = extract_bundle(made["signed"], root, made["pub"])
     assert not third.reused
-    assert (third.directory / "gradient" / "base.data").stat().st_size == m["files"]["gradient/base.data"]["bytes"]
+    base_size = m["files"]["gradient/base.data"]["bytes"]
+    assert (third.directory / "gradient" / "base.data").stat().st_size == base_size
 
 
 def test_sign_an_unsigned_bundle_in_place_and_resign_with_another_key(made, tmp_path) -> None:
@@ -194,7 +196,7 @@ def test_unsigned_bundle_is_refused_unless_allowed(made, tmp_path) -> None:
 def test_truncated_file_is_refused(made, tmp_path, keep) -> None:
     data = made["signed"].read_bytes()
     bad = tmp_path / "cut.bundle"
-    bad.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    bad.write_bytes(data[:keep])  # -1: only the last byte missing
     _refused(bad, "truncated", made["pub"], tmp_path)
 
 
@@ -225,18 +227,17 @@ def test_oversized_member_and_bundle_are_refused(made, tmp_path) -> None:
     err = _refused(made["signed"], "oversized", made["pub"], tmp_path,
                    limits=BundleLimits(max_member_bytes=4096))
     assert "limit 4096" in str(err)
-    _refused(made["signed"], "oversized", made["pub"], tmp_path, limits=BundleLimits(max_bundle_bytes=size - 1))
+    _refused(made["signed"], "oversized", made["pub"], tmp_path,
+             limits=BundleLimits(max_bundle_bytes=size - 1))
     # a member whose header claims more bytes than the file holds
     data = bytearray(made["signed"].read_bytes())
     with zipfile.ZipFile(made["signed"]) as zf:
         cd_start = zf.start_dir
     pos = data.index(b"PK\x01\x02" + data[cd_start + 4:cd_start + 20], cd_start)  # first central entry
-    data[pos + 24:pos + 28] = (2**31).to_bytes(4, "little")  # uncompressed size of manifest.json
+    data[pos + 20:pos + 28] = (2**31).to_bytes(4, "little") * 2  # stored and declared size of manifest.json
     lying = tmp_path / "lying.bundle"
     lying.write_bytes(bytes(data))
-    with pytest.raises(BundleError) as exc:
-        verify_bundle(lying, made["pub"])
-    assert exc.value.reason in ("oversized", "malformed", "truncated")
+    assert "the file has" in str(_refused(lying, "truncated", made["pub"], tmp_path))
 
 
 def test_unknown_format_version_is_refused_even_when_signed(made, tmp_path) -> None:
@@ -249,6 +250,7 @@ def test_unknown_format_version_is_refused_even_when_signed(made, tmp_path) -> N
     assert "format version 2" in str(_refused(bad, "unknown_format", made["pub"], tmp_path))
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # the duplicate is the point
 def test_unlisted_or_missing_members_are_refused(made, tmp_path) -> None:
     extra = rewrite(made["signed"], tmp_path / "extra.bundle", extra=[("gradient/extra.onnx", b"x")])
     assert "not listed" in str(_refused(extra, "tampered", made["pub"], tmp_path))
@@ -283,7 +285,8 @@ def test_cli_keygen_sign_verify_inspect(made, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     priv, pub = tmp_path / "keys" / "bundle-signing.key", tmp_path / "keys" / "bundle-signing.pub"
     assert stat.S_IMODE(priv.stat().st_mode) == 0o600 and pub.is_file()
-    assert _cli("bundle", "keygen", "--out", str(tmp_path / "keys"), cwd=tmp_path).returncode == 2  # no overwrite
+    again = _cli("bundle", "keygen", "--out", str(tmp_path / "keys"), cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a key
 
     b = tmp_path / "site.bundle"
     b.write_bytes(made["unsigned"].read_bytes())
