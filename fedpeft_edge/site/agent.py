@@ -2,9 +2,17 @@
 
 Loop: wait for the retained global adapter on ``fedpeft/{fleet}/global`` → load it into the trainer →
 train on local data → ``delta = trained - global`` → encode (top-k / int8 with error feedback, residual
-kept on disk) → publish on ``fedpeft/{fleet}/update/{client_id}`` with QoS 1 → repeat for the next global,
-until the aggregator announces the final round (global ``meta["final"]``) or ``max_rounds`` is reached.
+kept on disk) → publish on ``fedpeft/{fleet}/update/{client_id}`` with QoS 1 → repeat for the next global.
 Only the encoded delta and a few scalars (sample count, loss, accuracy) ever leave the site.
+
+Running for months: after the aggregator's final round (global ``meta["final"]``) the agent stays, says
+``done`` ("waiting for a new federation") and joins what comes next — a global above the final round (the
+aggregator went on) or a non-final one below it (a new federation, whose rounds start again at 0: the
+finished one's waiting updates, ``sent/`` and residual are forgotten, crash-safely). ``exit_after_final =
+true`` (demos, tests) returns at the final round instead; ``max_rounds`` and ``idle_exit_s`` also end it.
+The outbox and ``sent/`` are capped (``max_outbox_updates``, ``max_sent_updates``). The resource governor
+(``[governor]``, site/governor.py) is asked before every training step: while it says no, the status is
+``paused`` with its reason; see ``_governed`` for what happens to a round it interrupts.
 
 Store and forward, end to end: the encoded update is written to ``<state_dir>/outbox/`` before it is
 published and removed only when the aggregator acknowledges it on ``fedpeft/{fleet}/ack/{client_id}``,
@@ -23,12 +31,13 @@ global; ``"abandon"`` stops training at the next batch and moves on without send
 
 State directory layout::
 
-    state.json          last round sent, last global seen, spec hash (atomic rewrite)
+    state.json          last round sent, last global seen, spec hash, final round (atomic rewrite)
     encoder.npz         error-feedback residual and the round it belongs to (np.savez, no pickles)
     encoder.next.npz    the pending residual while an update is being committed
     trainer.state       trainer.save_state() (adapter + optimizer state)
     outbox/r<round>.msg encoded update envelope waiting for the aggregator's acknowledgement
     sent/r<round>.msg   copy of every sent update when ``dump_updates`` (audit, tests)
+    sent.previous/      the sent/ of the federation before the current one
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def test_hostile_messages_are_rejected_and_the_round_completes(mosquitto_broker,
         agents, threads = [], []
         for i in range(2):
             cfg = load_agent_config(text=base + f'[agent]\nclient_id = "site-{i}"\n'
-                              f'state_dir = "{tmp_path}/site-{i}"\nidle_exit_s = 30\nexit_after_final = true\n'
+                              f'state_dir = "{tmp_path}/site-{i}"\nidle_exit_s = 30\n'
+                              'exit_after_final = true\n'
                               f'[data]\nclient_index = {i}\n')
             setup = fnt.make(cfg)
             agent = EdgeAgent(cfg, setup.trainer, setup.train_batches_fn, setup.eval_batches_fn)

@@ -52,7 +52,8 @@ def test_window_across_midnight_and_several_windows() -> None:
 
 def test_window_parsing() -> None:
     assert parse_window("22:00-06:00").contains(23 * 60) and not parse_window("22:00-06:00").contains(600)
-    assert parse_window("8:00-24:00").text == "08:00-24:00" and parse_window("8:00-24:00").contains(23 * 60 + 59)
+    to_midnight = parse_window("8:00-24:00")
+    assert to_midnight.text == "08:00-24:00" and to_midnight.contains(23 * 60 + 59)
     assert parse_window("00:00-00:00").contains(0)  # start == end: the whole day
     for bad in ("22-06", "25:00-06:00", "10:60-11:00", "10:00-24:01", "", "10:00 to 11:00"):
         with pytest.raises(InvalidValueError):
@@ -114,9 +115,10 @@ def test_governor_section_of_the_site_config() -> None:
     assert (g.windows, g.max_other_cpu_percent, g.min_available_mb, g.max_threads, g.check_interval_s) == (
         ["22:00-06:00", "12:00-13:00"], 50, 512, 2, 2)
     assert load_agent_config(text="").governor == GovernorSettings()
-    for bad, words in (('windows = ["25:00-06:00"]', "impossible time"), ("windows = \"22:00-06:00\"", "type"),
-                       ("max_other_cpu_percent = 120", "max_other_cpu_percent"), ("max_threads = 0", "max_threads"),
-                       ("nice = 5", "unknown key")):
+    bad_values = (('windows = ["25:00-06:00"]', "impossible time"), ('windows = "22:00-06:00"', "type"),
+                  ("max_other_cpu_percent = 120", "max_other_cpu_percent"),
+                  ("max_threads = 0", "max_threads"), ("nice = 5", "unknown key"))
+    for bad, words in bad_values:
         with pytest.raises(InvalidValueError, match=words):
             load_agent_config(text=f"[governor]\n{bad}\n")
 
@@ -136,23 +138,55 @@ def _wait(gov: Governor, paused: bool, timeout: float) -> tuple[float, list[floa
 
 def test_real_cpu_hog_pauses_and_its_end_resumes() -> None:
     """A process spinning on every core this test may use → the real probe sees other processes' CPU
-    above the limit and pauses; killing the hogs → back below limit − hysteresis → resumes by itself."""
+    above the limit and pauses; killing the hogs → back below limit − hysteresis → resumes by itself.
+
+    The machine may be shared (other test runs): the limit is set halfway between the load measured
+    before the hogs and what the hogs can reach; a machine already near full load cannot show a hog."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    machine = os.cpu_count() or cores
-    # The hogs can fill only `cores` of the machine's cores: the limit sits below what they reach.
-    reach = 100.0 * cores / machine
-    gov = Governor(max_other_cpu_percent=0.6 * reach, hysteresis_percent=0.15 * reach, check_interval_s=0,
-                   probe=PsutilProbe(window_s=1.0))
-    _wait(gov, paused=False, timeout=60)  # the machine is shared: start from a calm moment
+    reach = 100.0 * cores / (os.cpu_count() or cores)  # the hogs can fill only the cores we may use
+    probe = PsutilProbe(window_s=1.0)
+    end, base = time.monotonic() + 30, 100.0
+    while time.monotonic() < end:
+        time.sleep(1.0)
+        base = probe.sample().other_cpu_percent
+        if base < 0.5 * reach:
+            break
+    else:
+        message = f"machine busy: other processes use {base:.0f} % CPU, no room to show a hog"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    limit, band = base + 0.5 * (reach - base), 0.25 * (reach - base)
+    gov = Governor(max_other_cpu_percent=limit, hysteresis_percent=band, check_interval_s=0, probe=probe)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         took, readings = _wait(gov, paused=True, timeout=20)
         reason = gov.reason
         assert reason is not None and reason.startswith("other processes use ") and "% CPU >" in reason
-        print(f"\nhogs on {cores} core(s): paused after {took:.1f} s ({reason}); readings {readings}")
+        print(f"\nbefore: {base:.0f} %; hogs on {cores} core(s): paused after {took:.1f} s ({reason}); "
+              f"readings {readings}")
     finally:
         for h in hogs:
             h.kill()
             h.wait(10)
     took, readings = _wait(gov, paused=False, timeout=30)
-    print(f"hogs killed: resumed after {took:.1f} s; readings {readings}")
+    print(f"hogs killed: resumed after {took:.1f} s (below {limit - band:.0f} %); readings {readings}")
+
+
+@pytest.mark.parametrize(("threads", "cap", "expected"), [(4, 2, 2), (1, 2, 1), (4, None, 4)])
+def test_max_threads_caps_the_trainers_intra_op_threads(monkeypatch: pytest.MonkeyPatch, threads: int,
+                                                        cap: int | None, expected: int) -> None:
+    """[governor] max_threads reaches where the trainer is built (site/trainer_setup.py)."""
+    from types import SimpleNamespace
+
+    from fedpeft_edge.site import trainer_setup
+
+    seen: dict[str, int] = {}
+    model = SimpleNamespace(spec=SimpleNamespace(head_classes=None), spec_hash="00112233aabbccdd")
+    monkeypatch.setattr(trainer_setup, "gradient_model_for", lambda t, state_dir: model)
+    monkeypatch.setattr(trainer_setup, "make_gradient_trainer",
+                        lambda m, n, options: seen.setdefault("threads", n))
+    governor = f"[governor]\nmax_threads = {cap}\n" if cap else ""
+    cfg = load_agent_config(text=f'[agent]\nthreads = {threads}\n[trainer]\ngradient_dir = "g"\n{governor}')
+    trainer_setup.build_trainer_setup(cfg)
+    assert seen == {"threads": expected}
