@@ -245,7 +245,7 @@ def test_duplicate_delivery_counts_once(broker: BrokerHandle, tmp_path: Path) ->
             for p in parts:
                 assert pub.publish(topics.update("site-1"), p).wait(5)
         mf.wait_for(lambda: svc.core.accepted_this_round == 2 and svc.core.counters.get("duplicate", 0) >= 1
-                    and svc.reassembler.drops.get("late_chunk", 0) == len(parts), 10, "both copies")
+                    and svc.reassembler.drops.get("late_chunk", 0) == len(parts), 30, "both copies")
     finally:
         svc.stop()
         runner.join(10)
