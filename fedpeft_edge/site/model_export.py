@@ -66,12 +66,19 @@ class ModelStore:
         return self.root / str(int(version))
 
     def versions(self) -> list[int]:
-        """Complete versions (a folder named by its round with a deploy.json), oldest first."""
+        """Complete versions (a folder named by its round with a deploy.json), oldest first by export
+        time: a long-running agent joins new federations whose rounds start again at 0."""
         if not self.root.is_dir():
             return []
-        found = [int(p.name) for p in self.root.iterdir()
-                 if p.name.isdigit() and p.is_dir() and (p / DEPLOY).is_file()]
-        return sorted(found)
+        found = []
+        for p in self.root.iterdir():
+            if p.name.isdigit() and p.is_dir() and (p / DEPLOY).is_file():
+                try:
+                    created = float(read_deploy(p).get("created", 0.0))
+                except (FedPeftError, TypeError, ValueError):
+                    created = (p / DEPLOY).stat().st_mtime
+                found.append((created, int(p.name)))
+        return [v for _, v in sorted(found)]
 
     def current(self) -> int | None:
         pointer = self.root / CURRENT
@@ -112,9 +119,10 @@ class ModelStore:
         versions = self.versions()
         if cur is None:
             raise InvalidValueError(f"{self.root} has no current model version")
-        older = [v for v in versions if v < cur]
+        older = versions[:versions.index(cur)] if cur in versions else []
         if not older:
-            raise InvalidValueError(f"no version older than {cur} is kept in {self.root} (kept: {versions})")
+            raise InvalidValueError(f"no version exported before {cur} is kept in {self.root} "
+                                    f"(kept, oldest first: {versions})")
         self.pin(older[-1])
         return older[-1]
 
@@ -293,10 +301,17 @@ class _AgentExport:
     preprocessing: dict[str, Any] | None
 
 
-def _label_names(cfg: Any, head: int | None) -> list[str]:
+def _label_names(cfg: Any, head: int | None, gradient_dir: Path) -> list[str]:
     d = cfg.data
     if d.classes:
         return list(d.classes)
+    # a site bundle (site/bundle_setup.py) extracts its gradient model into <bundle>/gradient/ beside
+    # the manifest that names the labels
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        manifest = json.loads((gradient_dir.parent / "manifest.json").read_text(encoding="utf-8"))
+        labels = manifest.get("labels")
+        if manifest.get("format") == "fedpeft-edge-site-bundle" and isinstance(labels, list) and labels:
+            return [str(x) for x in labels]
     if d.dataset:
         with contextlib.suppress(Exception):  # the names are a nicety; ids still work without them
             from fedpeft_edge.data.datasets import load_dataset
@@ -318,7 +333,7 @@ def _setup(agent: Any) -> _AgentExport | None:
         log.warning("exported models will carry no preprocessing: [data] options name neither a "
                     "prepared_dir nor tokenizer_json/max_len or image_size/mean/std")
     return _AgentExport(ModelStore(Path(agent.state_dir) / MODEL_DIR), model,
-                        _label_names(agent.cfg, model.spec.head_classes), pre)
+                        _label_names(agent.cfg, model.spec.head_classes, Path(model.directory)), pre)
 
 
 def export_global(agent: Any, g: Any) -> Path | None:

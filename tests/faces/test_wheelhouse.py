@@ -151,36 +151,65 @@ print("trained", losses, _core.__file__)
 
 
 @pytest.mark.slow
-def test_cross_compiled_aarch64_wheel_runs_the_c_core_under_qemu(tmp_path):
-    """The aarch64 project wheel (cross-compiled here), its C core run by the arm64 root's Python under
-    qemu-user (read-only use of scripts/arm64_gateway.sh's cached root; skipped without it)."""
+def test_aarch64_wheelhouse_installs_offline_and_trains_under_qemu(tmp_path):
+    """The aarch64 wheelhouse (C core cross-compiled here), installed with the README command into a venv
+    of the arm64 root's Python run by qemu-user, offline and without a compiler, then two training steps.
+
+    Uses scripts/arm64_gateway.sh's cached root read-only (its Python and libc; the venv lives in
+    tmp_path); skipped without it. /proc is hidden in a private mount namespace: onnxruntime's cpuinfo
+    crashes under qemu when it reads the host's (STACK_NOTES)."""
     root = Path(os.environ.get("FEDPEFT_ARM64_ROOT", wheelhouse.ARM64_ROOT_DEFAULT))
     qemu = shutil.which("qemu-aarch64-static")
-    site = root / "venv" / "lib" / "python3.11" / "site-packages"
+    unshare, mount = shutil.which("unshare"), shutil.which("mount")
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("no aarch64-linux-gnu-gcc")
-    opts = wheelhouse.WheelhouseOptions("aarch64", "3.11", tmp_path / "house", log=lambda _: None)
-    opts.out.mkdir()
-    src = wheelhouse._copy_source(ROOT, tmp_path / "src")
-    try:
-        whl = wheelhouse.project_wheel(opts, src, tmp_path / "work")
-    except InvalidValueError as exc:
-        pytest.skip(f"cannot cross-compile here: {exc}")
+    tools = (qemu, unshare, mount)
+    if None in tools or os.geteuid() != 0 or not (root / "usr/bin/python3.11").is_file():
+        pytest.skip("needs root, unshare, mount, qemu-aarch64-static and scripts/arm64_gateway.sh's root")
+    house = tmp_path / "wheelhouse"
+    assert cli_main(["wheelhouse", "--platform", "aarch64", "--python", "3.11", "--out", str(house)]) == 0
+    manifest = json.loads((house / "manifest.json").read_text())
+    whl = house / manifest["project_wheel"]
     assert whl.name == "fedpeft_edge-0.1.0-cp311-cp311-linux_aarch64.whl"
     _check_record(whl)
-    if qemu is None or not (site / "numpy").is_dir():
-        pytest.skip("no qemu-aarch64-static or no arm64 root with numpy to run the wheel in")
-    unpacked = tmp_path / "unpacked"
-    with zipfile.ZipFile(whl) as zf:
-        zf.extractall(unpacked)
-    code = (f"import sys; sys.path[:0] = [{str(unpacked)!r}, {str(site)!r}]\n"
-            "import platform, numpy as np\n"
-            "from fedpeft_edge import _core, kernels\n"
-            "x = (np.arange(1000, dtype=np.float32) - 500) / 7\n"
-            "print(platform.machine(), kernels.backend_info()['backend'], kernels.l2_norm(x))\n")
-    run = subprocess.run([qemu, "-L", str(root), str(root / "usr" / "bin" / "python3.11"), "-c", code],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    machine, backend, norm = run.stdout.split()
-    assert machine == "aarch64" and backend == "c"
-    assert abs(float(norm) - 1304.1026318785) < 1e-3
+    assert [n for n in manifest["files"] if n.startswith("onnxruntime-") and "aarch64" in n]
+    assert not [n for n in manifest["files"] if n.lower().startswith(("torch", "onnxruntime_training"))]
+
+    gm = make_cache(tmp_path / "central")[1]("lora")
+    venv = tmp_path / "arm-venv"
+    emu = {"QEMU_LD_PREFIX": str(root), "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    qpy = [qemu, "-L", str(root)]
+    made = subprocess.run([*qpy, str(root / "usr/bin/python3.11"), "-m", "venv", str(venv)],
+                          capture_output=True, text=True, timeout=600, env=emu, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    offline = {**emu, "PATH": str(venv / "bin"), "CC": "/bin/false", "PIP_NO_INDEX": "1",
+               "PIP_CONFIG_FILE": os.devnull, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    install = subprocess.run([unshare, "-n", *qpy, str(venv / "bin/python3.11"), "-m", "pip", "install",
+                              "--no-index", "--find-links", str(house), "fedpeft-edge"],
+                             capture_output=True, text=True, timeout=1800, env=offline, cwd=tmp_path)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    empty = tmp_path / "no-proc"
+    empty.mkdir()
+    script = f"""
+import platform, numpy as np, onnxruntime
+from fedpeft_edge import _core, kernels
+from fedpeft_edge.training.gradient_trainer import GradientTrainer
+assert {str(venv)!r} in _core.__file__, _core.__file__
+x = (np.arange(1000, dtype=np.float32) - 500) / 7
+assert abs(kernels.l2_norm(x) - float(np.linalg.norm(x.astype(np.float64)))) < 1e-3
+rng = np.random.default_rng(0)
+batch = {{"input_ids": rng.integers(4, 40, (8, 10)).astype(np.int64),
+          "attention_mask": np.ones((8, 10), np.int64), "labels": rng.integers(0, 3, 8).astype(np.int64)}}
+trainer = GradientTrainer({str(gm.directory)!r})
+losses = [trainer.train_step(batch)[0] for _ in range(2)]
+assert np.isfinite(losses).all()
+print("trained", platform.machine(), kernels.backend_info()["backend"], onnxruntime.__version__)
+"""
+    (tmp_path / "train.py").write_text(script)
+    inner = (f"{mount} --bind {empty} /proc && exec {' '.join(qpy)} {venv}/bin/python3.11 "
+             f"{tmp_path / 'train.py'}")
+    run = subprocess.run([unshare, "-m", "-n", "--propagation", "private", "/bin/sh", "-c", inner],
+                         capture_output=True, text=True, timeout=900, env=offline, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    words = run.stdout.split()
+    assert words[:3] == ["trained", "aarch64", "c"], run.stdout

@@ -91,6 +91,11 @@ def test_versions_are_pruned_to_the_newest_three_and_same_global_is_not_rebuilt(
     # the same round with another global (a new federation reusing round numbers) replaces it
     export_version(store, gm, _global(gm, 99), 5, labels=["a", "b", "c"], preprocessing=None)
     assert (store.path(5) / "deploy.json").stat().st_mtime_ns != before
+    # a new federation's rounds start again at 0: versions are ordered by export, not by round
+    export_version(store, gm, _global(gm, 50), 0, labels=["a", "b", "c"], preprocessing=None)
+    export_version(store, gm, _global(gm, 51), 1, labels=["a", "b", "c"], preprocessing=None)
+    assert store.versions() == [5, 0, 1] and store.current() == 1
+    assert store.rollback() == 0
 
 
 def test_a_crash_in_the_middle_of_an_export_leaves_the_previous_version_current(lowered, tmp_path,
@@ -306,3 +311,15 @@ def test_infer_runs_in_a_device_venv_with_stock_onnxruntime(minilm_export, tmp_p
                            capture_output=True, text=True, env=env, check=True)
     assert "torch" not in probe.stdout and "onnxruntime-training" not in probe.stdout
     assert str(venv) in probe.stdout
+
+
+def test_label_names_come_from_the_config_a_site_bundle_or_the_head(tmp_path):
+    cfg = SimpleNamespace(data=SimpleNamespace(classes=[], dataset=None, split="train"))
+    gradient = tmp_path / "bundle" / "gradient"
+    gradient.mkdir(parents=True)
+    assert model_export._label_names(cfg, 2, gradient) == ["class_0", "class_1"]
+    (gradient.parent / "manifest.json").write_text(json.dumps(
+        {"format": "fedpeft-edge-site-bundle", "labels": ["ok", "fault"]}))
+    assert model_export._label_names(cfg, 2, gradient) == ["ok", "fault"]
+    cfg.data.classes = ["normal", "bearing"]
+    assert model_export._label_names(cfg, 2, gradient) == ["normal", "bearing"]
