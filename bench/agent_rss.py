@@ -32,8 +32,10 @@ def _child(out: str, argv: list[str]) -> None:
     def report(code: list[int | None] = [None]) -> None:  # noqa: B006 - filled below
         with open("/proc/self/status") as fh:
             status = dict(line.split(":", 1) for line in fh if ":" in line)
-        kb = {k: int(status[k].split()[0]) for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile") if k in status}
-        mods = sorted(m for m in ("onnx", "torch", "rich", "tokenizers", "onnxruntime") if m in sys.modules)
+        kb = {k: int(status[k].split()[0]) for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+              if k in status}
+        mods = sorted(m for m in ("onnx", "torch", "rich", "tokenizers", "onnxruntime")
+                      if m in sys.modules)
         Path(out).write_text(json.dumps({"kb": kb, "exit_code": code[0], "modules": mods}))
 
     code: list[int | None] = [None]
@@ -42,6 +44,23 @@ def _child(out: str, argv: list[str]) -> None:
 
     code[0] = main(argv)
     sys.exit(code[0])
+
+
+def _sample_rss(proc: subprocess.Popen, timeout: float, every: float = 0.05) -> list[tuple[float, float]]:
+    """(seconds, VmRSS MB) of ``proc`` until it exits: where in the run the peak falls."""
+    out: list[tuple[float, float]] = []
+    start = time.monotonic()
+    while proc.poll() is None:
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"the agent did not finish within {timeout} s")
+        try:
+            with open(f"/proc/{proc.pid}/status") as fh:
+                kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
+            out.append((round(time.monotonic() - start, 2), round(kb / 1024, 1)))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(every)
+    return out
 
 
 def _write_data(path: Path, n: int) -> list[str]:
@@ -88,9 +107,10 @@ def measure_agent_peak(device_python: str, gradient_dir: Path, prepared_dir: Pat
     agent_toml = _toml({
         "connection": conn, "fleet": fleet,
         "agent": {"client_id": "site-1", "state_dir": str(work / "site-1"), "local_steps": local_steps,
-                  "threads": threads, "evaluate": True, "idle_exit_s": 300.0},
+                  "threads": threads, "evaluate": True, "idle_exit_s": 3.0},
         "trainer": {"kind": "gradient", "gradient_dir": str(gradient_dir)},
-        "data": {"path": str(work / "site.jsonl"), "classes": classes, "batch_size": 16, "eval_fraction": 0.2},
+        "data": {"path": str(work / "site.jsonl"), "classes": classes, "batch_size": 16,
+                 "eval_fraction": 0.2},
         "data.options": {"prepared_dir": str(prepared_dir), "max_len": 64},
     })
     if options:
@@ -99,7 +119,8 @@ def measure_agent_peak(device_python: str, gradient_dir: Path, prepared_dir: Pat
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     report = work / "agent_rss.json"
-    procs = []
+    procs: list[subprocess.Popen] = []
+    samples: list[tuple[float, float]] = []
     started = time.monotonic()
     try:
         with open(work / "aggregator.log", "wb") as agg_log, open(work / "agent.log", "wb") as agent_log:
@@ -110,7 +131,7 @@ def measure_agent_peak(device_python: str, gradient_dir: Path, prepared_dir: Pat
                                       "agent", "--config", str(work / "agent.toml")], stdout=agent_log,
                                      stderr=subprocess.STDOUT, env=env)
             procs.append(agent)
-            agent.wait(timeout=timeout)
+            samples = _sample_rss(agent, timeout)
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -124,12 +145,13 @@ def measure_agent_peak(device_python: str, gradient_dir: Path, prepared_dir: Pat
         tail = (work / "agent.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"the agent wrote no report:\n{tail}")
     result = json.loads(report.read_text())
-    sent = sorted(p.name for p in (work / "site-1" / "outbox").glob("*")) if (work / "site-1").is_dir() else []
+    outbox = work / "site-1" / "outbox"
+    sent = sorted(p.name for p in outbox.glob("*")) if outbox.is_dir() else []
     return {"peak_rss_mb": round(result["kb"]["VmHWM"] / 1024, 1),
             "rss_at_exit_mb": {k: round(v / 1024, 1) for k, v in result["kb"].items()},
             "exit_code": result["exit_code"], "modules": result["modules"], "micro_batch": micro_batch,
             "rounds": rounds, "local_steps": local_steps, "seconds": round(time.monotonic() - started, 1),
-            "outbox_left": sent, "broker": broker.kind}
+            "outbox_left": sent, "broker": broker.kind, "rss_samples": samples}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = PeftSpec("lora", targets=[r"attention\.self\.(query|value)"], rank=8, alpha=16, head_classes=8)
     bundle = generate_artifacts(prepared.onnx_path, spec, work / "bundle")
     gm = lower_to_gradient_model(bundle, work / "gradient", overwrite=True)
-    print(json.dumps(measure_agent_peak(a.device_python, gm.directory, prepared.onnx_path.parent, work / "run",
-                                        micro_batch=a.micro_batch, rounds=a.rounds,
-                                        local_steps=a.local_steps)))
+    result = measure_agent_peak(a.device_python, gm.directory, prepared.onnx_path.parent, work / "run",
+                                micro_batch=a.micro_batch, rounds=a.rounds, local_steps=a.local_steps)
+    print(json.dumps(result))
     return 0
 
 

@@ -11,6 +11,13 @@ Run: ``pytest bench/bench_training.py --benchmark-only -p no:cacheprovider`` (ab
 - ``extra_info`` carries trainable parameter count, flat-vector bytes, seq/s and the child's RSS.
 - ``test_minilm_lora_vs_torch_side_by_side`` is the issue-3 target: ORT LoRA vs torch eager + HF peft
   LoRA, both in fresh child processes, alternated; ``extra_info`` has both medians and their ratio.
+- Issue 10: ``test_minilm_lora_three_backends_side_by_side`` times GradientTrainer on *stock* onnxruntime
+  (a device venv made once under ``~/.cache/fedpeft_edge/bench`` or ``$FEDPEFT_BENCH_CACHE`` by
+  scripts/device_venv.sh), torch eager + HF peft and OrtTrainer, alternating fresh children
+  (``bench/training_worker.py``) ``$BENCH_ROUNDS`` times (3), then profiles one stock run (per-op time,
+  time on one thread). ``test_agent_peak_rss`` runs a whole agent on the device venv against a local
+  broker and aggregator (``bench/agent_rss.py``) and records its VmHWM. Run both:
+  ``pytest bench/bench_training.py -k "three_backends or agent_peak_rss" --benchmark-only``
 """
 
 from __future__ import annotations
@@ -224,3 +231,114 @@ def test_minilm_lora_vs_torch_side_by_side(benchmark, tmp_path, text_model):
         "ort_imported_torch": any(r["torch_imported"] for r in ort_runs),
     })
     assert not any(r["torch_imported"] for r in ort_runs)
+
+
+# ---- issue 10: three backends side by side, stock onnxruntime in a device venv ---------------------------
+WORKER = Path(__file__).resolve().parent / "training_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FEDPEFT_BENCH_CACHE", Path.home() / ".cache" / "fedpeft_edge" / "bench"))
+
+
+@pytest.fixture(scope="module")
+def device_python() -> str:
+    """The python of a device venv (stock onnxruntime, no training build, no torch), made once under the
+    cache dir with scripts/device_venv.sh; the working tree is put first on its path when it runs."""
+    venv = _cache_dir() / "device-venv"
+    py = venv / "bin" / "python"
+    if not py.is_file():
+        out = subprocess.run(["bash", str(ROOT / "scripts" / "device_venv.sh"), str(venv)],
+                             capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            pytest.skip(f"no device venv (scripts/device_venv.sh failed): {out.stderr[-2000:]}")
+    return str(py)
+
+
+def _worker(python: str, job: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    out = subprocess.run([python, str(WORKER), json.dumps(job)], capture_output=True, text=True, env=env,
+                         timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"{job['backend']} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_minilm_lora_three_backends_side_by_side(benchmark, tmp_path, text_model, device_python):
+    """Issue 10: GradientTrainer on *stock* onnxruntime (device venv) vs torch eager + HF peft vs OrtTrainer
+    (ORT Training), same work (LoRA r=8 q,v + head, batch 16 x 64, 2 threads, AdamW), fresh child
+    processes alternated ROUNDS times so drift on the shared machine hits all three; medians over all
+    timed steps. Then one profiled stock run: per-op kernel time and how much of it ran on one thread."""
+    pytest.importorskip("peft", reason="baseline needs `pip install peft` (pulls no onnxruntime)")
+    from fedpeft_edge.models.toolchain import _text_sources
+    from fedpeft_edge.peft.lowering import lower_to_gradient_model
+
+    rounds, steps, warmup = int(os.environ.get("BENCH_ROUNDS", "3")), 10, 2
+    bundle = generate_artifacts(text_model.onnx_path, TEXT["lora"], tmp_path / "lora")
+    gm = lower_to_gradient_model(bundle, tmp_path / "gradient")
+    weights, _ = _text_sources()
+    common = {"threads": THREADS, "batch": BATCH, "seq": SEQ, "steps": steps, "warmup": warmup}
+    jobs = {"stock_gradient": (device_python, {"backend": "gradient", "model": str(gm.directory), **common}),
+            "torch_peft": (sys.executable, {"backend": "torch", "model": str(weights.parent), **common}),
+            "ort_training": (sys.executable, {"backend": "ort", "model": str(bundle.directory), **common})}
+    runs: dict[str, list[dict]] = {k: [] for k in jobs}
+
+    def run():
+        for _ in range(rounds):
+            for key, (python, job) in jobs.items():
+                runs[key].append(_worker(python, job))
+
+    benchmark.group = "minilm-lora-three-backends"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    med = {k: float(np.median([t for r in v for t in r["step_times_s"]])) for k, v in runs.items()}
+    per_round = [{k: round(runs[k][i]["median_step_s"] * 1e3, 1) for k in runs} for i in range(rounds)]
+    profiled = _worker(device_python, {**jobs["stock_gradient"][1], "steps": 6, "warmup": 1,
+                                       "profile": str(tmp_path / "ort_profile")})
+    prof = profiled["profile"]
+    stock = runs["stock_gradient"][0]
+    benchmark.extra_info.update({
+        "median_step_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
+        "ratio_to_torch": {k: round(v / med["torch_peft"], 3) for k, v in med.items()},
+        "per_round_median_ms": per_round,
+        # noise bursts on the shared machine hit single rounds: the ratio within each round is steadier
+        "median_of_round_ratios_to_torch": {
+            k: round(float(np.median([r[k] / r["torch_peft"] for r in per_round])), 3) for k in runs},
+        "peak_rss_mb": {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()},
+        "stock_onnxruntime": stock["onnxruntime"],
+        "profile_kernel_ms_per_step": prof["kernel_ms_per_step"],
+        "profile_single_thread_ms_per_step": prof["single_thread_ms_per_step"],
+        "profile_top_ops": prof["ops"][:10],
+    })
+    assert stock["onnxruntime_training"] is False
+    assert not any(r["torch_imported"] for r in runs["stock_gradient"])
+    assert not any(r["torch_imported"] for r in runs["ort_training"])
+
+
+def test_agent_peak_rss(benchmark, tmp_path, text_model, device_python):
+    """Issue 10: peak RSS (VmHWM) of a whole `fedpeft-edge agent` process on stock onnxruntime (device venv)
+    against a local broker and aggregator: MiniLM LoRA, batch 16 x 64, evaluation on, 2 rounds x 6 steps;
+    whole batches and micro-batches of 8 (trainer option micro_batch)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from agent_rss import measure_agent_peak
+
+    from fedpeft_edge.peft.lowering import lower_to_gradient_model
+
+    bundle = generate_artifacts(text_model.onnx_path, TEXT["lora"], tmp_path / "lora")
+    gm = lower_to_gradient_model(bundle, tmp_path / "gradient")
+    results = {}
+
+    def run():
+        for mb in (None, 8):
+            results[mb or "whole"] = measure_agent_peak(
+                device_python, gm.directory, text_model.onnx_path.parent, tmp_path / f"run-{mb}",
+                micro_batch=mb)
+
+    benchmark.group = "agent-peak-rss"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    for r in results.values():
+        r.pop("rss_samples", None)
+        assert r["exit_code"] == 0 and not r["outbox_left"], r
+    benchmark.extra_info.update({"peak_rss_mb": {str(k): r["peak_rss_mb"] for k, r in results.items()},
+                                 "runs": {str(k): r for k, r in results.items()}})

@@ -64,7 +64,8 @@ def op_profile(path: str | Path, steps: int) -> dict:
         total += ms
     rows = sorted(per_op.items(), key=lambda kv: -kv[1]["ms"])
     return {"kernel_ms_per_step": round(total / steps, 2),
-            "single_thread_ms_per_step": round(sum(v["single_thread_ms"] for v in per_op.values()) / steps, 2),
+            "single_thread_ms_per_step": round(sum(v["single_thread_ms"] for v in per_op.values()) / steps,
+                                               2),
             "ops": [{"op": op, "ms_per_step": round(v["ms"] / steps, 2), "share": round(v["ms"] / total, 3),
                      "single_thread_ms_per_step": round(v["single_thread_ms"] / steps, 2),
                      "nodes_per_step": v["n"] // steps} for op, v in rows]}
@@ -134,7 +135,8 @@ def main(job: dict) -> dict:
     batch = _batch(job["batch"], job["seq"])
     if backend == "torch":
         import torch
-        batch = {"ids": torch.from_numpy(batch["input_ids"]), "mask": torch.from_numpy(batch["attention_mask"]),
+        batch = {"ids": torch.from_numpy(batch["input_ids"]),
+                 "mask": torch.from_numpy(batch["attention_mask"]),
                  "labels": torch.from_numpy(batch["labels"])}
     times = []
     for _ in range(job["steps"]):

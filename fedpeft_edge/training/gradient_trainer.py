@@ -17,16 +17,25 @@ Memory and copies:
   place;
 - batch inputs are bound from the caller's arrays (no copy when they are C-contiguous and of the model's
   dtype, else one conversion); loss and logits are small ORT-allocated outputs, copied out;
-- ``get_flat`` returns a copy, as the protocol says; the frozen base lives in the gradient model's
-  external data (``base.data``), which onnxruntime maps from the file, and the eval session shares it.
+- ``get_flat`` returns a copy, as the protocol says.
 
-Session options follow the measurements in STACK_NOTES (peak RSS of MiniLM LoRA: 682 MB by default,
-399 MB with both): ``enable_mem_pattern=False`` and ``session.disable_prepacking=1``.
+Memory (issue 10; MiniLM LoRA, batch 16 x 64, figures in bench/RESULTS.md section 4):
+
+- the frozen base is mapped once from ``base.data`` (``GradientModel.map_base``, copy-on-write, never
+  written) and handed to both sessions with ``add_initializer``: ORT reads those buffers in place, where
+  each session mapping the external data itself counted the base twice;
+- both sessions allocate from one process-wide CPU arena (``session.use_env_allocators``) that grows by
+  exactly what is asked (``ARENA_CONFIG``), so evaluation reuses what training freed; ``train()`` ends
+  with :meth:`release_memory` (ORT's arena shrinkage), so between rounds the step's peak is given back;
+- ``enable_mem_pattern=False`` and ``session.disable_prepacking=1`` (STACK_NOTES: 682 -> 399 MB);
+- ``micro_batch=k`` splits a batch into parts of k samples and accumulates their gradients (weighted by
+  their share of the samples: the loss is a mean), which divides the activations held for the backward
+  pass; for losses that are means over independent samples only (no batch statistics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,7 @@ import numpy as np
 from fedpeft_edge.peft.lowering import GradientModel
 from fedpeft_edge.runtime.errors import InvalidValueError
 from fedpeft_edge.runtime.ort_import import ort
+from fedpeft_edge.training.base import TrainMetrics
 from fedpeft_edge.training.flat_trainer import C_OPTIMIZERS, FlatVectorTrainer
 
 OPTIMIZERS = C_OPTIMIZERS  # ORT's AdamW graph needs ORT Training
@@ -89,11 +99,11 @@ class _Run:
         for name, _, value in self.prealloc:
             self.binding.bind_ortvalue_output(name, value)
 
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, feeds: Mapping[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
         for name, array in feeds.items():
             self.binding.bind_cpu_input(name, array)
         self._bind_outputs()
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding, run_options)
         values = self.binding.get_outputs()
         for (name, view, _), value in zip(self.prealloc, values[len(self.outputs):], strict=True):
             if value.data_ptr() != view.ctypes.data:  # ORT placed it elsewhere: copy it in
@@ -146,6 +156,7 @@ class GradientTrainer(FlatVectorTrainer):
                                         strict=True)))
                           if self._grad_part is not None else None)
         self._eval_run: _Run | None = None  # built on first use: a device may never evaluate
+        self._sample: dict[str, np.ndarray] | None = None  # one sample of the last batch (release_memory)
 
     def _session_options(self) -> Any:
         rt = ort()
@@ -202,6 +213,7 @@ class GradientTrainer(FlatVectorTrainer):
     # ---- training -------------------------------------------------------------------------------
     def _forward_backward(self, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray]:
         feeds = self._feeds(batch)
+        self._sample = {k: v[:1].copy() for k, v in feeds.items()}
         n = len(feeds[self.bundle.labels_name])
         if self._part_run is None or n <= self.micro_batch:
             loss, logits = self._train_run(feeds)
@@ -234,6 +246,24 @@ class GradientTrainer(FlatVectorTrainer):
         lr = self._next_step(loss)
         self._c_update(self._flat, self._grad, lr)  # both in place: nothing to write back
         return loss, logits
+
+    def train(self, batches: Iterable[Mapping[str, np.ndarray]], *, max_steps: int | None = None
+              ) -> TrainMetrics:
+        """The base loop, then :meth:`release_memory`: what a round's training needed is given back
+        before the agent encodes, sends and exports (the arena would otherwise hold the step's peak)."""
+        try:
+            return super().train(batches, max_steps=max_steps)
+        finally:
+            self.release_memory()
+
+    def release_memory(self) -> None:
+        """Return the arena's free memory to the system (one one-sample evaluation run with ORT's arena
+        shrinkage on; the next step allocates again, a few ms). A no-op before the first step."""
+        if self._sample is None:
+            return
+        options = ort().RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._eval()(self._sample, options)
 
     def _eval(self) -> _Run:
         if self._eval_run is None:

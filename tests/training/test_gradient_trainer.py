@@ -171,6 +171,48 @@ def test_resume_files_are_shared_with_ort_trainer(cache, tmp_path, optimizer):
         GradientTrainer(cache[1]("ffa_lora"), optimizer=optimizer).load_state(tmp_path / "g.npz")
 
 
+def test_session_options_and_one_mapping_of_the_base(cache):
+    """The memory settings are really applied to both sessions, and the frozen base is mapped once."""
+    from fedpeft_edge.training import gradient_trainer as gt
+
+    gm = cache[1]("lora")
+    assert gm.base_tensors and set(gm.base_names["gradient_model"]) <= set(gm.base_tensors)
+    trainer = GradientTrainer(gm, threads=2)
+    data = case_data("lora", n=16)
+    trainer.train_step(data)
+    trainer.evaluate([data])
+    assert gt._SHARED_ARENA is True
+    for run in (trainer._train_run, trainer._eval_run):
+        options = run.session.get_session_options()
+        assert options.enable_mem_pattern is False
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    base = str(gm.base_data.resolve())
+    with open("/proc/self/maps") as fh:
+        mappings = [line for line in fh if line.rstrip().endswith(base)]
+    assert len(mappings) == 1, mappings  # ours; ORT loading the external data itself would add more
+
+
+def test_micro_batches_give_the_batch_gradient(cache):
+    gm = cache[1]("lora")
+    data = case_data("lora", n=20)
+    whole, parts = GradientTrainer(gm), GradientTrainer(gm, micro_batch=8)  # 8 + 8 + 4 samples
+    flat = whole.get_flat() + np.random.default_rng(1).normal(0, 0.05, whole.layout.total).astype(np.float32)
+    whole.set_flat(flat)
+    parts.set_flat(flat)
+    loss, logits, grads = whole.loss_and_gradients(data)
+    loss_p, logits_p, grads_p = parts.loss_and_gradients(data)
+    assert loss_p == pytest.approx(loss, rel=1e-6)
+    np.testing.assert_allclose(logits_p, logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads_p, grads, rtol=1e-4, atol=1e-6 * float(np.abs(grads).max()))
+    whole.train(batches(data))
+    parts.train(batches(data))  # train() ends with release_memory(): nothing it changes is observable
+    np.testing.assert_allclose(parts.get_flat(), whole.get_flat(), atol=1e-5)
+    with pytest.raises(InvalidValueError, match="micro_batch"):
+        GradientTrainer(gm, micro_batch=0)
+
+
 def test_device_process_imports_neither_ort_training_nor_torch(cache):
     gm = cache[1]("lora")
     code = ("import sys, numpy as np\n"
