@@ -180,6 +180,19 @@ def test_checker_passes_allowed_imports():
     assert check_source(f"{PKG}.protocol.config", "from fedpeft_edge.data.local_files import x\n") == []
 
 
+def _defines(tree: ast.Module, name: str) -> bool:
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("room", ROOM_DIRS)
 def test_room_init_names_its_job_and_public_names(room):
     """Each room's ``__init__`` has a docstring and an ``__all__`` whose names all exist (statically)."""
@@ -199,6 +212,11 @@ def test_room_init_names_its_job_and_public_names(room):
             defined |= names
             if "__all__" in names:
                 exported = ast.literal_eval(node.value)
+            if "_LAZY" in names:  # PEP 562 lazy names: each must be defined by the submodule it names
+                for name, module in ast.literal_eval(node.value).items():
+                    source = (PKG_DIR / room / f"{module}.py").read_text(encoding="utf-8")
+                    assert _defines(ast.parse(source), name), f"{room}.{module} does not define {name}"
+                    defined.add(name)
     assert exported, f"{init} has no __all__"
     submodules = {p.stem for p in (PKG_DIR / room).glob("*.py")} | {
         p.name for p in (PKG_DIR / room).iterdir() if (p / "__init__.py").is_file()}

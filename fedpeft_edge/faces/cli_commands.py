@@ -204,9 +204,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
     if args.config is not None:
         # The site's own config: the check runs the way its agent will (model, batch, threads, broker).
+        from fedpeft_edge.site.bundle_setup import prepare_site_bundle
         from fedpeft_edge.site.config import load_agent_config
 
-        opts = options_from_agent_config(load_agent_config(args.config), opts)
+        site_cfg = load_agent_config(args.config)
+        prepare_site_bundle(site_cfg)  # a [bundle]: verified and applied as the agent does (model, fleet)
+        opts = options_from_agent_config(site_cfg, opts)
         if args.bundle is not None:
             opts = dataclasses.replace(opts, bundle_dir=args.bundle)
     explicit = {"batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads,
