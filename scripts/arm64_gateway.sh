@@ -20,17 +20,18 @@
 #   FEDPEFT_ARM64_STEPS / _BATCH / _MAX_LEN   emulated training size (default 3 steps of 4 x 32 tokens)
 #   FEDPEFT_ARM64_STAGE    "root" stops after building the root and its venv (no federation)
 #   FEDPEFT_ARM64_REBUILD  1: throw the cached root away and debootstrap again (a cold run)
+#   FEDPEFT_ARM64_TIMEOUT  seconds the round may take before its services are stopped (default 1800)
 #
 # Emulated timings say nothing about real ARM hardware: qemu-user translates every instruction.
 # Idempotent: a second run reuses the root, the wheelhouse and the installed project (reinstalled only
 # when the project's source changed) and takes the federation round's time only.
-# Never mounts /proc or /sys into the root: onnxruntime's cpuinfo crashes under qemu with them
-# (STACK_NOTES); without them it only warns.
+# Never mounts /sys into the root: with /proc and /sys both there, onnxruntime's cpuinfo crashes under
+# qemu. The arm64 agent alone gets a /proc, in a private mount namespace (onnxruntime needs
+# /proc/self/fd to open the gradient model's external data); nothing is ever mounted on the host's side.
 set -euo pipefail
 # The whole body is one function, parsed before it runs: editing this file during a run cannot break it.
 main() {
 cd "$(dirname "$0")/.."
-REPO=$(pwd)
 
 ROOT=${FEDPEFT_ARM64_ROOT:-/var/tmp/fedpeft-arm64-root}
 WORK=${FEDPEFT_ARM64_WORK:-}
@@ -136,6 +137,9 @@ fi
 if ! grep -qs '^flags:.*F' /proc/sys/fs/binfmt_misc/qemu-aarch64; then
     cp /usr/bin/qemu-aarch64-static "$ROOT/usr/bin/"
 fi
+# /sys must never be mounted in the root (see step 8); a /proc left from a crashed hand run is unmounted.
+mountpoint -q "$ROOT/sys" && die "$ROOT/sys is mounted; unmount it (onnxruntime crashes under qemu with it)"
+if mountpoint -q "$ROOT/proc"; then umount "$ROOT/proc" || die "cannot unmount $ROOT/proc"; fi
 # The root must really be aarch64, executed through qemu.
 ROOT_MACHINE=$(chroot "$ROOT" /usr/bin/uname -m) || die "cannot execute the arm64 root (binfmt/qemu broken)"
 [ "$ROOT_MACHINE" = aarch64 ] || die "the root reports machine $ROOT_MACHINE, not aarch64"
@@ -189,10 +193,11 @@ else
 fi
 
 # --- 6. the project in a venv inside the root (C core compiled by the root's gcc, as aarch64) -----
-# Reinstalled only when the source changed: a hash over the files a `pip install .` reads.
+# Reinstalled only when the source changed: a hash over the files a `pip install .` reads (README.md is
+# copied for the package metadata but left out of the hash: editing it changes no code).
 SRC_FILES=$(git ls-files -co --exclude-standard -- pyproject.toml setup.py build.py README.md csrc fedpeft_edge \
     | grep -v -E '(__pycache__|\.so$|\.o$)' | while read -r f; do if [ -f "$f" ]; then echo "$f"; fi; done | sort)
-SRC_KEY=$( (printf '%s\n' "$SRC_FILES"; printf '%s\n' "$SRC_FILES" | xargs -d '\n' cat 2>/dev/null) \
+SRC_KEY=$( (printf '%s\n' "$SRC_FILES"; printf '%s\n' "$SRC_FILES" | grep -vx README.md | xargs -d '\n' cat) \
     | sha256sum | cut -c1-16)
 T_INSTALL=$(date +%s)
 INSTALL_S=0
@@ -367,13 +372,19 @@ cli aggregate --config "$WORK/aggregator.toml" >"$WORK/aggregator.log" 2>&1 &
 AGG=$!; PIDS+=($AGG)
 cli agent --config "$WORK/site-x86.toml" >"$WORK/site-x86.log" 2>&1 &
 X86=$!; PIDS+=($X86)
-# The arm64 site: its own Python, onnxruntime and C core, executed by qemu-aarch64; no /proc, no /sys;
-# the host's network (127.0.0.1:$PORT is the host's Mosquitto).
-chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/venv/bin:/usr/bin:/bin PYTHONUNBUFFERED=1 \
+# The arm64 site: its own Python, onnxruntime and C core, executed by qemu-aarch64, on the host's network
+# (127.0.0.1:$PORT is the host's Mosquitto). onnxruntime >= 1.2x opens external-data initializers (the
+# frozen base in base.data) only through /proc/self/fd, so the agent gets a /proc -- mounted in a private
+# mount namespace that lives and dies with it (never visible on the host, nothing to unmount). /sys stays
+# unmounted: /proc and /sys together make onnxruntime's cpuinfo crash under qemu (SIGSEGV); either alone
+# only makes it warn (measured here; STACK_NOTES' "no /proc, no /sys" predates the external-data check).
+unshare --mount --propagation private -- /bin/sh -c \
+    'mount -t proc proc "$1/proc" || exit 90; exec chroot "$@"' sh "$ROOT" \
+    /usr/bin/env -i HOME=/root PATH=/venv/bin:/usr/bin:/bin PYTHONUNBUFFERED=1 \
     /venv/bin/fedpeft-edge agent --config "$IN_RUN/site-arm64.toml" >"$WORK/site-arm64.log" 2>&1 &
 ARM=$!; PIDS+=($ARM)
 sleep 1
-# chroot and env exec(), so this pid is the agent itself; its executable is the emulator.
+# unshare, sh, chroot and env exec(), so this pid is the agent itself; its executable is the emulator.
 ARM_EXE=$(readlink "/proc/$ARM/exe" 2>/dev/null || echo "?")
 say "aggregator pid $AGG, x86-64 site pid $X86, arm64 site pid $ARM (executable: $ARM_EXE); waiting for the round"
 
@@ -395,7 +406,10 @@ rc_of() { local rc=0; wait "$1" || rc=$?; echo "$rc"; }
 ARM_RC=$(rc_of "$ARM"); X86_RC=$(rc_of "$X86"); AGG_RC=$(rc_of "$AGG")
 kill "${PIDS[0]}" 2>/dev/null || true; wait "${PIDS[0]}" 2>/dev/null || true
 PIDS=()
+# Keep the arm64 site's state beside the host's logs; drop the sites' exported merged models (about 90 MB
+# per version and site), which the verdict does not need.
 cp -r "$RUN/site-arm64" "$WORK/site-arm64" 2>/dev/null || true
+rm -rf "$WORK/site-arm64/model" "$WORK/site-x86/model" "$RUN/site-arm64/model"
 
 # --- 9. verdict, summary and the JSON result ----------------------------------------------------------
 export DEVICE_JSON ARM_EXE ARM_RC X86_RC AGG_RC STEPS BATCH MAX_LEN ROOT

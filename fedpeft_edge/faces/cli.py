@@ -80,8 +80,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(getattr(logging, args.log_level))
-    for noisy in ("amqtt", "transitions", "fedpeft_edge.protocol.transport.paho"):
+    for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # paho logs "Client is not connected" at ERROR around every reconnect and clean close; the transport
+    # says what happened in its own words (protocol/diagnose.py). --log-level DEBUG shows paho's too.
+    paho = logging.getLogger("fedpeft_edge.protocol.transport.paho")
+    paho.setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL)
 
 
 def _load(args: argparse.Namespace, loader: Callable[..., Any]) -> Any:
