@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft_edge.runtime.durable import file_sha256 as _sha256
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 PLATFORMS = ("x86_64", "aarch64")
@@ -349,12 +350,6 @@ def download_dependencies(opts: WheelhouseOptions, deps: list[str]) -> None:
 
 
 # ---- the whole folder ----------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_wheelhouse(opts: WheelhouseOptions) -> dict[str, Any]:

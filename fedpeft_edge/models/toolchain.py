@@ -8,12 +8,12 @@ only by :func:`_require_torch`, so nothing here imports torch or the weight pack
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 from pathlib import Path
 from typing import Any
 
+from fedpeft_edge.runtime.durable import file_sha256 as _sha256_file  # noqa: F401  (the export modules' name)
 from fedpeft_edge.runtime.errors import MissingDependencyError
 
 # Bump whenever the exported graph for the same weights and settings would change.
@@ -46,13 +46,6 @@ def _package_version(package: str) -> str:
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _require_torch() -> Any:

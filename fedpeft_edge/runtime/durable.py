@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import io
 import os
 import struct
@@ -176,3 +177,12 @@ def remove_temp_files(directory: Path, names: Iterable[str]) -> list[Path]:
                 tmp.unlink()
                 removed.append(tmp)
     return removed
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (model files are large; memory stays flat)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

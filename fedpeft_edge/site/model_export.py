@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft_edge.runtime.durable import atomic_file, fsync_dir
+from fedpeft_edge.runtime.durable import file_sha256 as _file_sha256
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 log = logging.getLogger(__name__)
@@ -230,12 +231,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def preprocessing_from_options(options: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ folder's layout is described in :mod:`.gradient_model`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from fedpeft_edge.peft.layout import FlatLayout
 from fedpeft_edge.peft.spec import PeftSpec
+from fedpeft_edge.runtime.durable import file_sha256 as _sha256
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 GRADIENT_FORMAT = 1
@@ -28,12 +28,6 @@ INITIAL_PARAMS = "initial_params.npy"
 LABELS = "labels"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
