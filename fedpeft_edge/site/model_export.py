@@ -120,10 +120,11 @@ class ModelStore:
         versions = self.versions()
         if cur is None:
             raise InvalidValueError(f"{self.root} has no current model version")
-        older = versions[:versions.index(cur)] if cur in versions else []
+        older = versions[: versions.index(cur)] if cur in versions else []
         if not older:
-            raise InvalidValueError(f"no version exported before {cur} is kept in {self.root} "
-                                    f"(kept, oldest first: {versions})")
+            raise InvalidValueError(
+                f"no version exported before {cur} is kept in {self.root} (kept, oldest first: {versions})"
+            )
         self.pin(older[-1])
         return older[-1]
 
@@ -145,8 +146,12 @@ class ModelStore:
     def deploy_info(self, version: int) -> dict[str, Any]:
         return read_deploy(self.path(version))
 
-    def publish(self, version: int, write: Callable[[Path], dict[str, Any]],
-                same: Callable[[dict[str, Any]], bool] | None = None) -> Path:
+    def publish(
+        self,
+        version: int,
+        write: Callable[[Path], dict[str, Any]],
+        same: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> Path:
         """Build version ``version`` with ``write(tmp_dir) -> deploy record`` and make it visible atomically.
 
         ``deploy.json`` is written last into the temp folder, everything is fsynced, the folder is renamed
@@ -185,8 +190,12 @@ class ModelStore:
 
     def _point_and_prune(self, version: int) -> None:
         if self.pinned and self.current() is not None:
-            log.info("model version %d kept; current stays at %s (pinned by a rollback; "
-                     "`fedpeft-edge model latest` follows new versions again)", version, self.current())
+            log.info(
+                "model version %d kept; current stays at %s (pinned by a rollback; "
+                "`fedpeft-edge model latest` follows new versions again)",
+                version,
+                self.current(),
+            )
         else:
             self.set_current(version)
         self.prune()
@@ -195,7 +204,7 @@ class ModelStore:
         """Remove all but the newest ``keep`` versions; the current one is always kept."""
         versions = self.versions()
         cur = self.current()
-        drop = [v for v in versions[:-self.keep] if v != cur]
+        drop = [v for v in versions[: -self.keep] if v != cur]
         for v in drop:
             # renamed first so a reader never sees a half-deleted version
             doomed = self.root / f"{_OLD}{v}-{os.getpid()}"
@@ -231,8 +240,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-
-
 def preprocessing_from_options(options: Mapping[str, Any]) -> dict[str, Any] | None:
     """What a reader needs to turn raw inputs into model inputs, from ``[data] options`` (a
     ``prepared_dir`` or inline keys, as the trainer setup reads them); None when they do not say."""
@@ -240,19 +247,32 @@ def preprocessing_from_options(options: Mapping[str, Any]) -> dict[str, Any] | N
 
     meta, kind = _model_meta(options)
     if kind == "text" and "tokenizer_json" in meta:
-        return {"kind": "text", "tokenizer_json": str(meta["tokenizer_json"]),
-                "max_len": int(meta.get("max_len", 64))}  # type: ignore[arg-type]
+        return {
+            "kind": "text",
+            "tokenizer_json": str(meta["tokenizer_json"]),
+            "max_len": int(meta.get("max_len", 64)),
+        }  # type: ignore[arg-type]
     if kind == "image" and all(k in meta for k in ("image_size", "mean", "std")):
-        return {"kind": "image", "image_size": int(meta["image_size"]),  # type: ignore[arg-type]
-                "mean": [float(x) for x in meta["mean"]],  # type: ignore[attr-defined]
-                "std": [float(x) for x in meta["std"]],  # type: ignore[attr-defined]
-                "channels": int(meta.get("channels", 3))}  # type: ignore[arg-type]
+        return {
+            "kind": "image",
+            "image_size": int(meta["image_size"]),  # type: ignore[arg-type]
+            "mean": [float(x) for x in meta["mean"]],  # type: ignore[attr-defined]
+            "std": [float(x) for x in meta["std"]],  # type: ignore[attr-defined]
+            "channels": int(meta.get("channels", 3)),
+        }  # type: ignore[arg-type]
     return None
 
 
-def export_version(store: ModelStore, gradient_model: Any, flat: np.ndarray, version: int, *,
-                   labels: Sequence[str], preprocessing: Mapping[str, Any] | None,
-                   extra: Mapping[str, Any] | None = None) -> Path:
+def export_version(
+    store: ModelStore,
+    gradient_model: Any,
+    flat: np.ndarray,
+    version: int,
+    *,
+    labels: Sequence[str],
+    preprocessing: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write version ``version`` of the merged inference model into ``store`` (atomically; see publish)."""
     from fedpeft_edge.peft.merge import export_from_gradient_model
 
@@ -273,15 +293,28 @@ def export_version(store: ModelStore, gradient_model: Any, flat: np.ndarray, ver
                 shutil.copyfile(pre.pop("tokenizer_json"), tmp / TOKENIZER)
                 _fsync_file(tmp / TOKENIZER)
                 pre["tokenizer"] = TOKENIZER
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        return {"round": int(version), "created": time.time(), "spec_hash": spec_hash,
-                "method": info["method"], "merged": info["merged"],
-                "lora_weights_folded": info["lora_weights_folded"], "model": info["model"],
-                "inputs": {n: gradient_model.input_dtypes.get(n, "float32") for n in info["inputs"]},
-                "output": info["output"], "labels": list(labels), "preprocessing": pre,
-                "global_sha256": global_sha, "files": files, "export_seconds": time.perf_counter() - t0,
-                **dict(extra or {})}
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        return {
+            "round": int(version),
+            "created": time.time(),
+            "spec_hash": spec_hash,
+            "method": info["method"],
+            "merged": info["merged"],
+            "lora_weights_folded": info["lora_weights_folded"],
+            "model": info["model"],
+            "inputs": {n: gradient_model.input_dtypes.get(n, "float32") for n in info["inputs"]},
+            "output": info["output"],
+            "labels": list(labels),
+            "preprocessing": pre,
+            "global_sha256": global_sha,
+            "files": files,
+            "export_seconds": time.perf_counter() - t0,
+            **dict(extra or {}),
+        }
 
     return store.publish(version, write, same)
 
@@ -320,15 +353,22 @@ def _label_names(cfg: Any, head: int | None, gradient_dir: Path) -> list[str]:
 def _setup(agent: Any) -> _AgentExport | None:
     model = getattr(agent.trainer, "bundle", None)
     if model is None or not hasattr(model, "base_data") or not hasattr(model, "eval_outputs"):
-        log.info("model export off: the trainer (%s) has no gradient model folder",
-                 type(agent.trainer).__name__)
+        log.info(
+            "model export off: the trainer (%s) has no gradient model folder", type(agent.trainer).__name__
+        )
         return None
     pre = preprocessing_from_options(agent.cfg.data.options)
     if pre is None:
-        log.warning("exported models will carry no preprocessing: [data] options name neither a "
-                    "prepared_dir nor tokenizer_json/max_len or image_size/mean/std")
-    return _AgentExport(ModelStore(Path(agent.state_dir) / MODEL_DIR), model,
-                        _label_names(agent.cfg, model.spec.head_classes, Path(model.directory)), pre)
+        log.warning(
+            "exported models will carry no preprocessing: [data] options name neither a "
+            "prepared_dir nor tokenizer_json/max_len or image_size/mean/std"
+        )
+    return _AgentExport(
+        ModelStore(Path(agent.state_dir) / MODEL_DIR),
+        model,
+        _label_names(agent.cfg, model.spec.head_classes, Path(model.directory)),
+        pre,
+    )
 
 
 def export_global(agent: Any, g: Any) -> Path | None:
@@ -340,23 +380,91 @@ def export_global(agent: Any, g: Any) -> Path | None:
         if setup is None:
             return None
         if g.spec_hash != setup.model.spec_hash:
-            log.warning("model export skipped for round %d: the global's spec hash differs from the "
-                        "gradient model's", g.round)
+            log.warning(
+                "model export skipped for round %d: the global's spec hash differs from the gradient model's",
+                g.round,
+            )
             return None
         from fedpeft_edge.protocol.codec import decode_global
 
         t0 = time.perf_counter()
         flat = decode_global(g.vector, int(setup.model.num_trainable))
-        path = export_version(setup.store, setup.model, flat, int(g.round), labels=setup.labels,
-                              preprocessing=setup.preprocessing,
-                              extra={"fleet": g.fleet, "site": agent.client_id,
-                                     "final": bool(g.meta.get("final", False))})
-        log.info("model version %d exported to %s in %.2f s (current: %s)", g.round, path,
-                 time.perf_counter() - t0, setup.store.current())
+        path = export_in_child(
+            setup,
+            flat,
+            int(g.round),
+            extra={"fleet": g.fleet, "site": agent.client_id, "final": bool(g.meta.get("final", False))},
+        )
+        log.info(
+            "model version %d exported to %s in %.2f s (current: %s)",
+            g.round,
+            path,
+            time.perf_counter() - t0,
+            setup.store.current(),
+        )
         return path
     except Exception:  # never let the export stop training
         log.exception("model export for round %s failed; training goes on", getattr(g, "round", "?"))
         return None
+
+
+EXPORT_TIMEOUT_S = 900.0
+
+
+def export_in_child(setup: _AgentExport, flat: np.ndarray, version: int, *, extra: Mapping[str, Any]) -> Path:
+    """:func:`export_version` in a short-lived child process.
+
+    Why: merging reads the base and onnx (about 90 MB for MiniLM) on top of the trainer's sessions; in a
+    child that memory is the child's and is returned to the system when it exits, so the agent process
+    keeps the trainer's footprint (bench/RESULTS.md, agent peak RSS). A crash of the child cannot take
+    the agent with it either.
+    """
+    import subprocess
+    import sys
+
+    setup.store.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=setup.store.root, prefix=".job-") as tmp:
+        vector = Path(tmp) / "global.npy"
+        np.save(vector, np.ascontiguousarray(flat, dtype=np.float32), allow_pickle=False)
+        job = {
+            "store": str(setup.store.root),
+            "keep": setup.store.keep,
+            "gradient_dir": str(setup.model.directory),
+            "vector": str(vector),
+            "version": int(version),
+            "labels": list(setup.labels),
+            "preprocessing": setup.preprocessing,
+            "extra": dict(extra),
+        }
+        (Path(tmp) / "job.json").write_text(json.dumps(job), encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, "-m", "fedpeft_edge.site.model_export", str(Path(tmp) / "job.json")],
+            capture_output=True,
+            text=True,
+            timeout=EXPORT_TIMEOUT_S,
+        )
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FedPeftError(f"the export process exited with {done.returncode}: {tail[0]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _export_job(job_file: str) -> None:
+    """The child's side of :func:`export_in_child`: prints the version folder it wrote."""
+    from fedpeft_edge.peft.lowering.model import GradientModel
+
+    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    flat = np.load(job["vector"], allow_pickle=False)
+    path = export_version(
+        ModelStore(job["store"], keep=int(job["keep"])),
+        GradientModel.load(job["gradient_dir"]),
+        flat,
+        int(job["version"]),
+        labels=job["labels"],
+        preprocessing=job["preprocessing"],
+        extra=job["extra"],
+    )
+    print(path, flush=True)
 
 
 # ---- the reading side: batch inference on stock onnxruntime ------------------------------------------
@@ -375,8 +483,9 @@ class DeployedModel:
         options = rt.SessionOptions()
         options.intra_op_num_threads = max(1, int(threads))
         options.log_severity_level = 3
-        self.session = rt.InferenceSession(str(self.directory / self.record["model"]), options,
-                                           providers=["CPUExecutionProvider"])
+        self.session = rt.InferenceSession(
+            str(self.directory / self.record["model"]), options, providers=["CPUExecutionProvider"]
+        )
         self.input_dtypes = {k: np.dtype(v) for k, v in self.record["inputs"].items()}
         self._encoder: Any = None
 
@@ -413,8 +522,16 @@ class DeployedModel:
         pre = self.preprocessing or {}
         if pre.get("kind") != "image":
             raise InvalidValueError(f"model version {self.version} is not an image model")
-        batch = [preprocess_images(np.asarray(im)[None], int(pre["image_size"]), pre["mean"], pre["std"],
-                                   channels=int(pre.get("channels", 3))) for im in images]
+        batch = [
+            preprocess_images(
+                np.asarray(im)[None],
+                int(pre["image_size"]),
+                pre["mean"],
+                pre["std"],
+                channels=int(pre.get("channels", 3)),
+            )
+            for im in images
+        ]
         name = next(iter(self.input_dtypes))
         return {name: np.concatenate(batch) if batch else np.zeros((0, 1, 1, 1), np.float32)}
 
@@ -425,5 +542,20 @@ class DeployedModel:
         return e / e.sum(axis=1, keepdims=True)
 
 
-__all__ = ["CURRENT", "DEPLOY", "MODEL_DIR", "DeployedModel", "ModelStore", "export_global",
-           "export_version", "preprocessing_from_options", "read_deploy"]
+__all__ = [
+    "CURRENT",
+    "DEPLOY",
+    "MODEL_DIR",
+    "DeployedModel",
+    "ModelStore",
+    "export_global",
+    "export_version",
+    "preprocessing_from_options",
+    "read_deploy",
+]
+
+
+if __name__ == "__main__":  # the export child (export_in_child)
+    import sys
+
+    _export_job(sys.argv[1])

@@ -185,6 +185,9 @@ def cached_gradient_model(bundle: Any, folder: Path) -> GradientModel:
         raise
 
 
+SITE_MICRO_BATCH = 4
+
+
 def make_gradient_trainer(model: GradientModel, threads: int, options: Mapping[str, Any]) -> LocalTrainer:
     """GradientTrainer with ``[trainer] options``; options it does not have are refused by name."""
     from fedpeft_edge.training.gradient_trainer import OPTIMIZERS, GradientTrainer
@@ -201,7 +204,12 @@ def make_gradient_trainer(model: GradientModel, threads: int, options: Mapping[s
         hint = " (ORT's AdamW graph needs kind = 'ort')" if optimizer == "ort_adamw" else ""
         raise InvalidValueError(f"trainer.options.optimizer {optimizer!r} not supported by kind = "
                                 f"'gradient'{hint}; use one of {OPTIMIZERS}")
-    return GradientTrainer(model, threads=threads, **options)
+    options = dict(options)
+    # Micro-batches of 4 by default: the same gradient (a mean over independent samples; the prepared
+    # models hold no batch statistics) for half the activation memory and no loss of speed on MiniLM
+    # (bench/RESULTS.md: 205 vs 394 MB, 0.29 vs 0.30 s per step). micro_batch = 0 turns it off.
+    micro = options.pop("micro_batch", SITE_MICRO_BATCH)
+    return GradientTrainer(model, threads=threads, micro_batch=micro or None, **options)
 
 
 def site_arrays(cfg: AgentConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],

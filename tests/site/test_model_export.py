@@ -130,7 +130,7 @@ def test_a_crash_in_the_middle_of_an_export_leaves_the_previous_version_current(
 def test_export_global_logs_failures_and_never_raises(lowered, tmp_path, caplog, monkeypatch):
     gm = lowered("lora")
     agent = _agent(gm, tmp_path)
-    monkeypatch.setattr(model_export, "export_version",
+    monkeypatch.setattr(model_export, "export_in_child",
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     g = wire.GlobalMessage("f", 3, gm.spec_hash, encode_global(_global(gm)))
     with caplog.at_level("ERROR"):
@@ -138,6 +138,27 @@ def test_export_global_logs_failures_and_never_raises(lowered, tmp_path, caplog,
     assert "model export for round 3 failed" in caplog.text
     broken = SimpleNamespace(trainer=None, cfg=None, state_dir=tmp_path, client_id="x")
     assert export_global(broken, g) is None  # no gradient model: off, quietly
+
+
+def test_the_export_child_writes_the_version_and_reports_its_failures(lowered, tmp_path, caplog):
+    """The merge runs in a child process (the agent keeps its own footprint); a failing child is one
+    logged line and the previous version stays current."""
+    gm = lowered("lora")
+    agent = _agent(gm, tmp_path)
+    g = wire.GlobalMessage("f", 1, gm.spec_hash, encode_global(_global(gm)))
+    path = export_global(agent, g)
+    assert path is not None and path.name == "1" and (path / "deploy.json").is_file()
+    store = ModelStore(tmp_path / "model")
+    assert store.current() == 1
+    (tmp_path / "gone").mkdir()
+    agent.__dict__["_model_export"].model = SimpleNamespace(
+        directory=tmp_path / "gone", spec_hash=gm.spec_hash, num_trainable=gm.num_trainable)
+    g2 = wire.GlobalMessage("f", 2, gm.spec_hash, encode_global(_global(gm, 2)))
+    with caplog.at_level("ERROR"):
+        assert export_global(agent, g2) is None
+    assert "the export process exited with" in caplog.text
+    assert store.current() == 1 and store.versions() == [1]
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".job-")]  # the job folder is gone
 
 
 def test_rollback_pins_and_latest_follows_again(lowered, tmp_path, capsys):
