@@ -234,8 +234,8 @@ class BrokerHandle:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BrokerError(f"mosquitto exited with code {self._proc.returncode}:\n"
-                                  f"{self.log_text()[-2000:]}")
+                raise BrokerError(f"mosquitto exited with code {self._proc.returncode}: {self._log_reason()} "
+                                  f"(config {self.config_path}, log {self.log_path})")
             if port_accepts(self.host, self.port):
                 log.info("mosquitto (pid %d) listening on %s:%d, state in %s",
                          self._proc.pid, self.host, self.port, self.data_dir)
@@ -244,6 +244,12 @@ class BrokerHandle:
         self._stop_process()
         raise BrokerError(f"mosquitto did not accept connections within {timeout}s:\n"
                           f"{self.log_text()[-2000:]}")
+
+    def _log_reason(self) -> str:
+        """The line of Mosquitto's log that says why it stopped (its errors start with "Error")."""
+        lines = [ln.strip() for ln in self.log_text().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        return (errors or lines or ["no log line"])[-1]
 
     def _start_embedded(self, timeout: float) -> None:
         try:

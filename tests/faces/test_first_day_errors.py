@@ -189,3 +189,16 @@ def test_status_shows_the_fleet(mosquitto_broker, tmp_path: Path) -> None:
                 p.wait(5)
     assert "Traceback" not in agent_log.read_text(errors="replace") + agg_log.read_text(errors="replace") \
         if agg_log.exists() else "Traceback" not in agent_log.read_text(errors="replace")
+
+
+def test_a_broker_that_mosquitto_refuses_is_one_line_exit_2(plant_pki, tmp_path: Path) -> None:
+    """A certificate file that is not a certificate: Mosquitto exits at start; its reason, on one line."""
+    bogus = tmp_path / "server.crt"
+    bogus.write_text("not a certificate\n")
+    result = _run(["broker", "--kind", "plant", "--port", "0", "--prefer", "mosquitto", "--cafile",
+                   str(plant_pki.ca), "--certfile", str(bogus), "--keyfile", str(plant_pki.server_key),
+                   "--password-file", str(plant_pki.password_file)], timeout=60)
+    assert result.returncode == 2
+    errors = [ln for ln in result.stderr.splitlines() if "ERROR" in ln]
+    assert len(errors) == 1 and "mosquitto exited with code" in errors[0], result.stderr[-2000:]
+    assert "Error" in errors[0]  # Mosquitto's own reason is in the line
