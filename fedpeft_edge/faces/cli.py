@@ -318,7 +318,10 @@ register(Command(
     "only the compressed change (never the data) to fedpeft/<fleet>/update/<site>. Updates are kept in\n"
     "<state-dir>/outbox until the aggregator acknowledges it counted them (fedpeft/<fleet>/ack/<site>),\n"
     "so nothing is lost when the network or the broker is down, even if the broker crashes; the agent\n"
-    "resumes after a restart. Runs until the aggregator's last round.",
+    "resumes after a restart. It stays after the aggregator's last round and joins the next federation\n"
+    "([agent] exit_after_final = true ends it there); [governor] keeps training to its windows and\n"
+    "pauses it while the plant needs the machine. Each new global is exported as a merged model to\n"
+    "<state-dir>/model/ for `fedpeft-edge infer`.",
     _agent_args, _agent_run))
 
 
