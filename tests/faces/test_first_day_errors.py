@@ -164,6 +164,7 @@ def test_plant_broker_with_a_missing_key_file_is_one_line_exit_2(plant_pki, tmp_
     assert len(errors) == 1 and str(missing) in errors[0] and "--keyfile" in errors[0]
 
 
+@pytest.mark.slow  # starts and stops a real agent twice
 def test_status_shows_the_fleet(mosquitto_broker, tmp_path: Path) -> None:
     fleet = "firstday-status"
     agent_log, agg_log = tmp_path / "agent.log", tmp_path / "agg.log"

@@ -134,6 +134,7 @@ def test_missing_ca_file_is_one_line_with_the_file_name(tmp_path: Path) -> None:
     assert str(tmp_path / "nope.crt") in str(err.value) and "tls_ca" in str(err.value)
 
 
+@pytest.mark.slow  # six reconnect attempts at paho's 1 s minimum backoff
 def test_repeated_failures_warn_with_the_cause_and_keep_retrying(caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     cfg = TransportConfig(host="127.0.0.1", port=port, client_id="site-x", reconnect_min=1, reconnect_max=1,

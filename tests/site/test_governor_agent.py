@@ -133,6 +133,7 @@ class ScriptedAggregator:
         self.t.close()
 
 
+@pytest.mark.slow  # a federation over real Mosquitto
 def test_closed_window_pauses_open_window_trains_once_and_the_agent_outlives_its_federation(
         mosquitto_broker: BrokerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fleet = "governed"

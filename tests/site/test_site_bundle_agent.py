@@ -148,6 +148,7 @@ def _client(broker: BrokerHandle, name: str) -> MqttTransport:
                                          clean_start=True))
 
 
+@pytest.mark.slow  # aggregator and two agents over real Mosquitto
 def test_site_with_another_bundle_reports_needs_bundle_and_does_not_train(mosquitto_broker: BrokerHandle,
                                                                          tmp_path: Path) -> None:
     fleet_id, stale_id = "f" * 64, "0" * 64
