@@ -212,6 +212,9 @@ class AggregatorCore:
         if sender is not None and sender != msg.client_id:
             return self.note_rejected("client_mismatch", nbytes or 0,
                                       f"envelope site {msg.client_id!r} sent on {sender!r}'s topic")
+        if cfg.sites is not None and msg.client_id not in cfg.sites:
+            return self.note_rejected("unknown_site", nbytes or 0,
+                                      f"{msg.client_id!r} is not one of the federation's sites")
         if msg.fleet != cfg.fleet:
             return self.note_rejected("wrong_fleet", nbytes or 0,
                                       f"fleet {msg.fleet!r}, expected {cfg.fleet!r}")

@@ -67,8 +67,16 @@ class RoundPolicy:
     samples_median_multiplier: float = 1.0  # count at most this × the round's median claimed samples; 0 = off
     max_round_buffer_bytes: int = 64 * 1024 * 1024  # payload bytes of one round's buffered updates
     global_mode: str = "fp32"  # downlink codec of the global adapter (codec.encode_global)
+    # The sites this federation counts. None: any account the broker lets publish an update topic — and
+    # Mosquitto ACL patterns give every account, service accounts included, its own update topic.
+    sites: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.sites is not None:
+            if not isinstance(self.sites, list | tuple) or not self.sites or not all(
+                    isinstance(x, str) and x for x in self.sites):
+                raise InvalidValueError("sites must be a non-empty list of site ids (or left out)")
+            object.__setattr__(self, "sites", tuple(self.sites))  # frozen: hashable, read-only
         _positive_int("min_clients", self.min_clients)
         _positive_int("quorum", self.quorum)
         _positive_int("max_samples_weight", self.max_samples_weight)

@@ -149,3 +149,30 @@ def test_hostile_messages_are_rejected_and_the_round_completes(mosquitto_broker,
     assert counters["accepted"] == 2
     metrics = mf.read_metrics(tmp_path / "agg" / "metrics.jsonl")
     assert metrics and metrics[0]["rejected"].get("client_mismatch") == 1
+
+
+def test_an_account_outside_the_sites_list_is_not_counted(mosquitto_broker, tmp_path: Path) -> None:
+    """A well-formed update from a valid account that is no site of the federation: rejected, acked as
+    rejected to that account, and the round still waits for its real sites."""
+    sites = 'quorum = 2\nsites = ["site-0", "site-1"]\n'
+    toml = _toml(mosquitto_broker.port, tmp_path).replace("quorum = 2\n", sites)
+    svc = AggregatorService(load_aggregator_config(text=toml))
+    agg_thread = threading.Thread(target=svc.run, daemon=True)
+    agg_thread.start()
+    mf.wait_for(lambda: svc.transport is not None and svc.transport.connected, 10, "aggregator")
+    mallory = MqttTransport(TransportConfig(host=mosquitto_broker.host, port=mosquitto_broker.port,
+                                            client_id="mallory"))
+    mallory.subscribe(Topics(FLEET).ack("mallory"))
+    mallory.connect(10)
+    try:
+        enc = UpdateEncoder(CodecConfig(mode="fp32"), N).encode(np.ones(N, np.float32))
+        valid = wire.encode_update(wire.UpdateMessage(FLEET, 0, "mallory", svc.spec_hash, 10, {}, enc))
+        assert mallory.publish(Topics(FLEET).update("mallory"), valid).wait(5)
+        mf.wait_for(lambda: svc.core.counters.get("rejected:unknown_site", 0) == 1, 15, "the rejection")
+        ack = mallory.get(timeout=10)
+        assert ack is not None and b"rejected" in ack.payload
+        assert svc.core.accepted_this_round == 0 and svc.core.round == 0
+    finally:
+        svc.stop()
+        agg_thread.join(10)
+        mallory.close()

@@ -414,3 +414,17 @@ def test_failure_half_way_through_counting_refuses_to_persist(tmp_path: Path,
     np.testing.assert_array_equal(after.acc_sum, before.acc_sum)
     resumed = R.AggregatorCore(_config(), tmp_path)  # a restart from disk is usable again
     assert resumed.offer(_msg("b")).accepted and resumed.accepted_this_round == 2
+
+
+def test_only_the_listed_sites_count() -> None:
+    """`sites`: a valid update from an account outside the list (a service account, say: ACL patterns give
+    every account its own update topic) is rejected before it is parsed; the listed sites count."""
+    core = R.AggregatorCore(_config(sites=("a", "b")))
+    d = core.offer(_msg("operator"), sender="operator")
+    assert d.status == R.REJECTED and d.reason == "unknown_site"
+    assert core.counters["rejected:unknown_site"] == 1 and core.accepted_this_round == 0
+    assert core.offer(_msg("a"), sender="a").accepted
+    with pytest.raises(ValueError, match="sites"):
+        _config(sites=())
+    with pytest.raises(ValueError, match="sites"):
+        _config(sites=("a", ""))
