@@ -62,6 +62,9 @@ class AggregatorSettings:
     # another one report needs_bundle): the bundle file (its id is read from its manifest) or the id.
     bundle_file: str | None = None
     bundle_id: str | None = None
+    # Prometheus /metrics (central/metrics_http.py) on metrics_bind:metrics_port; 0: off.
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
     policy: RoundPolicy = field(default_factory=RoundPolicy)
 
     @classmethod

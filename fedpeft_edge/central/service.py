@@ -65,9 +65,11 @@ import numpy as np
 
 from fedpeft_edge.central.acks import AckQueue
 from fedpeft_edge.central.config import AggregatorServiceConfig
+from fedpeft_edge.central.control import FederationControl
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 from fedpeft_edge.central.fleet_bundle import announce_bundle, fleet_bundle_id
 from fedpeft_edge.central.initial_global import initial_from_trainer, load_vector
+from fedpeft_edge.central.metrics_http import AggregatorMetrics
 from fedpeft_edge.central.metrics_log import MetricsLog
 from fedpeft_edge.central.store import StateError
 from fedpeft_edge.protocol import chunk_spool, chunking, notices, wire
@@ -140,6 +142,9 @@ class AggregatorService:
         self.transport: MqttTransport | None = None
         self._round_rejections_base = dict(self.core.counters)
         self.bundle_id = fleet_bundle_id(a.bundle_file, a.bundle_id)  # announced on fedpeft/<fleet>/bundle
+        self.control = FederationControl(self.state_dir, self.topics, a.client_id, self.limits)  # operator
+        self.paused = False  # hook for the federation pause (issue 12): exported as fedpeft_aggregator_paused
+        self.metrics = AggregatorMetrics(self, a.metrics_port, a.metrics_bind)  # /metrics (metrics_http.py)
 
     # --- helpers ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -163,6 +168,7 @@ class AggregatorService:
                         self.core.round)
         log.info("global %s for round %d (%d bytes%s)", f"re-announced ({why})" if why else "published",
                  self.core.round, len(data), ", final" if self.core.finished else "")
+        self.metrics.note_published(len(data))
         return len(data)
 
     def _reannounce_if_reconnected(self) -> None:
@@ -216,6 +222,8 @@ class AggregatorService:
         if msg.topic.startswith(f"fedpeft/{self.topics.fleet}/status/"):
             self._log_status(sender, msg.payload)
             return "status"
+        if msg.topic == self.topics.control:  # operator actions (central/control.py)
+            return self.control.take(self, msg.payload, now)
         if sender is None:
             if self._drop_stale_subscription(msg.topic):
                 return "stale_subscription"
@@ -277,6 +285,8 @@ class AggregatorService:
             return "rejected"
         if self.core.finished:
             return self._answer_after_final(sender, upd)
+        if self.control.excluded_update(self.core, sender, upd):  # an operator excluded the site
+            return self.control.reject_excluded(self, sender, upd, len(data))
         try:
             decision = self.core.offer(upd, sender=sender, nbytes=len(data), now=now)
         except PERSISTENCE_FAILURES:
@@ -426,7 +436,7 @@ class AggregatorService:
         status_topic = self.topics.status(a.client_id)
 
         def announce(t: MqttTransport) -> None:  # paho's thread, on every (re)connect
-            online = notices.StatusMessage(a.client_id, "online", time.time(), self.core.round)
+            online = self.control.status(self.core.round)  # "online", or "paused" by an operator
             t.publish(status_topic, notices.encode_status(online, self.limits), retain=True)
             announce_bundle(t, self.topics, self.bundle_id, self.limits)  # before the global
 
@@ -434,6 +444,7 @@ class AggregatorService:
                                        stop=self._stop)
         self.transport.subscribe(self.topics.updates_filter, qos=1)
         self.transport.subscribe(self.topics.status_filter, qos=1)
+        self.transport.subscribe(self.topics.control, qos=1)  # operator actions (central/control.py)
         self.transport.connect(connect_timeout)
         log.info("aggregator for fleet %s: round %d, %d parameters, spec %s, quorum %d, deadline %.0f s, "
                  "max rounds %s, state in %s", self.topics.fleet, self.core.round, self.core_config.n_params,
@@ -442,6 +453,7 @@ class AggregatorService:
         closed = 0
         batch: list[Message] = []
         try:
+            self.metrics.start()
             self.recover_spooled(time.time())
             # A kill between saving a closed round and appending its line loses only the line: redo it.
             self.metrics_log.restore(self.core.history)
@@ -461,7 +473,7 @@ class AggregatorService:
                     self.process_batch(batch, now)
                     batch = []
                 self.reassembler.purge(now)
-                if self.core.ready_to_close(now):
+                if self.control.should_close(self, now):  # ready_to_close unless paused, or asked to
                     self._close_round(now)
                     closed += 1
             if self.core.finished:
@@ -475,6 +487,7 @@ class AggregatorService:
                 raise StateError(f"out of memory while processing messages: {exc}") from exc
             raise
         finally:
+            self.metrics.stop()
             if self.reassembler.spool is not None:
                 self.reassembler.spool.close()
             final_state = "done" if self.core.finished else "offline"

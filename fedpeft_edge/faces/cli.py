@@ -363,6 +363,48 @@ register(Command(
     _status_args, _status_run))
 
 
+# --- control -----------------------------------------------------------------------------------------
+CONTROL_ACTIONS = ("pause", "resume", "exclude", "include", "close_round")  # = notices.CONTROL_ACTIONS
+
+
+def _control_args(p: argparse.ArgumentParser) -> None:
+    _add_connection(p)
+    g = p.add_argument_group("control")
+    g.add_argument("action", choices=CONTROL_ACTIONS,
+                   help="pause/resume (the federation, or one site with --site), exclude/include a site, "
+                        "close_round (close the current round now with what it has)")
+    g.add_argument("--site", help="the site the action concerns (required for exclude/include)")
+    g.add_argument("--by", help="operator name written in the audit log (default: the user name)")
+    g.add_argument("--aggregator-id", default="aggregator", help="the aggregator's client id")
+    g.add_argument("--client-id", help="MQTT client id (default: control-<random>; a clean session)")
+    g.add_argument("--wait", type=float, default=10.0, help="seconds to wait for confirmations (default 10)")
+
+
+def _control_run(args: argparse.Namespace) -> int:
+    from fedpeft_edge.faces.fleet_status import load_status_config
+    from fedpeft_edge.faces.operator_control import make_command, send_command
+
+    cfg = _load(args, load_status_config)
+    by = args.by or cfg.connection.username or "operator"
+    cmd = make_command(args.action, args.site, by)
+    print(f"sent {cmd.action}{f' --site {cmd.site}' if cmd.site else ''} as {by} (cmd {cmd.id})", flush=True)
+    out = send_command(cfg, cmd, aggregator_id=args.aggregator_id, wait_s=args.wait,
+                       client_id=args.client_id,
+                       on_confirmation=lambda s: print(f"{s.client_id}: {s.state}: {s.detail}", flush=True))
+    if not out.complete:
+        log.warning("no confirmation within %.0f s from: %s", args.wait, ", ".join(sorted(out.waiting_for)))
+        return 3
+    return 1 if out.refused else 0
+
+
+register(Command(
+    "control", "operator actions: pause/resume the federation or a site, exclude/include one, close a round",
+    "Publish an operator action on fedpeft/<fleet>/control (QoS 1) as the broker's operator account (the\n"
+    "only one the plant ACL lets write it) and print the aggregator's and the site's confirmations from\n"
+    "their status topics. Exit 0 confirmed, 1 refused (e.g. close_round below min_clients), 3 no answer.",
+    _control_args, _control_run))
+
+
 # --- entry point -------------------------------------------------------------------------------------
 # demo, experiment, bench, prepare: the faces layer's commands (fedpeft_edge/faces/cli_commands.py).
 from fedpeft_edge.faces.cli_commands import commands as _faces_commands  # noqa: E402

@@ -13,6 +13,10 @@ a size cap before parsing, exact keys, no duplicate keys, no NaN, identifiers ch
 
     {"v":1,"t":"ack","fleet":"line-3","site":"site-07","round":4,"msg":null,"status":"accepted",
      "reason":"","time":1764590000.2}
+
+``fedpeft/{fleet}/control`` (QoS 1, only the ``operator`` account may publish it)::
+
+    {"v":1,"t":"control","id":"3f2a...","action":"pause","site":null,"by":"alice","time":1764590000.3}
 """
 
 from __future__ import annotations
@@ -232,23 +236,93 @@ def decode_bundle_notice(data: bytes | bytearray | memoryview,
     return BundleNotice(fleet, bid, _time(obj, "time"))
 
 
+# --------------------------------------------------------------------------------------------------
+# Control command (operator → aggregator and sites, on fedpeft/{fleet}/control)
+
+CONTROL_KEYS: Final = frozenset({"v", "t", "id", "action", "site", "by", "time"})
+CONTROL_ACTIONS: Final = ("pause", "resume", "exclude", "include", "close_round")
+SITE_ACTIONS: Final = frozenset({"exclude", "include"})  # name one site
+FLEET_ACTIONS: Final = frozenset({"close_round"})  # never name a site
+MAX_CONTROL_BYTES: Final = 512  # a real command is ~130 bytes
+_CMD_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{7,63}")  # e.g. uuid4().hex
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    """An operator action. ``id`` makes it idempotent (a redelivered or retained copy is applied once);
+    ``site`` is None for the whole federation; ``by`` is the operator's name (the broker ACL, not this
+    field, is what vouches that an operator sent it)."""
+
+    id: str
+    action: str
+    site: str | None
+    by: str
+    time: float = 0.0
+
+    def note(self, text: str) -> str:
+        """A status detail confirming this command, e.g. ``paused by operator alice (cmd 3f2a...)``: the
+        command id lets ``fedpeft-edge control`` find the confirmation among other statuses."""
+        return f"{text} (cmd {self.id})"
+
+
+def encode_control(msg: ControlCommand, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
+    obj = {"v": WIRE_VERSION, "t": "control", "id": msg.id, "action": msg.action, "site": msg.site,
+           "by": msg.by, "time": round(float(msg.time), 3)}
+    data = _dump(obj)
+    decode_control(data, limits)
+    return data
+
+
+def decode_control(data: bytes | bytearray | memoryview,
+                   limits: WireLimits = DEFAULT_LIMITS) -> ControlCommand:
+    """Parse and validate a ``control`` command (JSON object with exactly :data:`CONTROL_KEYS`)."""
+    obj = _load(data, MAX_CONTROL_BYTES, "control command")
+    _check_header(obj, "control", CONTROL_KEYS)
+    cid = obj["id"]
+    if not isinstance(cid, str) or not _CMD_ID_RE.fullmatch(cid):
+        raise WireFormatError(Reason.BAD_STRING, "id must be 8-64 characters of [A-Za-z0-9_-]")
+    action = obj["action"]
+    if action not in CONTROL_ACTIONS:
+        raise WireFormatError(Reason.BAD_STRING, f"action must be one of {CONTROL_ACTIONS}")
+    site = None if obj["site"] is None else _ident(obj, "site", limits)
+    if action in SITE_ACTIONS and site is None:
+        raise WireFormatError(Reason.BAD_KEYS, f"{action} names a site")
+    if action in FLEET_ACTIONS and site is not None:
+        raise WireFormatError(Reason.BAD_KEYS, f"{action} acts on the whole federation (site must be null)")
+    by = _ident(obj, "by", limits)
+    return ControlCommand(cid, action, site, by, _time(obj, "time"))
+
+
+def command_id_in(detail: str) -> str | None:
+    """The command id a status detail confirms (see :meth:`ControlCommand.note`), else None."""
+    m = re.search(r"\(cmd ([A-Za-z0-9_\-]{8,64})\)$", detail)
+    return m.group(1) if m else None
+
+
 
 
 __all__ = [
     "ACK_KEYS",
     "ACK_STATUSES",
     "BUNDLE_KEYS",
+    "CONTROL_ACTIONS",
+    "CONTROL_KEYS",
     "MAX_ACK_BYTES",
     "MAX_BUNDLE_NOTICE_BYTES",
+    "MAX_CONTROL_BYTES",
     "MAX_STATUS_BYTES",
     "STATUS_KEYS",
     "AckMessage",
     "BundleNotice",
+    "ControlCommand",
     "StatusMessage",
+    "command_id_in",
     "decode_ack",
     "decode_bundle_notice",
+    "decode_control",
     "decode_status",
     "encode_ack",
     "encode_bundle_notice",
+    "encode_control",
     "encode_status",
 ]

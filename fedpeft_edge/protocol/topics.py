@@ -8,6 +8,8 @@
   decision on one of its updates (JSON); the site keeps an update in its outbox until then.
 - ``fedpeft/{fleet}/bundle``             retained, aggregator → sites: the id of the site bundle the fleet
   trains with (JSON, ``notices.BundleNotice``); a site holding another bundle waits (``needs_bundle``).
+- ``fedpeft/{fleet}/control``            QoS 1, operator → aggregator and sites: an operator action (JSON,
+  ``notices.ControlCommand``); only the ``operator`` account may publish it (broker ACL).
 Metadata (round, spec hash, sender) lives in the msgpack envelope, so MQTT 3.1.1 brokers serve too.
 """
 
@@ -65,6 +67,10 @@ class Topics:
     @property
     def bundle(self) -> str:
         return f"{ROOT}/{self.fleet}/bundle"
+
+    @property
+    def control(self) -> str:
+        return f"{ROOT}/{self.fleet}/control"
 
     def client_of(self, topic: str) -> str | None:
         """The client id of an update/status topic of this fleet, else None."""

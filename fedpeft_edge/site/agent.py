@@ -62,8 +62,10 @@ from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireErr
 from fedpeft_edge.runtime.names import NEWER_GLOBAL_POLICIES
 from fedpeft_edge.site.bundle_setup import BundleGate
 from fedpeft_edge.site.config import AgentConfig
+from fedpeft_edge.site.control import OperatorPause
 from fedpeft_edge.site.encoder import UpdateEncoder
 from fedpeft_edge.site.governor import Governor
+from fedpeft_edge.site.metrics import AgentMetrics
 from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
 from fedpeft_edge.site.state import SiteStateFiles, prune_updates, update_rounds, write_file
@@ -130,10 +132,12 @@ class EdgeAgent:
         self.ack_counts: Counter[str] = Counter()  # acknowledgements taken, by status
         self._stop = threading.Event()
         self.governor = Governor.from_settings(config.governor)  # when training may run (site/governor.py)
+        self.operator = OperatorPause(self)  # an operator's pause, asked first (site/control.py)
         self._status_now = ("", "")  # (state, detail) last published: "paused" is re-said after others
         self._final_round: int | None = None  # a finished federation's final round (exit_after_final off)
         self.transport: MqttTransport | None = None
         self.bundle_gate = BundleGate(bundle_id)  # the fleet's bundle against ours (site/bundle_setup.py)
+        self.metrics = AgentMetrics.for_agent(self)  # local Prometheus: HTTP, textfile (site/metrics.py)
         self._load_state()
 
     # --- persistence ------------------------------------------------------------------------------
@@ -270,6 +274,9 @@ class EdgeAgent:
             if msg.topic == self.topics.bundle:
                 self.bundle_gate.take(msg.payload, self.topics.fleet, self.limits)
                 continue
+            if msg.topic == self.topics.control:  # operator pause/resume (site/control.py)
+                self.operator.take(msg.payload)
+                continue
             if msg.topic != self.topics.global_:
                 continue
             try:
@@ -311,7 +318,7 @@ class EdgeAgent:
                 if self._stop.is_set():
                     self._abandoned = True
                     return
-                pause = self.governor.check()  # between steps; cached between check_interval_s
+                pause = self.operator.check() or self.governor.check()  # between steps; governor cached
                 if pause is not None:
                     # Steps done: the round ends with them (its update is committed before the site sits
                     # paused); none yet: the round waits for the governor (see _governed).
@@ -332,7 +339,8 @@ class EdgeAgent:
             ev = self.trainer.evaluate(self.eval_batches_fn())
             metrics.update(global_eval_loss=float(ev.loss), global_eval_accuracy=float(ev.accuracy))
         self._abandoned = False
-        tm = self.trainer.train(self._batches_until_newer(rnd), max_steps=self.cfg.agent.local_steps)
+        tm = self.trainer.train(self.metrics.timed(self._batches_until_newer(rnd)),
+                                max_steps=self.cfg.agent.local_steps)
         if self._abandoned:
             newer = self._latest_global.round if self._latest_global else rnd
             log.info("round %d abandoned (newer global %d arrived, stopping or paused)", rnd, newer)
@@ -340,6 +348,7 @@ class EdgeAgent:
         if tm.samples <= 0:
             raise InvalidValueError("local training saw no samples; check the data configuration")
         metrics.update(loss=float(tm.loss), train_seconds=float(tm.seconds), steps=float(tm.steps))
+        self.metrics.trained(tm.loss)
         if tm.accuracy is not None:
             metrics["accuracy"] = float(tm.accuracy)
         metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
@@ -376,7 +385,7 @@ class EdgeAgent:
         commit before the site sits here, and a round paused before its first step simply waits. So a
         kill -9 while paused loses nothing, and a closed window (hours) does not hold an update back until
         its round's deadline has passed."""
-        reason = self.governor.check()
+        reason = self.operator.check() or self.governor.check()  # an operator's pause first
         if reason is not None and self._status_now != ("paused", reason):
             if self._status_now[0] != "paused":
                 log.info("paused: %s", reason)
@@ -445,14 +454,17 @@ class EdgeAgent:
             self.transport.subscribe(self.topics.bundle, qos=1)
         self.transport.subscribe(self.topics.global_, qos=1)
         self.transport.subscribe(self.topics.ack(self.client_id), qos=1)
+        self.transport.subscribe(self.topics.control, qos=1)  # operator actions (site/control.py)
         self.transport.connect(connect_timeout)
         self._pump_outbox()  # store and forward: what a previous run left waiting goes out now
         final_seen, reason = False, "stopped"
         last_activity = time.monotonic()
         try:
+            self.metrics.start()
             while not self._stop.is_set():
                 self._poll(0.2)
                 self._pump_outbox()
+                self.metrics.write()  # the textfile, only when a value changed
                 g = self._latest_global
                 if g is not None and g.round != self.last_global_round:
                     if self._opens_federation(g):
@@ -487,6 +499,7 @@ class EdgeAgent:
             self._drain_outbox(timeout=float(a.drain_timeout_s), resend_now=final_seen)
             self._publish_status("done" if final_seen else "idle", self.last_global_round)
         finally:
+            self.metrics.close()
             self.transport.close(final=(self.topics.status(self.client_id),
                                         self._status("offline", self.last_global_round)))
         log.info("agent %s finished: %s; rounds sent %s", self.client_id, reason, self.rounds_sent)

@@ -83,6 +83,11 @@ class AgentSettings:
     # this, with a WARNING) and audit copies in sent/ (oldest deleted).
     max_outbox_updates: int = 100
     max_sent_updates: int = 1000
+    # Prometheus metrics of this site (site/metrics.py), both off by default: an HTTP /metrics on
+    # metrics_bind:metrics_port (0: off), and/or a textfile for node_exporter's textfile collector.
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
+    metrics_textfile: str | None = None
 
 
 @dataclass

@@ -200,6 +200,7 @@ def test_closed_window_pauses_open_window_trains_once_and_the_agent_outlives_its
     assert result and result[0].reason == "stopped" and result[0].final_seen  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow  # two CLI agents started and stopped
 @pytest.mark.parametrize("phase", ["paused", "training"])
 def test_cli_agent_stops_within_5_s_of_sigterm(mosquitto_broker: BrokerHandle, tmp_path: Path,
                                                 phase: str) -> None:
