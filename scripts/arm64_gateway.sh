@@ -300,7 +300,9 @@ cleanup() {  # stop only what this script started, by process id
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-cli() { "$PY" -m fedpeft_edge.faces.cli "$@"; }
+# exec: started with `&`, the function's subshell becomes the service itself, so $! is the service's pid
+# and the kills below reach it (a plain call left the service running after its subshell was killed).
+cli() { exec "$PY" -m fedpeft_edge.faces.cli "$@"; }
 FLEET=arm64gw
 
 # Mosquitto from the broker_config/ dev template (loopback, anonymous) on a free port of its own.
