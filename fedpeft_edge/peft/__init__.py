@@ -8,6 +8,8 @@ train with ``fedpeft_edge.training.ort_trainer.OrtTrainer`` → ``export_inferen
 
 # Loaded on first use (PEP 562): the surgery and artifact modules import onnx (about 18 MB and 0.6 s),
 # which a device needs for none of spec, layout or the gradient model (fedpeft_edge.peft.lowering.model).
+from fedpeft_edge.runtime.lazy import lazy_attributes
+
 _LAZY = {
     "ArtifactBundle": "artifacts", "generate_artifacts": "artifacts", "LoraSite": "lora",
     "export_inference_model": "merge", "METHODS": "spec", "PeftSpec": "spec", "PeftPlan": "surgery",
@@ -18,16 +20,4 @@ __all__ = ["METHODS", "ArtifactBundle", "LoraSite", "PeftPlan", "PeftSpec", "app
            "export_inference_model", "generate_artifacts"]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

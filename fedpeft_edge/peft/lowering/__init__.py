@@ -28,6 +28,7 @@ from fedpeft_edge.peft.lowering.model import (
     MANIFEST,
     GradientModel,
 )
+from fedpeft_edge.runtime.lazy import lazy_attributes
 
 # onnx-importing names, loaded on first use (PEP 562): a device reading a gradient model needs none.
 _LAZY = {"lower_to_gradient_model": "gradient_model", "lower_training_ops": "ops",
@@ -39,16 +40,4 @@ __all__ = ["BASE_DATA", "EVAL_MODEL", "GRADIENT_FORMAT", "GRADIENT_MODEL", "INIT
            "is_stock_node", "lower_to_gradient_model", "lower_training_ops", "unsupported_nodes"]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
