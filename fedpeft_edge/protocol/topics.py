@@ -10,6 +10,10 @@
   trains with (JSON, ``notices.BundleNotice``); a site holding another bundle waits (``needs_bundle``).
 - ``fedpeft/{fleet}/control``            QoS 1, operator → aggregator and sites: an operator action (JSON,
   ``notices.ControlCommand``); only the ``operator`` account may publish it (broker ACL).
+- ``fedpeft/{fleet}/federation``         retained, aggregator → operators: the federation report the console
+  shows (round, deadline, policy, per-site counts, recent rounds; ``fleet_report.FederationReport``).
+- ``fedpeft/{fleet}/info/{client_id}``   retained, site → operators: what the site runs (bundle, spec hash,
+  runtime, platform; ``fleet_report.SiteInfo``).
 Metadata (round, spec hash, sender) lives in the msgpack envelope, so MQTT 3.1.1 brokers serve too.
 """
 
@@ -71,6 +75,17 @@ class Topics:
     @property
     def control(self) -> str:
         return f"{ROOT}/{self.fleet}/control"
+
+    @property
+    def federation(self) -> str:
+        return f"{ROOT}/{self.fleet}/federation"
+
+    def info(self, client_id: str) -> str:
+        return f"{ROOT}/{self.fleet}/info/{check_name('client id', client_id)}"
+
+    @property
+    def info_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/info/+"
 
     def client_of(self, topic: str) -> str | None:
         """The client id of an update/status topic of this fleet, else None."""

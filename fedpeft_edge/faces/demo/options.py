@@ -41,6 +41,9 @@ class DemoOptions:
     cache_dir: Path | None = None
     quick: bool = False
     plain: bool = False
+    console: bool = False  # serve the operator console beside the federation (faces/demo/console.py)
+    console_port: int = 0
+    console_users: Path | None = None
     round_deadline_s: float = 600.0
     timeout_s: float = 1800.0
     seed: int = 0
@@ -66,6 +69,9 @@ class DemoOptions:
             "work_dir",
             "cache_dir",
             "plain",
+            "console",
+            "console_port",
+            "console_users",
         ):
             value = getattr(args, name, None)
             if value is not None and value is not False:
@@ -145,7 +151,7 @@ def load_demo_config(path: Path) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(DemoOptions)}
     unknown = sorted(set(table) - known)
     ensure(not unknown, f"{path}: unknown [demo] keys {unknown}; known: {sorted(known)}")
-    for key in ("out", "work_dir", "cache_dir"):
+    for key in ("out", "work_dir", "cache_dir", "console_users"):
         if key in table:
             table[key] = Path(table[key])
     return table

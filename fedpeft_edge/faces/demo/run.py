@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -191,11 +192,22 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
                        gradient_dir=prep.gradient_dir, shard_paths=prep.shard_paths, n_params=prep.n_params,
                        log=log)
     seen = Observed()
+    console = None
     try:
+        if opts.console:  # before the services, so it sees every site arrive
+            from fedpeft_edge.faces.demo.console import start_demo_console
+
+            console = start_demo_console(opts, fleet.connection, work, log)
         fleet.start()
         log(f"started the aggregator and {opts.agents} agents (logs in {work})")
         failure = follow(fleet, prep, opts, seen)
+        if console is not None and sys.stdin.isatty():
+            log(f"the federation is over; the console stays at {console.url} until you press Enter")
+            with contextlib.suppress(EOFError, KeyboardInterrupt):
+                input()
     finally:
+        if console is not None:
+            console.stop()
         fleet.close()
     ok = not failure
     if failure:
