@@ -6,5 +6,5 @@ hostile-input decoders; ``reasons.WireFormatError``; ``codec.CodecConfig``, ``en
 ``transport.MqttTransport``; ``config`` (TOML). Submodules are not imported eagerly: import what you need.
 """
 
-__all__ = ["chunk_spool", "chunking", "codec", "config", "fleet_report", "indices", "notices", "reasons", "topics",
-           "transport", "wire"]
+__all__ = ["chunk_spool", "chunking", "codec", "config", "fleet_report", "indices", "notices", "reasons",
+           "topics", "transport", "wire"]
