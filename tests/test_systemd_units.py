@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 UNIT_DIR = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
-UNITS = ("fedpeft-edge-agent.service", "fedpeft-edge-aggregator.service", "fedpeft-edge-broker.service")
+UNITS = ("fedpeft-edge-agent.service", "fedpeft-edge-aggregator.service", "fedpeft-edge-broker.service",
+         "fedpeft-edge-console.service")
 INSTALLED_CLI = "/opt/fedpeft-edge/venv/bin/fedpeft-edge"
 INSTALLED_MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -46,7 +47,7 @@ def _keys(text: str) -> dict[str, list[str]]:
     return out
 
 
-def test_the_three_units_are_there() -> None:
+def test_the_units_are_there() -> None:
     assert sorted(p.name for p in UNIT_DIR.glob("*.service")) == sorted(UNITS)
     assert (UNIT_DIR / "README.md").is_file()
 
