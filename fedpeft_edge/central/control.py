@@ -139,7 +139,8 @@ class FederationControl:
     def reject_excluded(self, service: AggregatorService, sender: str, upd: wire.UpdateMessage,
                         nbytes: int) -> str:
         """Count, log and (after the checkpoint, like every decision) acknowledge the rejection."""
-        service.core.note_rejected(EXCLUDED_REASON, nbytes, f"{sender} excluded by an operator")
+        service.core.note_rejected(EXCLUDED_REASON, nbytes, f"{sender} excluded by an operator",
+                                   sender=sender)
         service.rejections[EXCLUDED_REASON] += 1
         service.acks.queue(sender, upd.round, "rejected", EXCLUDED_REASON)
         log.warning("update from %s for round %d rejected (excluded by operator %s)", sender, upd.round,

@@ -31,6 +31,7 @@ drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -53,12 +54,17 @@ from fedpeft_edge.central.strategy import (
     staleness_weight,
 )
 from fedpeft_edge.protocol.codec import EncodedUpdate, encode_global, parse, update_l2_norm
+from fedpeft_edge.protocol.fleet_report import MAX_REASONS_PER_SITE, SiteRecord
 from fedpeft_edge.protocol.reasons import WireFormatError
 from fedpeft_edge.protocol.wire import GlobalMessage, UpdateMessage
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 MIN_WEIGHT: Final = 1e-9  # below this a stale update is treated as late (its weight would vanish)
 MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38)
+MAX_TRACKED_SITES: Final = 10_000  # sites in the per-site ledger (the federation report); beyond: not tracked
+OTHER_REASON: Final = "other"  # a site's rejections beyond MAX_REASONS_PER_SITE distinct reasons
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # The core
@@ -112,6 +118,7 @@ class AggregatorCore:
         self._acc.sum = self._state.acc_sum  # shared buffer: the state always holds the live sum
         self._acc.total_weight, self._acc.count = self._state.acc_total_weight, self._state.acc_count
         self._buffer_nbytes = self._state.buffer_nbytes  # running total: the cap is checked per offer
+        self._untracked_logged = False  # the per-site ledger is full: said once
 
     # ---- read-only views -----------------------------------------------------------------------------
 
@@ -185,13 +192,59 @@ class AggregatorCore:
     def _count(self, key: str, amount: int = 1) -> None:
         self._state.counters[key] = self._state.counters.get(key, 0) + amount
 
-    def note_rejected(self, reason: str, nbytes: int = 0, detail: str = "") -> Decision:
-        """Count a message rejected before it reached :meth:`offer` (e.g. wire decoding failed)."""
+    def note_rejected(self, reason: str, nbytes: int = 0, detail: str = "",
+                      sender: str | None = None) -> Decision:
+        """Count a message rejected before it reached :meth:`offer` (e.g. wire decoding failed); with
+        ``sender`` (the site the transport vouches for) also in that site's ledger."""
         self._count("rejected")
         self._count(f"rejected:{reason}")
         if nbytes:
             self._count("bytes_rejected", int(nbytes))
+        if sender is not None:
+            entry = self._ledger(sender)
+            if entry is not None:
+                rejected = entry["rejected"]
+                if reason not in rejected and len(rejected) >= MAX_REASONS_PER_SITE - 1:
+                    reason_key = OTHER_REASON  # bounded: the last slot takes every further reason
+                else:
+                    reason_key = reason
+                rejected[reason_key] = rejected.get(reason_key, 0) + 1
         return Decision(REJECTED, reason, detail=detail)
+
+    def _ledger(self, site: str) -> dict[str, Any] | None:
+        """The ledger entry of ``site`` (created on first use); None once :data:`MAX_TRACKED_SITES` are
+        tracked and it is not one of them."""
+        sites = self._state.sites
+        entry = sites.get(site)
+        if entry is None:
+            if len(sites) >= MAX_TRACKED_SITES:
+                if not self._untracked_logged:
+                    self._untracked_logged = True
+                    log.warning("per-site ledger holds %d sites: %r and further new sites are not tracked "
+                                "in the federation report", len(sites), site)
+                return None
+            entry = sites[site] = {"samples": 0, "rounds": 0, "last_round": None, "last_at": None,
+                                   "rejected": {}}
+        return entry
+
+    def site_records(self) -> dict[str, SiteRecord]:
+        """What was counted of each site (the federation report): accepted samples and rounds, last
+        round and time counted, rejections by reason. ``rounds`` is the ledger's count, or the rounds the
+        persisted accepted pairs show when that is more (a state written before the ledger)."""
+        counted: dict[str, set[int]] = {}
+        for (client, _rnd), at in self._state.accepted.items():
+            counted.setdefault(client, set()).add(at)
+        out: dict[str, SiteRecord] = {}
+        for name in sorted(set(self._state.sites) | set(counted)):
+            e = self._state.sites.get(name)
+            rounds = len(counted.get(name, ()))
+            if e is None:
+                out[name] = SiteRecord(rounds=rounds)
+                continue
+            out[name] = SiteRecord(rounds=max(int(e["rounds"]), rounds), samples=int(e["samples"]),
+                                   last_round=e["last_round"], last_at=e["last_at"],
+                                   rejected=dict(e["rejected"]))
+        return out
 
     def offer(self, msg: UpdateMessage, *, sender: str | None = None, nbytes: int | None = None,
               now: float | None = None) -> Decision:
@@ -206,27 +259,30 @@ class AggregatorCore:
         state is unchanged and the message may be rejected for good.
         """
         cfg, st = self.config, self._state
+        now = time.time() if now is None else now
+        who = sender if sender is not None else msg.client_id  # whose ledger a rejection goes to
         if self.finished:
             return self.note_rejected("finished", nbytes or 0,
-                                      f"all {cfg.max_rounds} rounds are done")
+                                      f"all {cfg.max_rounds} rounds are done", who)
         if sender is not None and sender != msg.client_id:
             return self.note_rejected("client_mismatch", nbytes or 0,
-                                      f"envelope site {msg.client_id!r} sent on {sender!r}'s topic")
+                                      f"envelope site {msg.client_id!r} sent on {sender!r}'s topic", who)
         if cfg.sites is not None and msg.client_id not in cfg.sites:
             return self.note_rejected("unknown_site", nbytes or 0,
-                                      f"{msg.client_id!r} is not one of the federation's sites")
+                                      f"{msg.client_id!r} is not one of the federation's sites", who)
         if msg.fleet != cfg.fleet:
             return self.note_rejected("wrong_fleet", nbytes or 0,
-                                      f"fleet {msg.fleet!r}, expected {cfg.fleet!r}")
+                                      f"fleet {msg.fleet!r}, expected {cfg.fleet!r}", who)
         if msg.spec_hash != cfg.spec_hash:
             return self.note_rejected("spec_hash", nbytes or 0,
-                                      f"spec hash {msg.spec_hash}, expected {cfg.spec_hash} (other bundle?)")
+                                      f"spec hash {msg.spec_hash}, expected {cfg.spec_hash} (other bundle?)",
+                                      who)
         if msg.round > st.round:
             return self.note_rejected("future_round", nbytes or 0,
-                                      f"round {msg.round}, open round {st.round}")
+                                      f"round {msg.round}, open round {st.round}", who)
         ns = msg.num_samples
         if isinstance(ns, bool) or not isinstance(ns, int) or ns < 1:  # the wire checks it; in-process not
-            return self.note_rejected("bad_samples", nbytes or 0, f"num_samples {ns!r}")
+            return self.note_rejected("bad_samples", nbytes or 0, f"num_samples {ns!r}", who)
         key = (msg.client_id, msg.round)
         if key in st.accepted:
             self._count("duplicate")
@@ -239,15 +295,16 @@ class AggregatorCore:
             parsed = parse(msg.update, n_params=cfg.n_params)
             norm = update_l2_norm(parsed)
         except WireFormatError as exc:
-            return self.note_rejected(exc.reason, nbytes or 0, str(exc))
+            return self.note_rejected(exc.reason, nbytes or 0, str(exc), who)
         scale = 1.0
         if self._norm is not None:
             s = self._norm.scale_for(norm)
             if s is None:
-                return self.note_rejected("norm_bound", nbytes or 0, f"update norm {norm:.4g} over the bound")
+                return self.note_rejected("norm_bound", nbytes or 0, f"update norm {norm:.4g} over the bound",
+                                          who)
             scale = s
         elif not math.isfinite(norm):
-            return self.note_rejected("non_finite", nbytes or 0, "update norm is not finite")
+            return self.note_rejected("non_finite", nbytes or 0, "update norm is not finite", who)
         samples = min(msg.num_samples, cfg.max_samples_weight)
         stale_factor = staleness_weight(staleness, cfg.staleness_alpha) if staleness else 1.0
         weight = float(samples) if cfg.weighting == "samples" else 1.0
@@ -261,21 +318,21 @@ class AggregatorCore:
         mass = weight * scale * norm
         if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
             return self.note_rejected("overflow", nbytes or 0,
-                                      f"weight x norm {mass:.4g} would overflow the sum")
+                                      f"weight x norm {mass:.4g} would overflow the sum", who)
         entry = None
         if cfg.buffers_updates:
             if self._buffer_nbytes + msg.update.nbytes > cfg.max_round_buffer_bytes:
                 st.stats["buffer_full"] = True  # nothing more fits: the round is ready to close
                 return self.note_rejected(BUFFER_FULL, nbytes or 0,
                                           f"round buffer holds {self._buffer_nbytes} bytes, cap "
-                                          f"{cfg.max_round_buffer_bytes}")
+                                          f"{cfg.max_round_buffer_bytes}", who)
             finite = {k: float(v) for k, v in msg.metrics.items() if math.isfinite(v)}
             entry = BufferedUpdate(msg.client_id, msg.round, _immutable(msg.update), samples, stale_factor,
                                    weight, scale, norm, finite)
 
         self._ensure_usable()
         try:
-            self._commit_offer(msg, key, parsed, weight, scale, mass, staleness, nbytes, entry)
+            self._commit_offer(msg, key, parsed, weight, scale, mass, staleness, nbytes, entry, now)
         except BaseException as exc:
             # Half-applied: memory no longer matches any consistent state. Refuse to persist it; the
             # caller must not acknowledge and should restart from disk (the broker redelivers).
@@ -294,9 +351,15 @@ class AggregatorCore:
 
     def _commit_offer(self, msg: UpdateMessage, key: tuple[str, int], parsed: Any, weight: float,
                       scale: float, mass: float, staleness: int, nbytes: int | None,
-                      entry: BufferedUpdate | None) -> None:
+                      entry: BufferedUpdate | None, now: float) -> None:
         """The mutating part of :meth:`offer` (everything before it only validates)."""
         st = self._state
+        site = self._ledger(msg.client_id)  # saved with the pairs and the sum: counted exactly once
+        if site is not None:
+            site["samples"] += int(msg.num_samples)  # as claimed (the weight may be capped)
+            if msg.client_id not in st.stats["participants"]:
+                site["rounds"] += 1  # a site counted twice in one round (stale_weighted) adds one round
+            site["last_round"], site["last_at"] = msg.round, now
         self._acc.accumulate(parsed, weight, scale)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
         if entry is not None:

@@ -67,6 +67,7 @@ from fedpeft_edge.central.acks import AckQueue
 from fedpeft_edge.central.config import AggregatorServiceConfig
 from fedpeft_edge.central.control import FederationControl
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
+from fedpeft_edge.central.federation_report import ReportPublisher
 from fedpeft_edge.central.fleet_bundle import announce_bundle, fleet_bundle_id
 from fedpeft_edge.central.initial_global import initial_from_trainer, load_vector
 from fedpeft_edge.central.metrics_http import AggregatorMetrics
@@ -145,6 +146,7 @@ class AggregatorService:
         self.control = FederationControl(self.state_dir, self.topics, a.client_id, self.limits)  # operator
         self.paused = False  # hook for the federation pause (issue 12): exported as fedpeft_aggregator_paused
         self.metrics = AggregatorMetrics(self, a.metrics_port, a.metrics_bind)  # /metrics (metrics_http.py)
+        self.reports = ReportPublisher(self)  # retained on fedpeft/<fleet>/federation (federation_report.py)
 
     # --- helpers ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -177,6 +179,7 @@ class AggregatorService:
         t = self.transport
         if t is not None and t.connected and t.connect_count != self._announced_at:
             self._publish_global(timeout=0, why="after a reconnect")
+            self.reports.maybe_publish(time.time(), force=True)  # the broker may have lost it too
 
     def _announce_final(self, timeout: float = FINAL_ANNOUNCE_TIMEOUT_S) -> None:
         """Nobody republishes the final global after this service exits: make sure the broker took it on
@@ -209,7 +212,7 @@ class AggregatorService:
         return batch
 
     def _reject(self, sender: str | None, reason: str, detail: str, nbytes: int) -> None:
-        self.core.note_rejected(reason, nbytes)
+        self.core.note_rejected(reason, nbytes, sender=sender)
         self.rejections[reason] += 1
         log.warning("update from %s rejected (%s): %s", sender or "?", reason, detail)
 
@@ -223,7 +226,10 @@ class AggregatorService:
             self._log_status(sender, msg.payload)
             return "status"
         if msg.topic == self.topics.control:  # operator actions (central/control.py)
-            return self.control.take(self, msg.payload, now)
+            outcome = self.control.take(self, msg.payload, now)
+            if outcome == "control":
+                self.reports.request()  # the federation report says it, after the batch
+            return outcome
         if sender is None:
             if self._drop_stale_subscription(msg.topic):
                 return "stale_subscription"
@@ -405,6 +411,7 @@ class AggregatorService:
             batch = self._next_batch()
             if batch:
                 self.process_batch(batch, time.time())
+                self.reports.maybe_publish(time.time())
             elif not self._active_sites():
                 return  # the queue is empty too: every status that was on its way has been read
         if self._active_sites():
@@ -424,6 +431,8 @@ class AggregatorService:
                     rejected={k: v for k, v in rejected.items() if v},
                     chunk_drops=dict(self.reassembler.drops))
         self.metrics_log.append(line)
+        self.reports.note_closed(closing, bytes_out, now)
+        self.reports.maybe_publish(now, force=True)
         log.info("round %d closed: %d participant(s) %s, %.1f s, mean client loss %s; next round %d",
                  closing, metrics["num_updates"], metrics["participants"], metrics["duration_s"],
                  f"{metrics['loss']:.4f}" if "loss" in metrics else "n/a", self.core.round)
@@ -464,6 +473,7 @@ class AggregatorService:
             # before an outage, or a resumed round could close at once with just min_clients.
             self.core.restart_round_clock(time.time())
             self.core.checkpoint()
+            self.reports.maybe_publish(time.time(), force=True)
             self.serving.set()
             while not self._stop.is_set() and not self.core.finished:
                 self._reannounce_if_reconnected()
@@ -472,12 +482,16 @@ class AggregatorService:
                 if batch:
                     self.process_batch(batch, now)
                     batch = []
+                    self.reports.maybe_publish(now)
+                elif self.reports.pending:  # a change held back by the interval
+                    self.reports.maybe_publish(now)
                 self.reassembler.purge(now)
                 if self.control.should_close(self, now):  # ready_to_close unless paused, or asked to
                     self._close_round(now)
                     closed += 1
             if self.core.finished:
                 self._announce_final()
+                self.reports.maybe_publish(time.time(), force=True)
                 log.info("all %d rounds done; final global published", self.core_config.max_rounds)
                 self._serve_after_final(float(a.final_linger_s))
         except PERSISTENCE_FAILURES as exc:

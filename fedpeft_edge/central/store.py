@@ -7,6 +7,9 @@ counters. It lives in ONE file, ``<dir>/round_state.npz`` (``np.savez``, loaded 
 ``allow_pickle=False``; non-array fields as JSON stored in a uint8 array), replaced atomically
 (:func:`fedpeft_edge.runtime.durable.atomic_file`). A reader sees the old file or the new one, never a
 mix; stray temp files are ignored. Format 1 (before the buffer) still loads, with an empty buffer.
+
+The per-site ledger (``sites``: what the federation report shows of each site) is saved with the rest,
+so it has the core's exactly-once guarantee; a state file written before it existed loads with ``{}``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class RoundState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # the open round's accepted updates, in acceptance order, when the policy buffers them
     buffer: list[BufferedUpdate] = field(default_factory=list)
+    # per-site ledger: site -> {"samples", "rounds", "last_round", "last_at", "rejected": {reason: n}}
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def buffer_nbytes(self) -> int:
@@ -89,7 +94,7 @@ class RoundState:
             "accepted": [[c, r, at] for (c, r), at in sorted(self.accepted.items())],
             "optimizer_keys": sorted(self.optimizer_state), "counters": self.counters,
             "round_started_at": self.round_started_at, "stats": self.stats, "history": self.history,
-            "buffer": [e.meta() for e in self.buffer],
+            "buffer": [e.meta() for e in self.buffer], "sites": self.sites,
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -142,12 +147,30 @@ class RoundState:
                 accepted=accepted, optimizer_state=opt,
                 counters={str(k): int(v) for k, v in meta["counters"].items()},
                 round_started_at=float(meta["round_started_at"]), stats=meta["stats"],
-                history=list(meta["history"]), buffer=buffer,
+                history=list(meta["history"]), buffer=buffer, sites=_load_sites(meta.get("sites", {})),
             )
         except StateError:
             raise
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise StateError(f"inconsistent state in {path}: {exc!r}") from exc
+
+
+def _load_sites(raw: Any) -> dict[str, dict[str, Any]]:
+    """The per-site ledger from the JSON meta, normalised (missing keys take their defaults)."""
+    if not isinstance(raw, dict):
+        raise StateError("sites must be an object")
+    out: dict[str, dict[str, Any]] = {}
+    for name, e in raw.items():
+        if not isinstance(e, dict) or not isinstance(e.get("rejected", {}), dict):
+            raise StateError(f"ledger entry of site {name!r} must be an object")
+        last_round, last_at = e.get("last_round"), e.get("last_at")
+        out[str(name)] = {
+            "samples": int(e.get("samples", 0)), "rounds": int(e.get("rounds", 0)),
+            "last_round": None if last_round is None else int(last_round),
+            "last_at": None if last_at is None else float(last_at),
+            "rejected": {str(k): int(v) for k, v in e.get("rejected", {}).items()},
+        }
+    return out
 
 
 def _load_buffer(metas: list[dict[str, Any]], payload: np.ndarray, n: int) -> list[BufferedUpdate]:

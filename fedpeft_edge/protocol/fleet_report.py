@@ -10,7 +10,7 @@ collections, identifiers checked), like every other notice.
      "late_policy":"drop","accepted":1,"participants":["site-1"],"spec":"4f1c...","bundle":null,
      "version":"0.1.0","n_params":74504,
      "sites":{"site-1":{"rounds":3,"samples":1200,"last_round":2,"last_at":1764589999.0,
-                        "rejected":{"stale_round":1}}},
+                        "rejected":{"excluded":1}}},
      "history":[{"round":2,"participants":4,"loss":0.81,"accuracy":0.72,"eval_accuracy":0.70,
                  "bytes_in":62000,"bytes_out":300000,"duration_s":41.2,"closed_at":1764589990.0}]}
 

@@ -65,6 +65,7 @@ from fedpeft_edge.site.config import AgentConfig
 from fedpeft_edge.site.control import OperatorPause
 from fedpeft_edge.site.encoder import UpdateEncoder
 from fedpeft_edge.site.governor import Governor
+from fedpeft_edge.site.info_card import InfoCard
 from fedpeft_edge.site.metrics import AgentMetrics
 from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
@@ -137,6 +138,7 @@ class EdgeAgent:
         self._final_round: int | None = None  # a finished federation's final round (exit_after_final off)
         self.transport: MqttTransport | None = None
         self.bundle_gate = BundleGate(bundle_id)  # the fleet's bundle against ours (site/bundle_setup.py)
+        self.info_card = InfoCard(self.client_id, bundle_id)  # retained on info/<site> (site/info_card.py)
         self.metrics = AgentMetrics.for_agent(self)  # local Prometheus: HTTP, textfile (site/metrics.py)
         self._load_state()
 
@@ -192,6 +194,7 @@ class EdgeAgent:
         state, detail = self._status_now if self._status_now[0] in ("paused", "done") else ("online", "")
         transport.publish(self.topics.status(self.client_id),
                           self._status(state, self.last_global_round, detail), retain=True)
+        self.info_card.publish(transport, self.topics, self.spec_hash, self.limits)
 
     def _send(self, out: OutboxEntry, why: str = "new") -> None:
         assert self.transport is not None
@@ -300,6 +303,8 @@ class EdgeAgent:
         if self.spec_hash is None:
             self.spec_hash = g.spec_hash  # no bundle told us: adopt the aggregator's and pin it
             log.info("adopting spec hash %s from the aggregator", g.spec_hash)
+            if self.transport is not None:  # the card said no spec yet
+                self.info_card.publish(self.transport, self.topics, self.spec_hash, self.limits)
         elif g.spec_hash != self.spec_hash:
             raise InvalidValueError(f"global spec hash {g.spec_hash} differs from ours {self.spec_hash}")
 

@@ -60,6 +60,31 @@ def test_site_cannot_read_other_updates_but_reads_global(plant_broker: BrokerHan
             c.close()
 
 
+def test_site_cannot_forge_the_federation_report_or_another_sites_info(plant_broker: BrokerHandle,
+                                                                        plant_pki: PlantPki) -> None:
+    """fedpeft/<fleet>/federation is the aggregator's, fedpeft/<fleet>/info/<site> that site's own."""
+    agg = plant_client(plant_broker, plant_pki, "aggregator")
+    site_a = plant_client(plant_broker, plant_pki, "site-a")
+    site_b = plant_client(plant_broker, plant_pki, "site-b")
+    for c in (agg, site_a, site_b):
+        c.connect(10)
+    try:
+        agg.subscribe(T.federation)
+        site_a.subscribe(T.info("site-a"))
+        time.sleep(0.3)  # SUBACK
+        assert site_a.publish(T.federation, b"forged report").wait(5)
+        assert site_b.publish(T.info("site-a"), b"forged card").wait(5)
+        assert agg.publish(T.federation, b"genuine report").wait(5)
+        assert site_a.publish(T.info("site-a"), b"genuine card").wait(5)
+        got = drain(agg, 1.0) + drain(site_a, 0.2)
+        assert (T.federation, b"genuine report") in got  # the positive controls
+        assert (T.info("site-a"), b"genuine card") in got
+        assert all(payload not in (b"forged report", b"forged card") for _, payload in got)
+    finally:
+        for c in (agg, site_a, site_b):
+            c.close()
+
+
 def test_wrong_password_is_refused(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
     bad = plant_client(plant_broker, plant_pki, "site-a", password="not-the-password")
     with pytest.raises(TransportError, match="refused"):

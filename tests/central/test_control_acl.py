@@ -38,6 +38,47 @@ def test_generated_acl_has_the_control_rules(operator_plant: tuple[BrokerHandle,
     assert "{fleet}" not in acl
 
 
+def test_generated_acl_has_the_report_and_info_rules(operator_plant: tuple[BrokerHandle, PlantPki]) -> None:
+    broker, _ = operator_plant
+    acl = (Path(broker.data_dir) / "acl.conf").read_text()
+    assert f"topic readwrite fedpeft/{PLANT_FLEET}/federation" in acl  # the aggregator block
+    assert f"topic read fedpeft/{PLANT_FLEET}/federation" in acl  # the operator block
+    assert f"topic read fedpeft/{PLANT_FLEET}/info/+" in acl
+    assert f"pattern readwrite fedpeft/{PLANT_FLEET}/info/%u" in acl  # every site, its own card
+
+
+@pytest.mark.slow  # a plant broker with its own PKI
+def test_operator_reads_the_report_and_every_info_card(operator_plant: tuple[BrokerHandle, PlantPki]
+                                                       ) -> None:
+    broker, pki = operator_plant
+    agg, site_a, site_b = (plant_client(broker, pki, u) for u in ("aggregator", "site-a", "site-b"))
+    for c in (agg, site_a, site_b):
+        c.connect(10)
+    op = plant_client(broker, pki, "operator")
+    try:
+        # Retained before the operator subscribes: what the console finds when it starts.
+        assert agg.publish(T.federation, b"report", retain=True).wait(5)
+        assert site_a.publish(T.info("site-a"), b"card a", retain=True).wait(5)
+        assert site_b.publish(T.info("site-b"), b"card b", retain=True).wait(5)
+        assert site_a.publish(T.federation, b"forged report", retain=True).wait(5)  # dropped
+        assert site_a.publish(T.info("site-b"), b"forged card", retain=True).wait(5)  # dropped
+        op.subscribe(T.federation)
+        op.subscribe(T.info_filter)
+        op.connect(10)
+        got = dict(drain(op, 1.0))
+        assert got == {T.federation: b"report", T.info("site-a"): b"card a", T.info("site-b"): b"card b"}
+        # A site reads neither the report nor the other cards.
+        site_b.subscribe(T.federation)
+        site_b.subscribe(T.info_filter)
+        time.sleep(0.3)
+        assert all(topic == T.info("site-b") for topic, _ in drain(site_b, 0.5))
+    finally:
+        for c in (agg, site_a, site_b):
+            c.publish(T.federation if c is agg else T.info(c.cfg.client_id), b"", retain=True).wait(5)
+            c.close()
+        op.close()
+
+
 @pytest.mark.slow  # a plant broker with its own PKI
 def test_only_the_operator_may_publish_control(operator_plant: tuple[BrokerHandle, PlantPki]) -> None:
     broker, pki = operator_plant
