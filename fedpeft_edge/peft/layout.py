@@ -44,6 +44,11 @@ class FlatLayout:
             off += slot.size
         return cls(tuple(slots))
 
+    @property
+    def segments(self) -> tuple[tuple[int, int], ...]:
+        """(offset, size) of every tensor, in order: the codec's per-tensor top-k works on these."""
+        return tuple((s.offset, s.size) for s in self.slots)
+
     def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Views (no copies) of ``flat`` per tensor."""
         if flat.shape != (self.total,):

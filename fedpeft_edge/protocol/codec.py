@@ -35,6 +35,7 @@ validity and finite scales/values before any accumulator is touched, and raises
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -52,6 +53,7 @@ from fedpeft_edge.runtime.errors import InvalidValueError, NonFiniteError
 from fedpeft_edge.runtime.names import CODEC_MODES, DENSE_CODEC_MODES, SPARSE_CODEC_MODES
 
 MODES: Final = CODEC_MODES
+TOPK_SCOPES: Final = ("vector", "tensor")
 DENSE_MODES: Final = DENSE_CODEC_MODES
 SPARSE_MODES: Final = SPARSE_CODEC_MODES
 INDEX_CODINGS: Final = ("none", "varint", "bitmap")
@@ -81,6 +83,18 @@ class CodecConfig:
 
     ``error_feedback`` keeps what was not sent (top-k remainder, int8 rounding) for the next round; it
     applies to every lossy mode (``fp32`` is lossless and never has a residual).
+
+    Top-k tools (docs/experiments.md measures each; all change only what a site selects, never the wire
+    format, so the aggregator needs nothing):
+
+    - ``topk_scope = "tensor"`` selects ``topk_ratio`` of every trainable tensor rather than of the whole
+      vector: a tensor whose values are small (LoRA's A and B next to the classifier head) still moves.
+    - ``warmup_rounds`` starts at ``warmup_start_ratio`` and shrinks the ratio exponentially to
+      ``topk_ratio`` over that many messages (DGC's sparsity warm-up): the first rounds, where the model
+      moves most, lose least.
+    - ``momentum`` (DGC's momentum correction, 0 = off): the site accumulates a velocity
+      ``v = momentum·v + delta`` and feeds ``v`` to error feedback instead of ``delta``; the velocity of
+      the values sent is cleared (momentum factor masking).
     """
 
     mode: str = "topk_int8"
@@ -88,6 +102,10 @@ class CodecConfig:
     block: int = 256
     stochastic_rounding: bool = False
     error_feedback: bool = True
+    topk_scope: str = "vector"  # vector | tensor
+    warmup_rounds: int = 0
+    warmup_start_ratio: float = 0.25
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -96,6 +114,26 @@ class CodecConfig:
             raise InvalidValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or not 1 <= self.block <= 65536:
             raise InvalidValueError(f"block must be an int in [1, 65536], got {self.block!r}")
+        if self.topk_scope not in TOPK_SCOPES:
+            raise InvalidValueError(f"topk_scope must be one of {TOPK_SCOPES}, got {self.topk_scope!r}")
+        if isinstance(self.warmup_rounds, bool) or not isinstance(self.warmup_rounds, int) or \
+                not 0 <= self.warmup_rounds <= 1000:
+            raise InvalidValueError(f"warmup_rounds must be an int in [0, 1000], got {self.warmup_rounds!r}")
+        low = float(self.topk_ratio) if self.warmup_rounds else 0.0  # a warm-up starts above its target
+        if not (isinstance(self.warmup_start_ratio, float | int)
+                and low <= float(self.warmup_start_ratio) <= 1.0):
+            raise InvalidValueError("warmup_start_ratio must be in [topk_ratio, 1], got "
+                                    f"{self.warmup_start_ratio!r}")
+        if not (isinstance(self.momentum, float | int) and 0.0 <= float(self.momentum) < 1.0):
+            raise InvalidValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+
+    def ratio_at(self, message: int) -> float:
+        """The top-k ratio of the ``message``-th update a site encodes (0-based): the warm-up schedule."""
+        w = self.warmup_rounds
+        if w <= 0 or message >= w:
+            return float(self.topk_ratio)
+        start, end = float(self.warmup_start_ratio), float(self.topk_ratio)
+        return float(start * (end / start) ** (message / w))
 
     def k_for(self, n: int) -> int:
         """Values sent per message for a vector of ``n`` parameters (``n`` for dense modes)."""
@@ -170,12 +208,16 @@ def expected_payload_len(mode: str, n: int, k: int, block: int, index_nbytes: in
 
 
 def encode_vector(u: np.ndarray, cfg: CodecConfig, *, residual: np.ndarray | None = None,
-                  stochastic_seed: int | None = None) -> tuple[EncodedUpdate, np.ndarray | None]:
+                  stochastic_seed: int | None = None, ratio: float | None = None,
+                  segments: Sequence[tuple[int, int]] | None = None
+                  ) -> tuple[EncodedUpdate, np.ndarray | None]:
     """Encode float32 ``u`` with ``cfg``; returns the message and the new error-feedback residual.
 
     ``residual`` (float32[n], or None for no error feedback) is what earlier messages did not send; it is
     added before selection and never modified in place on failure (a NonFiniteError leaves it intact). The
     returned residual is None when there is none to keep (fp32, or error feedback off).
+    ``ratio`` overrides ``cfg.topk_ratio`` (the warm-up schedule); ``segments`` ((offset, length) of each
+    tensor, in order, covering the vector) makes top-k select per tensor (``topk_scope = "tensor"``).
     """
     n = int(u.size)
     if cfg.mode == "fp32":
@@ -194,11 +236,16 @@ def encode_vector(u: np.ndarray, cfg: CodecConfig, *, residual: np.ndarray | Non
         payload = scales.astype(_F32, copy=False).tobytes() + q.tobytes()
         return EncodedUpdate("int8", n, n, cfg.block, "none", 0, payload), new_res
 
-    k = cfg.k_for(n)
     base = residual if ef else np.zeros(n, dtype=np.float32)
     # topk_ef validates finiteness before writing; a NonFiniteError leaves the residual intact.
     new_res = np.empty(n, dtype=np.float32)
-    idx, vals, new_res = kernels.topk_ef(u, base, k, out_residual=new_res)
+    r = float(cfg.topk_ratio if ratio is None else ratio)
+    if segments is None:
+        k = min(n, max(1, round(r * n)))
+        idx, vals, new_res = kernels.topk_ef(u, base, k, out_residual=new_res)
+    else:
+        idx, vals = _topk_per_segment(u, base, r, segments, new_res)
+        k = int(idx.size)
     coding, index_bytes = encode_indices(idx, n)
     if cfg.mode == "topk_fp32":
         payload = vals.astype(_F32, copy=False).tobytes() + index_bytes
@@ -211,6 +258,27 @@ def encode_vector(u: np.ndarray, cfg: CodecConfig, *, residual: np.ndarray | Non
         payload = scales.astype(_F32, copy=False).tobytes() + index_bytes + q.tobytes()
         block = cfg.block
     return EncodedUpdate(cfg.mode, n, k, block, coding, len(index_bytes), payload), (new_res if ef else None)
+
+
+def _topk_per_segment(u: np.ndarray, base: np.ndarray, ratio: float, segments: Sequence[tuple[int, int]],
+                      out_residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k with error feedback inside each segment (tensor); indices stay global and increasing."""
+    n = int(u.size)
+    if not kernels.all_finite(u):  # before writing anything: the caller's residual stays intact
+        raise NonFiniteError("delta holds NaN/Inf")
+    idx_parts, val_parts, end = [], [], 0
+    for off, length in segments:
+        if off != end or length <= 0:
+            raise InvalidValueError("segments must be contiguous, in order, and non-empty")
+        end = off + length
+        k = min(length, max(1, round(ratio * length)))
+        seg = slice(off, end)
+        i, v, _ = kernels.topk_ef(u[seg], base[seg], k, out_residual=out_residual[seg])
+        idx_parts.append(i.astype(np.uint32) + np.uint32(off))
+        val_parts.append(v)
+    if end != n:
+        raise InvalidValueError(f"segments cover {end} of {n} values")
+    return np.concatenate(idx_parts), np.concatenate(val_parts)
 
 
 # --------------------------------------------------------------------------------------------------

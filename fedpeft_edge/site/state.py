@@ -209,10 +209,11 @@ class SiteStateFiles:
         if not path.exists():
             return None
         try:
-            # residual (4 bytes per parameter) + rng + round + zip overhead; more is damage
-            arrays = read_npz(path, max_bytes=4 * encoder.n_params + (1 << 16))
+            # residual and velocity (4 bytes a parameter each) + rng + counters + zip overhead; more: damage
+            arrays = read_npz(path, max_bytes=8 * encoder.n_params + (1 << 16))
             # Validate on a scratch encoder: the real one is only touched once the choice is made.
-            UpdateEncoder(encoder.config, encoder.n_params).load_state_arrays(arrays)
+            scratch = UpdateEncoder(encoder.config, encoder.n_params, segments=encoder.segments)
+            scratch.load_state_arrays(arrays)
             if arrays["rng"].dtype.kind not in "iu":
                 raise InvalidValueError(f"rng state has dtype {arrays['rng'].dtype}")
             rnd = None
