@@ -24,6 +24,11 @@ clipped to a multiple of the round's median update norm and its claimed samples 
 the round's median claim (:mod:`fedpeft_edge.central.robust` explains the design). Weights reported at
 offer time (``Decision.weight``, :attr:`AggregatorCore.round_sum`) are therefore provisional.
 
+With ``aggregation = "fednova"`` the running sum holds each update divided by its claimed local steps τ_i
+(read from the update's own ``steps`` metric, so the factor is fixed by the message itself and a
+redelivery changes nothing) and the state adds ``Σ w_i·τ_i`` beside ``Σ w_i``, in the same atomic file;
+at close the mean is multiplied by ``τ_eff`` (central/accumulator.py, central/policy.py).
+
 :class:`AggregatorCore` applies the policy of an :class:`AggregatorConfig`; the MQTT service loop
 drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a timer,
 ``close_round(now)`` → publish the new global.
@@ -45,7 +50,14 @@ from fedpeft_edge import kernels
 from fedpeft_edge.central.accumulator import RoundAccumulator
 from fedpeft_edge.central.decision import ACCEPTED, BUFFER_FULL, DUPLICATE, LATE, REJECTED, Decision
 from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
-from fedpeft_edge.central.robust import BufferedUpdate, RoundPlan, plan_round, weighted_metrics
+from fedpeft_edge.central.robust import (
+    MAX_CLAIMED_STEPS,
+    BufferedUpdate,
+    RoundPlan,
+    claimed_steps,
+    plan_round,
+    weighted_metrics,
+)
 from fedpeft_edge.central.store import HISTORY_KEEP, RoundState, StateError, new_round_stats
 from fedpeft_edge.central.strategy import (
     NormBound,
@@ -117,6 +129,7 @@ class AggregatorCore:
         self._acc = RoundAccumulator(config.n_params)
         self._acc.sum = self._state.acc_sum  # shared buffer: the state always holds the live sum
         self._acc.total_weight, self._acc.count = self._state.acc_total_weight, self._state.acc_count
+        self._acc.steps_weight = self._state.acc_steps_weight
         self._buffer_nbytes = self._state.buffer_nbytes  # running total: the cap is checked per offer
         self._untracked_logged = False  # the per-site ledger is full: said once
 
@@ -319,6 +332,17 @@ class AggregatorCore:
         if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
             return self.note_rejected("overflow", nbytes or 0,
                                       f"weight x norm {mass:.4g} would overflow the sum", who)
+        if cfg.aggregation == "fednova" and scale * norm * MAX_CLAIMED_STEPS > MAX_WEIGHTED_NORM:
+            # FedNova's mean is at most τ_max × the largest norm/τ_i: this keeps it inside float32 too
+            return self.note_rejected("overflow", nbytes or 0,
+                                      f"norm {scale * norm:.4g} would overflow FedNova's aggregate", who)
+        steps = 1.0  # τ_i: FedAvg counts every update as one unit of work
+        if cfg.aggregation == "fednova":
+            claim = claimed_steps(msg.metrics)
+            if claim is None:  # provisional: the close-time plan gives it the round's median claim
+                log.info("update of %s for round %d has no valid step count (%r): counted as 1 step for now, "
+                         "as the round's median at close", msg.client_id, msg.round, msg.metrics.get("steps"))
+            steps = 1.0 if claim is None else claim
         entry = None
         if cfg.buffers_updates:
             if self._buffer_nbytes + msg.update.nbytes > cfg.max_round_buffer_bytes:
@@ -328,11 +352,11 @@ class AggregatorCore:
                                           f"{cfg.max_round_buffer_bytes}", who)
             finite = {k: float(v) for k, v in msg.metrics.items() if math.isfinite(v)}
             entry = BufferedUpdate(msg.client_id, msg.round, _immutable(msg.update), samples, stale_factor,
-                                   weight, scale, norm, finite)
+                                   weight, scale, norm, finite, steps)
 
         self._ensure_usable()
         try:
-            self._commit_offer(msg, key, parsed, weight, scale, mass, staleness, nbytes, entry, now)
+            self._commit_offer(msg, key, parsed, weight, scale, steps, mass, staleness, nbytes, entry, now)
         except BaseException as exc:
             # Half-applied: memory no longer matches any consistent state. Refuse to persist it; the
             # caller must not acknowledge and should restart from disk (the broker redelivers).
@@ -350,7 +374,7 @@ class AggregatorCore:
             raise StateError("round state was left inconsistent by an earlier failure; restart from disk")
 
     def _commit_offer(self, msg: UpdateMessage, key: tuple[str, int], parsed: Any, weight: float,
-                      scale: float, mass: float, staleness: int, nbytes: int | None,
+                      scale: float, steps: float, mass: float, staleness: int, nbytes: int | None,
                       entry: BufferedUpdate | None, now: float) -> None:
         """The mutating part of :meth:`offer` (everything before it only validates)."""
         st = self._state
@@ -360,8 +384,9 @@ class AggregatorCore:
             if msg.client_id not in st.stats["participants"]:
                 site["rounds"] += 1  # a site counted twice in one round (stale_weighted) adds one round
             site["last_round"], site["last_at"] = msg.round, now
-        self._acc.accumulate(parsed, weight, scale)
+        self._acc.accumulate(parsed, weight, scale, steps)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
+        st.acc_steps_weight = self._acc.steps_weight
         if entry is not None:
             st.buffer.append(entry)
             self._buffer_nbytes += entry.nbytes
@@ -415,17 +440,21 @@ class AggregatorCore:
             return None
         return plan_round(buf, norm_multiplier=cfg.norm_median_multiplier, norm_mode=cfg.norm_mode,
                           samples_multiplier=cfg.samples_median_multiplier, weighting=cfg.weighting,
-                          norm_reject_multiplier=cfg.norm_reject_multiplier)
+                          norm_reject_multiplier=cfg.norm_reject_multiplier, aggregation=cfg.aggregation,
+                          steps_multiplier=cfg.steps_median_multiplier)
 
-    def _round_mean(self, plan: RoundPlan | None) -> tuple[np.ndarray, float]:
-        """The round's weighted mean update and its total weight, under ``plan``."""
+    def _round_mean(self, plan: RoundPlan | None) -> tuple[np.ndarray, float, float]:
+        """The round's aggregate update (FedAvg's weighted mean, or FedNova's ``τ_eff·Σ p_i·d_i/Σ p_i``),
+        its total weight and τ_eff, under ``plan``."""
         if plan is None or not plan.binds(self._state.buffer):
-            return self._acc.mean(), self._acc.total_weight  # the running sum is already the answer
-        acc = RoundAccumulator(self.config.n_params)
-        for e, w, s, inc in zip(self._state.buffer, plan.weights, plan.scales, plan.included, strict=True):
-            if inc:
-                acc.accumulate(e.update, w, s)
-        return acc.mean(), acc.total_weight
+            acc = self._acc  # the running sum is already the answer
+        else:
+            acc = RoundAccumulator(self.config.n_params)
+            for e, w, s, inc, t in zip(self._state.buffer, plan.weights, plan.scales, plan.included,
+                                       plan.steps, strict=True):
+                if inc:
+                    acc.accumulate(e.update, w, s, t)
+        return acc.normalised_mean(), acc.total_weight, acc.effective_steps
 
     def close_round(self, now: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Apply the close-time bounds and the server optimiser to the round's weighted mean, open the
@@ -442,7 +471,7 @@ class AggregatorCore:
         now = time.time() if now is None else now
         st = self._state
         plan = self._plan()
-        mean, total_weight = self._round_mean(plan)
+        mean, total_weight, tau_eff = self._round_mean(plan)
         before = self._optimizer.state_arrays()
         new_global = self._optimizer.step(st.global_vec, mean)
         if not kernels.all_finite(new_global):
@@ -462,6 +491,8 @@ class AggregatorCore:
             "server_optimizer": self._optimizer.name,
             "adaptive": plan is not None,
         }
+        if self.config.aggregation == "fednova":
+            metrics.update(aggregation="fednova", effective_steps=tau_eff)
         if plan is not None:
             metrics.update(plan.stats())
             # a liar's claimed samples must not dominate the reported loss/accuracy either
@@ -476,7 +507,7 @@ class AggregatorCore:
         st.global_vec = new_global
         st.round += 1
         self._acc.reset()
-        st.acc_total_weight, st.acc_count = 0.0, 0
+        st.acc_total_weight, st.acc_count, st.acc_steps_weight = 0.0, 0, 0.0
         st.buffer = []
         self._buffer_nbytes = 0
         st.stats = new_round_stats()
@@ -516,6 +547,7 @@ class AggregatorCore:
         self._optimizer = self._restore_optimizer(loaded)
         self._acc.sum = loaded.acc_sum
         self._acc.total_weight, self._acc.count = loaded.acc_total_weight, loaded.acc_count
+        self._acc.steps_weight = loaded.acc_steps_weight
         self._buffer_nbytes = loaded.buffer_nbytes
 
     def _store_optimizer(self) -> None:

@@ -47,6 +47,19 @@ class RoundPolicy:
     0 turns each off. For that the core buffers the round's accepted updates (persisted with the round
     state), at most ``max_round_buffer_bytes`` of payload; an update beyond it is refused
     (``round_buffer_full``) and the round is ready to close.
+
+    ``aggregation`` is how the round's accepted updates are combined before ``server_optimizer`` moves
+    the global: ``"fedavg"``, their weighted mean; ``"fednova"`` (Wang et al. 2020, "Tackling the
+    Objective Inconsistency Problem in Heterogeneous Federated Optimization"), each update ``Δ_i`` divided
+    by its local steps ``τ_i`` (the ``steps`` metric every agent sends), ``d_i = Δ_i/τ_i``, and the
+    aggregate ``τ_eff · Σ p_i·d_i / Σ p_i`` with ``τ_eff = Σ p_i·τ_i / Σ p_i`` and ``p_i`` the weight
+    above (samples, staleness). Then sites that did more steps in the round (faster CPU, longer
+    ``time_budget_s``) do not pull the global toward their own optimum; with equal τ it is FedAvg. The
+    result is exact FedNova for local solvers that are vanilla SGD; the sites' optimizer is usually AdamW,
+    whose per-step moves are not proportional to a fixed step size, so there the normalisation is a
+    heuristic that corrects the first-order effect of unequal step counts, not a derived identity.
+    FedNova keeps the round buffer (central/robust.py): a missing or invalid step count takes the round's
+    median claim, and a claim above ``steps_median_multiplier`` × that median counts as that (0: off).
     """
 
     min_clients: int = 1
@@ -66,6 +79,8 @@ class RoundPolicy:
     norm_reject_multiplier: float = 10.0  # leave out above this × that median, even with "clip"; 0 = never
     samples_median_multiplier: float = 1.0  # count at most this × the round's median claimed samples; 0 = off
     max_round_buffer_bytes: int = 64 * 1024 * 1024  # payload bytes of one round's buffered updates
+    aggregation: str = "fedavg"  # "fednova": each update normalised by its local steps (see above)
+    steps_median_multiplier: float = 2.0  # fednova: count at most this × the round's median steps; 0 = off
     global_mode: str = "fp32"  # downlink codec of the global adapter (codec.encode_global)
     # The sites this federation counts. None: any account the broker lets publish an update topic — and
     # Mosquitto ACL patterns give every account, service accounts included, its own update topic.
@@ -84,6 +99,10 @@ class RoundPolicy:
         _multiplier("norm_median_multiplier", self.norm_median_multiplier)
         _multiplier("samples_median_multiplier", self.samples_median_multiplier)
         _multiplier("norm_reject_multiplier", self.norm_reject_multiplier)
+        _multiplier("steps_median_multiplier", self.steps_median_multiplier)
+        if self.aggregation not in names.AGGREGATIONS:
+            raise InvalidValueError(f"aggregation must be one of {names.AGGREGATIONS}, "
+                                    f"got {self.aggregation!r}")
         if 0 < self.norm_reject_multiplier < self.norm_median_multiplier:
             raise InvalidValueError("norm_reject_multiplier must be 0 or >= norm_median_multiplier")
         if self.quorum < self.min_clients:
@@ -121,8 +140,9 @@ class RoundPolicy:
 
     @property
     def buffers_updates(self) -> bool:
-        """Whether a close-time bound is on, so the round's updates must be kept until it closes."""
-        return self.norm_median_multiplier > 0 or (
+        """Whether a close-time bound is on (or FedNova, which decides each update's τ at close), so the
+        round's updates must be kept until it closes."""
+        return self.norm_median_multiplier > 0 or self.aggregation == "fednova" or (
             self.samples_median_multiplier > 0 and self.weighting == "samples")
 
 

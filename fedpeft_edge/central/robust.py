@@ -47,16 +47,39 @@ factor on the update's weight in ``accumulate_into``, norms come from ``update_l
   came) closes on the running sum alone, bounds skipped for that round (metric ``adaptive: false``).
 * Every update of the round at hand is also what coordinate-wise median, trimmed mean or Krum need; they
   would plug in at :func:`plan_round` and the close-time aggregation.
+
+**FedNova** (``aggregation = "fednova"``, central/policy.py) also decides here, and always keeps the buffer.
+Each update ``Δ_i`` counts as ``d_i = Δ_i/τ_i`` with τ_i its claimed local steps (the ``steps`` metric,
+:func:`claimed_steps`), and the round's mean of the ``d_i`` is multiplied back by ``τ_eff = Σ p_i·τ_i /
+Σ p_i`` (central/accumulator.py). The running sum uses the claim as it came (a missing or invalid claim
+provisionally as τ = 1); at close a missing or invalid claim takes the round's upper median of the valid
+claims (1 if there is none; metric ``steps_substituted``), and a claim above ``steps_median_multiplier ×``
+that median counts as that (``steps_capped``): a site claiming 10^9 steps would otherwise multiply
+τ_eff, i.e. the whole round's step, by its share of 10^9. A site claiming too few steps makes its ``d_i``
+large instead; the adaptive norm bound therefore bounds the normalised norms ``norm_i·scale_i/τ_i``
+(what each update weighs in FedNova's sum), so it weighs at most like a site with twice the median
+normalised update.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from fedpeft_edge.protocol.codec import EncodedUpdate
+
+MAX_CLAIMED_STEPS: Final = 1_000_000  # a round of more local steps than this is no plausible claim
+
+
+def claimed_steps(metrics: Mapping[str, float]) -> float | None:
+    """The local steps an update claims (its ``steps`` metric) if usable for FedNova: a finite number in
+    ``[1, MAX_CLAIMED_STEPS]``; else None (missing or invalid)."""
+    val = metrics.get("steps")
+    if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val):
+        return None
+    return float(val) if 1.0 <= val <= MAX_CLAIMED_STEPS else None
 
 
 def lower_median(values: Sequence[float]) -> float:
@@ -80,7 +103,8 @@ class BufferedUpdate:
     ``samples`` is the claimed count after the absolute ``max_samples_weight`` cap; ``weight`` the
     provisional weight it got in the running sum (``samples·stale_factor``, or ``stale_factor`` with uniform
     weighting); ``scale`` the fixed ``norm_bound`` clip factor already applied there; ``norm`` the L2 norm
-    of the decoded update before any clipping.
+    of the decoded update before any clipping; ``steps`` the τ_i the running sum divided it by (1 under
+    FedAvg; the claimed steps, or 1 when missing, under FedNova).
     """
 
     client_id: str
@@ -92,6 +116,7 @@ class BufferedUpdate:
     scale: float
     norm: float
     metrics: dict[str, float] = field(default_factory=dict)
+    steps: float = 1.0
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +128,8 @@ class BufferedUpdate:
         return {"client": self.client_id, "round": self.round, "mode": u.mode, "n": u.n, "k": u.k,
                 "block": u.block, "index_coding": u.index_coding, "index_nbytes": u.index_nbytes,
                 "nbytes": len(u.payload), "samples": self.samples, "stale_factor": self.stale_factor,
-                "weight": self.weight, "scale": self.scale, "norm": self.norm, "metrics": self.metrics}
+                "weight": self.weight, "scale": self.scale, "norm": self.norm, "metrics": self.metrics,
+                "steps": self.steps}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], payload: bytes) -> BufferedUpdate:
@@ -111,16 +137,18 @@ class BufferedUpdate:
                             str(meta["index_coding"]), int(meta["index_nbytes"]), payload)
         return cls(str(meta["client"]), int(meta["round"]), enc, int(meta["samples"]),
                    float(meta["stale_factor"]), float(meta["weight"]), float(meta["scale"]),
-                   float(meta["norm"]), {str(k): float(v) for k, v in meta["metrics"].items()})
+                   float(meta["norm"]), {str(k): float(v) for k, v in meta["metrics"].items()},
+                   float(meta.get("steps", 1.0)))  # a state before FedNova: counted as τ = 1
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """Final weight and clip factor of every buffered update (``included[i]`` False: left out)."""
+    """Final weight, clip factor and τ of every buffered update (``included[i]`` False: left out)."""
 
     weights: list[float]
     scales: list[float]
     included: list[bool]
+    steps: list[float]  # τ_i FedNova normalises by (all 1 under FedAvg)
     norm_median: float | None = None  # None: bound off (or no non-zero update)
     norm_cap: float | None = None
     samples_median: float | None = None
@@ -128,31 +156,69 @@ class RoundPlan:
     clipped: int = 0  # updates the adaptive bound scaled down
     excluded: int = 0  # updates the adaptive bound left out (norm_mode="reject")
     weight_capped: int = 0  # updates whose claimed samples were cut to the cap
+    fednova: bool = False
+    steps_median: float | None = None  # FedNova: upper median of the valid step claims
+    steps_cap: float | None = None
+    steps_capped: int = 0  # claims cut to the cap
+    steps_substituted: int = 0  # missing or invalid claims that took the median (or 1)
 
     def binds(self, entries: Sequence[BufferedUpdate]) -> bool:
         """True if any update's final factor differs from what the running sum used."""
-        return any(not inc or w != e.weight or s != e.scale
-                   for e, w, s, inc in zip(entries, self.weights, self.scales, self.included, strict=True))
+        return any(not inc or w != e.weight or s != e.scale or t != e.steps
+                   for e, w, s, inc, t in zip(entries, self.weights, self.scales, self.included, self.steps,
+                                              strict=True))
 
     def stats(self) -> dict[str, Any]:
         """The plan's figures for the round metrics (JSON-able, finite or None)."""
-        return {"norm_median": self.norm_median, "norm_cap": self.norm_cap,
-                "samples_median": self.samples_median, "samples_cap": self.samples_cap,
-                "adaptive_clipped": self.clipped, "excluded": self.excluded,
-                "weight_capped": self.weight_capped}
+        out: dict[str, Any] = {
+            "norm_median": self.norm_median, "norm_cap": self.norm_cap,
+            "samples_median": self.samples_median, "samples_cap": self.samples_cap,
+            "adaptive_clipped": self.clipped, "excluded": self.excluded, "weight_capped": self.weight_capped}
+        if self.fednova:
+            out.update(steps_median=self.steps_median, steps_cap=self.steps_cap,
+                       steps_capped=self.steps_capped, steps_substituted=self.steps_substituted)
+        return out
+
+
+def plan_steps(entries: Sequence[BufferedUpdate], multiplier: float
+               ) -> tuple[list[float], float | None, float | None, int, int]:
+    """FedNova's τ_i of a round's updates: ``(steps, median, cap, capped, substituted)`` (module doc)."""
+    claims = [claimed_steps(e.metrics) for e in entries]
+    valid = [c for c in claims if c is not None]
+    t_med = upper_median(valid) if valid else None
+    fallback = t_med if t_med is not None else 1.0
+    steps = [c if c is not None else fallback for c in claims]
+    cap = multiplier * t_med if multiplier > 0 and t_med is not None else None
+    capped = 0
+    if cap is not None:
+        for i, t in enumerate(steps):
+            if t > cap:
+                steps[i] = cap
+                capped += 1
+    return steps, t_med, cap, capped, len(claims) - len(valid)
 
 
 def plan_round(entries: Sequence[BufferedUpdate], *, norm_multiplier: float, norm_mode: str,
-               samples_multiplier: float, weighting: str, norm_reject_multiplier: float = 0.0) -> RoundPlan:
-    """Final weights and clip factors of a round's updates under the adaptive bounds (module docstring).
+               samples_multiplier: float, weighting: str, norm_reject_multiplier: float = 0.0,
+               aggregation: str = "fedavg", steps_multiplier: float = 0.0) -> RoundPlan:
+    """Final weights, clip factors and τ of a round's updates under the adaptive bounds and the
+    aggregation rule (module docstring).
 
-    A multiplier of 0 turns that bound off; ``weighting="uniform"`` makes the weight cap moot.
+    A multiplier of 0 turns that bound off; ``weighting="uniform"`` makes the weight cap moot;
+    ``steps_multiplier`` applies with ``aggregation="fednova"`` only.
     """
     weights = [e.weight for e in entries]
     scales = [e.scale for e in entries]
     included = [True] * len(entries)
+    fednova = aggregation == "fednova"
+    t_med = t_cap = None
+    t_capped = t_subst = 0
+    if fednova:
+        steps, t_med, t_cap, t_capped, t_subst = plan_steps(entries, steps_multiplier)
+    else:
+        steps = [1.0] * len(entries)
     if not entries:
-        return RoundPlan(weights, scales, included)
+        return RoundPlan(weights, scales, included, steps, fednova=fednova)
     s_med = s_cap = None
     capped = 0
     if samples_multiplier > 0 and weighting == "samples":
@@ -165,8 +231,9 @@ def plan_round(entries: Sequence[BufferedUpdate], *, norm_multiplier: float, nor
     n_med = n_cap = None
     clipped = excluded = 0
     if norm_multiplier > 0:
-        # what each update weighs in the sum after the fixed bound: that is what the adaptive one bounds
-        effective = [e.norm * e.scale for e in entries]
+        # what each update weighs in the sum after the fixed bound (per local step under FedNova): that is
+        # what the adaptive one bounds
+        effective = [e.norm * e.scale / t for e, t in zip(entries, steps, strict=True)]
         nonzero = [v for v in effective if v > 0]
         if nonzero:
             n_med = lower_median(nonzero)
@@ -181,7 +248,8 @@ def plan_round(entries: Sequence[BufferedUpdate], *, norm_multiplier: float, nor
                 else:
                     scales[i] = scales[i] * (n_cap / v)
                     clipped += 1
-    return RoundPlan(weights, scales, included, n_med, n_cap, s_med, s_cap, clipped, excluded, capped)
+    return RoundPlan(weights, scales, included, steps, n_med, n_cap, s_med, s_cap, clipped, excluded, capped,
+                     fednova, t_med, t_cap, t_capped, t_subst)
 
 
 def weighted_metrics(entries: Sequence[BufferedUpdate], weights: Sequence[float],
@@ -201,4 +269,5 @@ def weighted_metrics(entries: Sequence[BufferedUpdate], weights: Sequence[float]
     return {name: wsum[name] / wtot[name] for name in wsum if wtot[name] > 0}
 
 
-__all__ = ["BufferedUpdate", "RoundPlan", "lower_median", "plan_round", "upper_median", "weighted_metrics"]
+__all__ = ["MAX_CLAIMED_STEPS", "BufferedUpdate", "RoundPlan", "claimed_steps", "lower_median", "plan_round",
+           "plan_steps", "upper_median", "weighted_metrics"]

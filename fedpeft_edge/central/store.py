@@ -6,7 +6,9 @@ their payloads concatenated in one uint8 array, their fields in the JSON), the s
 counters. It lives in ONE file, ``<dir>/round_state.npz`` (``np.savez``, loaded with
 ``allow_pickle=False``; non-array fields as JSON stored in a uint8 array), replaced atomically
 (:func:`fedpeft_edge.runtime.durable.atomic_file`). A reader sees the old file or the new one, never a
-mix; stray temp files are ignored. Format 1 (before the buffer) still loads, with an empty buffer.
+mix; stray temp files are ignored. Format 1 (before the buffer) still loads, with an empty buffer; format
+2 (before FedNova's steps total ``acc_steps_weight`` = Σ w_i·τ_i) with that total equal to the weight
+total, i.e. every update already counted stands for τ_i = 1 — which is what FedAvg counted it as.
 
 The per-site ledger (``sites``: what the federation report shows of each site) is saved with the rest,
 so it has the core's exactly-once guarantee; a state file written before it existed loads with ``{}``.
@@ -15,6 +17,7 @@ so it has the core's exactly-once guarantee; a state file written before it exis
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -34,8 +37,8 @@ if TYPE_CHECKING:  # only for the type of RoundState.fresh (core imports this mo
     from fedpeft_edge.central.policy import AggregatorConfig
 
 STATE_FILE: Final = "round_state.npz"
-STATE_FORMAT: Final = 2  # 2 added the round buffer
-READABLE_FORMATS: Final = (1, 2)
+STATE_FORMAT: Final = 3  # 2 added the round buffer, 3 the steps total (FedNova)
+READABLE_FORMATS: Final = (1, 2, 3)
 HISTORY_KEEP: Final = 20  # closed-round metrics kept in the state file (it is rewritten on every save)
 
 
@@ -58,6 +61,7 @@ class RoundState:
     acc_sum: np.ndarray
     acc_total_weight: float = 0.0
     acc_count: int = 0
+    acc_steps_weight: float = 0.0  # Σ w_i·τ_i of the open round (= acc_total_weight under FedAvg)
     # (client_id, round the update was trained from) -> round in which it was counted
     accepted: dict[tuple[str, int], int] = field(default_factory=dict)
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
@@ -91,6 +95,7 @@ class RoundState:
         return {
             "format": STATE_FORMAT, "fingerprint": self.fingerprint, "round": self.round,
             "acc_total_weight": self.acc_total_weight, "acc_count": self.acc_count,
+            "acc_steps_weight": self.acc_steps_weight,
             "accepted": [[c, r, at] for (c, r), at in sorted(self.accepted.items())],
             "optimizer_keys": sorted(self.optimizer_state), "counters": self.counters,
             "round_started_at": self.round_started_at, "stats": self.stats, "history": self.history,
@@ -141,9 +146,13 @@ class RoundState:
             buffer = _load_buffer(meta.get("buffer", []), payload, n)
             if len(buffer) > int(meta["acc_count"]):
                 raise StateError("more buffered updates than counted ones")
+            total = float(meta["acc_total_weight"])
+            steps_total = float(meta.get("acc_steps_weight", total))
+            if not (math.isfinite(steps_total) and steps_total >= 0):
+                raise StateError(f"acc_steps_weight must be finite and >= 0, got {steps_total!r}")
             return cls(
                 fingerprint=meta["fingerprint"], round=int(meta["round"]), global_vec=g, acc_sum=acc,
-                acc_total_weight=float(meta["acc_total_weight"]), acc_count=int(meta["acc_count"]),
+                acc_total_weight=total, acc_count=int(meta["acc_count"]), acc_steps_weight=steps_total,
                 accepted=accepted, optimizer_state=opt,
                 counters={str(k): int(v) for k, v in meta["counters"].items()},
                 round_started_at=float(meta["round_started_at"]), stats=meta["stats"],
@@ -186,6 +195,8 @@ def _load_buffer(metas: list[dict[str, Any]], payload: np.ndarray, n: int) -> li
             raise StateError("buffered update lengths exceed the stored payload")
         entry = BufferedUpdate.from_meta(m, raw[offset : offset + size])
         offset += size
+        if not (math.isfinite(entry.steps) and entry.steps > 0):
+            raise StateError(f"buffered update of {entry.client_id} has steps {entry.steps!r}")
         try:
             parse(entry.update, n_params=n)
         except WireFormatError as exc:

@@ -87,6 +87,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="training backend: gradient (default, stock onnxruntime) or ort (ONNX Runtime Training)",
     )
+    g.add_argument("--prox-mu", type=float, default=None,
+                   help="FedProx: the agents' proximal term toward each round's global (default 0: FedAvg)")
     g.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
     g.add_argument(
         "--work-dir", type=Path, default=None, help="where the services keep state (default: temp)"

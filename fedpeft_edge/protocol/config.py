@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import sys
 import types
 import typing
@@ -77,6 +78,15 @@ class TrainerSettings:
     gradient_dir: str | None = None  # a lowered gradient model (kind = "gradient"); else made from bundle_dir
     factory: str | None = None  # "package.module:function" returning (trainer, train_fn, eval_fn)
     options: dict[str, Any] = field(default_factory=dict)
+    # FedProx: mu/2 * ||w - global||^2 added to the local loss, anchored to the round's global adapter
+    # (0: plain local training, FedAvg). Needs a c_* optimizer (the default).
+    prox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        mu = self.prox_mu
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
+            raise InvalidValueError(f"[trainer] prox_mu must be a finite number >= 0, got {mu!r}")
+        self.prox_mu = float(mu)
 
 
 def _type_ok(value: object, hint: Any) -> bool:

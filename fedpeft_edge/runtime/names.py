@@ -20,6 +20,8 @@ SERVER_OPTIMIZERS: Final = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LATE_POLICIES: Final = ("drop", "stale_weighted")  # drop late updates, or count them down-weighted
 NORM_MODES: Final = ("clip", "reject")
 WEIGHTINGS: Final = ("samples", "uniform")
+# central/policy.py: how a round's updates are combined (fednova: normalised by each site's local steps).
+AGGREGATIONS: Final = ("fedavg", "fednova")
 # site/agent.py: what a site does when a newer global arrives while it trains.
 NEWER_GLOBAL_POLICIES: Final = ("finish", "abandon")
 # data/partition.py: how a benchmark dataset is split into sites' shares (demos, experiments).
@@ -28,6 +30,7 @@ PARTITIONS: Final = ("iid", "dirichlet", "group")
 TRAINER_KINDS: Final = ("gradient", "ort", "factory")
 
 __all__ = [
+    "AGGREGATIONS",
     "CODEC_MODES",
     "DENSE_CODEC_MODES",
     "GLOBAL_MODES",

@@ -25,6 +25,12 @@ back) and on a timer (``resend_after_s``, doubling per timer resend up to 8x). T
 update for (client, round) once, so copies are harmless. The final drain waits ``drain_timeout_s`` for
 acknowledgements; what is still waiting stays in the outbox for the next start.
 
+Local work per round: ``local_steps`` / ``local_epochs`` (a fixed amount), or ``time_budget_s``: train
+until that many seconds are used (checked between steps; the data is cycled, ``local_epochs`` does not
+apply), at least ``min_local_steps`` and at most ``local_steps`` if set. A slow device then does fewer
+steps rather than holding its round back; the steps done travel in the update's ``steps`` metric, which
+the aggregator's ``aggregation = "fednova"`` normalises by.
+
 A newer global arriving while training: ``newer_global_policy = "finish"`` (default) completes the
 round and sends the update (the aggregator applies its late-update policy), then moves to the newest
 global; ``"abandon"`` stops training at the next batch and moves on without sending.
@@ -42,6 +48,7 @@ State directory layout::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -61,7 +68,7 @@ from fedpeft_edge.protocol.transport import MqttTransport, Will
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireError
 from fedpeft_edge.runtime.names import NEWER_GLOBAL_POLICIES
 from fedpeft_edge.site.bundle_setup import BundleGate
-from fedpeft_edge.site.config import AgentConfig
+from fedpeft_edge.site.config import AgentConfig, AgentSettings
 from fedpeft_edge.site.control import OperatorPause
 from fedpeft_edge.site.encoder import UpdateEncoder
 from fedpeft_edge.site.governor import Governor
@@ -81,6 +88,22 @@ WAITING_DETAIL = "waiting for a new federation"  # status detail after the final
 
 
 
+
+
+def check_local_work(a: AgentSettings) -> None:
+    """``[agent]`` local work keys: ``time_budget_s`` None or finite > 0, ``min_local_steps`` >= 1 and, with
+    a budget, at most ``local_steps``."""
+    budget = a.time_budget_s
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
+                               or not math.isfinite(budget) or budget <= 0):
+        raise InvalidValueError(
+            f"agent.time_budget_s must be a finite number > 0 (or left out), got {budget!r}")
+    mls = a.min_local_steps
+    if isinstance(mls, bool) or not isinstance(mls, int) or mls < 1:
+        raise InvalidValueError(f"agent.min_local_steps must be an int >= 1, got {mls!r}")
+    steps = a.local_steps
+    if budget is not None and steps is not None and steps < mls:
+        raise InvalidValueError(f"agent.local_steps ({steps}) must be >= min_local_steps ({mls})")
 
 
 @dataclass
@@ -108,6 +131,7 @@ class EdgeAgent:
                 raise InvalidValueError(f"agent.{key} must be a finite number >= 0, got {val!r}")
         if a.resend_after_s <= 0:
             raise InvalidValueError("agent.resend_after_s must be > 0")
+        check_local_work(a)
         self.cfg = config
         self.client_id = a.client_id
         self.trainer = trainer
@@ -122,7 +146,7 @@ class EdgeAgent:
         self.outbox_dir = self.outbox.directory
         self.sent_dir = self.state_dir / "sent"
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.encoder = UpdateEncoder(config.codec, self.n_params)
+        self.encoder = UpdateEncoder(config.codec, self.n_params, segments=trainer.layout.segments)
         self.last_sent_round = -1
         self.last_global_round: int | None = None
         self.rounds_sent: list[int] = []
@@ -132,6 +156,7 @@ class EdgeAgent:
         self.resends = 0  # publishes of an update beyond its first (this run; tests, logs)
         self.ack_counts: Counter[str] = Counter()  # acknowledgements taken, by status
         self._stop = threading.Event()
+        self.clock: Callable[[], float] = time.monotonic  # measures time_budget_s (tests replace it)
         self.governor = Governor.from_settings(config.governor)  # when training may run (site/governor.py)
         self.operator = OperatorPause(self)  # an operator's pause, asked first (site/control.py)
         self._status_now = ("", "")  # (state, detail) last published: "paused" is re-said after others
@@ -310,11 +335,23 @@ class EdgeAgent:
 
     # --- training ---------------------------------------------------------------------------------
     def _batches_until_newer(self, rnd: int) -> Iterator[Batch]:
-        """The local batches, stopping early if a newer global arrives and the policy is 'abandon'."""
-        abandon = self.cfg.agent.newer_global_policy == "abandon"
+        """The local batches, stopping early if a newer global arrives and the policy is 'abandon'.
+
+        With ``time_budget_s``: cycled until the budget (counted from the first batch asked for) is used,
+        checked before each step after the first ``min_local_steps`` (so the last step may overrun it by
+        up to one step's time); the trainer's ``max_steps`` (``local_steps``) still caps. A pause or stop
+        ends the round as without a budget, also below ``min_local_steps``."""
+        a = self.cfg.agent
+        abandon = a.newer_global_policy == "abandon"
+        budget = a.time_budget_s
+        started = self.clock()
         given = 0
-        for _ in range(max(1, int(self.cfg.agent.local_epochs))):
+        epochs: Iterable[int] = (itertools.count() if budget is not None
+                                 else range(max(1, int(a.local_epochs))))
+        for _ in epochs:
+            empty = True
             for batch in self.train_batches_fn():
+                empty = False
                 if abandon:
                     self._poll()
                     if self._latest_global is not None and self._latest_global.round > rnd:
@@ -322,6 +359,9 @@ class EdgeAgent:
                         return
                 if self._stop.is_set():
                     self._abandoned = True
+                    return
+                if budget is not None and given >= a.min_local_steps and self.clock() - started >= budget:
+                    log.info("round %d: time budget of %g s used after %d step(s)", rnd, budget, given)
                     return
                 pause = self.operator.check() or self.governor.check()  # between steps; governor cached
                 if pause is not None:
@@ -332,11 +372,16 @@ class EdgeAgent:
                     return
                 given += 1
                 yield batch
+            if empty:
+                return  # no data at all: nothing to cycle (the round reports no samples)
 
     def _train_round(self, g: wire.GlobalMessage) -> None:
         rnd = g.round
         global_vec = decode_global(g.vector, self.n_params)
         self.trainer.set_flat(global_vec)
+        anchor = getattr(self.trainer, "set_prox_reference", None)
+        if anchor is not None and getattr(self.trainer, "prox_mu", 0.0):
+            anchor(global_vec)  # FedProx ([trainer] prox_mu) pulls toward this global, also after a restart
         self._publish_status("training", rnd)
         log.info("round %d started: training from the global adapter (%d parameters)", rnd, self.n_params)
         metrics: dict[str, float] = {}

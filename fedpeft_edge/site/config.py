@@ -24,6 +24,7 @@ Example::
     [trainer]
     kind = "gradient"                              # the default (stock onnxruntime); "ort": ORT Training
     gradient_dir = "/var/lib/fedpeft/gradient"     # lowered centrally; or bundle_dir, lowered on first start
+    prox_mu = 0.01                                 # optional FedProx term toward the round's global (0: off)
 
     [data]
     path = "/var/lib/fedpeft/site-data.jsonl"   # or: dataset = "20newsgroups" + client_index, num_clients
@@ -66,6 +67,11 @@ class AgentSettings:
     state_dir: str = "fedpeft-state/agent"
     local_epochs: int = 1
     local_steps: int | None = None  # cap on optimizer steps per round (None: full epochs)
+    # Capability-aware local work: train this many seconds per round instead of a fixed amount (checked
+    # between steps; the data is cycled, local_epochs does not apply), at least min_local_steps and at
+    # most local_steps if set. None: the fixed local_steps / local_epochs.
+    time_budget_s: float | None = None
+    min_local_steps: int = 1
     threads: int = 1
     max_rounds: int | None = None  # stop after this many rounds even if the aggregator goes on
     newer_global_policy: str = "finish"  # finish | abandon (a newer global arrived while training)

@@ -62,7 +62,8 @@ def _build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
     gradient model in ``gradient_dir``, or over ``bundle_dir`` lowered once into
     ``<state_dir>/gradient_model`` (lowering needs ORT Training; a device with stock onnxruntime is given
     ``gradient_dir``). ``kind = "ort"``: :class:`OrtTrainer` (ONNX Runtime Training) over ``bundle_dir``.
-    ``options`` are the trainer's keyword options (lr, optimizer, ...). The site's data is
+    ``options`` are the trainer's keyword options (lr, optimizer, ...); ``prox_mu`` (FedProx) is a key of
+    ``[trainer]`` itself, and a factory's trainer must apply it when it is set. The site's data is
     its own file ``data.path`` (labels mapped through ``data.classes``; ``eval_fraction`` held out) or
     its share ``partition(...)[client_index]`` of the benchmark ``data.dataset``; neither gives a setup
     without data (the aggregator only needs the initial adapter). Model inputs are made with the
@@ -78,9 +79,15 @@ def _build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
         setup = getattr(importlib.import_module(mod_name), func_name)(cfg)
         if not isinstance(setup, TrainerSetup):
             raise InvalidValueError(f"{t.factory} must return a TrainerSetup, got {type(setup).__name__}")
+        applied = getattr(setup.trainer, "prox_mu", None)
+        if t.prox_mu and applied != t.prox_mu:  # a FedProx the trainer ignores must not pass silently
+            raise InvalidValueError(f"trainer.prox_mu = {t.prox_mu:g}, but the trainer of {t.factory} does "
+                                    f"not apply it (its prox_mu: {applied!r})")
         return setup
     if t.kind not in TRAINER_KINDS:
         raise InvalidValueError(f"trainer.kind must be one of {TRAINER_KINDS}, not {t.kind!r}")
+    if "prox_mu" in t.options:
+        raise InvalidValueError("trainer.options.prox_mu: set trainer.prox_mu instead")
     trainer: LocalTrainer
     threads = max(1, int(cfg.agent.threads))
     cap = cfg.governor.max_threads  # [governor] max_threads (site/governor.py): the plant keeps its cores
@@ -96,7 +103,7 @@ def _build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
 
         model: Any = ArtifactBundle.load(t.bundle_dir)
         _check_head(cfg, model.spec.head_classes)
-        trainer = OrtTrainer(model, threads=threads, **t.options)
+        trainer = OrtTrainer(model, threads=threads, prox_mu=t.prox_mu, **t.options)
     else:
         if not t.gradient_dir and not t.bundle_dir:
             raise InvalidValueError("kind = 'gradient' needs trainer.gradient_dir (a lowered gradient model) "
@@ -104,7 +111,7 @@ def _build_trainer_setup(cfg: AgentConfig) -> TrainerSetup:
         cfg.data.validate()
         model = gradient_model_for(t, Path(cfg.agent.state_dir))
         _check_head(cfg, model.spec.head_classes)
-        trainer = make_gradient_trainer(model, threads, t.options)
+        trainer = make_gradient_trainer(model, threads, t.options, prox_mu=t.prox_mu)
     d = cfg.data
     if not d.dataset and not d.path:
         return TrainerSetup(trainer, lambda: iter(()), None, model.spec_hash)
@@ -188,14 +195,19 @@ def cached_gradient_model(bundle: Any, folder: Path) -> GradientModel:
 SITE_MICRO_BATCH = 4
 
 
-def make_gradient_trainer(model: GradientModel, threads: int, options: Mapping[str, Any]) -> LocalTrainer:
-    """GradientTrainer with ``[trainer] options``; options it does not have are refused by name."""
+def make_gradient_trainer(model: GradientModel, threads: int, options: Mapping[str, Any], *,
+                          prox_mu: float = 0.0) -> LocalTrainer:
+    """GradientTrainer with ``[trainer] options`` and ``prox_mu``; options it does not have are refused by
+    name."""
     from fedpeft_edge.training.gradient_trainer import OPTIMIZERS, GradientTrainer
 
-    allowed = set(inspect.signature(GradientTrainer.__init__).parameters) - {"self", "model", "threads"}
+    allowed = set(inspect.signature(GradientTrainer.__init__).parameters) - {"self", "model", "threads",
+                                                                             "prox_mu"}
     unknown = sorted(set(options) - allowed)
     if "threads" in options:
         raise InvalidValueError("trainer.options.threads: set agent.threads instead")
+    if "prox_mu" in options:
+        raise InvalidValueError("trainer.options.prox_mu: set trainer.prox_mu instead")
     if unknown:
         raise InvalidValueError(f"trainer.options {unknown} not supported by kind = 'gradient'; "
                                 f"allowed: {sorted(allowed)}")
@@ -209,7 +221,7 @@ def make_gradient_trainer(model: GradientModel, threads: int, options: Mapping[s
     # models hold no batch statistics) for half the activation memory and no loss of speed on MiniLM
     # (bench/RESULTS.md: 205 vs 394 MB, 0.29 vs 0.30 s per step). micro_batch = 0 turns it off.
     micro = options.pop("micro_batch", SITE_MICRO_BATCH)
-    return GradientTrainer(model, threads=threads, micro_batch=micro or None, **options)
+    return GradientTrainer(model, threads=threads, micro_batch=micro or None, prox_mu=prox_mu, **options)
 
 
 def site_arrays(cfg: AgentConfig) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray],

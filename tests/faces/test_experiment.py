@@ -19,7 +19,7 @@ SMALL = REPO / "configs" / "experiment-small.toml"
 @pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
 def test_small_grid_has_every_cell(tmp_path: Path) -> None:
     config = ExperimentConfig.load(SMALL)
-    expected = {(t, m, s.label, c) for t, m, s, c in config.cells()}
+    expected = {(t, m, s.label, c) for t, m, s, c, _ in config.cells()}
     assert len(expected) >= 8
     summary = main_experiment(SMALL, tmp_path)
     assert summary["failures"] == []

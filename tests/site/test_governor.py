@@ -185,7 +185,7 @@ def test_max_threads_caps_the_trainers_intra_op_threads(monkeypatch: pytest.Monk
     model = SimpleNamespace(spec=SimpleNamespace(head_classes=None), spec_hash="00112233aabbccdd")
     monkeypatch.setattr(trainer_setup, "gradient_model_for", lambda t, state_dir: model)
     monkeypatch.setattr(trainer_setup, "make_gradient_trainer",
-                        lambda m, n, options: seen.setdefault("threads", n))
+                        lambda m, n, options, **kw: seen.setdefault("threads", n))
     governor = f"[governor]\nmax_threads = {cap}\n" if cap else ""
     cfg = load_agent_config(text=f'[agent]\nthreads = {threads}\n[trainer]\ngradient_dir = "g"\n{governor}')
     trainer_setup.build_trainer_setup(cfg)

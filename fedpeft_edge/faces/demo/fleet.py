@@ -274,6 +274,7 @@ class LocalFleet:
                     "kind": "factory",
                     "factory": FACTORY,
                     "bundle_dir": str(self.bundle_dir),
+                    "prox_mu": float(opts.prox_mu),
                     **({"gradient_dir": str(self.gradient_dir)} if self.gradient_dir is not None else {}),
                     "options": {
                         "shard": str(self.shard_paths[i]),

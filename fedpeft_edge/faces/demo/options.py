@@ -36,6 +36,7 @@ class DemoOptions:
     threads_per_agent: int = 1
     broker: str = "embedded"
     backend: str = "gradient"  # the agents' trainer: gradient (stock onnxruntime) | ort (ORT Training)
+    prox_mu: float = 0.0  # FedProx's proximal term of every agent ([trainer] prox_mu); 0: plain FedAvg
     out: Path | None = None
     work_dir: Path | None = None
     cache_dir: Path | None = None
@@ -65,6 +66,7 @@ class DemoOptions:
             "split",
             "broker",
             "backend",
+            "prox_mu",
             "out",
             "work_dir",
             "cache_dir",
@@ -98,6 +100,9 @@ class DemoOptions:
         ensure(out.broker in ("embedded", "mosquitto", "auto"), f"unknown broker {out.broker!r}")
         ensure(out.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {out.backend!r}")
         ensure(out.lr is not None and out.lr > 0, "lr must be > 0")
+        mu = out.prox_mu
+        ensure(isinstance(mu, int | float) and not isinstance(mu, bool) and 0 <= mu < float("inf"),
+               f"prox_mu must be a finite number >= 0, got {mu!r}")
         return out
 
 

@@ -21,8 +21,8 @@ def site_trainer_setup(cfg: Any) -> Any:
 
     The trainer is a GradientTrainer (stock onnxruntime) over ``trainer.gradient_dir`` when it is set,
     else an OrtTrainer (ORT Training) over ``trainer.bundle_dir``. ``trainer.options``: ``shard`` (npz
-    written by the demo), ``lr``, ``batch_size``, ``seed``. The shard holds ``train/<input>``,
-    ``train/labels``, ``test/<input>``, ``test/labels`` arrays.
+    written by the demo), ``lr``, ``batch_size``, ``seed``; ``trainer.prox_mu`` is FedProx's term. The
+    shard holds ``train/<input>``, ``train/labels``, ``test/<input>``, ``test/labels`` arrays.
     """
     from fedpeft_edge.site.trainer_setup import TrainerSetup
 
@@ -31,18 +31,19 @@ def site_trainer_setup(cfg: Any) -> Any:
            "trainer.gradient_dir or trainer.bundle_dir is required")
     ensure("shard" in opts, "trainer.options.shard (the site's data file) is required")
     threads, lr = max(1, int(cfg.agent.threads)), float(opts.get("lr", 3e-3))
+    mu = float(cfg.trainer.prox_mu)
     if cfg.trainer.gradient_dir:
         from fedpeft_edge.peft.lowering import GradientModel
         from fedpeft_edge.training.gradient_trainer import GradientTrainer
 
         bundle: Any = GradientModel.load(cfg.trainer.gradient_dir)
-        trainer: Any = GradientTrainer(bundle, threads=threads, lr=lr)
+        trainer: Any = GradientTrainer(bundle, threads=threads, lr=lr, prox_mu=mu)
     else:
         from fedpeft_edge.peft.artifacts import ArtifactBundle
         from fedpeft_edge.training.ort_trainer import OrtTrainer
 
         bundle = ArtifactBundle.load(cfg.trainer.bundle_dir)
-        trainer = OrtTrainer(bundle, threads=threads, lr=lr)
+        trainer = OrtTrainer(bundle, threads=threads, lr=lr, prox_mu=mu)
     train_in, train_y, test_in, test_y = load_shard(Path(opts["shard"]))
     batch_size = int(opts.get("batch_size", 16))
     seed = int(opts.get("seed", 0))

@@ -267,7 +267,8 @@ def write_demo_report(summary: Mapping[str, Any], out_dir: Path) -> dict[str, Pa
         f"{o['agents']} sites, {o['rounds']} rounds of {o['local_steps']} local steps (batch "
         f"{o['batch_size']}), `{p['method']}` on the {summary['model']['kind']} model, data "
         f"`{summary['data']['dataset']}` split `{o['split']}`, codec `{o['codec']}`"
-        f"{' (top ' + format(100 * o['topk_ratio'], 'g') + ' %)' if o['codec'] == 'topk_int8' else ''}."
+        f"{' (top ' + format(100 * o['topk_ratio'], 'g') + ' %)' if o['codec'] == 'topk_int8' else ''}"
+        f"{', FedProx mu ' + format(o['prox_mu'], 'g') if o.get('prox_mu') else ''}."
     )
     lines.append("")
     lines.append(

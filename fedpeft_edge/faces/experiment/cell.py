@@ -43,10 +43,16 @@ class CellResult:
     seconds: float
     lr: float
     notes: list[str] = field(default_factory=list)
+    prox_mu: float = 0.0  # FedProx's mu of every site of the cell (0: FedAvg's plain local training)
+    variant: str = ""  # the [variants.<label>] it ran under ("" without variants)
+    aggregation: str = "fedavg"  # the aggregator's rule: fedavg or fednova
+    site_steps: list[int] = field(default_factory=list)  # local steps of each site per round
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{self.method}/{self.split}/{self.compression}"
+        prox = f"/prox {self.prox_mu:g}" if self.prox_mu else ""
+        variant = f"/{self.variant}" if self.variant else ""
+        return f"{self.task}/{self.method}/{self.split}/{self.compression}{prox}{variant}"
 
     @property
     def personalised_mean(self) -> float:
@@ -91,7 +97,7 @@ class CentralEndpoint:
     """
 
     def __init__(self, initial: np.ndarray, *, spec_hash: str, sites: int, rounds: int, strategy: str,
-                 server_lr: float) -> None:
+                 server_lr: float, aggregation: str = "fedavg") -> None:
         from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 
         self.n_params = int(initial.size)
@@ -103,12 +109,14 @@ class CentralEndpoint:
             quorum=sites,  # every site takes part in every round, as in the grid's design
             server_optimizer=strategy,
             server_opt_params={"lr": float(server_lr)},
+            aggregation=aggregation,  # fednova: each update normalised by its "steps" metric
             max_rounds=rounds,
             # The grid compares PEFT methods and codecs under plain FedAvg weighting (the figures in
             # docs/experiments.md); the service's lying-site bounds are measured on their own.
             norm_median_multiplier=0.0,
             norm_reject_multiplier=0.0,
             samples_median_multiplier=0.0,
+            steps_median_multiplier=0.0,
         )
         self.core = AggregatorCore(config, None, initial_global=initial)
         self.global_flat = self._received_global()
@@ -153,12 +161,14 @@ def run_cell(
     work_dir: Path,
     peak: PeakRss,
     log: Callable[[str], None] = print,
+    prox_mu: float = 0.0,
 ) -> CellResult:
     """One federation: ``rounds`` rounds over ``clients`` sites, then personalisation per site.
 
     Each site trains from the current global, encodes its delta with its own
     :class:`~fedpeft_edge.site.encoder.UpdateEncoder` (error-feedback residual kept across rounds) and
-    submits it to the :class:`CentralEndpoint`, weighted by its training-set size.
+    submits it to the :class:`CentralEndpoint`, weighted by its training-set size. ``prox_mu`` > 0 is
+    FedProx: every local training (personalisation too) is pulled toward the global it started from.
     """
     from fedpeft_edge.site.encoder import UpdateEncoder
 
@@ -167,12 +177,15 @@ def run_cell(
     peak.reset()
     shards = split_sites(task, split, s.clients, seed=s.seed, local_test_fraction=s.local_test_fraction)
     trainer.load_state(initial_state)
+    trainer.prox_mu = float(prox_mu)  # the trainer is shared by the cells; its anchor: each train()'s start
     initial = trainer.get_flat()
     n = int(initial.size)
     codec = config.codec_config(compression)
-    encoders = [UpdateEncoder(codec, n, seed=s.seed * 1000 + i) for i in range(s.clients)]
+    encoders = [UpdateEncoder(codec, n, seed=s.seed * 1000 + i, segments=trainer.layout.segments)
+                for i in range(s.clients)]
     central = CentralEndpoint(initial, spec_hash=bundle.spec_hash, sites=s.clients, rounds=s.rounds,
-                              strategy=s.strategy, server_lr=s.server_lr)
+                              strategy=s.strategy, server_lr=s.server_lr, aggregation=s.aggregation)
+    site_steps = s.site_steps()  # unequal local work (site_speed), as a time budget on slower CPUs gives
     init_acc, _ = evaluate(trainer, task.test_inputs, task.test_labels, s.eval_batch_size)
     site_state = [work_dir / f"site{i}.state" for i in range(s.clients)]
     site_batches = [
@@ -196,7 +209,7 @@ def run_cell(
         for i, shard in enumerate(shards):
             trainer.load_state(site_state[i] if rnd > 0 else initial_state)
             trainer.set_flat(global_flat)
-            metrics = trainer.train(site_batches[i], max_steps=s.local_steps)
+            metrics = trainer.train(site_batches[i], max_steps=site_steps[i])
             step_seconds += metrics.seconds
             steps += metrics.steps
             losses.append(metrics.loss)
@@ -259,6 +272,9 @@ def run_cell(
         peak_rss_mb=peak.peak_mb,
         seconds=time.perf_counter() - started,
         lr=config.lr_for(task_name, method),
+        prox_mu=float(prox_mu),
+        aggregation=s.aggregation,
+        site_steps=site_steps,
     )
 
 

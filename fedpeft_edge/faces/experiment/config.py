@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from fedpeft_edge.faces.tasks import SplitConfig, TaskConfig
 from fedpeft_edge.runtime.errors import InvalidValueError, ensure
+from fedpeft_edge.runtime.names import AGGREGATIONS
 
 MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2 parameter count (embeddings + 6 layers), for fp32 comparisons
 COMPRESSIONS = {
@@ -39,6 +41,15 @@ class FederationSettings:
     strategy: str = "fedavg"
     server_lr: float = 1.0
     eval_every_round: bool = True
+    # Unequal local work: site i trains max(1, round(local_steps × site_speed[i])) steps per round, as a
+    # fixed time budget ([agent] time_budget_s) gives a slower CPU. None: every site local_steps.
+    site_speed: tuple[float, ...] | None = None
+    aggregation: str = "fedavg"  # the aggregator's [aggregator] aggregation: fedavg or fednova
+
+    def site_steps(self) -> list[int]:
+        """The local steps of each site per round."""
+        speed = self.site_speed or (1.0,) * self.clients
+        return [max(1, round(self.local_steps * v)) for v in speed]
 
     def __post_init__(self) -> None:
         for name in ("rounds", "clients", "local_steps", "batch_size", "eval_batch_size", "threads"):
@@ -51,6 +62,15 @@ class FederationSettings:
             isinstance(self.personalise_steps, int) and self.personalise_steps >= 0,
             f"experiment.personalise_steps must be >= 0, got {self.personalise_steps!r}",
         )
+        ensure(self.aggregation in AGGREGATIONS,
+               f"experiment.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.site_speed is not None:
+            speed = self.site_speed
+            ok = isinstance(speed, list | tuple) and len(speed) == self.clients and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf for v in speed)
+            ensure(ok, f"experiment.site_speed must list one finite number > 0 per site ({self.clients}), "
+                       f"got {speed!r}")
+            object.__setattr__(self, "site_speed", tuple(float(v) for v in speed))
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,10 @@ class ExperimentConfig:
     compression_overrides: dict[str, dict[str, Any]]
     skip_cells: tuple[str, ...] = ()  # "task/method" pairs known to be infeasible (e.g. full on text)
     out_dir: Path | None = None
+    prox_mus: tuple[float, ...] = (0.0,)  # FedProx's mu of every site (0: plain local training, FedAvg)
+    # [variants.<label>]: the whole grid is run once per variant, its keys replacing [experiment]'s
+    # (e.g. site_speed, aggregation); () runs it once with [experiment] as it is.
+    variants: tuple[tuple[str, FederationSettings], ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> ExperimentConfig:
@@ -83,23 +107,31 @@ class ExperimentConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentConfig:
-        known_top = {"experiment", "grid", "tasks", "methods", "compression"}
+        known_top = {"experiment", "grid", "tasks", "methods", "compression", "variants"}
         unknown = sorted(set(data) - known_top)
         ensure(not unknown, f"unknown experiment config tables: {', '.join(unknown)}")
         exp = dict(data.get("experiment", {}))
         name = str(exp.pop("name", "experiment"))
         out_dir = exp.pop("out_dir", None)
         settings = FederationSettings(**_only_known(FederationSettings, exp, "experiment"))
+        variants = _variants(data.get("variants", {}), exp)
         grid = dict(data.get("grid", {}))
         task_names = tuple(grid.pop("tasks", ["text"]))
         methods = tuple(grid.pop("methods", ["lora"]))
         splits = tuple(SplitConfig.parse(s) for s in grid.pop("splits", ["iid"]))
         compressions = tuple(grid.pop("compressions", ["fp32"]))
         skip = tuple(grid.pop("skip", []))
+        prox_mus = tuple(_prox_mu(v) for v in grid.pop("prox_mus", [0.0]))
+        ensure(len(set(prox_mus)) == len(prox_mus), f"[grid] prox_mus repeats a value: {list(prox_mus)}")
         ensure(not grid, f"unknown [grid] keys: {', '.join(sorted(grid))}")
+        custom = data.get("compression", {})
+        # a name of its own is a codec variant that [compression.<name>] defines (with its mode)
         for c in compressions:
-            ensure(c in COMPRESSIONS, f"unknown compression {c!r}; known: {', '.join(COMPRESSIONS)}")
-        ensure(task_names and methods and splits and compressions, "every grid axis needs at least one value")
+            ensure(c in COMPRESSIONS or "mode" in custom.get(c, {}),
+                   f"unknown compression {c!r}; known: {', '.join(COMPRESSIONS)}, or define "
+                   f"[compression.{c}] with a mode")
+        ensure(task_names and methods and splits and compressions and prox_mus,
+               "every grid axis needs at least one value")
         tasks: dict[str, TaskConfig] = {}
         lr: dict[str, dict[str, float]] = {}
         overrides: dict[str, dict[str, dict[str, Any]]] = {}
@@ -131,7 +163,16 @@ class ExperimentConfig:
             compression_overrides=comp_over,
             skip_cells=skip,
             out_dir=Path(out_dir) if out_dir else None,
+            prox_mus=prox_mus,
+            variants=variants,
         )
+
+    def runs(self) -> list[tuple[str, ExperimentConfig]]:
+        """``(variant label, config)`` to run every cell under: each variant's settings, or the config
+        itself (label "") when it has no variants."""
+        if not self.variants:
+            return [("", self)]
+        return [(label, dataclasses.replace(self, settings=vs)) for label, vs in self.variants]
 
     def lr_for(self, task: str, method: str) -> float:
         return self.lr[task].get(method, self.lr[task]["*"])
@@ -139,18 +180,36 @@ class ExperimentConfig:
     def codec_config(self, compression: str) -> Any:
         from fedpeft_edge.protocol.codec import CodecConfig
 
-        params = dict(COMPRESSIONS[compression])
+        params = dict(COMPRESSIONS.get(compression, {}))
         params.update(self.compression_overrides.get(compression, {}))
         return CodecConfig(**params)
 
-    def cells(self) -> list[tuple[str, str, SplitConfig, str]]:
+    def cells(self) -> list[tuple[str, str, SplitConfig, str, float]]:
+        """(task, method, split, compression, prox_mu) of every cell to run."""
         out = []
         for t, m in itertools.product(self.tasks, self.methods):
             if f"{t}/{m}" in self.skip_cells:
                 continue
-            for s, c in itertools.product(self.splits, self.compressions):
-                out.append((t, m, s, c))
+            for s, c, mu in itertools.product(self.splits, self.compressions, self.prox_mus):
+                out.append((t, m, s, c, mu))
         return out
+
+
+def _prox_mu(value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf")
+    ensure(ok, f"[grid] prox_mus: every value must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _variants(tables: Any, base: Mapping[str, Any]) -> tuple[tuple[str, FederationSettings], ...]:
+    """``[variants.<label>]`` tables: [experiment]'s settings with the variant's keys replaced."""
+    ensure(isinstance(tables, Mapping), "[variants] must hold tables: [variants.<label>]")
+    out = []
+    for label, table in tables.items():
+        ensure(isinstance(table, Mapping) and label, f"[variants.{label}] must be a table with a label")
+        out.append((str(label), FederationSettings(**{**base, **_only_known(FederationSettings, table,
+                                                                             f"variants.{label}")})))
+    return tuple(out)
 
 
 def _only_known(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:

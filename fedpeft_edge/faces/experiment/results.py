@@ -16,6 +16,7 @@ RESULT_COLUMNS = (
     "method",
     "split",
     "compression",
+    "prox mu",
     "params",
     "global acc",
     "site acc (global)",
@@ -38,6 +39,7 @@ def result_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
                 c["method"],
                 c["split"],
                 c["compression"],
+                format(float(c.get("prox_mu", 0.0)), "g"),  # an axis, named like the others
                 int(c["trainable_params"]),
                 c["global_accuracy"],
                 float(np.mean(site_global)) if site_global else None,
@@ -50,6 +52,20 @@ def result_rows(cells: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
             ]
         )
     return rows
+
+
+def cell_label(c: Mapping[str, Any]) -> str:
+    """A cell's name in the plots: method/split/compression, and FedProx's mu where it is not 0."""
+    mu = float(c.get("prox_mu", 0.0))
+    variant = f"/{c['variant']}" if c.get("variant") else ""
+    return f"{c['method']}/{c['split']}/{c['compression']}" + (f"/prox {mu:g}" if mu else "") + variant
+
+
+def _variant_note(v: Mapping[str, Any]) -> str:
+    speed = v.get("site_speed")
+    work = f"site speeds {', '.join(f'{x:g}' for x in speed)}" if speed else "equal local work"
+    return (f"{work}, aggregation {v.get('aggregation', 'fedavg')}, {v['rounds']} rounds of "
+            f"{v['local_steps']} local steps")
 
 
 def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -70,7 +86,13 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
             f"{t['test_size']} test samples"
         )
     lines.append("")
-    lines.append(rep.markdown_table(RESULT_COLUMNS, result_rows(cells)))
+    if summary.get("variants"):  # [variants.<label>]: which one each row ran under, and how it differs
+        lines.extend(f"- variant `{label}`: {_variant_note(v)}" for label, v in summary["variants"].items())
+        lines.append("")
+        rows = [[c.get("variant", ""), *row] for c, row in zip(cells, result_rows(cells), strict=True)]
+        lines.append(rep.markdown_table(("variant", *RESULT_COLUMNS), rows))
+    else:
+        lines.append(rep.markdown_table(RESULT_COLUMNS, result_rows(cells)))
     if summary.get("failures"):
         lines.append("## Cells that could not run\n")
         lines.extend(f"- `{f['cell']}`: {f['error']}" for f in summary["failures"])
@@ -80,7 +102,7 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
         for task in sorted({c["task"] for c in cells}):
             task_cells = [c for c in cells if c["task"] == task]
             series = {
-                f"{c['method']}/{c['split']}/{c['compression']}": (
+                cell_label(c): (
                     list(range(1, len(c["accuracy_per_round"]) + 1)),
                     c["accuracy_per_round"],
                 )
@@ -98,7 +120,7 @@ def write_experiment_report(summary: Mapping[str, Any], out_dir: Path) -> dict[s
                     xlabel="round",
                     ylabel="accuracy",
                 )
-            labels = [f"{c['method']}/{c['split']}/{c['compression']}" for c in task_cells]
+            labels = [cell_label(c) for c in task_cells]
             plots[f"bytes_{task}"] = rep.bar_plot(
                 out_dir / f"bytes_{task}.png",
                 labels,

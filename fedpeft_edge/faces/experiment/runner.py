@@ -38,7 +38,9 @@ def run_experiment(
     failures: list[dict[str, str]] = []
     cells = config.cells()
     log(
-        f"experiment {config.name!r}: {len(cells)} cells, {s.clients} sites x {s.rounds} rounds x "
+        f"experiment {config.name!r}: {len(cells)} cells"
+        f"{f' x {len(config.variants)} variants' if config.variants else ''}, "
+        f"{s.clients} sites x {s.rounds} rounds x "
         f"{s.local_steps} local steps"
     )
     work_root = Path(tempfile.mkdtemp(prefix="fedpeft-exp-"))
@@ -62,15 +64,21 @@ def run_experiment(
                         trainer = make_trainer(bundle, threads=s.threads, lr=config.lr_for(task_name, method))
                     except FedPeftError as exc:
                         for c in method_cells:
-                            failures.append({"cell": f"{c[0]}/{c[1]}/{c[2].label}/{c[3]}", "error": str(exc)})
+                            failures.append({"cell": cell_name(c[0], c[1], c[2].label, c[3], c[4]),
+                                             "error": str(exc)})
                         log(f"  {task_name}/{method}: cannot set up: {exc}")
                         continue
                     work = work_root / f"{task_name}-{method}"
                     work.mkdir()
                     initial_state = work / "initial.state"
                     trainer.save_state(initial_state)
-                    for _, _, split, compression in method_cells:
-                        log(f"  cell {task_name} / {method} / {split.label} / {compression}")
+                    # every cell once per [variants.<label>] (site_speed, aggregation, ...), or once
+                    runs = [(c, variant, run_config) for c in method_cells
+                            for variant, run_config in config.runs()]
+                    for (_, _, split, compression, prox_mu), variant, run_config in runs:
+                        prox = f" / prox {prox_mu:g}" if prox_mu else ""
+                        shown = f" / {variant}" if variant else ""
+                        log(f"  cell {task_name} / {method} / {split.label} / {compression}{prox}{shown}")
                         try:
                             result = run_cell(
                                 task,
@@ -79,22 +87,25 @@ def run_experiment(
                                 method,
                                 split,
                                 compression,
-                                config,
+                                run_config,
                                 trainer=trainer,
                                 initial_state=initial_state,
                                 work_dir=work,
                                 peak=peak,
                                 log=log,
+                                prox_mu=prox_mu,
                             )
                         except FedPeftError as exc:
                             failures.append(
                                 {
-                                    "cell": f"{task_name}/{method}/{split.label}/{compression}",
+                                    "cell": cell_name(task_name, method, split.label, compression, prox_mu)
+                                    + (f"/{variant}" if variant else ""),
                                     "error": str(exc),
                                 }
                             )
                             log(f"    failed: {exc}")
                             continue
+                        result.variant = variant
                         results.append(result)
                         # a long grid leaves its finished cells on disk even if it is stopped
                         rep.write_json(
@@ -132,11 +143,18 @@ def _summary(
             "methods": list(config.methods),
             "splits": [s_.label for s_ in config.splits],
             "compressions": list(config.compressions),
+            "prox_mus": list(config.prox_mus),
         },
+        "variants": {label: asdict(vs) for label, vs in config.variants},
         "cells": [r.to_dict() for r in results],
         "failures": failures,
         "seconds": seconds,
     }
+
+
+def cell_name(task: str, method: str, split: str, compression: str, prox_mu: float) -> str:
+    """A cell's name in failures and logs; the FedProx axis is named only where it is not 0."""
+    return f"{task}/{method}/{split}/{compression}" + (f"/prox {prox_mu:g}" if prox_mu else "")
 
 
 def merge_summaries(parts: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
