@@ -256,7 +256,7 @@ class AggregatorCore:
                 continue
             out[name] = SiteRecord(rounds=max(int(e["rounds"]), rounds), samples=int(e["samples"]),
                                    last_round=e["last_round"], last_at=e["last_at"],
-                                   rejected=dict(e["rejected"]))
+                                   rejected=dict(e["rejected"]), accuracy=e.get("accuracy"))
         return out
 
     def offer(self, msg: UpdateMessage, *, sender: str | None = None, nbytes: int | None = None,
@@ -384,6 +384,9 @@ class AggregatorCore:
             if msg.client_id not in st.stats["participants"]:
                 site["rounds"] += 1  # a site counted twice in one round (stale_weighted) adds one round
             site["last_round"], site["last_at"] = msg.round, now
+            acc = msg.metrics.get("global_eval_accuracy")  # the site's held-out accuracy (wire: finite)
+            if acc is not None and 0.0 <= acc <= 1.0:
+                site["accuracy"] = float(acc)
         self._acc.accumulate(parsed, weight, scale, steps)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
         st.acc_steps_weight = self._acc.steps_weight

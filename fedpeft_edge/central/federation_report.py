@@ -66,7 +66,7 @@ def _site_for_report(rec: SiteRecord, limits: wire.WireLimits) -> SiteRecord:
     for reason, n in rec.rejected.items():
         key = reason if _is_id(reason, limits) else "other"
         rejected[key] = rejected.get(key, 0) + n
-    return SiteRecord(rec.rounds, rec.samples, rec.last_round, rec.last_at, rejected)
+    return SiteRecord(rec.rounds, rec.samples, rec.last_round, rec.last_at, rejected, rec.accuracy)
 
 
 def history_records(history: list[dict[str, Any]],

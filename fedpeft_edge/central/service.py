@@ -485,6 +485,7 @@ class AggregatorService:
                     self.reports.maybe_publish(now)
                 elif self.reports.pending:  # a change held back by the interval
                     self.reports.maybe_publish(now)
+                now = time.time()  # after the batch: a round's duration and close time include its last batch
                 self.reassembler.purge(now)
                 if self.control.should_close(self, now):  # ready_to_close unless paused, or asked to
                     self._close_round(now)

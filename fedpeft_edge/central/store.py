@@ -179,6 +179,9 @@ def _load_sites(raw: Any) -> dict[str, dict[str, Any]]:
             "last_at": None if last_at is None else float(last_at),
             "rejected": {str(k): int(v) for k, v in e.get("rejected", {}).items()},
         }
+        acc = e.get("accuracy")  # the held-out accuracy the site last reported (absent before it existed)
+        if acc is not None:
+            out[str(name)]["accuracy"] = float(acc)
     return out
 
 

@@ -398,6 +398,7 @@ def snapshot_json(snap: FleetSnapshot) -> dict[str, Any]:
                 "rounds": s.record.rounds if s.record else 0,
                 "samples": s.record.samples if s.record else 0,
                 "rejected": dict(s.record.rejected) if s.record else {},
+                "heldout_accuracy": s.record.accuracy if s.record else None,
                 "bundle": s.info.bundle if s.info else None,
                 "spec": s.info.spec if s.info else None,
                 "runtime": s.info.runtime if s.info else None,

@@ -10,7 +10,7 @@ collections, identifiers checked), like every other notice.
      "late_policy":"drop","accepted":1,"participants":["site-1"],"spec":"4f1c...","bundle":null,
      "version":"0.1.0","n_params":74504,
      "sites":{"site-1":{"rounds":3,"samples":1200,"last_round":2,"last_at":1764589999.0,
-                        "rejected":{"excluded":1}}},
+                        "rejected":{"excluded":1},"accuracy":0.91}},
      "history":[{"round":2,"participants":4,"loss":0.81,"accuracy":0.72,"eval_accuracy":0.70,
                  "bytes_in":62000,"bytes_out":300000,"duration_s":41.2,"closed_at":1764589990.0}]}
 
@@ -92,7 +92,7 @@ REPORT_KEYS: Final = frozenset({
     "v", "t", "fleet", "time", "round", "max_rounds", "finished", "paused", "pause_detail", "excluded",
     "round_started_at", "deadline_s", "quorum", "min_clients", "late_policy", "accepted", "participants",
     "spec", "bundle", "version", "n_params", "sites", "history"})
-SITE_KEYS: Final = frozenset({"rounds", "samples", "last_round", "last_at", "rejected"})
+SITE_KEYS: Final = frozenset({"rounds", "samples", "last_round", "last_at", "rejected", "accuracy"})
 ROUND_KEYS: Final = frozenset({"round", "participants", "loss", "accuracy", "eval_accuracy", "bytes_in",
                                "bytes_out", "duration_s", "closed_at"})
 
@@ -100,13 +100,15 @@ ROUND_KEYS: Final = frozenset({"round", "participants", "loss", "accuracy", "eva
 @dataclass(frozen=True)
 class SiteRecord:
     """What the aggregator counted of one site: rounds it contributed to and samples it claimed (accepted
-    updates only), the last round and time it was counted, and its rejected updates by reason."""
+    updates only), the last round and time it was counted, its rejected updates by reason, and the
+    held-out accuracy on its own data it reported with its last accepted update (None: never)."""
 
     rounds: int = 0
     samples: int = 0
     last_round: int | None = None
     last_at: float | None = None
     rejected: dict[str, int] = field(default_factory=dict)
+    accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,8 @@ def encode_report(rep: FederationReport, limits: WireLimits = DEFAULT_LIMITS) ->
         "bundle": rep.bundle, "version": rep.version, "n_params": rep.n_params,
         "sites": {name: {"rounds": s.rounds, "samples": s.samples, "last_round": s.last_round,
                          "last_at": None if s.last_at is None else round(s.last_at, 3),
-                         "rejected": dict(sorted(s.rejected.items())[:MAX_REASONS_PER_SITE])}
+                         "rejected": dict(sorted(s.rejected.items())[:MAX_REASONS_PER_SITE]),
+                         "accuracy": None if s.accuracy is None else round(float(s.accuracy), 4)}
                   for name, s in sorted(rep.sites.items())[:MAX_REPORT_SITES]},
         "history": [{"round": h.round, "participants": h.participants, "loss": h.loss,
                      "accuracy": h.accuracy, "eval_accuracy": h.eval_accuracy, "bytes_in": h.bytes_in,
@@ -185,8 +188,11 @@ def _site_record(val: Any, limits: WireLimits) -> SiteRecord:
         raise WireFormatError(Reason.BAD_TYPE, f"rejected must map at most {MAX_REASONS_PER_SITE} reasons")
     rejected = {_ident({"r": k}, "r", limits): _count(rej, k, limits) for k in rej}
     last_round = None if obj["last_round"] is None else _int(obj, "last_round", 0, limits.max_round)
+    accuracy = _opt_float(obj, "accuracy")
+    if accuracy is not None and not 0.0 <= accuracy <= 1.0:
+        raise WireFormatError(Reason.OUT_OF_RANGE, "accuracy must be in [0, 1]")
     return SiteRecord(_count(obj, "rounds", limits), _count(obj, "samples", limits), last_round,
-                      _opt_time(obj, "last_at"), rejected)
+                      _opt_time(obj, "last_at"), rejected, accuracy)
 
 
 def _round_record(val: Any, limits: WireLimits) -> RoundRecord:

@@ -76,6 +76,7 @@ from fedpeft_edge.site.info_card import InfoCard
 from fedpeft_edge.site.metrics import AgentMetrics
 from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
+from fedpeft_edge.site.personal import PrivateParts
 from fedpeft_edge.site.state import SiteStateFiles, prune_updates, update_rounds, write_file
 from fedpeft_edge.training.base import LocalTrainer
 
@@ -147,7 +148,9 @@ class EdgeAgent:
         self.sent_dir = self.state_dir / "sent"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.encoder = UpdateEncoder(config.codec, self.n_params, segments=trainer.layout.segments)
+        self.personal = PrivateParts(trainer.layout, config.agent.private_tensors, self.state_dir)
         self.last_sent_round = -1
+        self._heldout: tuple[int, float] | None = None  # (round, held-out accuracy at its start)
         self.last_global_round: int | None = None
         self.rounds_sent: list[int] = []
         self._outgoing: list[OutboxEntry] = []
@@ -377,7 +380,8 @@ class EdgeAgent:
 
     def _train_round(self, g: wire.GlobalMessage) -> None:
         rnd = g.round
-        global_vec = decode_global(g.vector, self.n_params)
+        # With private tensors (site/personal.py) the site starts from the global plus its own values of them.
+        global_vec = self.personal.start_from(decode_global(g.vector, self.n_params))
         self.trainer.set_flat(global_vec)
         anchor = getattr(self.trainer, "set_prox_reference", None)
         if anchor is not None and getattr(self.trainer, "prox_mu", 0.0):
@@ -388,6 +392,8 @@ class EdgeAgent:
         if self.cfg.agent.evaluate and self.eval_batches_fn is not None:
             ev = self.trainer.evaluate(self.eval_batches_fn())
             metrics.update(global_eval_loss=float(ev.loss), global_eval_accuracy=float(ev.accuracy))
+            self.metrics.evaluated(float(ev.accuracy))  # this site's held-out accuracy of the model it uses
+            self._heldout = (rnd, float(ev.accuracy))
         self._abandoned = False
         tm = self.trainer.train(self.metrics.timed(self._batches_until_newer(rnd)),
                                 max_steps=self.cfg.agent.local_steps)
@@ -402,7 +408,8 @@ class EdgeAgent:
         if tm.accuracy is not None:
             metrics["accuracy"] = float(tm.accuracy)
         metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
-        delta = self.trainer.get_flat() - global_vec
+        trained = self.trainer.get_flat()
+        delta = self.personal.shared_delta(trained - global_vec)  # private tensors never leave the site
         enc = self.encoder.encode(delta)
         assert self.spec_hash is not None
         data = wire.encode_update(wire.UpdateMessage(self.topics.fleet, rnd, self.client_id, self.spec_hash,
@@ -419,9 +426,12 @@ class EdgeAgent:
         self.rounds_sent.append(rnd)
         self._save_state()
         self._files.save_trainer(self.trainer)  # last: a stale trainer.state only resets optimizer moments
+        self.personal.keep(trained)  # a kill before this retrains from the previous private values: harmless
         self._outgoing.append(out)
         self._bound_disk()
-        self._publish_status("uploading", rnd)
+        ho = self._heldout
+        heldout = f"held-out accuracy {ho[1]:.3f}" if ho is not None and ho[0] == rnd else ""
+        self._publish_status("uploading", rnd, heldout)
         self._send(out)
         log.info("round %d trained: %d samples, %d steps, loss %.4f; update %d bytes (%s, k=%d of %d)",
                  rnd, tm.samples, tm.steps, tm.loss, len(data), enc.mode, enc.k, enc.n)
@@ -469,6 +479,7 @@ class EdgeAgent:
         dropped = self._files.forget_federation(self.outbox_dir, self.sent_dir)
         self._outgoing.clear()
         self.encoder.reset_residual()  # the old adapter's unsent remainder means nothing to the new run
+        self.personal.forget()
         log.warning("a new federation starts at round %d (the last one ended at round %s): %d waiting "
                     "update(s) of the finished one dropped, error-feedback residual reset", g.round,
                     self._final_round, dropped)

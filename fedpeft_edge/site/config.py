@@ -77,6 +77,9 @@ class AgentSettings:
     newer_global_policy: str = "finish"  # finish | abandon (a newer global arrived while training)
     dump_updates: bool = False  # keep a copy of every sent update in <state_dir>/sent/ (audit, tests)
     evaluate: bool = True
+    # FedPer-style personalisation (site/personal.py): trainable tensors matching these patterns (e.g.
+    # ["head.*"]) stay on the site; it sends only the shared part and keeps its own values of these.
+    private_tensors: list[str] = field(default_factory=list)
     idle_exit_s: float | None = None  # stop when no new global arrived for this long (tests, demos)
     # Publish an update again when the aggregator's acknowledgement has not come this long after the
     # last send (doubling per timer resend, up to 8x); reconnects and re-announced globals resend at once.

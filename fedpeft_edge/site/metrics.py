@@ -10,7 +10,9 @@ Exported (prefix ``fedpeft_agent_``): ``step_seconds`` (histogram of training st
 ``last_step_seconds``, ``rounds_sent_total``, ``outbox_depth`` (updates waiting for the aggregator's
 acknowledgement), ``paused`` (1 while the governor or an operator holds training back; the reason is on
 the site's MQTT status), ``last_global_round`` (-1: none yet), ``last_train_loss`` (NaN before the
-first round). Each agent has its own registry, so several agents can run in one process (tests, the demo).
+first round), ``heldout_accuracy`` (the site's own held-out accuracy of the model it starts each round
+from — the global, with its private tensors when it keeps some; NaN before the first evaluation). Each
+agent has its own registry, so several agents can run in one process (tests, the demo).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class AgentMetrics:
         self.textfile = textfile or None
         self.last_step_s = math.nan
         self.last_loss = math.nan
+        self.heldout_accuracy = math.nan
         self.step_count = 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.steps = Histogram(f"{PREFIX}_step_seconds", "Time of one local training step.",
@@ -88,6 +91,8 @@ class AgentMetrics:
             ("last_global_round", "Round of the last global adapter received (-1: none).",
              -1 if last_global is None else last_global, "gauge"),
             ("last_train_loss", "Local training loss of the last round.", self.last_loss, "gauge"),
+            ("heldout_accuracy", "This site's held-out accuracy of the model it trains from this round.",
+             self.heldout_accuracy, "gauge"),
         ]
 
     # --- hooks called by the agent -----------------------------------------------------------------
@@ -107,6 +112,9 @@ class AgentMetrics:
 
     def trained(self, loss: float) -> None:
         self.last_loss = float(loss)
+
+    def evaluated(self, accuracy: float) -> None:
+        self.heldout_accuracy = float(accuracy)
 
     def start(self) -> None:
         if self.port > 0 and self._server is None:

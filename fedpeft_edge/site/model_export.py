@@ -389,6 +389,9 @@ def export_global(agent: Any, g: Any) -> Path | None:
 
         t0 = time.perf_counter()
         flat = decode_global(g.vector, int(setup.model.num_trainable))
+        personal = getattr(agent, "personal", None)
+        if personal is not None:
+            flat = personal.start_from(flat)  # the site's own values of its private tensors (FedPer)
         path = export_in_child(
             setup,
             flat,

@@ -182,7 +182,8 @@ def test_report_built_from_the_service(tmp_path: Path) -> None:
     assert (rep.quorum, rep.min_clients, rep.late_policy) == (4, 2, "stale_weighted")
     assert rep.accepted == 1 and rep.participants == ("site-1",)
     assert (rep.spec, rep.bundle, rep.version, rep.n_params) == (svc.spec_hash, None, __version__, NS)
-    assert rep.sites == {"site-1": SiteRecord(2, 200, 1, 21.0, {}), "site-2": SiteRecord(1, 300, 0, 11.0, {}),
+    assert rep.sites == {"site-1": SiteRecord(2, 200, 1, 21.0, {}, 0.25),
+                         "site-2": SiteRecord(1, 300, 0, 11.0, {}),
                          "site-3": SiteRecord(rejected={"bad_type": 1})}
     (h,) = rep.history
     assert (h.round, h.participants, h.bytes_out, h.closed_at, h.duration_s) == (0, 2, 4321, 20.5, 10.0)

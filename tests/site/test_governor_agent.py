@@ -290,8 +290,9 @@ def test_pause_mid_round_commits_the_steps_done_and_a_restart_loses_nothing(tmp_
     agent._train_round(_global("local", 0))
     assert agent._governed(0) is True
     t = agent.transport
-    assert [(s.state, s.detail) for s in t.statuses] == [  # type: ignore[attr-defined]
-        ("training", ""), ("uploading", ""), ("paused", "outside training window 22:00-06:00")]
+    assert [(s.state, s.detail.split(" 0.")[0]) for s in t.statuses] == [  # type: ignore[attr-defined]
+        ("training", ""), ("uploading", "held-out accuracy"),
+        ("paused", "outside training window 22:00-06:00")]
     [out] = agent._outgoing
     msg = wire.decode_update(out.data)
     assert msg.round == 0 and msg.metrics["steps"] == 3 and msg.num_samples == 3 * 16
