@@ -136,6 +136,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", type=Path, default=None, help="output folder (default reports/experiment-<name>)")
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (overrides the config)")
     g.add_argument("--tasks", default=None, help="comma-separated subset of the grid's tasks, e.g. image")
+    g.add_argument("--compressions", default=None, help="comma-separated subset of the grid's compressions")
     g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
 
 
@@ -148,6 +149,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         threads=args.threads,
         tasks=[t for t in (args.tasks or "").split(",") if t] or None,
+        compressions=[c for c in (args.compressions or "").split(",") if c] or None,
     )
     return 0 if summary["cells"] and not summary["failures"] else 1
 

@@ -171,6 +171,7 @@ def run_cell(
     FedProx: every local training (personalisation too) is pulled toward the global it started from.
     """
     from fedpeft_edge.site.encoder import UpdateEncoder
+    from fedpeft_edge.site.personal import PrivateParts
 
     s = config.settings
     started = time.perf_counter()
@@ -203,18 +204,24 @@ def run_cell(
     bytes_rounds: list[int] = []
     updates = 0
     step_seconds, steps = 0.0, 0
+    # FedPer ([experiment] private_tensors): each site's own values of those tensors, as the agent keeps them
+    private = [PrivateParts(trainer.layout, list(s.private_tensors), work_dir / f"private{i}")
+               for i in range(s.clients)]
     for rnd in range(s.rounds):
         round_bytes, losses = 0, []
         global_flat = central.global_flat
         for i, shard in enumerate(shards):
             trainer.load_state(site_state[i] if rnd > 0 else initial_state)
-            trainer.set_flat(global_flat)
+            start = private[i].start_from(global_flat)
+            trainer.set_flat(start)
             metrics = trainer.train(site_batches[i], max_steps=site_steps[i])
             step_seconds += metrics.seconds
             steps += metrics.steps
             losses.append(metrics.loss)
             trainer.save_state(site_state[i])
-            encoded = encoders[i].encode(trainer.get_flat() - global_flat)
+            trained = trainer.get_flat()
+            private[i].keep(trained)
+            encoded = encoders[i].encode(private[i].shared_delta(trained - start))
             round_bytes += encoded.nbytes
             updates += 1
             # FedAvg's weight is the site's training-set size (the agent would report the samples it saw).
@@ -244,7 +251,7 @@ def run_cell(
         local_test = take(task.train_inputs, shard.test_idx)
         local_labels = task.train_labels[shard.test_idx]
         trainer.load_state(site_state[i])
-        trainer.set_flat(central.global_flat)
+        trainer.set_flat(private[i].start_from(central.global_flat))  # with FedPer: the site's own head
         site_global.append(evaluate(trainer, local_test, local_labels, s.eval_batch_size)[0])
         if s.personalise_steps > 0:
             trainer.train(site_batches[i], max_steps=s.personalise_steps)

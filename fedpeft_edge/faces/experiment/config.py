@@ -45,6 +45,8 @@ class FederationSettings:
     # fixed time budget ([agent] time_budget_s) gives a slower CPU. None: every site local_steps.
     site_speed: tuple[float, ...] | None = None
     aggregation: str = "fedavg"  # the aggregator's [aggregator] aggregation: fedavg or fednova
+    # FedPer: tensors (patterns, as [agent] private_tensors) every site keeps to itself; () = plain FedAvg
+    private_tensors: tuple[str, ...] = ()
 
     def site_steps(self) -> list[int]:
         """The local steps of each site per round."""
@@ -64,6 +66,10 @@ class FederationSettings:
         )
         ensure(self.aggregation in AGGREGATIONS,
                f"experiment.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        ensure(isinstance(self.private_tensors, list | tuple)
+               and all(isinstance(x, str) and x for x in self.private_tensors),
+               "experiment.private_tensors must be a list of tensor-name patterns")
+        object.__setattr__(self, "private_tensors", tuple(self.private_tensors))
         if self.site_speed is not None:
             speed = self.site_speed
             ok = isinstance(speed, list | tuple) and len(speed) == self.clients and all(

@@ -176,6 +176,7 @@ def main_experiment(
     cache_dir: Path | None = None,
     threads: int | None = None,
     tasks: Sequence[str] | None = None,
+    compressions: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     config = ExperimentConfig.load(config_path)
     if threads is not None:
@@ -184,6 +185,11 @@ def main_experiment(
         unknown = sorted(set(tasks) - set(config.tasks))
         ensure(not unknown, f"--tasks {unknown} not in the config's grid ({', '.join(config.tasks)})")
         config = dataclasses.replace(config, tasks={t: config.tasks[t] for t in config.tasks if t in tasks})
+    if compressions:  # a grid run in parts (e.g. over two processes or two sittings)
+        unknown = sorted(set(compressions) - set(config.compressions))
+        ensure(not unknown, f"--compressions {unknown} not in the grid ({', '.join(config.compressions)})")
+        kept = tuple(c for c in config.compressions if c in compressions)
+        config = dataclasses.replace(config, compressions=kept)
     target = out_dir or config.out_dir or Path("reports") / f"experiment-{config.name}"
     with contextlib.suppress(OSError):
         Path(target).mkdir(parents=True, exist_ok=True)

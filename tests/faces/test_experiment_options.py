@@ -1,0 +1,51 @@
+"""Experiment grid options added for issue 13: codec variants of their own name, running a grid's
+compressions in parts, and FedPer's private tensors as a variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft_edge.faces.experiment.config import ExperimentConfig
+from fedpeft_edge.faces.experiment.runner import main_experiment
+from fedpeft_edge.runtime.errors import InvalidValueError
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS = {"text": {"kind": "text", "dataset": "reuters_r8", "train_size": 40, "test_size": 20}}
+
+
+def test_a_codec_variant_of_its_own_name() -> None:
+    cfg = ExperimentConfig.from_mapping({
+        "tasks": TASKS, "grid": {"compressions": ["fp32", "mine"]},
+        "compression": {"mine": {"mode": "topk_int8", "topk_ratio": 0.05, "warmup_rounds": 2,
+                                 "warmup_start_ratio": 1.0, "topk_scope": "tensor", "momentum": 0.5}}})
+    codec = cfg.codec_config("mine")
+    got = (codec.topk_ratio, codec.warmup_rounds, codec.topk_scope, codec.momentum)
+    assert got == (0.05, 2, "tensor", 0.5)
+    with pytest.raises(InvalidValueError, match="define"):
+        ExperimentConfig.from_mapping({"tasks": TASKS, "grid": {"compressions": ["nameless"]}})
+    with pytest.raises(InvalidValueError):  # a bad codec value fails when the codec is built
+        ExperimentConfig.from_mapping({"tasks": TASKS, "grid": {"compressions": ["bad"]},
+                                       "compression": {"bad": {"mode": "topk_int8", "momentum": 2.0}}}
+                                      ).codec_config("bad")
+
+
+def test_private_tensors_as_a_variant() -> None:
+    cfg = ExperimentConfig.load(REPO / "configs" / "experiment-fedper.toml")
+    assert [(label, v.private_tensors) for label, v in cfg.variants] == [("fedavg", ()),
+                                                                         ("fedper_head", ("head.*",))]
+    with pytest.raises(InvalidValueError, match="private_tensors"):
+        ExperimentConfig.from_mapping({"tasks": TASKS, "experiment": {"private_tensors": "head.*"}})
+
+
+def test_compressions_filter_refuses_names_not_in_the_grid(tmp_path: Path) -> None:
+    with pytest.raises(InvalidValueError, match="--compressions"):
+        main_experiment(REPO / "configs" / "experiment-compression-tools.toml", tmp_path,
+                        compressions=["topk_int8", "zip"])
+
+
+def test_the_compression_tools_grid_parses() -> None:
+    cfg = ExperimentConfig.load(REPO / "configs" / "experiment-compression-tools.toml")
+    assert cfg.codec_config("topk10_warmup").ratio_at(0) == 1.0
+    assert cfg.codec_config("topk1_warmup").ratio_at(6) == pytest.approx(0.01)
