@@ -109,6 +109,7 @@ class _Peak:
         pass
 
 
+@pytest.mark.slow  # ~4 s: real federations of the synthetic model
 def test_cells_give_each_site_its_steps_and_report_the_variant(tmp_path: Path) -> None:
     config = _config()
     task = _task()
