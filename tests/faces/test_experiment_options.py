@@ -49,3 +49,25 @@ def test_the_compression_tools_grid_parses() -> None:
     cfg = ExperimentConfig.load(REPO / "configs" / "experiment-compression-tools.toml")
     assert cfg.codec_config("topk10_warmup").ratio_at(0) == 1.0
     assert cfg.codec_config("topk1_warmup").ratio_at(6) == pytest.approx(0.01)
+
+
+def test_demo_codec_warmup_default_flag_and_off(tmp_path: Path) -> None:
+    """The demo's default codec is the best measured one (top-k 10 % + int8 with a 3-round warm-up from a
+    dense first update); --codec-warmup-rounds 0 turns the warm-up off; the agents' configs carry it."""
+    from fedpeft_edge.faces.cli import build_parser
+    from fedpeft_edge.faces.demo import DemoOptions
+    from fedpeft_edge.faces.demo.fleet import LocalFleet
+    from fedpeft_edge.site.config import load_agent_config
+
+    def agent_codec(argv: list[str]):  # type: ignore[no-untyped-def]
+        opts = DemoOptions.from_args(build_parser().parse_args(["demo", *argv])).resolved()
+        fleet = LocalFleet.__new__(LocalFleet)
+        fleet.opts, fleet.work, fleet.connection = opts, tmp_path, {"host": "127.0.0.1", "port": 1883}
+        fleet.bundle_dir, fleet.gradient_dir, fleet.shard_paths = tmp_path, None, [tmp_path / "s.npz"]
+        return load_agent_config(fleet._agent_config(0, "site-1", tmp_path / "site-1")).codec
+
+    default = agent_codec([])
+    assert (default.mode, default.topk_ratio, default.warmup_rounds, default.warmup_start_ratio) == (
+        "topk_int8", 0.1, 3, 1.0)
+    assert agent_codec(["--codec-warmup-rounds", "0"]).warmup_rounds == 0
+    assert agent_codec(["--codec", "fp32"]).warmup_rounds == 0

@@ -253,6 +253,8 @@ class LocalFleet:
     def _agent_config(self, i: int, name: str, state_dir: Path) -> Path:
         opts = self.opts
         codec = {"mode": opts.codec, "topk_ratio": float(opts.topk_ratio or 0.01), "error_feedback": True}
+        if opts.codec.startswith("topk") and opts.codec_warmup_rounds:  # dense first round, then shrinking
+            codec.update(warmup_rounds=int(opts.codec_warmup_rounds), warmup_start_ratio=1.0)
         return write_service_config(
             self.work / f"{name}.toml",
             "agent",

@@ -28,6 +28,9 @@ class DemoOptions:
     lr: float | None = None
     codec: str | None = None
     topk_ratio: float | None = None
+    # top-k sparsity warm-up (CodecConfig.warmup_rounds, from a dense first round): the best measured
+    # codec for the demo's task (docs/experiments.md, compression tools); 0 turns it off
+    codec_warmup_rounds: int | None = None
     split: str | None = None
     train_size: int | None = None
     test_size: int | None = None
@@ -63,6 +66,7 @@ class DemoOptions:
             "local_steps",
             "codec",
             "topk_ratio",
+            "codec_warmup_rounds",
             "split",
             "broker",
             "backend",
@@ -116,6 +120,7 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
     "codec": "topk_int8",
     "topk_ratio": 0.1,
+    "codec_warmup_rounds": 3,
     "split": "dirichlet:0.5",
     "train_size": 1600,
     "test_size": 400,

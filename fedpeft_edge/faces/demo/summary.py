@@ -102,6 +102,15 @@ def site_entries(
     return sites
 
 
+def _codec_words(o: dict[str, Any]) -> str:
+    """Words for a top-k codec, e.g. ' (top 10 %, warm-up 3 rounds from dense)'; else nothing."""
+    if o["codec"] != "topk_int8":
+        return ""
+    warm = o.get("codec_warmup_rounds")
+    return (f" (top {format(100 * o['topk_ratio'], 'g')} %"
+            f"{f', warm-up {warm} rounds from dense' if warm else ''})")
+
+
 def build_summary(
     opts: DemoOptions,
     task: TaskData,
@@ -267,7 +276,7 @@ def write_demo_report(summary: Mapping[str, Any], out_dir: Path) -> dict[str, Pa
         f"{o['agents']} sites, {o['rounds']} rounds of {o['local_steps']} local steps (batch "
         f"{o['batch_size']}), `{p['method']}` on the {summary['model']['kind']} model, data "
         f"`{summary['data']['dataset']}` split `{o['split']}`, codec `{o['codec']}`"
-        f"{' (top ' + format(100 * o['topk_ratio'], 'g') + ' %)' if o['codec'] == 'topk_int8' else ''}"
+        f"{_codec_words(o)}"
         f"{', FedProx mu ' + format(o['prox_mu'], 'g') if o.get('prox_mu') else ''}."
     )
     lines.append("")
