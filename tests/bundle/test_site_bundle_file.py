@@ -280,6 +280,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           cwd=cwd, env=env, timeout=120)
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_cli_keygen_sign_verify_inspect(made, tmp_path) -> None:
     r = _cli("bundle", "keygen", "--out", str(tmp_path / "keys"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr

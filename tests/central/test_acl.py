@@ -15,6 +15,7 @@ from fedpeft_edge.protocol.transport import TransportError
 T = Topics(PLANT_FLEET)
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_site_cannot_publish_on_another_sites_topic(plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
     agg = plant_client(plant_broker, plant_pki, "aggregator")
     site_a = plant_client(plant_broker, plant_pki, "site-a")
@@ -37,6 +38,7 @@ def test_site_cannot_publish_on_another_sites_topic(plant_broker: BrokerHandle, 
         agg.close()
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_site_cannot_read_other_updates_but_reads_global(plant_broker: BrokerHandle,
                                                           plant_pki: PlantPki) -> None:
     agg = plant_client(plant_broker, plant_pki, "aggregator")
@@ -60,6 +62,7 @@ def test_site_cannot_read_other_updates_but_reads_global(plant_broker: BrokerHan
             c.close()
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_site_cannot_forge_the_federation_report_or_another_sites_info(plant_broker: BrokerHandle,
                                                                         plant_pki: PlantPki) -> None:
     """fedpeft/<fleet>/federation is the aggregator's, fedpeft/<fleet>/info/<site> that site's own."""

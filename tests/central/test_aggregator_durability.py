@@ -255,6 +255,7 @@ def test_persistence_failure_acknowledges_nothing(mosquitto_broker: BrokerHandle
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_resumed_round_gets_its_deadline_again(mosquitto_broker: BrokerHandle, tmp_path: Path) -> None:
     fleet = "outage"
     _initial(tmp_path)

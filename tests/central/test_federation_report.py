@@ -281,6 +281,7 @@ def _retained(port: int, topics: list[str], seconds: float = 1.0) -> dict[str, b
         t.close()
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_retained_report_and_info_cards_after_a_federation(mosquitto_broker, tmp_path: Path) -> None:
     port, fleet = mosquitto_broker.port, "report-e2e"
     svc = _service(tmp_path, port, fleet, "max_rounds = 2\nquorum = 2\nmin_clients = 2\n"

@@ -102,6 +102,7 @@ def test_certificate_cn_is_the_client_id(plant_pki: PlantPki) -> None:
         broker.stop()
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 def test_control_without_the_binding_an_impostor_takes_over(plant_pki: PlantPki) -> None:
     """The same impostor on a broker without use_username_as_clientid (the last setting wins): the
     aggregator is disconnected. This is what the plant configuration prevents."""
@@ -118,6 +119,7 @@ def test_control_without_the_binding_an_impostor_takes_over(plant_pki: PlantPki)
         broker.stop()
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_only_the_aggregator_writes_acks_and_a_site_reads_only_its_own(plant_broker: BrokerHandle,
                                                                      plant_pki: PlantPki) -> None:
     agg = plant_client(plant_broker, plant_pki, "aggregator")

@@ -108,6 +108,7 @@ def clean(digits: Data) -> float:
     return accuracy[-1]
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_defaults_keep_the_global_within_5_points_of_a_clean_run(digits: Data, clean: float,
                                                                  attack: str) -> None:

@@ -130,6 +130,7 @@ def federation(mosquitto_broker, tmp_path_factory: pytest.TempPathFactory) -> Ru
     return Run(before, after, agent_http_before, textfile, agent_ports)
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 def test_aggregator_metrics_count_the_round_and_rejections(federation: Run) -> None:
     b, a = federation.before, federation.after
     assert b[("fedpeft_aggregator_round", ())] == 0

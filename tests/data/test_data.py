@@ -422,6 +422,7 @@ def test_group_partition_property(n, num_groups, num_clients, seed) -> None:
 # ----------------------------------------------------------------------------------------------- tokeniser
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_text_encoder_matches_hugging_face_tokenizer(r8_train: TextDataset, ng_train: TextDataset) -> None:
     import transformers  # test-only reference; the module itself never imports it
 

@@ -80,6 +80,7 @@ def _stop_and_time(proc: subprocess.Popen[bytes], sig: int) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("service", ["agent", "aggregate"])
 def test_a_service_that_cannot_connect_stops_on_a_signal_and_says_why(service: str, sig: int,
@@ -99,6 +100,7 @@ def test_a_service_that_cannot_connect_stops_on_a_signal_and_says_why(service: s
     assert "Traceback" not in text
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_a_waiting_agent_stops_on_sigterm_within_5_s(mosquitto_broker, tmp_path: Path) -> None:
     config = _agent_toml(tmp_path, mosquitto_broker.port, fleet="firstday-waiting")
     log = tmp_path / "agent.log"

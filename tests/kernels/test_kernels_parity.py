@@ -247,6 +247,7 @@ def test_scatter_add_parity(c_path, ref, case, data, weight):
     assert_bits_equal(ac, ar)
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 @hyp
 @given(acc=f32_arrays(max_len=700), data=st.data(), block=BLOCKS, weight=finite_f32())
 def test_dequant_accumulate_parity(c_path, ref, acc, data, block, weight):
@@ -258,6 +259,7 @@ def test_dequant_accumulate_parity(c_path, ref, acc, data, block, weight):
     assert_bits_equal(ac, ar)
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 @hyp
 @given(case=sparse_update(), data=st.data(), block=BLOCKS, weight=finite_f32())
 def test_sparse_dequant_accumulate_parity(c_path, ref, case, data, block, weight):

@@ -138,6 +138,7 @@ def _float64_eval(gm: GradientModel) -> ReferenceEvaluator:
 @pytest.mark.parametrize("case, coords", [("gemm_lora", None), ("lora", None), ("prompt", 24), ("bitfit", 24),
                                           ("full", 24), ("conv_lora", 24), ("conv_select", 24),
                                           ("adapter", 24)])
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 def test_gradients_match_float64_central_differences(cache, case, coords):
     gm = cache[1](case)
     evaluator = _float64_eval(gm)

@@ -56,6 +56,7 @@ def test_unknown_host_is_named() -> None:
     assert "does not resolve" in why and "no-such-broker.invalid" in why
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 def test_silent_listener_is_a_timeout_or_no_answer() -> None:
     """A port that accepts TCP and never speaks MQTT (a wrong service, a hung broker)."""
     srv = socket.socket()
@@ -167,6 +168,7 @@ def test_repeated_failures_warn_with_the_cause_and_keep_retrying(caplog: pytest.
     assert t.failures_in_a_row >= FAILURES_BEFORE_HINT  # it kept trying
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 def test_stop_event_ends_connect_at_once() -> None:
     stop = threading.Event()
     t = MqttTransport(TransportConfig(host="127.0.0.1", port=free_port(), client_id="s"), stop=stop)

@@ -47,6 +47,7 @@ def test_connack_maximum_packet_size_caps_payload() -> None:
         h.stop()
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_unacked_message_is_redelivered_to_persistent_session(mosquitto_broker) -> None:
     """manual_ack: a consumer that dies before acking gets the message again (at-least-once)."""
     cid = "ack-consumer"
@@ -79,6 +80,7 @@ def test_unacked_message_is_redelivered_to_persistent_session(mosquitto_broker) 
         pub.close()
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_reconnect_after_broker_restart_delivers_queued_publish() -> None:
     h = start_local_broker(prefer="mosquitto")
     try:

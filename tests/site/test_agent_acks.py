@@ -33,6 +33,7 @@ def _client(broker: BrokerHandle, name: str) -> MqttTransport:
                                          clean_start=True))
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_update_stays_until_a_valid_ack_and_bad_acks_are_ignored(mosquitto_broker: BrokerHandle,
                                                                  tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:

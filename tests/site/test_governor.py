@@ -136,6 +136,7 @@ def _wait(gov: Governor, paused: bool, timeout: float) -> tuple[float, list[floa
                          f"other-CPU readings {readings[-20:]}")
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 def test_real_cpu_hog_pauses_and_its_end_resumes() -> None:
     """A process spinning on every core this test may use → the real probe sees other processes' CPU
     above the limit and pauses; killing the hogs → back below limit − hysteresis → resumes by itself.

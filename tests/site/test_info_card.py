@@ -78,6 +78,7 @@ def _reader(broker: BrokerHandle, topic: str) -> MqttTransport:
     return t
 
 
+@pytest.mark.slow  # > 1 s: the full suite runs it, the fast tier leaves it out
 def test_agent_publishes_its_card_retained_on_connect(mosquitto_broker: BrokerHandle, tmp_path: Path) -> None:
     topics = Topics("info-card")
     agent = _agent(mosquitto_broker, topics.fleet, tmp_path, spec_hash=SPEC, bundle_id=BUNDLE)

@@ -60,6 +60,7 @@ batch_size = 16
 """ + conn
 
 
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
 def test_three_sites_three_rounds_match_offline_fedavg(mosquitto_broker, tmp_path: Path) -> None:
     initial = (0.01 * np.random.default_rng(7).standard_normal(FEATURES * 3 + 3)).astype(np.float32)
     np.save(tmp_path / "initial.npy", initial)
