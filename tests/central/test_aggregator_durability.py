@@ -155,6 +155,7 @@ class _Runner:
         assert not self.thread.is_alive()
 
 
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 def test_unexpected_error_is_acknowledged_and_quarantined(mosquitto_broker: BrokerHandle, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = "poison"
@@ -195,6 +196,7 @@ def test_unexpected_error_is_acknowledged_and_quarantined(mosquitto_broker: Brok
     assert state.counters["rejected:internal_error"] == 1 and state.counters["accepted"] == 2
 
 
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 @pytest.mark.parametrize("failing", ["round_state", "chunk_spool", "accumulate"])
 def test_persistence_failure_acknowledges_nothing(mosquitto_broker: BrokerHandle, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch, failing: str) -> None:

@@ -87,6 +87,7 @@ def _hostile_payloads(spec_hash: str) -> dict[str, tuple[bytes, str]]:
     }
 
 
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 def test_hostile_messages_are_rejected_and_the_round_completes(mosquitto_broker, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     import fed_numpy_trainer as fnt

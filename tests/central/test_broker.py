@@ -108,6 +108,7 @@ def test_kind_and_port_validation() -> None:
 
 
 # --- the command line -------------------------------------------------------------------------------
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 def test_cli_broker_runs_in_foreground_until_sigterm(tmp_path: Path) -> None:
     import signal
     import subprocess
@@ -153,6 +154,7 @@ def test_cli_help_explains_topics_and_state() -> None:
     assert "--rounds" in agg and "resumes" in agg
 
 
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -83,6 +83,7 @@ def test_quantize_parity_large(c_path, ref, n, block):
         assert_bits_equal(c_path.dequantize_int8(qc, sc, block), ref.dequantize_int8(qr, sr, block), "x_hat")
 
 
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 @hyp
 @given(data=st.data(), block=BLOCKS)
 def test_dequantize_parity(c_path, ref, data, block):

@@ -98,6 +98,7 @@ def test_agent_publishes_its_card_retained_on_connect(mosquitto_broker: BrokerHa
         reader.close()
 
 
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 def test_the_card_says_the_spec_hash_once_adopted_from_the_aggregator(mosquitto_broker: BrokerHandle,
                                                                      tmp_path: Path) -> None:
     topics = Topics("info-adopt")

@@ -201,6 +201,7 @@ def _png(img: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+@pytest.mark.slow  # ~1 s: the full suite runs it, the fast tier leaves it out
 def test_agent_exports_each_global_and_infer_reads_an_image_folder(lowered, tmp_path):
     gm = lowered("conv_lora")
     opts = {"model_kind": "image", "image_size": 8, "mean": MEAN, "std": STD}
