@@ -103,6 +103,7 @@ def test_hostile_messages_are_rejected_and_the_round_completes(mosquitto_broker,
     mallory = MqttTransport(TransportConfig(host=mosquitto_broker.host, port=mosquitto_broker.port,
                                             client_id="mallory"))
     mallory.connect(10)
+    mf.wait_aggregator_listening(svc, mallory, FLEET, "mallory")
     topic = Topics(FLEET).update("mallory")
     cases = _hostile_payloads(svc.spec_hash)
     try:
@@ -165,6 +166,7 @@ def test_an_account_outside_the_sites_list_is_not_counted(mosquitto_broker, tmp_
                                             client_id="mallory"))
     mallory.subscribe(Topics(FLEET).ack("mallory"))
     mallory.connect(10)
+    mf.wait_aggregator_listening(svc, mallory, FLEET, "mallory")
     try:
         enc = UpdateEncoder(CodecConfig(mode="fp32"), N).encode(np.ones(N, np.float32))
         valid = wire.encode_update(wire.UpdateMessage(FLEET, 0, "mallory", svc.spec_hash, 10, {}, enc))

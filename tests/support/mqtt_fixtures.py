@@ -361,3 +361,19 @@ class TcpProxy:
         self._closed.set()
         self._srv.close()
         self._thread.join(2)
+
+
+def wait_aggregator_listening(svc, publisher: MqttTransport, fleet: str, client_id: str,
+                              timeout: float = 10.0) -> None:
+    """Wait until the aggregator service ``svc`` reads ``publisher``'s messages: CONNACK comes before the
+    SUBACKs, so an update published right after ``svc.transport.connected`` may not be delivered. The
+    aggregator subscribes to updates before statuses (Mosquitto keeps their order): once it has read a
+    status from ``client_id``, its update subscription is in place too."""
+    import time as _time
+
+    from fedpeft_edge.protocol import notices
+    from fedpeft_edge.protocol.topics import Topics
+
+    hello = notices.encode_status(notices.StatusMessage(client_id, "online", _time.time()))
+    assert publisher.publish(Topics(fleet).status(client_id), hello).wait(5)
+    wait_for(lambda: client_id in svc.site_states, timeout, "the aggregator's subscriptions")

@@ -234,6 +234,8 @@ def test_duplicate_delivery_counts_once(broker: BrokerHandle, tmp_path: Path) ->
         msg = wire.UpdateMessage("dup", 0, "site-0", svc.spec_hash, 10, {"loss": 1.0}, enc)
         data = wire.encode_update(msg)
         mf.wait_for(lambda: svc.transport is not None and svc.transport.connected, 10, "aggregator")
+        # else the first copy may be published before the aggregator's SUBACK, and never counted
+        mf.wait_aggregator_listening(svc, pub, "dup", "site-0")
         for _ in range(2):
             assert pub.publish(topics.update("site-0"), data).wait(5)
         # The same chunked message twice (same message id, as an agent's resend does).
