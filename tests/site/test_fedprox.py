@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest_models import batches
+from fake_transport import FakeTransport
 from lowering_cases import case_data, make_cache
 
 from fedpeft_edge.protocol import wire
@@ -82,20 +83,6 @@ def test_mu_in_options_or_on_a_trainer_that_ignores_it_is_refused(cache, tmp_pat
 
 
 # --- training: anchored to the round's global ---------------------------------------------------------------
-class _Handle:
-    def is_published(self) -> bool:
-        return True
-
-
-class _FakeTransport:
-    connected = True
-    connect_count = 1
-
-    def max_payload(self, topic: str) -> int:
-        return 1 << 22
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> _Handle:
-        return _Handle()
 
 
 def _train_batches():
@@ -121,7 +108,7 @@ options = {SGD}
 """)
     setup = build_trainer_setup(cfg)
     agent = EdgeAgent(cfg, setup.trainer, _train_batches, None, spec_hash=lowered.spec_hash)
-    agent.transport = _FakeTransport()  # type: ignore[assignment]
+    agent.transport = FakeTransport()  # type: ignore[assignment]
     return agent
 
 
@@ -228,7 +215,7 @@ prox_mu = {mu}
         setup = build_trainer_setup(cfg)
         assert setup.trainer.prox_mu == mu  # type: ignore[attr-defined]
         agent = EdgeAgent(cfg, setup.trainer, train_batches, None, spec_hash=lowered.spec_hash)
-        agent.transport = _FakeTransport()  # type: ignore[assignment]
+        agent.transport = FakeTransport()  # type: ignore[assignment]
         agent._train_round(wire.GlobalMessage(FLEET, 0, lowered.spec_hash, encode_global(g), {}))
         norms[mu] = float(np.linalg.norm(_sent_delta(agent, 0)))
     print(f"\n[FedProx, MiniLM LoRA] update norm by mu: {norms}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest_models import batches
+from fake_transport import FakeTransport
 from lowering_cases import case_data, make_cache
 
 from fedpeft_edge.peft.layout import FlatLayout
@@ -67,24 +68,6 @@ def test_a_damaged_private_file_is_set_aside(tmp_path: Path) -> None:
 
 
 # --- in the agent -------------------------------------------------------------------------------------------
-class _Handle:
-    def is_published(self) -> bool:
-        return True
-
-
-class _FakeTransport:
-    connected = True
-    connect_count = 1
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    def max_payload(self, topic: str) -> int:
-        return 1 << 22
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> _Handle:
-        self.sent.append((topic, payload))
-        return _Handle()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +98,7 @@ gradient_dir = "{lowered.directory}"
         return batches(case_data("lora", n=64), 16)
 
     agent = EdgeAgent(cfg, setup.trainer, data, data, spec_hash=lowered.spec_hash)
-    agent.transport = _FakeTransport()  # type: ignore[assignment]
+    agent.transport = FakeTransport()  # type: ignore[assignment]
     return agent
 
 

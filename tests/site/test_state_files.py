@@ -16,6 +16,7 @@ from pathlib import Path
 import fed_numpy_trainer as fnt
 import numpy as np
 import pytest
+from fake_transport import FakeTransport
 
 from fedpeft_edge.protocol import wire
 from fedpeft_edge.protocol.codec import encode_global
@@ -32,22 +33,6 @@ N = fnt.FEATURES * fnt.CLASSES + fnt.CLASSES
 DAMAGES = ("empty", "truncated", "garbage", "wrong_shape", "wrong_dtype")
 
 
-class _Handle:
-    def is_published(self) -> bool:
-        return True
-
-
-class _FakeTransport:
-    """Just enough of MqttTransport for _train_round: every publish is acknowledged at once."""
-
-    connected = True
-    connect_count = 1
-
-    def max_payload(self, topic: str) -> int:
-        return 1 << 20
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> _Handle:
-        return _Handle()
 
 
 class _Crash(Exception):
@@ -77,7 +62,7 @@ def _global(rnd: int) -> wire.GlobalMessage:
 
 
 def _train(agent: EdgeAgent, *rounds: int, ack: bool = True) -> EdgeAgent:
-    agent.transport = _FakeTransport()  # type: ignore[assignment]
+    agent.transport = FakeTransport()  # type: ignore[assignment]
     for r in rounds:
         agent._train_round(_global(r))
     for out in list(agent._outgoing) if ack else ():  # the aggregator acknowledged: the outbox empties

@@ -12,6 +12,7 @@ from pathlib import Path
 import fed_numpy_trainer as fnt
 import numpy as np
 import pytest
+from fake_transport import FakeTransport
 
 from fedpeft_edge.protocol import wire
 from fedpeft_edge.protocol.codec import encode_global
@@ -25,20 +26,6 @@ N = fnt.FEATURES * fnt.CLASSES + fnt.CLASSES
 BATCHES_PER_EPOCH = 6  # fed_numpy_trainer: 96 training samples in batches of 16
 
 
-class _Handle:
-    def is_published(self) -> bool:
-        return True
-
-
-class _FakeTransport:
-    connected = True
-    connect_count = 1
-
-    def max_payload(self, topic: str) -> int:
-        return 1 << 20
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> _Handle:
-        return _Handle()
 
 
 class StepClock:
@@ -74,7 +61,7 @@ mode = "fp32"
             clock.t += clock.cost  # the trainer asks for the next batch once this step is done
 
     agent = EdgeAgent(cfg, s.trainer, timed_batches, s.eval_batches_fn, spec_hash=SPEC)
-    agent.transport = _FakeTransport()  # type: ignore[assignment]
+    agent.transport = FakeTransport()  # type: ignore[assignment]
     agent.clock = clock
     return agent, clock
 
