@@ -42,7 +42,9 @@ ALLOWED: dict[str, set[str]] = {
     "central": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle"},
     # The operator console (central side, a web face of its own): it follows the broker, never the core.
     "console": {"runtime", "protocol"},
-    "faces": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle", "site", "central", "console"},
+    # The gateway tier (a line's aggregator at the plant): the central core over the plant broker.
+    "gateway": {"runtime", "kernels", "protocol", "central"},
+    "faces": LOWER_THAN_PROTOCOL | {"models", "protocol", "bundle", "site", "central", "console", "gateway"},
     "package": set(),
     "main": {"faces"},
 }

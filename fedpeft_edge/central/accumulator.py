@@ -57,6 +57,21 @@ class RoundAccumulator:
         self.steps_weight += float(weight) * float(steps)
         self.count += 1
 
+    def accumulate_partial(self, enc: EncodedUpdate | ParsedUpdate, weight: float, steps_weight: float,
+                           count: int) -> None:
+        """Add a lower tier's partial: ``enc`` is its ``Σ w_i·d_i / Σ w_i`` (already clipped and
+        step-normalised), ``weight`` its ``Σ w_i``, ``steps_weight`` its ``Σ w_i·τ_i``, ``count`` its
+        members; afterwards the sums are as if each member had been accumulated here."""
+        if not (math.isfinite(weight) and weight > 0 and math.isfinite(steps_weight) and steps_weight > 0):
+            raise InvalidValueError(f"weight and steps_weight must be finite > 0, got {weight}, "
+                                    f"{steps_weight}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidValueError(f"count must be a positive int, got {count!r}")
+        accumulate_into(enc, self.sum, weight)
+        self.total_weight += float(weight)
+        self.steps_weight += float(steps_weight)
+        self.count += count
+
     def merge(self, other: RoundAccumulator) -> None:
         """Fold another accumulator's sum into this one (hierarchical aggregation)."""
         if other.n_params != self.n_params:

@@ -85,8 +85,15 @@ class RoundPolicy:
     # The sites this federation counts. None: any account the broker lets publish an update topic — and
     # Mosquitto ACL patterns give every account, service accounts included, its own update topic.
     sites: tuple[str, ...] | None = None
+    # The gateway accounts whose partial aggregates (protocol/partial.py) this federation counts; a partial
+    # from any other account is rejected (not_a_gateway). Empty: no gateway tier.
+    gateways: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        gws = self.gateways
+        if not isinstance(gws, list | tuple) or not all(isinstance(x, str) and x for x in gws):
+            raise InvalidValueError("gateways must be a list of gateway account names")
+        object.__setattr__(self, "gateways", tuple(self.gateways))
         if self.sites is not None:
             if not isinstance(self.sites, list | tuple) or not self.sites or not all(
                     isinstance(x, str) and x for x in self.sites):

@@ -73,7 +73,7 @@ from fedpeft_edge.central.initial_global import initial_from_trainer, load_vecto
 from fedpeft_edge.central.metrics_http import AggregatorMetrics
 from fedpeft_edge.central.metrics_log import MetricsLog
 from fedpeft_edge.central.store import StateError
-from fedpeft_edge.protocol import chunk_spool, chunking, notices, wire
+from fedpeft_edge.protocol import chunk_spool, chunking, notices, partial, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
 from fedpeft_edge.protocol.topics import Topics
@@ -252,7 +252,38 @@ class AggregatorService:
         except WireFormatError as exc:
             self._reject(sender, reason_of(exc), str(exc), size)
             return "rejected"
+        if self.topics.is_partial(msg.topic):
+            return self._handle_partial(sender, data, now, size)
         return self._handle_update(sender, data, now, size)
+
+    def _handle_partial(self, sender: str, data: bytes, now: float, size: int) -> str:
+        """Decode a gateway's partial aggregate and offer it to the core; the ack names it by its id."""
+        try:
+            part = partial.decode_partial(data, self.limits)
+        except WireFormatError as exc:
+            self._reject(sender, reason_of(exc), str(exc), size)
+            return "rejected"
+        if self.core.finished:
+            status = "duplicate" if self.core.was_counted(f"{sender}#{part.seq}", part.round) else "late"
+            self.acks.queue(sender, part.round, status, "federation finished", msg_id=part.message_id)
+            return status
+        try:
+            decision = self.core.offer_partial(part, sender=sender, nbytes=len(data), now=now)
+        except PERSISTENCE_FAILURES:
+            raise
+        except Exception:
+            self.acks.queue(sender, part.round, "rejected", "internal_error", msg_id=part.message_id)
+            raise
+        self.acks.queue(sender, part.round, decision.status, decision.reason, msg_id=part.message_id)
+        if decision.status == "rejected":
+            self.rejections[decision.reason] += 1
+            log.warning("partial %d of gateway %s for round %d rejected (%s): %s", part.seq, sender,
+                        part.round, decision.reason, decision.detail or "no detail")
+        else:
+            log.info("partial %d of gateway %s for round %d (%d sites, weight %.1f) %s; %d/%d this round",
+                     part.seq, sender, part.round, len(part.members), part.total_weight, decision.status,
+                     self.core.accepted_this_round, self.core_config.quorum)
+        return decision.status
 
     def _ack_consumed_chunk(self, sender: str, payload: bytes) -> None:
         """A chunk of a message this service already reassembled and consumed (a site's resend after a
@@ -452,6 +483,8 @@ class AggregatorService:
         self.transport = MqttTransport(tcfg, will=Will(status_topic, offline), on_connect=announce,
                                        stop=self._stop)
         self.transport.subscribe(self.topics.updates_filter, qos=1)
+        if self.core_config.gateways:  # the gateway tier's partial aggregates (fedpeft_edge/gateway/)
+            self.transport.subscribe(self.topics.partials_filter, qos=1)
         self.transport.subscribe(self.topics.status_filter, qos=1)
         self.transport.subscribe(self.topics.control, qos=1)  # operator actions (central/control.py)
         self.transport.connect(connect_timeout)

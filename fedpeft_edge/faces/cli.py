@@ -240,6 +240,45 @@ register(Command(
     _aggregate_args, _aggregate_run))
 
 
+# --- gateway -----------------------------------------------------------------------------------------
+def _gateway_args(p: argparse.ArgumentParser) -> None:
+    _add_connection(p)
+    g = p.add_argument_group("gateway ([gateway] section)")
+    g.add_argument("--client-id", help="MQTT client id / user of the gateway (default gateway)")
+    g.add_argument("--state-dir", help="where the line's round state and the partials outbox live")
+    g.add_argument("--sites", type=int, dest="quorum", help="seal a batch as soon as this many sites are in")
+    g.add_argument("--deadline", type=float, dest="round_deadline_s",
+                   help="seal a batch this many seconds after its round opened (with at least one site)")
+
+
+def _gateway_run(args: argparse.Namespace) -> int:
+    from fedpeft_edge.gateway.config import load_gateway_config
+    from fedpeft_edge.gateway.service import GatewayService
+    from fedpeft_edge.protocol.config import override
+
+    cfg = _load(args, load_gateway_config)
+    gw = cfg.gateway
+    override(gw, client_id=args.client_id, state_dir=args.state_dir)
+    gw.policy = override(gw.policy, quorum=args.quorum, round_deadline_s=args.round_deadline_s)
+    svc = GatewayService(cfg)
+    _stop_on_signals(svc.stop)
+    result = svc.run()
+    log.info("gateway stopped at round %d (%s); %d partial(s) sealed; counters %s", result.final_round,
+             "finished" if result.finished else "not finished", result.sealed, result.counters)
+    return 0
+
+
+register(Command(
+    "gateway", "aggregate one line's sites at the plant and forward one partial upstream",
+    "Count the updates of the sites on this plant broker (fedpeft/<fleet>/update/+) exactly as the\n"
+    "aggregator would, seal them per round into one partial aggregate, and publish it on\n"
+    "fedpeft/<fleet>/partial/<gateway>, which a Mosquitto bridge carries to the central broker\n"
+    "(broker_config/bridge-gateway-to-central.conf). Partials are kept on disk until the aggregator\n"
+    "acknowledges them; a restart resumes without losing or double-counting any site's update. The\n"
+    "aggregator counts partials only from the accounts in its [aggregator] gateways list.",
+    _gateway_args, _gateway_run))
+
+
 # --- agent -------------------------------------------------------------------------------------------
 def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trainer and local data ([trainer], [data] sections)")

@@ -87,11 +87,22 @@ class Topics:
     def info_filter(self) -> str:
         return f"{ROOT}/{self.fleet}/info/+"
 
+    def partial(self, gateway: str) -> str:
+        """A gateway's sealed partial aggregates (protocol/partial.py), bridged to the central broker."""
+        return f"{ROOT}/{self.fleet}/partial/{check_name('gateway id', gateway)}"
+
+    @property
+    def partials_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/partial/+"
+
+    def is_partial(self, topic: str) -> bool:
+        return topic.startswith(f"{ROOT}/{self.fleet}/partial/")
+
     def client_of(self, topic: str) -> str | None:
-        """The client id of an update/status topic of this fleet, else None."""
+        """The client id of an update/status/partial topic of this fleet, else None."""
         parts = topic.split("/")
         if (len(parts) == 4 and parts[0] == ROOT and parts[1] == self.fleet
-                and parts[2] in ("update", "status")):
+                and parts[2] in ("update", "status", "partial")):
             return parts[3] if _NAME_RE.match(parts[3]) else None
         return None
 
