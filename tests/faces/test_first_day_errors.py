@@ -203,5 +203,8 @@ def test_a_broker_that_mosquitto_refuses_is_one_line_exit_2(plant_pki, tmp_path:
                    "--password-file", str(plant_pki.password_file)], timeout=60)
     assert result.returncode == 2
     errors = [ln for ln in result.stderr.splitlines() if "ERROR" in ln]
-    assert len(errors) == 1 and "mosquitto exited with code" in errors[0], result.stderr[-2000:]
+    # Mosquitto may open its port before it reads the certificate: then the launcher saw it listening
+    # and reports it exiting on its own; either way one line, with Mosquitto's reason
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "mosquitto exited with code" in errors[0] or "exited on its own" in errors[0], errors[0]
     assert "Error" in errors[0]  # Mosquitto's own reason is in the line
