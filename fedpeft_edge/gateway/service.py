@@ -102,6 +102,7 @@ class GatewayService:
         self.transport: MqttTransport | None = None
         self._resent_at = 0.0
         self._resent_connect = -1
+        self._published: dict[int, tuple[int, float]] = {}  # seq -> (connection count, monotonic time)
         saved = RoundState.load(self.state_dir)
         if saved is not None:  # a restart: the upper tier's fleet, vector length and spec are in the state
             fp = saved.fingerprint
@@ -178,17 +179,23 @@ class GatewayService:
             )
             return
         t.publish(self.topics.partial(self.client_id), data, qos=1)
+        self._published[seq] = (t.connect_count, time.monotonic())
 
     def _resend_if_due(self, now: float) -> None:
+        """Publish again each unacknowledged partial not yet published on this connection, or published
+        more than ``resend_s`` ago (a broker crash may have lost it after its PUBACK)."""
         t = self.transport
         if t is None or not t.connected:
             return
-        if t.connect_count == self._resent_connect and now - self._resent_at < self.cfg.gateway.resend_s:
-            return
-        self._resent_connect, self._resent_at = t.connect_count, now
+        mono = time.monotonic()
+        if t.connect_count == self._resent_connect and mono - self._resent_at < 1.0:
+            return  # the outbox directory is listed at most once a second
+        self._resent_connect, self._resent_at = t.connect_count, mono
         for seq, data in self.outbox.pending():
-            log.info("publishing unacknowledged partial %d", seq)
-            self._publish(seq, data)
+            conn, at = self._published.get(seq, (-1, 0.0))
+            if conn != t.connect_count or mono - at >= self.cfg.gateway.resend_s:
+                log.info("publishing unacknowledged partial %d", seq)
+                self._publish(seq, data)
 
     # --- messages ------------------------------------------------------------------------------------
 
@@ -293,6 +300,7 @@ class GatewayService:
         if seq is None:
             return "ignored"  # an ack we already took (resend answered twice)
         self.outbox.remove(seq)
+        self._published.pop(seq, None)
         self.upstream[ack.status] = self.upstream.get(ack.status, 0) + 1
         level = logging.INFO if ack.status in ("accepted", "duplicate") else logging.WARNING
         log.log(

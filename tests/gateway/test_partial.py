@@ -238,3 +238,38 @@ def test_gateway_config_refuses_a_policy_without_the_buffer() -> None:
     s = GatewaySettings()
     assert s.policy.max_rounds is None and s.policy.min_clients == 1
     assert isinstance(GatewayServiceConfig().gateway, GatewaySettings)
+
+
+def test_the_aggregator_service_rejects_bad_partials_and_counts_a_good_one(tmp_path: Path) -> None:
+    """Through AggregatorService.handle (no broker): each bad partial is rejected with its reason and the
+    acks name the partial's id; the state is untouched until the good one."""
+    from fedpeft_edge.central.config import load_aggregator_config
+    from fedpeft_edge.central.service import AggregatorService
+    from fedpeft_edge.protocol.topics import Topics
+    from fedpeft_edge.protocol.transport import Message
+
+    cfg = load_aggregator_config(
+        text=f'[fleet]\nname = "{FLEET}"\n[aggregator]\nstate_dir = "{tmp_path}/agg"\n'
+        f'spec_hash = "{SPEC}"\nquorum = 10\ngateways = ["gw-a"]\n'
+    )
+    svc = AggregatorService(cfg, initial_global=np.zeros(N, np.float32))
+    topics = Topics(FLEET)
+    g = _gateway_core()
+    for u in _updates(3):
+        g.offer(u)
+    good = P.encode_partial(_seal("gw-a", 0, g))
+
+    def send(who: str, payload: bytes) -> str:
+        return svc.handle(Message(topics.partial(who), payload, 1, False, 1))
+
+    assert send("gw-a", b"\xc1garbage") == "rejected"
+    assert send("gw-a", good[:-3]) == "rejected"
+    assert send("gw-b", good) == "rejected"  # gw-a's partial on gw-b's topic
+    assert send("site-1", good) == "rejected"
+    assert svc.core.accepted_this_round == 0
+    assert svc.rejections["client_mismatch"] == 2 and sum(svc.rejections.values()) == 4
+    assert send("gw-a", good) == "accepted"
+    assert send("gw-a", good) == "duplicate"
+    assert svc.core.accepted_this_round == 3
+    pending = list(svc.acks._pending.values())
+    assert {a.msg for a in pending if a.site == "gw-a"} == {P.partial_id("gw-a", 0)}

@@ -183,7 +183,7 @@ class _Conn:
 
     def __init__(self, pool: SitePool, idx: int, indices: list[int]) -> None:
         self.pool, self.idx, self.indices = pool, idx, indices
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"scale-{pool.fleet}-{idx:04d}",
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"scale-{pool.fleet}-{pool.first}-{idx:04d}",
                         protocol=mqtt.MQTTv311, clean_session=True)
         c.max_inflight_messages_set(max(20, 2 * len(indices)))
         c.on_connect = self._on_connect
@@ -198,7 +198,7 @@ class _Conn:
         if reason.is_failure:
             self.pool.errors.append(f"connection {self.idx} refused: {reason}")
             return
-        acks = [(self.pool.topics.ack(site_id(i)), 1) for i in self.indices]
+        acks = [(self.pool.topics.ack(site_id(self.pool.first + i)), 1) for i in self.indices]
         client.subscribe([(self.pool.topics.global_, 1), *acks])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: Any,
@@ -221,7 +221,7 @@ class _Conn:
         except Exception as exc:  # reported, never raised into paho
             pool.errors.append(f"unreadable ack on {msg.topic}: {exc}")
             return
-        i = int(msg.topic.rsplit("-", 1)[1])
+        i = int(msg.topic.rsplit("-", 1)[1]) - pool.first
         pool.note_ack(i, ack, now)
         pool.maybe_send(self, i, now)
 
@@ -229,9 +229,10 @@ class _Conn:
 class SitePool:
     """``n`` light sites over ``ceil(n / per_conn)`` connections, all served by one thread."""
 
-    def __init__(self, host: str, port: int, fleet: str, envelopes: list[list[bytes]], per_conn: int = 1
-                 ) -> None:
+    def __init__(self, host: str, port: int, fleet: str, envelopes: list[list[bytes]], per_conn: int = 1,
+                 first_site: int = 0) -> None:
         self.host, self.port, self.fleet = host, port, fleet
+        self.first = first_site  # site k of this pool is site_id(first_site + k) (pools behind gateways)
         self.topics = Topics(fleet)
         self.envelopes = envelopes  # [round][site]
         n = len(envelopes[0])
@@ -275,7 +276,7 @@ class SitePool:
 
     def note_ack(self, i: int, ack: notices.AckMessage, now: float) -> None:
         if ack.round is None:
-            self.errors.append(f"{site_id(i)}: ack without a round ({ack.status})")
+            self.errors.append(f"{site_id(self.first + i)}: ack without a round ({ack.status})")
             return
         self.ack_count[i][ack.round] += 1
         self.acked[i].setdefault(ack.round, ack.status)
@@ -287,9 +288,10 @@ class SitePool:
         waiting = self.sent[i] >= 0 and self.sent[i] not in self.acked[i]
         if self.final[i] or r <= self.sent[i] or waiting or r >= self.rounds:
             return
-        info = conn.client.publish(self.topics.update(site_id(i)), self.envelopes[r][i], qos=1)
+        info = conn.client.publish(self.topics.update(site_id(self.first + i)), self.envelopes[r][i], qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            self.errors.append(f"{site_id(i)}: publish for round {r} failed: {mqtt.error_string(info.rc)}")
+            self.errors.append(f"{site_id(self.first + i)}: publish for round {r} failed: "
+                               f"{mqtt.error_string(info.rc)}")
             return
         self.sent[i] = r
         self.send_first.setdefault(r, now)
@@ -445,9 +447,10 @@ final_linger_s = 5
 """
 
 
-def make_envelopes(o: ScaleOptions, spec_hash: str) -> list[list[bytes]]:
-    """``[round][site]`` update envelopes: one encoded update per site, wrapped once per round."""
-    rng = np.random.default_rng(0)
+def make_envelopes(o: ScaleOptions, spec_hash: str, first_site: int = 0) -> list[list[bytes]]:
+    """``[round][site]`` update envelopes: one encoded update per site, wrapped once per round (sites
+    ``site_id(first_site + k)``)."""
+    rng = np.random.default_rng(first_site)
     cfg = CodecConfig(mode=o.mode, topk_ratio=o.ratio)
     encoded = []
     for i in range(o.sites):
@@ -455,7 +458,7 @@ def make_envelopes(o: ScaleOptions, spec_hash: str) -> list[list[bytes]]:
         encoded.append(UpdateEncoder(cfg, o.params, seed=i).encode(delta))
 
     def envelope(r: int, i: int, enc: Any) -> bytes:
-        msg = wire.UpdateMessage(o.fleet, r, site_id(i), spec_hash, 100, {"loss": 1.0}, enc)
+        msg = wire.UpdateMessage(o.fleet, r, site_id(first_site + i), spec_hash, 100, {"loss": 1.0}, enc)
         return wire.encode_update(msg)
 
     return [[envelope(r, i, enc) for i, enc in enumerate(encoded)] for r in range(o.rounds)]
