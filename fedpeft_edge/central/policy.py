@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedpeft_edge.central.strategy import NormBound, staleness_weight
+from fedpeft_edge.protocol.privacy import PrivacyPolicy
 from fedpeft_edge.runtime import names
 from fedpeft_edge.runtime.errors import InvalidValueError
 
@@ -60,6 +61,19 @@ class RoundPolicy:
     heuristic that corrects the first-order effect of unequal step counts, not a derived identity.
     FedNova keeps the round buffer (central/robust.py): a missing or invalid step count takes the round's
     median claim, and a claim above ``steps_median_multiplier`` × that median counts as that (0: off).
+
+    ``round_mode`` is when the server steps. ``"sync"``: rounds as above. ``"fedbuff"`` (Nguyen et al.
+    2022, "Federated Learning with Buffered Asynchronous Aggregation"): the server steps as soon as
+    ``buffer_k`` updates are in, whichever global each was trained from — no quorum, deadline or
+    ``min_clients`` (an operator's ``close_round`` still works). An update ``τ`` steps behind counts up to
+    ``max_staleness`` (``late_policy`` does not apply), with its *update* discounted by
+    ``s(τ) = (1+τ)^-staleness_alpha`` (0.5, the default: the paper's ``1/sqrt(1+τ)``) and its weight in the
+    mean left alone: the step is ``Σ w_i·s(τ_i)·Δ_i / Σ w_i`` (``weighting = "uniform"``: the paper's
+    ``Σ s(τ_i)·Δ_i / K``), so stale updates shrink the step instead of only sharing it out; the server
+    optimizer's ``lr`` is FedBuff's server learning rate. With every ``τ = 0`` a step is FedAvg of its K
+    updates. A round is then one server step; ``max_rounds`` counts steps. A site counts at most once per
+    global (the exactly-once key stays ``(site, round trained from)``): a site that finishes before the
+    next step waits for it (site/agent.py trains again as soon as a newer global is there).
     """
 
     min_clients: int = 1
@@ -81,6 +95,13 @@ class RoundPolicy:
     max_round_buffer_bytes: int = 64 * 1024 * 1024  # payload bytes of one round's buffered updates
     aggregation: str = "fedavg"  # "fednova": each update normalised by its local steps (see above)
     steps_median_multiplier: float = 2.0  # fednova: count at most this × the round's median steps; 0 = off
+    # Byzantine-robust rule replacing the weighted mean at close (central/robust_rules.py): "none",
+    # "median", "trimmed_mean" (drops trim_fraction of the values at each end), "multi_krum" (keeps the
+    # krum_select most central updates, 0: m - krum_byzantine)
+    robust_rule: str = "none"
+    trim_fraction: float = 0.1
+    krum_byzantine: int = 1
+    krum_select: int = 0
     global_mode: str = "fp32"  # downlink codec of the global adapter (codec.encode_global)
     # The sites this federation counts. None: any account the broker lets publish an update topic — and
     # Mosquitto ACL patterns give every account, service accounts included, its own update topic.
@@ -88,6 +109,8 @@ class RoundPolicy:
     # The gateway accounts whose partial aggregates (protocol/partial.py) this federation counts; a partial
     # from any other account is rejected (not_a_gateway). Empty: no gateway tier.
     gateways: tuple[str, ...] = ()
+    round_mode: str = "sync"  # "fedbuff": step every buffer_k updates, staleness-discounted (see above)
+    buffer_k: int = 4  # fedbuff: updates per server step
 
     def __post_init__(self) -> None:
         gws = self.gateways
@@ -103,6 +126,12 @@ class RoundPolicy:
         _positive_int("quorum", self.quorum)
         _positive_int("max_samples_weight", self.max_samples_weight)
         _positive_int("max_round_buffer_bytes", self.max_round_buffer_bytes)
+        _positive_int("buffer_k", self.buffer_k)
+        if self.round_mode not in names.ROUND_MODES:
+            raise InvalidValueError(f"round_mode must be one of {names.ROUND_MODES}, got {self.round_mode!r}")
+        if self.fedbuff and self.gateways:
+            raise InvalidValueError("round_mode = 'fedbuff' does not count gateways' partial aggregates "
+                                    "(their members' staleness is not known here); leave gateways empty")
         _multiplier("norm_median_multiplier", self.norm_median_multiplier)
         _multiplier("samples_median_multiplier", self.samples_median_multiplier)
         _multiplier("norm_reject_multiplier", self.norm_reject_multiplier)
@@ -121,6 +150,16 @@ class RoundPolicy:
             raise InvalidValueError("round_deadline_s must be finite and > 0")
         if self.late_policy not in names.LATE_POLICIES:
             raise InvalidValueError(f"late_policy must be one of {names.LATE_POLICIES}")
+        if self.robust_rule not in names.ROBUST_RULES:
+            raise InvalidValueError(f"robust_rule must be one of {names.ROBUST_RULES}, "
+                                    f"got {self.robust_rule!r}")
+        tf = self.trim_fraction
+        if isinstance(tf, bool) or not isinstance(tf, int | float) or not 0 <= tf < 0.5:
+            raise InvalidValueError(f"trim_fraction must be in [0, 0.5), got {tf!r}")
+        for name in ("krum_byzantine", "krum_select"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise InvalidValueError(f"{name} must be an int >= 0, got {val!r}")
         if self.norm_mode not in names.NORM_MODES:
             raise InvalidValueError(f"norm_mode must be one of {names.NORM_MODES}")
         if self.server_optimizer not in names.SERVER_OPTIMIZERS:
@@ -146,11 +185,17 @@ class RoundPolicy:
         return {f.name: getattr(self, f.name) for f in fields(RoundPolicy)}
 
     @property
+    def fedbuff(self) -> bool:
+        """Whether the server steps every ``buffer_k`` updates, FedBuff style (``round_mode = "fedbuff"``)."""
+        return self.round_mode == "fedbuff"
+
+    @property
     def buffers_updates(self) -> bool:
         """Whether a close-time bound is on (or FedNova, which decides each update's τ at close), so the
         round's updates must be kept until it closes."""
-        return self.norm_median_multiplier > 0 or self.aggregation == "fednova" or (
-            self.samples_median_multiplier > 0 and self.weighting == "samples")
+        weight_cap = self.samples_median_multiplier > 0 and self.weighting == "samples"
+        return (self.norm_median_multiplier > 0 or self.aggregation == "fednova" or weight_cap
+                or self.robust_rule != "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,14 +205,33 @@ class AggregatorConfig(RoundPolicy):
     fleet: str
     n_params: int
     spec_hash: str
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # the [privacy] table (DP-FedAvg)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive_int("n_params", self.n_params)
+        if self.privacy.enabled:
+            # DP bounds each site's influence by C with equal weights; these would break that bound or
+            # hide it (a gateway's partial holds many sites, a robust rule or FedNova reweights them)
+            clashes = [what for what, on in (
+                ("aggregation = 'fednova'", self.aggregation != "fedavg"),
+                ("round_mode = 'fedbuff'", self.round_mode != "sync"),
+                ("gateways", bool(self.gateways)),
+                ("robust_rule", self.robust_rule != "none")) if on]
+            if clashes:
+                raise InvalidValueError(f"[privacy] mode = {self.privacy.mode!r} cannot be combined with "
+                                        f"{', '.join(clashes)}")
+
+    @property
+    def buffers_updates(self) -> bool:
+        # central DP clips every update to C at close: it needs each one's norm
+        return super().buffers_updates or self.privacy.mode == "central"
 
     @classmethod
-    def for_fleet(cls, policy: RoundPolicy, *, fleet: str, n_params: int, spec_hash: str) -> AggregatorConfig:
-        return cls(fleet=fleet, n_params=n_params, spec_hash=spec_hash, **policy.as_kwargs())
+    def for_fleet(cls, policy: RoundPolicy, *, fleet: str, n_params: int, spec_hash: str,
+                  privacy: PrivacyPolicy | None = None) -> AggregatorConfig:
+        return cls(fleet=fleet, n_params=n_params, spec_hash=spec_hash, privacy=privacy or PrivacyPolicy(),
+                   **policy.as_kwargs())
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a persisted state must agree with to be resumed under this config."""

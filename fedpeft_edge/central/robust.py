@@ -104,7 +104,9 @@ class BufferedUpdate:
     provisional weight it got in the running sum (``samples·stale_factor``, or ``stale_factor`` with uniform
     weighting); ``scale`` the fixed ``norm_bound`` clip factor already applied there; ``norm`` the L2 norm
     of the decoded update before any clipping; ``steps`` the τ_i the running sum divided it by (1 under
-    FedAvg; the claimed steps, or 1 when missing, under FedNova).
+    FedAvg; the claimed steps, or 1 when missing, under FedNova). ``stale_on_update`` (FedBuff,
+    ``round_mode = "fedbuff"``): the staleness factor multiplied the update in the running sum, not its
+    weight (``weight`` is then ``samples``, or 1 with uniform weighting); False in states written before it.
     """
 
     client_id: str
@@ -117,10 +119,21 @@ class BufferedUpdate:
     norm: float
     metrics: dict[str, float] = field(default_factory=dict)
     steps: float = 1.0
+    stale_on_update: bool = False
 
     @property
     def nbytes(self) -> int:
         return len(self.update.payload)
+
+    @property
+    def update_factor(self) -> float:
+        """What the update itself is multiplied by besides its clip factor: FedBuff's staleness discount."""
+        return self.stale_factor if self.stale_on_update else 1.0
+
+    @property
+    def weight_stale_factor(self) -> float:
+        """The staleness factor inside ``weight`` (1 when it went onto the update instead)."""
+        return 1.0 if self.stale_on_update else self.stale_factor
 
     def meta(self) -> dict[str, Any]:
         """JSON-able description (the payload travels separately as bytes)."""
@@ -129,7 +142,7 @@ class BufferedUpdate:
                 "block": u.block, "index_coding": u.index_coding, "index_nbytes": u.index_nbytes,
                 "nbytes": len(u.payload), "samples": self.samples, "stale_factor": self.stale_factor,
                 "weight": self.weight, "scale": self.scale, "norm": self.norm, "metrics": self.metrics,
-                "steps": self.steps}
+                "steps": self.steps, "stale_on_update": self.stale_on_update}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], payload: bytes) -> BufferedUpdate:
@@ -138,7 +151,8 @@ class BufferedUpdate:
         return cls(str(meta["client"]), int(meta["round"]), enc, int(meta["samples"]),
                    float(meta["stale_factor"]), float(meta["weight"]), float(meta["scale"]),
                    float(meta["norm"]), {str(k): float(v) for k, v in meta["metrics"].items()},
-                   float(meta.get("steps", 1.0)))  # a state before FedNova: counted as τ = 1
+                   float(meta.get("steps", 1.0)),  # a state before FedNova: counted as τ = 1
+                   bool(meta.get("stale_on_update", False)))  # before FedBuff: the factor was in the weight
 
 
 @dataclass(frozen=True)
@@ -226,7 +240,7 @@ def plan_round(entries: Sequence[BufferedUpdate], *, norm_multiplier: float, nor
         s_cap = samples_multiplier * s_med
         for i, e in enumerate(entries):
             if e.samples > s_cap:
-                weights[i] = s_cap * e.stale_factor
+                weights[i] = s_cap * e.weight_stale_factor
                 capped += 1
     n_med = n_cap = None
     clipped = excluded = 0

@@ -44,8 +44,10 @@ and only a running aggregator can answer. Such late copies are answered from the
 On start the deadline clock of the open round is restarted (a resumed round gets its full deadline
 again instead of closing at once with ``min_clients`` after a long outage).
 
-A round closes on quorum or at its deadline (with ``min_clients``); the server optimiser makes the
-next global, which is published retained with QoS 1; one JSON line per round goes to the metrics file
+A round closes on quorum or at its deadline (with ``min_clients``); with ``round_mode = "fedbuff"`` as
+soon as ``buffer_k`` updates are in, checked after every message, so a batch of messages never puts more
+than K into one step (the step's checkpoint comes before the batch's acknowledgements, like every
+checkpoint). The server optimiser makes the next global, which is published retained with QoS 1; one JSON line per round goes to the metrics file
 (rewritten on the next start from the saved round state if a kill lost it: ``metrics_log``).
 After ``max_rounds`` the final global is published with ``meta.final = true`` and the service exits.
 Every rejected message is logged with its reason and counted; nothing a peer sends can crash the loop.
@@ -121,7 +123,7 @@ class AggregatorService:
         self.limits = limits or wire.WireLimits(max_message_bytes=int(a.max_update_bytes),
                                                 max_params=max(n, 1))
         self.core_config = AggregatorConfig.for_fleet(a.policy, fleet=config.fleet.name, n_params=n,
-                                                      spec_hash=self.spec_hash)
+                                                      spec_hash=self.spec_hash, privacy=config.privacy)
         # State is saved once per batch of messages (then the batch is acknowledged): same exactly-once
         # guarantee as saving per update, without one fsync per update under load.
         self.core = AggregatorCore(self.core_config, self.state_dir, initial_global=initial_global,
@@ -147,6 +149,7 @@ class AggregatorService:
         self.paused = False  # hook for the federation pause (issue 12): exported as fedpeft_aggregator_paused
         self.metrics = AggregatorMetrics(self, a.metrics_port, a.metrics_bind)  # /metrics (metrics_http.py)
         self.reports = ReportPublisher(self)  # retained on fedpeft/<fleet>/federation (federation_report.py)
+        self.rounds_closed = 0  # rounds (FedBuff: server steps) closed by this process
 
     # --- helpers ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -392,6 +395,7 @@ class AggregatorService:
                 self._quarantine(msg, now)
                 self._reject(self.topics.client_of(msg.topic), "internal_error", "see the traceback above",
                              len(msg.payload))
+            self._step_if_buffer_full(now)
         self.reassembler.sync()  # chunks durable before they are acknowledged
         self.core.checkpoint()  # round state (counts + sum) durable before acknowledging
         self.reassembler.commit()  # consumed messages' chunks are no longer needed
@@ -412,6 +416,7 @@ class AggregatorService:
             except Exception:
                 log.exception("unexpected error on a spooled update from %s; rejected", sender)
                 self._reject(sender, "internal_error", "see the traceback above", len(data))
+            self._step_if_buffer_full(now)
         self.core.checkpoint()
         self.reassembler.commit()
         self.acks.send(self.transport)
@@ -450,9 +455,16 @@ class AggregatorService:
                      ", ".join(self._active_sites()))
 
     # --- rounds -----------------------------------------------------------------------------------
+    def _step_if_buffer_full(self, now: float) -> None:
+        """FedBuff: step the moment the K-th update is in, within a batch (the next message of the batch
+        is then one step staler, as it is in the paper's server loop)."""
+        if self.core_config.fedbuff and not self.core.finished and self.control.should_close(self, now):
+            self._close_round(now)
+
     def _close_round(self, now: float) -> None:
         closing = self.core.round
         _, metrics = self.core.close_round(now)
+        self.rounds_closed += 1
         counters = self.core.counters
         rejected = {k.split(":", 1)[1]: v - self._round_rejections_base.get(k, 0)
                     for k, v in counters.items() if k.startswith("rejected:")}
@@ -488,11 +500,12 @@ class AggregatorService:
         self.transport.subscribe(self.topics.status_filter, qos=1)
         self.transport.subscribe(self.topics.control, qos=1)  # operator actions (central/control.py)
         self.transport.connect(connect_timeout)
-        log.info("aggregator for fleet %s: round %d, %d parameters, spec %s, quorum %d, deadline %.0f s, "
-                 "max rounds %s, state in %s", self.topics.fleet, self.core.round, self.core_config.n_params,
-                 self.spec_hash, self.core_config.quorum, self.core_config.round_deadline_s,
-                 self.core_config.max_rounds, self.state_dir)
-        closed = 0
+        c = self.core_config
+        steps = (f"FedBuff: a step every {c.buffer_k} updates, max staleness {c.max_staleness}" if c.fedbuff
+                 else f"quorum {c.quorum}, deadline {c.round_deadline_s:.0f} s")
+        log.info("aggregator for fleet %s: round %d, %d parameters, spec %s, %s, max rounds %s, state in %s",
+                 self.topics.fleet, self.core.round, c.n_params, self.spec_hash, steps, c.max_rounds,
+                 self.state_dir)
         batch: list[Message] = []
         try:
             self.metrics.start()
@@ -522,8 +535,12 @@ class AggregatorService:
                 self.reassembler.purge(now)
                 if self.control.should_close(self, now):  # ready_to_close unless paused, or asked to
                     self._close_round(now)
-                    closed += 1
             if self.core.finished:
+                if self.core.privacy_exhausted:
+                    zs = self.core.privacy_ledger.get("multipliers", [])
+                    log.warning("privacy budget: one more round would exceed epsilon_budget %g at delta %g; "
+                                "the federation stops after %d round(s)", self.cfg.privacy.epsilon_budget,
+                                self.cfg.privacy.delta, len(zs))
                 self._announce_final()
                 self.reports.maybe_publish(time.time(), force=True)
                 log.info("all %d rounds done; final global published", self.core_config.max_rounds)
@@ -541,5 +558,5 @@ class AggregatorService:
             final_state = "done" if self.core.finished else "offline"
             bye = notices.StatusMessage(a.client_id, final_state, time.time(), self.core.round)
             self.transport.close(final=(status_topic, notices.encode_status(bye, self.limits)))
-        return AggregatorResult(closed, self.core.round, self.core.finished, self.core.counters,
+        return AggregatorResult(self.rounds_closed, self.core.round, self.core.finished, self.core.counters,
                                 np.array(self.core.global_vector))

@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # only for the type of RoundState.fresh (core imports this mo
     from fedpeft_edge.central.policy import AggregatorConfig
 
 STATE_FILE: Final = "round_state.npz"
-STATE_FORMAT: Final = 3  # 2 added the round buffer, 3 the steps total (FedNova)
-READABLE_FORMATS: Final = (1, 2, 3)
+STATE_FORMAT: Final = 4  # 2 added the round buffer, 3 the steps total (FedNova), 4 the privacy ledger
+READABLE_FORMATS: Final = (1, 2, 3, 4)
 HISTORY_KEEP: Final = 20  # closed-round metrics kept in the state file (it is rewritten on every save)
 
 
@@ -73,6 +73,9 @@ class RoundState:
     buffer: list[BufferedUpdate] = field(default_factory=list)
     # per-site ledger: site -> {"samples", "rounds", "last_round", "last_at", "rejected": {reason: n}}
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # differential privacy (central/privacy.py): "clip" (the current C), "multipliers" (each closed round's
+    # effective noise multiplier, for the accountant), "exhausted" (the ε budget stopped the federation)
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def buffer_nbytes(self) -> int:
@@ -99,7 +102,7 @@ class RoundState:
             "accepted": [[c, r, at] for (c, r), at in sorted(self.accepted.items())],
             "optimizer_keys": sorted(self.optimizer_state), "counters": self.counters,
             "round_started_at": self.round_started_at, "stats": self.stats, "history": self.history,
-            "buffer": [e.meta() for e in self.buffer], "sites": self.sites,
+            "buffer": [e.meta() for e in self.buffer], "sites": self.sites, "privacy": self.privacy,
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -157,11 +160,29 @@ class RoundState:
                 counters={str(k): int(v) for k, v in meta["counters"].items()},
                 round_started_at=float(meta["round_started_at"]), stats=meta["stats"],
                 history=list(meta["history"]), buffer=buffer, sites=_load_sites(meta.get("sites", {})),
+                privacy=_load_privacy(meta.get("privacy", {})),
             )
         except StateError:
             raise
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise StateError(f"inconsistent state in {path}: {exc!r}") from exc
+
+
+def _load_privacy(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise StateError("privacy ledger must be a map")
+    out: dict[str, Any] = {}
+    if "clip" in raw:
+        clip = float(raw["clip"])
+        if not (math.isfinite(clip) and clip > 0):
+            raise StateError(f"privacy clip must be finite > 0, got {clip!r}")
+        out["clip"] = clip
+    zs = [float(z) for z in raw.get("multipliers", [])]
+    if not all(math.isfinite(z) and z >= 0 for z in zs):
+        raise StateError("privacy multipliers must be finite and >= 0")
+    out["multipliers"] = zs
+    out["exhausted"] = bool(raw.get("exhausted", False))
+    return out
 
 
 def _load_sites(raw: Any) -> dict[str, dict[str, Any]]:

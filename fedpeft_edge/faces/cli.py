@@ -199,6 +199,9 @@ def _aggregate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--late-policy", choices=names.LATE_POLICIES,
                    help="updates trained from an older global: drop, or count them down-weighted")
     g.add_argument("--server-optimizer", choices=names.SERVER_OPTIMIZERS)
+    g.add_argument("--round-mode", choices=names.ROUND_MODES,
+                   help="sync rounds, or fedbuff: a server step per --buffer-k updates, stale ones damped")
+    g.add_argument("--buffer-k", type=int, help="fedbuff: updates per server step")
     g.add_argument("--initial-global", help=".npy float32 vector to start from (else the trainer's)")
     g.add_argument("--spec-hash", help="PEFT spec hash every update must carry")
     g.add_argument("--metrics-file",
@@ -220,7 +223,8 @@ def _aggregate_run(args: argparse.Namespace) -> int:
     a.policy = override(
         a.policy, max_rounds=args.max_rounds, quorum=args.quorum, min_clients=args.min_clients,
                         round_deadline_s=args.round_deadline_s, late_policy=args.late_policy,
-                        server_optimizer=args.server_optimizer)
+                        server_optimizer=args.server_optimizer, round_mode=args.round_mode,
+                        buffer_k=args.buffer_k)
     _apply_trainer_flags(cfg, args)
     svc = AggregatorService(cfg)
     _stop_on_signals(svc.stop)

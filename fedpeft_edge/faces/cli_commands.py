@@ -92,6 +92,13 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--prox-mu", type=float, default=None,
                    help="FedProx: the agents' proximal term toward each round's global (default 0: FedAvg)")
+    g.add_argument("--dp", type=float, default=None, metavar="EPS",
+                   help="client-level differential privacy: spend at most this ε (δ = 1e-5) over the rounds "
+                        "(needs the [privacy] extra)")
+    g.add_argument("--dp-mode", choices=("central", "distributed"), default=None,
+                   help="who adds the noise: the aggregator (central, default) or each site (distributed)")
+    g.add_argument("--dp-clip", type=float, default=None,
+                   help="clip norm C of each site's update (default: lr x local steps x sqrt(params) / 2)")
     g.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
     g.add_argument(
         "--work-dir", type=Path, default=None, help="where the services keep state (default: temp)"
@@ -140,6 +147,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (overrides the config)")
     g.add_argument("--tasks", default=None, help="comma-separated subset of the grid's tasks, e.g. image")
     g.add_argument("--compressions", default=None, help="comma-separated subset of the grid's compressions")
+    g.add_argument("--variants", default=None, help="comma-separated subset of the [variants.<label>] tables")
     g.add_argument("--cache-dir", type=Path, default=None, help="model + artifact cache")
 
 
@@ -153,6 +161,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
         threads=args.threads,
         tasks=[t for t in (args.tasks or "").split(",") if t] or None,
         compressions=[c for c in (args.compressions or "").split(",") if c] or None,
+        variants=[v for v in (args.variants or "").split(",") if v] or None,
     )
     return 0 if summary["cells"] and not summary["failures"] else 1
 

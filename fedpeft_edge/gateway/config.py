@@ -59,6 +59,10 @@ class GatewaySettings:
                 "bound on (norm_median_multiplier or samples_median_multiplier > 0, "
                 "or fednova)"
             )
+        if self.policy.robust_rule != "none":
+            raise InvalidValueError("robust_rule applies where a round closes: set it on the aggregator for "
+                                    "directly connected sites (a gateway's partial is its line's bounded "
+                                    "mean)")
         if not (self.resend_s > 0 and self.final_linger_s >= 0):
             raise InvalidValueError("resend_s must be > 0 and final_linger_s >= 0")
 

@@ -12,7 +12,8 @@ collections, identifiers checked), like every other notice.
      "sites":{"site-1":{"rounds":3,"samples":1200,"last_round":2,"last_at":1764589999.0,
                         "rejected":{"excluded":1},"accuracy":0.91}},
      "history":[{"round":2,"participants":4,"loss":0.81,"accuracy":0.72,"eval_accuracy":0.70,
-                 "bytes_in":62000,"bytes_out":300000,"duration_s":41.2,"closed_at":1764589990.0}]}
+                 "bytes_in":62000,"bytes_out":300000,"duration_s":41.2,"closed_at":1764589990.0,
+                 "epsilon":null}]}
 
 ``fedpeft/{fleet}/info/{site}`` (retained, site → operators), once per connection::
 
@@ -94,7 +95,7 @@ REPORT_KEYS: Final = frozenset({
     "spec", "bundle", "version", "n_params", "sites", "history"})
 SITE_KEYS: Final = frozenset({"rounds", "samples", "last_round", "last_at", "rejected", "accuracy"})
 ROUND_KEYS: Final = frozenset({"round", "participants", "loss", "accuracy", "eval_accuracy", "bytes_in",
-                               "bytes_out", "duration_s", "closed_at"})
+                               "bytes_out", "duration_s", "closed_at", "epsilon"})
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class RoundRecord:
     bytes_out: int | None = None
     duration_s: float = 0.0
     closed_at: float | None = None
+    epsilon: float | None = None  # differential privacy spent so far, at the configured delta (None: off)
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,8 @@ def encode_report(rep: FederationReport, limits: WireLimits = DEFAULT_LIMITS) ->
         "history": [{"round": h.round, "participants": h.participants, "loss": h.loss,
                      "accuracy": h.accuracy, "eval_accuracy": h.eval_accuracy, "bytes_in": h.bytes_in,
                      "bytes_out": h.bytes_out, "duration_s": round(h.duration_s, 3),
-                     "closed_at": None if h.closed_at is None else round(h.closed_at, 3)}
+                     "closed_at": None if h.closed_at is None else round(h.closed_at, 3),
+                     "epsilon": h.epsilon}
                     for h in rep.history[-MAX_REPORT_HISTORY:]],
     }
     data = _dump(obj)
@@ -201,9 +204,13 @@ def _round_record(val: Any, limits: WireLimits) -> RoundRecord:
     duration = _opt_float(obj, "duration_s")
     if duration is None or duration < 0:
         raise WireFormatError(Reason.OUT_OF_RANGE, "duration_s must be >= 0")
+    epsilon = _opt_float(obj, "epsilon")
+    if epsilon is not None and epsilon < 0:
+        raise WireFormatError(Reason.OUT_OF_RANGE, "epsilon must be >= 0")
     return RoundRecord(_int(obj, "round", 0, limits.max_round), _count(obj, "participants", limits),
                        _opt_float(obj, "loss"), _opt_float(obj, "accuracy"), _opt_float(obj, "eval_accuracy"),
-                       _count(obj, "bytes_in", limits), bytes_out, duration, _opt_time(obj, "closed_at"))
+                       _count(obj, "bytes_in", limits), bytes_out, duration, _opt_time(obj, "closed_at"),
+                       epsilon)
 
 
 def decode_report(data: bytes | bytearray | memoryview,

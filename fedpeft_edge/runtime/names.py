@@ -22,6 +22,11 @@ NORM_MODES: Final = ("clip", "reject")
 WEIGHTINGS: Final = ("samples", "uniform")
 # central/policy.py: how a round's updates are combined (fednova: normalised by each site's local steps).
 AGGREGATIONS: Final = ("fedavg", "fednova")
+# Byzantine-robust rules that replace the weighted mean at close (central/robust_rules.py)
+ROBUST_RULES: Final = ("none", "median", "trimmed_mean", "multi_krum")
+# central/policy.py: when the server steps: synchronous rounds (quorum / deadline), or FedBuff's buffer of K
+# updates from whichever globals the sites trained from, each discounted by its staleness.
+ROUND_MODES: Final = ("sync", "fedbuff")
 # site/agent.py: what a site does when a newer global arrives while it trains.
 NEWER_GLOBAL_POLICIES: Final = ("finish", "abandon")
 # data/partition.py: how a benchmark dataset is split into sites' shares (demos, experiments).
@@ -39,6 +44,8 @@ __all__ = [
     "NORM_MODES",
     "PARTITIONS",
     "PEFT_METHODS",
+    "ROBUST_RULES",
+    "ROUND_MODES",
     "SERVER_OPTIMIZERS",
     "SPARSE_CODEC_MODES",
     "TRAINER_KINDS",

@@ -77,6 +77,7 @@ from fedpeft_edge.site.metrics import AgentMetrics
 from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
 from fedpeft_edge.site.personal import PrivateParts
+from fedpeft_edge.site.privacy import SiteNoise
 from fedpeft_edge.site.state import SiteStateFiles, prune_updates, update_rounds, write_file
 from fedpeft_edge.training.base import LocalTrainer
 
@@ -148,6 +149,7 @@ class EdgeAgent:
         self.sent_dir = self.state_dir / "sent"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.encoder = UpdateEncoder(config.codec, self.n_params, segments=trainer.layout.segments)
+        self.noise = SiteNoise(config.privacy) if config.privacy.mode == "distributed" else None
         self.personal = PrivateParts(trainer.layout, config.agent.private_tensors, self.state_dir)
         self.last_sent_round = -1
         self._heldout: tuple[int, float] | None = None  # (round, held-out accuracy at its start)
@@ -410,6 +412,8 @@ class EdgeAgent:
         metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
         trained = self.trainer.get_flat()
         delta = self.personal.shared_delta(trained - global_vec)  # private tensors never leave the site
+        if self.noise is not None:  # distributed DP: clipped and noised before anything is encoded
+            delta = self.noise.apply(delta)
         enc = self.encoder.encode(delta)
         assert self.spec_hash is not None
         data = wire.encode_update(wire.UpdateMessage(self.topics.fleet, rnd, self.client_id, self.spec_hash,

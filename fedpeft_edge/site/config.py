@@ -56,6 +56,7 @@ from fedpeft_edge.protocol.config import (
     TrainerSettings,
     load_service_config,
 )
+from fedpeft_edge.protocol.privacy import PrivacyPolicy
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 
@@ -177,7 +178,7 @@ class BundleSettings:
 @dataclass
 class AgentConfig:
     """Everything ``fedpeft-edge agent`` reads: ``[connection] [fleet] [agent] [codec] [trainer] [data]
-    [governor] [bundle]``."""
+    [governor] [bundle] [privacy]``."""
 
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
@@ -187,6 +188,7 @@ class AgentConfig:
     data: DataSettings = field(default_factory=DataSettings)
     governor: GovernorSettings = field(default_factory=GovernorSettings)
     bundle: BundleSettings = field(default_factory=BundleSettings)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # distributed DP: clip + noise here
     source: str | None = None  # the file it came from (for log messages)
 
 

@@ -125,3 +125,20 @@ def test_demo_help_is_instant() -> None:
     assert proc.returncode == 0 and "FEDPEFT_EDGE_DEMO_QUICK" in proc.stdout
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "onnxruntime" not in imported
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_quick_demo_with_differential_privacy(tmp_path: Path, mode: str) -> None:
+    """`demo --dp 8`: the aggregator (or every site) adds the calibrated noise; ε after each round is in
+    metrics.jsonl, grows, and ends at the target without passing it."""
+    out, work = tmp_path / "report", tmp_path / "work"
+    codec = "int8" if mode == "distributed" else None  # distributed noise is dense: no top-k
+    summary = run_demo(DemoOptions(quick=True, out=out, work_dir=work, plain=True, dp=8.0, dp_mode=mode,
+                                   codec=codec))
+    assert summary["ok"], summary["failure"]
+    lines = [json.loads(x) for x in (work / "aggregator" / "metrics.jsonl").read_text().splitlines()]
+    eps = [m["epsilon"] for m in lines]
+    assert len(eps) == 2 and eps[0] < eps[1] <= 8.0 and eps[1] > 7.0, eps
+    assert all(m["dp_mode"] == mode for m in lines)
+    agent_cfg = (work / "site-1.toml").read_text()
+    assert ("[privacy]" in agent_cfg) == (mode == "distributed")

@@ -64,6 +64,7 @@ def test_demo_codec_warmup_default_flag_and_off(tmp_path: Path) -> None:
         fleet = LocalFleet.__new__(LocalFleet)
         fleet.opts, fleet.work, fleet.connection = opts, tmp_path, {"host": "127.0.0.1", "port": 1883}
         fleet.bundle_dir, fleet.gradient_dir, fleet.shard_paths = tmp_path, None, [tmp_path / "s.npz"]
+        fleet.privacy = {}  # no --dp
         return load_agent_config(fleet._agent_config(0, "site-1", tmp_path / "site-1")).codec
 
     default = agent_codec([])
@@ -71,3 +72,30 @@ def test_demo_codec_warmup_default_flag_and_off(tmp_path: Path) -> None:
         "topk_int8", 0.1, 3, 1.0)
     assert agent_codec(["--codec-warmup-rounds", "0"]).warmup_rounds == 0
     assert agent_codec(["--codec", "fp32"]).warmup_rounds == 0
+
+
+def test_grid_settings_for_poisoning_and_privacy(tmp_path: Path) -> None:
+    """[experiment] / [variants.<label>] keys of issue 14: attackers, the robust rule, DP; and --variants."""
+    import numpy as np
+
+    from fedpeft_edge.faces.experiment.cell import ATTACK_FACTORS, _labels, _privacy
+    from fedpeft_edge.faces.experiment.config import ExperimentConfig, FederationSettings
+    from fedpeft_edge.runtime.errors import InvalidValueError
+
+    cfg = ExperimentConfig.load(Path(__file__).resolve().parents[2] / "configs" / "experiment-poisoning.toml")
+    labels = [label for label, _ in cfg.variants]
+    assert len(labels) == 31 and labels[0] == "none"
+    krum = dict(cfg.variants)["labelflip-2-krum"]
+    assert (krum.attack, krum.malicious, krum.robust_rule, krum.bounds) == ("labelflip", 2, "multi_krum", False)
+    assert dict(cfg.variants)["scaled-1-bounds"].bounds is True
+    for bad in ({"attack": "flood"}, {"malicious": 4}, {"robust_rule": "mean"}, {"dp_epsilon": -1.0},
+                {"dp_mode": "local"}):
+        with pytest.raises(InvalidValueError):
+            FederationSettings(clients=4, **bad)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(_labels(np.array([0, 3, 7]), 8, True), [1, 4, 0])
+    assert ATTACK_FACTORS == {"signflip": -10.0, "scaled": 20.0}
+    off = _privacy(FederationSettings(), 1000, 3e-3)
+    assert not off.enabled
+    dp = _privacy(FederationSettings(dp_epsilon=4.0, dp_mode="distributed", clients=4, rounds=3), 10_000, 3e-3)
+    assert dp.mode == "distributed" and dp.expected_sites == 4 and dp.noise_multiplier > 1.0
+    assert dp.clip_norm == pytest.approx(0.5 * 3e-3 * 5 * 100)  # lr·local_steps·√n / 2

@@ -148,6 +148,7 @@ def test_demo_prox_mu_flag_reaches_every_agent(cache, tmp_path: Path) -> None:
     fleet.opts, fleet.work, fleet.connection = opts, tmp_path, {"host": "127.0.0.1", "port": 1883}
     fleet.bundle_dir, fleet.gradient_dir = cache[0]("lora").directory, cache[1]("lora").directory
     fleet.shard_paths = [tmp_path / "shard.npz"]
+    fleet.privacy = {}  # no --dp
     cfg = load_agent_config(fleet._agent_config(0, "site-1", tmp_path / "site-1"))
     assert cfg.trainer.prox_mu == pytest.approx(0.01)
     setup = site_trainer_setup(cfg)

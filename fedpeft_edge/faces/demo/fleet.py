@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -218,6 +219,25 @@ class LocalFleet:
         # amqtt speaks MQTT 3.1.1 only: asking for it directly spares every client a refused MQTT 5 attempt.
         self.protocol = "3.1.1" if self.broker.kind == "embedded" else "auto"
         self.connection = {"host": self.broker.host, "port": self.broker.port, "protocol": self.protocol}
+        self.privacy = self._privacy_table()
+
+    def _privacy_table(self) -> dict[str, Any]:
+        """``[privacy]`` for ``--dp EPS`` (aggregator, and agents in distributed mode): the noise multiplier
+        that spends exactly ε over the demo's rounds (RDP accountant, δ = 1e-5), the clip norm C."""
+        opts = self.opts
+        if opts.dp is None:
+            return {}
+        from fedpeft_edge.central.privacy import calibrate_noise
+
+        z = calibrate_noise(float(opts.dp), rounds=int(opts.rounds), delta=1e-5)  # type: ignore[arg-type]
+        # AdamW moves each parameter by about lr per step at most: half of that worst case is a clip norm
+        # that depends on no site's data
+        steps = int(opts.local_steps)  # type: ignore[arg-type]
+        clip = opts.dp_clip or 0.5 * float(opts.lr) * steps * math.sqrt(self.n_params)  # type: ignore[arg-type]
+        self.log(f"differential privacy: {opts.dp_mode}, ε = {opts.dp:g} at δ = 1e-5 over {opts.rounds} "
+                 f"rounds → noise multiplier {z:.3g}, clip norm {clip:.3g}")
+        return {"mode": opts.dp_mode, "noise_multiplier": z, "clip_norm": clip, "delta": 1e-5,
+                "epsilon_budget": float(opts.dp), "expected_sites": int(opts.agents)}  # type: ignore[arg-type]
 
     @property
     def aggregator(self) -> Proc:
@@ -247,6 +267,7 @@ class LocalFleet:
                     "metrics_file": str(self.metrics_path),
                     "server_optimizer": "fedavg",
                 },
+                **({"privacy": self.privacy} if self.privacy else {}),
             },
         )
 
@@ -272,6 +293,7 @@ class LocalFleet:
                     "exit_after_final": True,  # a demo ends with its federation
                 },
                 "codec": codec,
+                **({"privacy": self.privacy} if self.privacy.get("mode") == "distributed" else {}),
                 "trainer": {
                     "kind": "factory",
                     "factory": FACTORY,

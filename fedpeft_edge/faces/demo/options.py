@@ -40,6 +40,11 @@ class DemoOptions:
     broker: str = "embedded"
     backend: str = "gradient"  # the agents' trainer: gradient (stock onnxruntime) | ort (ORT Training)
     prox_mu: float = 0.0  # FedProx's proximal term of every agent ([trainer] prox_mu); 0: plain FedAvg
+    # client-level differential privacy ([privacy]): the ε to spend over the demo's rounds (δ = 1e-5),
+    # added centrally by the aggregator or by each site ("distributed"); None: off
+    dp: float | None = None
+    dp_mode: str = "central"
+    dp_clip: float | None = None  # C; default: half of AdamW's largest move, lr·local_steps·√n / 2
     out: Path | None = None
     work_dir: Path | None = None
     cache_dir: Path | None = None
@@ -71,6 +76,9 @@ class DemoOptions:
             "broker",
             "backend",
             "prox_mu",
+            "dp",
+            "dp_mode",
+            "dp_clip",
             "out",
             "work_dir",
             "cache_dir",
@@ -104,6 +112,12 @@ class DemoOptions:
         ensure(out.broker in ("embedded", "mosquitto", "auto"), f"unknown broker {out.broker!r}")
         ensure(out.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {out.backend!r}")
         ensure(out.lr is not None and out.lr > 0, "lr must be > 0")
+        if out.dp is not None:
+            ensure(isinstance(out.dp, int | float) and 0 < out.dp < float("inf"),
+                   f"--dp must be an epsilon > 0, got {out.dp!r}")
+            ensure(out.dp_mode in ("central", "distributed"), "--dp-mode must be central or distributed")
+            ensure(out.codec != "topk_int8" or out.dp_mode == "central",
+                   "distributed DP adds dense noise at each site: use --codec fp32 or int8 with it")
         mu = out.prox_mu
         ensure(isinstance(mu, int | float) and not isinstance(mu, bool) and 0 <= mu < float("inf"),
                f"prox_mu must be a finite number >= 0, got {mu!r}")

@@ -104,6 +104,8 @@ def round_line(m: Mapping[str, Any], rounds: int, agents: int, full_params: int)
         )
     if "train_seconds" in m:
         parts.append(f"local train {m['train_seconds']:.1f} s")
+    if isinstance(m.get("epsilon"), int | float):
+        parts.append(f"ε spent {m['epsilon']:.2f} (δ {m.get('delta', 0):g})")
     return " · ".join(parts)
 
 

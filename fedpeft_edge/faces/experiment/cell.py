@@ -97,8 +97,10 @@ class CentralEndpoint:
     """
 
     def __init__(self, initial: np.ndarray, *, spec_hash: str, sites: int, rounds: int, strategy: str,
-                 server_lr: float, aggregation: str = "fedavg") -> None:
+                 server_lr: float, aggregation: str = "fedavg", robust_rule: str = "none",
+                 privacy: Any = None, krum_byzantine: int = 1, bounds: bool = False) -> None:
         from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
+        from fedpeft_edge.protocol.privacy import PrivacyPolicy
 
         self.n_params = int(initial.size)
         config = AggregatorConfig(
@@ -112,11 +114,13 @@ class CentralEndpoint:
             aggregation=aggregation,  # fednova: each update normalised by its "steps" metric
             max_rounds=rounds,
             # The grid compares PEFT methods and codecs under plain FedAvg weighting (the figures in
-            # docs/experiments.md); the service's lying-site bounds are measured on their own.
-            norm_median_multiplier=0.0,
-            norm_reject_multiplier=0.0,
-            samples_median_multiplier=0.0,
-            steps_median_multiplier=0.0,
+            # docs/experiments.md); the service's lying-site bounds only with [experiment] bounds = true.
+            **({} if bounds else {"norm_median_multiplier": 0.0, "norm_reject_multiplier": 0.0,
+                                  "samples_median_multiplier": 0.0, "steps_median_multiplier": 0.0}),
+            robust_rule=robust_rule,
+            krum_byzantine=krum_byzantine,
+            trim_fraction=0.25,
+            privacy=privacy or PrivacyPolicy(),
         )
         self.core = AggregatorCore(config, None, initial_global=initial)
         self.global_flat = self._received_global()
@@ -184,15 +188,25 @@ def run_cell(
     codec = config.codec_config(compression)
     encoders = [UpdateEncoder(codec, n, seed=s.seed * 1000 + i, segments=trainer.layout.segments)
                 for i in range(s.clients)]
+    privacy = _privacy(s, n, config.lr_for(task_name, method))
     central = CentralEndpoint(initial, spec_hash=bundle.spec_hash, sites=s.clients, rounds=s.rounds,
-                              strategy=s.strategy, server_lr=s.server_lr, aggregation=s.aggregation)
+                              strategy=s.strategy, server_lr=s.server_lr, aggregation=s.aggregation,
+                              robust_rule=s.robust_rule, privacy=privacy, krum_byzantine=max(1, s.malicious),
+                              bounds=s.bounds)
+    noise = None
+    if privacy.mode == "distributed":
+        from fedpeft_edge.site.privacy import SiteNoise
+
+        noise = [SiteNoise(privacy, np.random.default_rng(s.seed * 31 + i)) for i in range(s.clients)]
+    attackers = set(range(s.clients - s.malicious, s.clients)) if s.attack != "none" else set()
     site_steps = s.site_steps()  # unequal local work (site_speed), as a time budget on slower CPUs gives
     init_acc, _ = evaluate(trainer, task.test_inputs, task.test_labels, s.eval_batch_size)
     site_state = [work_dir / f"site{i}.state" for i in range(s.clients)]
     site_batches = [
         iterate(
             take(task.train_inputs, sh.train_idx),
-            task.train_labels[sh.train_idx],
+            _labels(task.train_labels[sh.train_idx], task.num_classes,
+                    i in attackers and s.attack == "labelflip"),
             s.batch_size,
             shuffle=True,
             seed=s.seed * 7919 + i,
@@ -221,7 +235,12 @@ def run_cell(
             trainer.save_state(site_state[i])
             trained = trainer.get_flat()
             private[i].keep(trained)
-            encoded = encoders[i].encode(private[i].shared_delta(trained - start))
+            delta = private[i].shared_delta(trained - start)
+            if i in attackers and s.attack in ATTACK_FACTORS:
+                delta = delta * np.float32(ATTACK_FACTORS[s.attack])
+            if noise is not None:
+                delta = noise[i].apply(delta)  # distributed DP: the site clips and adds its share
+            encoded = encoders[i].encode(delta)
             round_bytes += encoded.nbytes
             updates += 1
             # FedAvg's weight is the site's training-set size (the agent would report the samples it saw).
@@ -283,6 +302,27 @@ def run_cell(
         aggregation=s.aggregation,
         site_steps=site_steps,
     )
+
+
+ATTACK_FACTORS = {"signflip": -10.0, "scaled": 20.0}  # what a poisoning site multiplies its delta by
+
+
+def _labels(labels: np.ndarray, num_classes: int, flip: bool) -> np.ndarray:
+    """A label-flipping site trains on every label shifted by one class."""
+    return (labels + 1) % num_classes if flip else labels
+
+
+def _privacy(s: Any, n_params: int, lr: float) -> Any:
+    """The cell's ``[privacy]``: off, or the noise that spends ``dp_epsilon`` over the rounds (δ = 1e-5)."""
+    from fedpeft_edge.protocol.privacy import PrivacyPolicy
+
+    if not s.dp_epsilon:
+        return PrivacyPolicy()
+    from fedpeft_edge.central.privacy import calibrate_noise
+
+    z = calibrate_noise(float(s.dp_epsilon), rounds=s.rounds, delta=1e-5)
+    clip = s.dp_clip or 0.5 * lr * s.local_steps * math.sqrt(n_params)
+    return PrivacyPolicy(mode=s.dp_mode, noise_multiplier=z, clip_norm=clip, expected_sites=s.clients)
 
 
 def _full_model_params(task: TaskData) -> int:

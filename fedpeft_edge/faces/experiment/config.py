@@ -12,7 +12,9 @@ from typing import Any
 
 from fedpeft_edge.faces.tasks import SplitConfig, TaskConfig
 from fedpeft_edge.runtime.errors import InvalidValueError, ensure
-from fedpeft_edge.runtime.names import AGGREGATIONS
+from fedpeft_edge.runtime.names import AGGREGATIONS, ROBUST_RULES
+
+ATTACKS = ("none", "signflip", "scaled", "labelflip")
 
 MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2 parameter count (embeddings + 6 layers), for fp32 comparisons
 COMPRESSIONS = {
@@ -47,6 +49,19 @@ class FederationSettings:
     aggregation: str = "fedavg"  # the aggregator's [aggregator] aggregation: fedavg or fednova
     # FedPer: tensors (patterns, as [agent] private_tensors) every site keeps to itself; () = plain FedAvg
     private_tensors: tuple[str, ...] = ()
+    # Byzantine-robust rule at close ([robust] rule: none, median, trimmed_mean with 25 % each side,
+    # multi_krum with f = malicious); the grid's median-relative lying-site bounds are off unless bounds
+    robust_rule: str = "none"
+    bounds: bool = False
+    # Client-level DP: the ε to spend over the rounds (δ = 1e-5; 0: off), who adds the noise, the clip
+    # norm C (0: half of AdamW's largest move, lr·local_steps·√n / 2)
+    dp_epsilon: float = 0.0
+    dp_mode: str = "central"
+    dp_clip: float = 0.0
+    # Poisoning: the last `malicious` sites attack: signflip (send −10 × the delta), scaled (+20 ×),
+    # labelflip (train on labels shifted by one class)
+    malicious: int = 0
+    attack: str = "none"
 
     def site_steps(self) -> list[int]:
         """The local steps of each site per round."""
@@ -70,6 +85,17 @@ class FederationSettings:
                and all(isinstance(x, str) and x for x in self.private_tensors),
                "experiment.private_tensors must be a list of tensor-name patterns")
         object.__setattr__(self, "private_tensors", tuple(self.private_tensors))
+        ensure(self.robust_rule in ROBUST_RULES,
+               f"experiment.robust_rule must be one of {ROBUST_RULES}, got {self.robust_rule!r}")
+        ensure(self.dp_mode in ("central", "distributed"),
+               "experiment.dp_mode must be central or distributed")
+        for name in ("dp_epsilon", "dp_clip"):
+            v = getattr(self, name)
+            ensure(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf,
+                   f"experiment.{name} must be a finite number >= 0, got {v!r}")
+        ensure(self.attack in ATTACKS, f"experiment.attack must be one of {ATTACKS}, got {self.attack!r}")
+        ensure(isinstance(self.malicious, int) and 0 <= self.malicious < self.clients,
+               f"experiment.malicious must be an int in [0, clients), got {self.malicious!r}")
         if self.site_speed is not None:
             speed = self.site_speed
             ok = isinstance(speed, list | tuple) and len(speed) == self.clients and all(

@@ -177,6 +177,7 @@ def main_experiment(
     threads: int | None = None,
     tasks: Sequence[str] | None = None,
     compressions: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     config = ExperimentConfig.load(config_path)
     if threads is not None:
@@ -190,6 +191,11 @@ def main_experiment(
         ensure(not unknown, f"--compressions {unknown} not in the grid ({', '.join(config.compressions)})")
         kept = tuple(c for c in config.compressions if c in compressions)
         config = dataclasses.replace(config, compressions=kept)
+    if variants:
+        labels = [label for label, _ in config.variants]
+        unknown = sorted(set(variants) - set(labels))
+        ensure(not unknown, f"--variants {unknown} not in the config ({', '.join(labels) or 'none'})")
+        config = dataclasses.replace(config, variants=tuple(v for v in config.variants if v[0] in variants))
     target = out_dir or config.out_dir or Path("reports") / f"experiment-{config.name}"
     with contextlib.suppress(OSError):
         Path(target).mkdir(parents=True, exist_ok=True)
