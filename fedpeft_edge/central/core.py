@@ -506,7 +506,9 @@ class AggregatorCore:
             return None, {"robust_rule": cfg.robust_rule,
                           "robust_rule_skipped": "not every update of the round is buffered (a gateway's "
                                                  "partial, or a round resumed from an older state)"}
-        got = robust_aggregate(self._state.buffer, weights=plan.weights, scales=plan.scales, steps=plan.steps,
+        # FedBuff's staleness damping is on the update (rows d_i), as in the weighted mean (_round_mean)
+        scales = [s * e.update_factor for s, e in zip(plan.scales, self._state.buffer, strict=True)]
+        got = robust_aggregate(self._state.buffer, weights=plan.weights, scales=scales, steps=plan.steps,
                                included=plan.included, n_params=cfg.n_params, rule=cfg.robust_rule,
                                trim_fraction=cfg.trim_fraction, krum_byzantine=cfg.krum_byzantine,
                                krum_select=cfg.krum_select)
@@ -544,7 +546,8 @@ class AggregatorCore:
         if self.config.privacy.enabled:  # central/privacy.py: clip + noise (central), accounting (both)
             mean, dp_stats, dp_ledger = private_round(
                 self.config.privacy, st.privacy, entries=st.buffer, mean=mean, count=self._acc.count,
-                quorum=self.config.quorum, n_params=self.config.n_params)
+                quorum=self.config.buffer_k if self.config.fedbuff else self.config.quorum,  # next step's
+                n_params=self.config.n_params)
         before = self._optimizer.state_arrays()
         new_global = self._optimizer.step(st.global_vec, mean)
         if not kernels.all_finite(new_global):

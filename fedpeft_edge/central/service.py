@@ -47,8 +47,9 @@ again instead of closing at once with ``min_clients`` after a long outage).
 A round closes on quorum or at its deadline (with ``min_clients``); with ``round_mode = "fedbuff"`` as
 soon as ``buffer_k`` updates are in, checked after every message, so a batch of messages never puts more
 than K into one step (the step's checkpoint comes before the batch's acknowledgements, like every
-checkpoint). The server optimiser makes the next global, which is published retained with QoS 1; one JSON line per round goes to the metrics file
-(rewritten on the next start from the saved round state if a kill lost it: ``metrics_log``).
+checkpoint). The server optimiser makes the next global, which is published retained with QoS 1; one
+JSON line per round goes to the metrics file (rewritten on the next start from the saved round state if
+a kill lost it: ``metrics_log``).
 After ``max_rounds`` the final global is published with ``meta.final = true`` and the service exits.
 Every rejected message is logged with its reason and counted; nothing a peer sends can crash the loop.
 """

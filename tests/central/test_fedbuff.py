@@ -207,6 +207,26 @@ def test_resumed_buffer_is_re_aggregated_as_it_was_summed(tmp_path: Path) -> Non
     np.testing.assert_allclose(g2, g1 + expect, rtol=1e-5, atol=1e-7)
 
 
+def test_robust_rule_sees_the_damped_updates() -> None:
+    """A close-time robust rule (here the coordinate-wise median) works on the same rows as FedBuff's mean:
+    each update damped by s(τ)."""
+    core = R.AggregatorCore(
+        _config(buffer_k=3, robust_rule="median"), None, initial_global=np.zeros(N, np.float32)
+    )
+    for rnd in range(2):  # two steps (closed early, as an operator's close_round would), round 2 open
+        assert _offer(core, "x", rnd, _delta(rnd)).accepted
+        core.close_round(now=2.0)
+    g = core.global_vector.copy()
+    ds = [_delta(40), _delta(41), _delta(42)]
+    taus = [2, 0, 1]
+    for site, d, tau in zip(("a", "b", "c"), ds, taus, strict=True):
+        assert _offer(core, site, core.round - tau, d).accepted
+    g2, m = core.close_round(now=3.0)
+    assert m["robust_rule"] == "median"
+    rows = np.stack([d / np.sqrt(1 + t) for d, t in zip(ds, taus, strict=True)])
+    np.testing.assert_allclose(g2 - g, np.median(rows, axis=0), rtol=1e-5, atol=1e-7)
+
+
 def test_old_buffered_entries_load_with_the_discount_on_the_weight() -> None:
     enc = C.encode_global(_delta(1), "fp32")
     e = BufferedUpdate("s", 0, enc, 100, 0.5, 50.0, 1.0, 1.0, {}, 1.0)

@@ -86,7 +86,8 @@ def test_grid_settings_for_poisoning_and_privacy(tmp_path: Path) -> None:
     labels = [label for label, _ in cfg.variants]
     assert len(labels) == 31 and labels[0] == "none"
     krum = dict(cfg.variants)["labelflip-2-krum"]
-    assert (krum.attack, krum.malicious, krum.robust_rule, krum.bounds) == ("labelflip", 2, "multi_krum", False)
+    assert (krum.attack, krum.malicious, krum.robust_rule, krum.bounds) == (
+        "labelflip", 2, "multi_krum", False)
     assert dict(cfg.variants)["scaled-1-bounds"].bounds is True
     for bad in ({"attack": "flood"}, {"malicious": 4}, {"robust_rule": "mean"}, {"dp_epsilon": -1.0},
                 {"dp_mode": "local"}):
@@ -96,6 +97,7 @@ def test_grid_settings_for_poisoning_and_privacy(tmp_path: Path) -> None:
     assert ATTACK_FACTORS == {"signflip": -10.0, "scaled": 20.0}
     off = _privacy(FederationSettings(), 1000, 3e-3)
     assert not off.enabled
-    dp = _privacy(FederationSettings(dp_epsilon=4.0, dp_mode="distributed", clients=4, rounds=3), 10_000, 3e-3)
+    settings = FederationSettings(dp_epsilon=4.0, dp_mode="distributed", clients=4, rounds=3)
+    dp = _privacy(settings, 10_000, 3e-3)
     assert dp.mode == "distributed" and dp.expected_sites == 4 and dp.noise_multiplier > 1.0
     assert dp.clip_norm == pytest.approx(0.5 * 3e-3 * 5 * 100)  # lr·local_steps·√n / 2
