@@ -364,16 +364,24 @@ class TcpProxy:
 
 
 def wait_aggregator_listening(svc, publisher: MqttTransport, fleet: str, client_id: str,
-                              timeout: float = 10.0) -> None:
+                              timeout: float = 60.0) -> None:
     """Wait until the aggregator service ``svc`` reads ``publisher``'s messages: CONNACK comes before the
     SUBACKs, so an update published right after ``svc.transport.connected`` may not be delivered. The
     aggregator subscribes to updates before statuses (Mosquitto keeps their order): once it has read a
-    status from ``client_id``, its update subscription is in place too."""
+    status from ``client_id``, its update subscription is in place too. The status is not retained, so a
+    copy published before the status subscription existed is lost: it is published again every 0.5 s."""
     import time as _time
 
     from fedpeft_edge.protocol import notices
     from fedpeft_edge.protocol.topics import Topics
 
-    hello = notices.encode_status(notices.StatusMessage(client_id, "online", _time.time()))
-    assert publisher.publish(Topics(fleet).status(client_id), hello).wait(5)
-    wait_for(lambda: client_id in svc.site_states, timeout, "the aggregator's subscriptions")
+    topic = Topics(fleet).status(client_id)
+    end = _time.monotonic() + timeout
+    while client_id not in svc.site_states:
+        if _time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout}s waiting for the aggregator's subscriptions")
+        hello = notices.encode_status(notices.StatusMessage(client_id, "online", _time.time()))
+        assert publisher.publish(topic, hello).wait(5)
+        wait_until = _time.monotonic() + 0.5
+        while client_id not in svc.site_states and _time.monotonic() < wait_until:
+            _time.sleep(0.02)
