@@ -36,6 +36,7 @@ def test_the_table_refuses_what_cannot_give_privacy() -> None:
     assert not PrivacyPolicy().enabled and PrivacyPolicy(mode="central").enabled
 
 
+@pytest.mark.slow  # pays the accountant's import (scipy): about 2 s
 def test_accountant_grows_with_rounds_and_shrinks_with_noise() -> None:
     e1 = DP.epsilon_of([1.0], sampling_rate=1.0, delta=1e-5)
     e10 = DP.epsilon_of([1.0] * 10, sampling_rate=1.0, delta=1e-5)

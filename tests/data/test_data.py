@@ -132,6 +132,7 @@ def test_digits() -> None:
     assert ds.num_classes == 10
 
 
+@pytest.mark.slow  # loads three datasets
 @pytest.mark.parametrize("name", ["bbc", "mnist5k", "digits"])
 def test_registry_splitless_datasets_get_disjoint_stratified_split(name: str) -> None:
     full = load_dataset(name, "all")

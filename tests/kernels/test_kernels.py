@@ -457,6 +457,7 @@ def sparse_case(draw: st.DrawFn) -> tuple[int, np.ndarray]:
     return n, np.flatnonzero(np.array(mask, bool)).astype(np.uint32)
 
 
+@pytest.mark.slow  # > 1 s of property examples: the full suite runs them
 @hyp
 @given(case=sparse_case(), weight=st.floats(-4, 4, width=32), seed=st.integers(0, 1000))
 def test_scatter_add(kernels, case, weight, seed):
@@ -480,6 +481,7 @@ def test_dequant_accumulate_is_fused_dequantize_plus_axpy(kernels, x, block, wei
     np.testing.assert_array_equal(acc.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.slow  # > 1 s of property examples: the full suite runs them
 @hyp
 @given(case=sparse_case(), block=BLOCKS, weight=st.floats(-4, 4, width=32))
 def test_sparse_dequant_accumulate_is_dequantize_plus_scatter(kernels, case, block, weight):

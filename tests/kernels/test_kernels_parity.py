@@ -219,6 +219,7 @@ def test_norm_and_finite_parity(c_path, ref, x):
 
 # ---- aggregation --------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # > 1 s of property examples: the full suite runs them
 @hyp
 @given(acc=f32_arrays(max_len=700), data=st.data(), weight=finite_f32())
 def test_axpy_parity(c_path, ref, acc, data, weight):
@@ -236,6 +237,7 @@ def sparse_update(draw: st.DrawFn, max_n: int = 700) -> tuple[np.ndarray, np.nda
     return np.zeros(n, F32), np.flatnonzero(mask).astype(np.uint32)
 
 
+@pytest.mark.slow  # > 1 s of property examples: the full suite runs them
 @hyp
 @given(case=sparse_update(), data=st.data(), weight=finite_f32())
 def test_scatter_add_parity(c_path, ref, case, data, weight):

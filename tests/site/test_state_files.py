@@ -286,6 +286,7 @@ def test_state_json_and_encoder_both_lost_falls_back_to_update_files(tmp_path: P
     assert agent.last_sent_round == -1 and "cannot tell which round it sent last" in _warnings(caplog)
 
 
+@pytest.mark.slow  # about 1 s per file
 @pytest.mark.parametrize("name", ["state.json", "encoder.npz", "encoder.next.npz", "trainer.state"])
 def test_random_damage_never_stops_the_site(tmp_path: Path, name: str) -> None:
     """Truncation at every kind of length, garbage, appended bytes and (in binary files) flipped bytes."""

@@ -31,6 +31,7 @@ def _loss_and_grads(bundle, flat, batch):
     return trainer.loss_and_gradients(batch)
 
 
+@pytest.mark.slow  # about 1 s per method
 @pytest.mark.parametrize("method", list(SPECS))
 def test_rewrite_keeps_loss_and_gradients(tmp_path, monkeypatch, method):
     model_path = save(transformer_model(), tmp_path / "tf.onnx")
