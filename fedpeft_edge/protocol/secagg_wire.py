@@ -57,6 +57,7 @@ from fedpeft_edge.protocol.secagg import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from fedpeft_edge.protocol.wire import unpack_map
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 WIRE_VERSION: Final = 1
@@ -217,42 +218,9 @@ def decode_message(data: bytes | bytearray | memoryview, params: SecAggParams, *
                           _bin_map(obj, "k", SHARE_BYTES, n_sites))
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise WireFormatError(Reason.MALFORMED, f"msgpack ext type {code} is not allowed")
-
-
 def _unpack(data: object, *, max_bytes: int, max_bin: int, max_array: int, max_map: int) -> dict[str, Any]:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise WireFormatError(Reason.BAD_TYPE, f"message must be bytes, got {type(data).__name__}")
-    size = memoryview(data).nbytes
-    if size > max_bytes:
-        raise WireFormatError(Reason.OVERSIZED, f"{size} bytes > limit {max_bytes}")
-    if size == 0:
-        raise WireFormatError(Reason.TRUNCATED, "empty message")
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext,
-                              max_bin_len=max_bin, max_str_len=MAX_ID_LEN, max_array_len=max_array,
-                              max_map_len=max_map, max_ext_len=0)
-    except WireFormatError:
-        raise
-    except msgpack.ExtraData as exc:
-        raise WireFormatError(Reason.TRAILING, "bytes after the message") from exc
-    except msgpack.StackError as exc:
-        raise WireFormatError(Reason.MALFORMED, "nesting too deep") from exc
-    except ValueError as exc:  # incomplete input, or a length above one of the limits
-        text = str(exc)
-        if "incomplete" in text:
-            raise WireFormatError(Reason.TRUNCATED, "message ends early") from exc
-        if "max_ext_len" in text:
-            raise WireFormatError(Reason.MALFORMED, "msgpack ext types are not allowed") from exc
-        if "exceeds" in text or "max_" in text:
-            raise WireFormatError(Reason.OVERSIZED, text) from exc
-        raise WireFormatError(Reason.MALFORMED, f"invalid msgpack: {text}") from exc
-    except Exception as exc:  # FormatError, UnicodeDecodeError, TypeError (unhashable key)...
-        raise WireFormatError(Reason.MALFORMED, f"invalid msgpack: {type(exc).__name__}") from exc
-    if not isinstance(obj, dict):
-        raise WireFormatError(Reason.MALFORMED, f"top level must be a map, got {type(obj).__name__}")
-    return obj
+    return unpack_map(data, max_bytes=max_bytes, max_bin=max_bin, max_str=MAX_ID_LEN, max_array=max_array,
+                      max_map=max_map)
 
 
 def _header(obj: dict[str, Any], kind: str) -> None:

@@ -141,18 +141,26 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 
 def _unpack(data: bytes | bytearray | memoryview, limits: WireLimits, kind: str) -> dict[str, Any]:
+    return unpack_map(data, max_bytes=limits.max_message_bytes, max_bin=limits.max_message_bytes,
+                      max_str=max(4 * limits.max_str_len, 256), max_array=0,  # no arrays anywhere in v1
+                      max_map=max(limits.max_metrics, 16))
+
+
+def unpack_map(data: object, *, max_bytes: int, max_bin: int, max_str: int, max_array: int,
+               max_map: int) -> dict[str, Any]:
+    """Strict msgpack decoding of one top-level map (hostile input): size cap before parsing, no ext
+    types, per-container length limits, one typed reason per failure. ``max_array = 0`` refuses arrays."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireFormatError(Reason.BAD_TYPE, f"message must be bytes, got {type(data).__name__}")
     size = memoryview(data).nbytes
-    if size > limits.max_message_bytes:
-        raise WireFormatError(Reason.OVERSIZED, f"{size} bytes > limit {limits.max_message_bytes}")
+    if size > max_bytes:
+        raise WireFormatError(Reason.OVERSIZED, f"{size} bytes > limit {max_bytes}")
     if size == 0:
         raise WireFormatError(Reason.TRUNCATED, "empty message")
     try:
         obj = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext,
-            max_bin_len=limits.max_message_bytes, max_str_len=max(4 * limits.max_str_len, 256),
-            max_array_len=0, max_map_len=max(limits.max_metrics, 16),  # no arrays anywhere in v1
+            max_bin_len=max_bin, max_str_len=max_str, max_array_len=max_array, max_map_len=max_map,
             max_ext_len=0,
         )
     except WireFormatError:
@@ -167,7 +175,7 @@ def _unpack(data: bytes | bytearray | memoryview, limits: WireLimits, kind: str)
             raise WireFormatError(Reason.TRUNCATED, "message ends early") from exc
         if "max_ext_len" in text:
             raise WireFormatError(Reason.MALFORMED, "msgpack ext types are not allowed") from exc
-        if "max_array_len" in text:
+        if max_array == 0 and "max_array_len" in text:
             raise WireFormatError(Reason.BAD_TYPE, "arrays are not part of wire v1") from exc
         if "exceeds" in text or "max_" in text:
             raise WireFormatError(Reason.OVERSIZED, text) from exc
@@ -342,4 +350,5 @@ __all__ = [
     "encode_global",
     "encode_update",
     "message_kind",
+    "unpack_map",
 ]
