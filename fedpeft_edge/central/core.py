@@ -42,10 +42,12 @@ drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Final
@@ -381,21 +383,27 @@ class AggregatorCore:
             entry = BufferedUpdate(msg.client_id, msg.round, _immutable(msg.update), samples, stale_factor,
                                    weight, scale, norm, finite, steps, stale_on_update=cfg.fedbuff)
 
-        self._ensure_usable()
-        try:
+        with self._all_or_poisoned():
             self._commit_offer(msg, key, parsed, weight, scale, steps, mass, staleness, nbytes, entry, now,
                                update_factor)
+        if self.autosave:
+            self.checkpoint()
+        return Decision(ACCEPTED, "", weight * update_factor, staleness)
+
+    @contextlib.contextmanager
+    def _all_or_poisoned(self) -> Iterator[None]:
+        """Around a mutation of the round state: if it fails half-way, memory no longer matches any
+        consistent state, so nothing may be persisted any more; the caller must not acknowledge and should
+        restart from disk (the broker redelivers)."""
+        self._ensure_usable()
+        try:
+            yield
         except BaseException as exc:
-            # Half-applied: memory no longer matches any consistent state. Refuse to persist it; the
-            # caller must not acknowledge and should restart from disk (the broker redelivers).
             self._poisoned = True
             if isinstance(exc, Exception):
                 raise StateError(f"in-memory round state may be inconsistent after {exc!r}; "
                                  "restart from the persisted state") from exc
             raise
-        if self.autosave:
-            self.checkpoint()
-        return Decision(ACCEPTED, "", weight * update_factor, staleness)
 
     def _ensure_usable(self) -> None:
         if self._poisoned:
@@ -673,8 +681,7 @@ class AggregatorCore:
         if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
             return self.note_rejected("overflow", size, f"weight x norm {mass:.4g} would overflow the sum",
                                       who)
-        self._ensure_usable()
-        try:
+        with self._all_or_poisoned():
             for m in msg.members:
                 entry = self._ledger(m.site)
                 if entry is not None:
@@ -702,12 +709,6 @@ class AggregatorCore:
             if staleness:
                 stats["late_accepted"] += len(msg.members)
                 self._count("late_accepted", len(msg.members))
-        except BaseException as exc:
-            self._poisoned = True
-            if isinstance(exc, Exception):
-                raise StateError(f"in-memory round state may be inconsistent after {exc!r}; "
-                                 "restart from the persisted state") from exc
-            raise
         if self.autosave:
             self.checkpoint()
         return Decision(ACCEPTED, "", weight, staleness)
