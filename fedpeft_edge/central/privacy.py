@@ -36,6 +36,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from fedpeft_edge.central.accumulator import RoundAccumulator
 from fedpeft_edge.protocol.privacy import ACCOUNTANTS, PRIVACY_MODES, PrivacyPolicy
 from fedpeft_edge.runtime.errors import InvalidValueError, MissingDependencyError
 
@@ -136,8 +137,6 @@ def adapted_clip(
 def central_dp_sum(entries: list[Any], clip: float, n_params: int) -> tuple[np.ndarray, list[float], int]:
     """Central mode: ``Σ w_i·min(1, C/‖d_i‖)·d_i`` over a round's buffered updates (``w_i`` is 1, or the
     staleness factor), with the norms before the DP clip and how many the clip shortened. No noise yet."""
-    from fedpeft_edge.central.accumulator import RoundAccumulator
-
     acc = RoundAccumulator(n_params)
     norms: list[float] = []
     clipped = 0
