@@ -42,8 +42,9 @@ class RoundAccumulator:
         self.steps_weight += float(weight) * float(steps)
         self.count += 1
 
-    def accumulate_dense(self, vec: np.ndarray, weight: float, steps: float = 1.0) -> None:
-        """Add an already-decoded update (or a partial weighted *mean* from a lower aggregation tier)."""
+    def accumulate_dense(self, vec: np.ndarray, weight: float, steps: float = 1.0, count: int = 1) -> None:
+        """Add an already-decoded update (or a partial weighted *mean* from a lower aggregation tier, or a
+        secure aggregation's mean of ``count`` sites)."""
         v = np.ascontiguousarray(vec, dtype=np.float32)
         if v.shape != (self.n_params,):
             raise InvalidValueError(f"vector must have shape ({self.n_params},), got {v.shape}")
@@ -52,10 +53,12 @@ class RoundAccumulator:
         if not kernels.all_finite(v):
             raise InvalidValueError("vector holds NaN/Inf")
         _check_steps(steps)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidValueError(f"count must be a positive int, got {count!r}")
         kernels.axpy(self.sum, v, float(weight) / float(steps))
         self.total_weight += float(weight)
         self.steps_weight += float(weight) * float(steps)
-        self.count += 1
+        self.count += count
 
     def accumulate_partial(self, enc: EncodedUpdate | ParsedUpdate, weight: float, steps_weight: float,
                            count: int) -> None:

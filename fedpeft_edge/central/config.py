@@ -1,7 +1,7 @@
 """The central services' configuration: ONE dataclass per service, filled from TOML and the CLI alike.
 
 :class:`AggregatorServiceConfig` for ``fedpeft-edge aggregate`` (``[connection] [fleet] [aggregator]
-[trainer] [privacy] [robust]``) and :class:`BrokerServiceConfig` for ``fedpeft-edge broker``
+[trainer] [privacy] [robust] [secagg]``) and :class:`BrokerServiceConfig` for ``fedpeft-edge broker``
 (``[connection] [broker]``).
 The ``[aggregator]`` table holds the service's own keys and the :class:`RoundPolicy` keys side by side.
 """
@@ -21,6 +21,7 @@ from fedpeft_edge.protocol.config import (
     load_service_config,
 )
 from fedpeft_edge.protocol.privacy import PrivacyPolicy
+from fedpeft_edge.protocol.secagg_policy import SecAggPolicy
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 
@@ -115,6 +116,7 @@ class AggregatorServiceConfig:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)  # the bundle holds the first global
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # client-level DP (central/privacy.py)
     robust: RobustSettings = field(default_factory=RobustSettings)  # Byzantine-robust rule at close
+    secagg: SecAggPolicy = field(default_factory=SecAggPolicy)  # secure aggregation (central/secure_round.py)
     source: str | None = None
 
 

@@ -301,6 +301,9 @@ class AggregatorCore:
         if self.finished:
             return self.note_rejected("finished", nbytes or 0,
                                       f"all {cfg.max_rounds} rounds are done", who)
+        if cfg.secure:  # a site without [secagg] enabled: its plain update must not be counted (nor kept)
+            return self.note_rejected("secure_aggregation", nbytes or 0, "this federation takes updates "
+                                      "only through secure aggregation: set [secagg] enabled = true", who)
         if sender is not None and sender != msg.client_id:
             return self.note_rejected("client_mismatch", nbytes or 0,
                                       f"envelope site {msg.client_id!r} sent on {sender!r}'s topic", who)
@@ -594,8 +597,17 @@ class AggregatorCore:
         else:
             for name, wsum in stats["metric_wsum"].items():
                 metrics[name] = wsum / stats["metric_w"][name]
+        metrics.update(stats.get("secure", {}))  # a secure aggregation's session, survivors, dropped
         st.global_vec = new_global
         st.privacy = dp_ledger
+        self._open_next_round(now, metrics)
+        self._count("rounds_closed")
+        self.checkpoint()  # always, whatever autosave: a closed round must never be re-closed after a crash
+        return new_global.copy(), metrics
+
+    def _open_next_round(self, now: float, metrics: dict[str, Any]) -> None:
+        """The open round's record goes to the history and round + 1 opens empty (the caller persists)."""
+        st = self._state
         st.round += 1
         self._acc.reset()
         st.acc_total_weight, st.acc_count, st.acc_steps_weight = 0.0, 0, 0.0
@@ -608,9 +620,60 @@ class AggregatorCore:
         st.history.append(metrics)
         del st.history[:-HISTORY_KEEP]
         self._store_optimizer()
-        self._count("rounds_closed")
-        self.checkpoint()  # always, whatever autosave: a closed round must never be re-closed after a crash
-        return new_global.copy(), metrics
+
+    # ---- secure aggregation (central/secure_round.py drives the sessions) -----------------------------
+
+    def close_secure_round(self, session: str, survivors: list[str], mean: np.ndarray, *, nbytes: int = 0,
+                           dropped: list[str] | None = None, now: float | None = None
+                           ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Close the open round on a secure aggregation's result: ``mean``, the unweighted mean of the
+        ``survivors``' updates, is all the aggregator learns. Exactly once: the session's key, the
+        survivors' (site, round) pairs and the round's advance land in one atomic write (close_round's)."""
+        cfg, st = self.config, self._state
+        if not cfg.secure:
+            raise InvalidValueError("close_secure_round needs a secure-aggregation config ([secagg] enabled)")
+        if self._acc.count:
+            raise InvalidValueError("a secure round holds no individual updates")
+        key = (f"secagg#{session}", st.round)  # '#' is in no valid site name: no collision
+        if key in st.accepted or not survivors:
+            raise InvalidValueError(f"secure session {session} already counted, or no survivors")
+        counted = [s for s in survivors if (s, st.round) in st.accepted]
+        if counted:
+            raise InvalidValueError(f"sites {counted[:5]} already counted in round {st.round}")
+        now = time.time() if now is None else now
+        with self._all_or_poisoned():
+            self._acc.accumulate_dense(mean, float(len(survivors)), count=len(survivors))
+            st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
+            st.acc_steps_weight = self._acc.steps_weight
+            for site in survivors:
+                entry = self._ledger(site)
+                if entry is not None:
+                    entry["rounds"] += 1
+                    entry["last_round"], entry["last_at"] = st.round, now
+                st.accepted[(site, st.round)] = st.round
+            st.accepted[key] = st.round
+            st.stats["participants"].extend(survivors)
+            st.stats["bytes_in"] += int(nbytes)
+            st.stats["secure"] = {"secagg_session": session, "secagg_dropped": sorted(dropped or [])}
+            self._count("accepted", len(survivors))
+            self._count("bytes_in", int(nbytes))
+        return self.close_round(now)
+
+    def skip_round(self, reason: str, now: float | None = None) -> dict[str, Any]:
+        """Open the next round with the global unchanged (a secure round that could not complete: too few
+        sites left to mask for each other). Persists; returns the skipped round's record."""
+        if self._acc.count:
+            raise InvalidValueError("skip_round: the round holds accepted updates; close it instead")
+        now = time.time() if now is None else now
+        st = self._state
+        record: dict[str, Any] = {"round": st.round, "participants": [], "num_updates": 0,
+                                  "total_weight": 0.0, "bytes_in": st.stats["bytes_in"],
+                                  "duration_s": max(0.0, now - st.round_started_at), "skipped": reason,
+                                  "server_optimizer": self._optimizer.name, "adaptive": False}
+        self._open_next_round(now, record)
+        self._count("rounds_skipped")
+        self.checkpoint()
+        return record
 
     # ---- the gateway tier (protocol/partial.py; the gateway side is fedpeft_edge/gateway/) ------------
 
@@ -820,6 +883,8 @@ class AggregatorCore:
             for key in ("loss", "accuracy"):
                 if key in last and math.isfinite(last[key]):
                     meta[key] = float(last[key])
+            if "secagg_session" in last:  # a secure round: sites learn whether their masked input counted
+                meta["secagg_session"] = str(last["secagg_session"])
         meta.update(extra_meta or {})
         vec = encode_global(self._state.global_vec, self.config.global_mode)
         return GlobalMessage(self.config.fleet, self._state.round, self.config.spec_hash, vec, meta)

@@ -206,10 +206,24 @@ class AggregatorConfig(RoundPolicy):
     n_params: int
     spec_hash: str
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # the [privacy] table (DP-FedAvg)
+    # Secure aggregation ([secagg] enabled, central/secure_round.py): rounds close on a masked sum only.
+    secure: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive_int("n_params", self.n_params)
+        if self.secure:
+            # The aggregator sees no individual update: nothing that reads, bounds or reweights one can run.
+            clashes = [what for what, on in (
+                ("aggregation = 'fednova'", self.aggregation != "fedavg"),
+                ("round_mode = 'fedbuff'", self.round_mode != "sync"),
+                ("gateways", bool(self.gateways)),
+                ("robust_rule", self.robust_rule != "none"),
+                ("norm_bound", self.norm_bound is not None),
+                ("[privacy] mode = 'central' (use 'distributed': the sites add the noise)",
+                 self.privacy.mode == "central")) if on]
+            if clashes:
+                raise InvalidValueError("[secagg] enabled cannot be combined with " + ", ".join(clashes))
         if self.privacy.enabled:
             # DP bounds each site's influence by C with equal weights; these would break that bound or
             # hide it (a gateway's partial holds many sites, a robust rule or FedNova reweights them)
@@ -229,9 +243,9 @@ class AggregatorConfig(RoundPolicy):
 
     @classmethod
     def for_fleet(cls, policy: RoundPolicy, *, fleet: str, n_params: int, spec_hash: str,
-                  privacy: PrivacyPolicy | None = None) -> AggregatorConfig:
+                  privacy: PrivacyPolicy | None = None, secure: bool = False) -> AggregatorConfig:
         return cls(fleet=fleet, n_params=n_params, spec_hash=spec_hash, privacy=privacy or PrivacyPolicy(),
-                   **policy.as_kwargs())
+                   secure=secure, **policy.as_kwargs())
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a persisted state must agree with to be resumed under this config."""

@@ -75,10 +75,12 @@ from fedpeft_edge.central.fleet_bundle import announce_bundle, fleet_bundle_id
 from fedpeft_edge.central.initial_global import initial_from_trainer, load_vector
 from fedpeft_edge.central.metrics_http import AggregatorMetrics
 from fedpeft_edge.central.metrics_log import MetricsLog
+from fedpeft_edge.central.secure_round import SecureRound
 from fedpeft_edge.central.store import StateError
 from fedpeft_edge.protocol import chunk_spool, chunking, notices, partial, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
+from fedpeft_edge.protocol.secagg_policy import Publish
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import Message, MqttTransport, PublishHandle, Will
 from fedpeft_edge.runtime.errors import InvalidValueError
@@ -124,7 +126,8 @@ class AggregatorService:
         self.limits = limits or wire.WireLimits(max_message_bytes=int(a.max_update_bytes),
                                                 max_params=max(n, 1))
         self.core_config = AggregatorConfig.for_fleet(a.policy, fleet=config.fleet.name, n_params=n,
-                                                      spec_hash=self.spec_hash, privacy=config.privacy)
+                                                      spec_hash=self.spec_hash, privacy=config.privacy,
+                                                      secure=config.secagg.enabled)
         # State is saved once per batch of messages (then the batch is acknowledged): same exactly-once
         # guarantee as saving per update, without one fsync per update under load.
         self.core = AggregatorCore(self.core_config, self.state_dir, initial_global=initial_global,
@@ -151,6 +154,11 @@ class AggregatorService:
         self.metrics = AggregatorMetrics(self, a.metrics_port, a.metrics_bind)  # /metrics (metrics_http.py)
         self.reports = ReportPublisher(self)  # retained on fedpeft/<fleet>/federation (federation_report.py)
         self.rounds_closed = 0  # rounds (FedBuff: server steps) closed by this process
+        # [secagg]: every round's updates are summed under masks (central/secure_round.py)
+        pol = a.policy
+        self.secure = (SecureRound(config.secagg, self.topics, n, self.state_dir, quorum=pol.quorum,
+                                   min_clients=pol.min_clients, round_deadline_s=pol.round_deadline_s)
+                       if config.secagg.enabled else None)
 
     # --- helpers ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -183,6 +191,8 @@ class AggregatorService:
         t = self.transport
         if t is not None and t.connected and t.connect_count != self._announced_at:
             self._publish_global(timeout=0, why="after a reconnect")
+            if self.secure is not None:  # the session's retained messages may be gone with the broker too
+                self._publish_secure(self.secure.announcements())
             self.reports.maybe_publish(time.time(), force=True)  # the broker may have lost it too
 
     def _announce_final(self, timeout: float = FINAL_ANNOUNCE_TIMEOUT_S) -> None:
@@ -226,6 +236,10 @@ class AggregatorService:
         :data:`PERSISTENCE_FAILURES` when a chunk or the state cannot be made durable."""
         now = time.time() if now is None else now
         sender = self.topics.client_of(msg.topic)
+        if self.secure is not None:
+            site = self.topics.secagg_sender(msg.topic)
+            if site is not None:  # a secure-aggregation phase message (journalled; synced before the ack)
+                return self.secure.take(site, msg.payload)
         if msg.topic.startswith(f"fedpeft/{self.topics.fleet}/status/"):
             self._log_status(sender, msg.payload)
             return "status"
@@ -398,6 +412,8 @@ class AggregatorService:
                              len(msg.payload))
             self._step_if_buffer_full(now)
         self.reassembler.sync()  # chunks durable before they are acknowledged
+        if self.secure is not None:
+            self.secure.sync()  # the secure session's journal too
         self.core.checkpoint()  # round state (counts + sum) durable before acknowledging
         self.reassembler.commit()  # consumed messages' chunks are no longer needed
         for msg in batch:
@@ -462,9 +478,48 @@ class AggregatorService:
         if self.core_config.fedbuff and not self.core.finished and self.control.should_close(self, now):
             self._close_round(now)
 
+    def _publish_secure(self, out: list[Publish]) -> None:
+        assert self.transport is not None
+        for m in out:
+            self.transport.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+            self.metrics.note_published(len(m.payload))
+
+    def _secure_step(self, now: float) -> None:
+        """Secure aggregation: close the session's phases on time; a completed session closes the round, a
+        round that cannot complete is skipped (the global stays), and the next round's session opens."""
+        sr = self.secure
+        assert sr is not None
+        if self.paused or self.core.finished:
+            return
+        self._publish_secure(sr.tick(round_open_s=now - self.core.round_started_at))
+        if sr.result is not None:
+            self._close_round(now)
+        elif sr.give_up is not None:
+            record = self.core.skip_round(sr.give_up, now)
+            log.warning("round %d skipped: %s; the global stays", record["round"], sr.give_up)
+            self.metrics_log.append(dict(record, closed_at=now, next_round=self.core.round))
+            self._publish_secure(sr.finish_round())
+            self._publish_global()
+            self.reports.maybe_publish(now, force=True)
+        else:
+            return
+        if not self.core.finished:
+            self._publish_secure(sr.begin(self.core.round))
+
     def _close_round(self, now: float) -> None:
         closing = self.core.round
-        _, metrics = self.core.close_round(now)
+        if self.secure is not None:
+            res = self.secure.result
+            assert res is not None
+            _, metrics = self.core.close_secure_round(res.session, res.survivors, res.mean,
+                                                      nbytes=res.bytes_in, dropped=res.dropped, now=now)
+            metrics = dict(metrics, secagg_costs={"bytes_in": self.secure.costs.bytes_in,
+                                                  "bytes_out": self.secure.costs.bytes_out,
+                                                  "phase_s": self.secure.costs.phase_s,
+                                                  "unmask_s": self.secure.costs.unmask_s})
+            self._publish_secure(self.secure.finish_round())
+        else:
+            _, metrics = self.core.close_round(now)
         self.rounds_closed += 1
         counters = self.core.counters
         rejected = {k.split(":", 1)[1]: v - self._round_rejections_base.get(k, 0)
@@ -498,6 +553,8 @@ class AggregatorService:
         self.transport.subscribe(self.topics.updates_filter, qos=1)
         if self.core_config.gateways:  # the gateway tier's partial aggregates (fedpeft_edge/gateway/)
             self.transport.subscribe(self.topics.partials_filter, qos=1)
+        if self.secure is not None:  # the sites' secure-aggregation phase messages
+            self.transport.subscribe(self.topics.secagg_up_filter, qos=1)
         self.transport.subscribe(self.topics.status_filter, qos=1)
         self.transport.subscribe(self.topics.control, qos=1)  # operator actions (central/control.py)
         self.transport.connect(connect_timeout)
@@ -520,6 +577,8 @@ class AggregatorService:
             # before an outage, or a resumed round could close at once with just min_clients.
             self.core.restart_round_clock(time.time())
             self.core.checkpoint()
+            if self.secure is not None and not self.core.finished:  # resume the journalled session, or open
+                self._publish_secure(self.secure.begin(self.core.round))
             self.reports.maybe_publish(time.time(), force=True)
             self.serving.set()
             while not self._stop.is_set() and not self.core.finished:
@@ -534,7 +593,9 @@ class AggregatorService:
                     self.reports.maybe_publish(now)
                 now = time.time()  # after the batch: a round's duration and close time include its last batch
                 self.reassembler.purge(now)
-                if self.control.should_close(self, now):  # ready_to_close unless paused, or asked to
+                if self.secure is not None:
+                    self._secure_step(now)
+                elif self.control.should_close(self, now):  # ready_to_close unless paused, or asked to
                     self._close_round(now)
             if self.core.finished:
                 if self.core.privacy_exhausted:

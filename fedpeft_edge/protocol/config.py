@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 # Every section any service reads: a file may hold them all, and a name outside this list is a typo.
 ALL_SECTIONS = ("connection", "fleet", "broker", "aggregator", "agent", "codec", "trainer", "data",
-                "governor", "bundle", "console", "gateway", "privacy", "robust")
+                "governor", "bundle", "console", "gateway", "privacy", "robust", "secagg")
 
 
 @dataclass

@@ -962,6 +962,26 @@ class SecAggServer:
         self.phase = Phase.DONE
         return AggregateResult(p, total, req.survivors, req.dropped)
 
+    # Progress (a driver's deadlines) -------------------------------------------------------------
+    def progress(self) -> tuple[int, int]:
+        """(messages received, messages expected) in the open phase: all participants advertise, U1
+        shares, U2 masks, the survivors answer the unmask request; (0, 0) when done."""
+        if self.phase == Phase.ADVERTISE:
+            return len(self._keys), len(self.params.sites)
+        if self.phase == Phase.SHARE_KEYS:
+            return len(self._shares), len(self._keys)
+        if self.phase == Phase.MASKED_INPUT:
+            return len(self._masked_digest), len(self._shares)
+        if self.phase == Phase.UNMASK:
+            assert self._request is not None
+            return len(self._responses), len(self._request.survivors)
+        return 0, 0
+
+    @property
+    def responded(self) -> frozenset[str]:
+        """The sites whose unmasking shares arrived (they revealed secrets of this round)."""
+        return frozenset(self._responses)
+
     # Helpers -------------------------------------------------------------------------------------
     def _expect(self, phase: Phase, what: str) -> None:
         if self.phase != phase:

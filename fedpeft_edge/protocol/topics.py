@@ -14,6 +14,14 @@
   shows (round, deadline, policy, per-site counts, recent rounds; ``fleet_report.FederationReport``).
 - ``fedpeft/{fleet}/info/{client_id}``   retained, site → operators: what the site runs (bundle, spec hash,
   runtime, platform; ``fleet_report.SiteInfo``).
+- ``fedpeft/{fleet}/secagg/params``     retained, aggregator → sites: the open secure-aggregation session's
+  public parameters (``secagg_wire.encode_params``); a new one (fresh seed) replaces a failed session.
+- ``fedpeft/{fleet}/secagg/up/{site}``  QoS 1, site → aggregator: the site's message of the current phase
+  (advertised keys, encrypted shares, masked input, unmasking shares).
+- ``fedpeft/{fleet}/secagg/down/{site}`` retained, aggregator → that site only: its key directory, then
+  the shares forwarded to it.
+- ``fedpeft/{fleet}/secagg/unmask``     retained, aggregator → sites: the survivors and dropped sites
+  whose shares phase 3 asks for.
 Metadata (round, spec hash, sender) lives in the msgpack envelope, so MQTT 3.1.1 brokers serve too.
 """
 
@@ -97,6 +105,34 @@ class Topics:
 
     def is_partial(self, topic: str) -> bool:
         return topic.startswith(f"{ROOT}/{self.fleet}/partial/")
+
+    # --- secure aggregation (protocol/secagg.py; central/secure_round.py, site/secure_sum.py) ---------
+    @property
+    def secagg_params(self) -> str:
+        return f"{ROOT}/{self.fleet}/secagg/params"
+
+    def secagg_up(self, site: str) -> str:
+        return f"{ROOT}/{self.fleet}/secagg/up/{check_name('client id', site)}"
+
+    @property
+    def secagg_up_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/secagg/up/+"
+
+    def secagg_down(self, site: str) -> str:
+        return f"{ROOT}/{self.fleet}/secagg/down/{check_name('client id', site)}"
+
+    @property
+    def secagg_unmask(self) -> str:
+        return f"{ROOT}/{self.fleet}/secagg/unmask"
+
+    def secagg_sender(self, topic: str) -> str | None:
+        """The site of a ``secagg/up/<site>`` topic of this fleet (the identity the broker's ACL vouches
+        for), else None."""
+        parts = topic.split("/")
+        if (len(parts) == 5 and parts[0] == ROOT and parts[1] == self.fleet and parts[2] == "secagg"
+                and parts[3] == "up"):
+            return parts[4] if _NAME_RE.match(parts[4]) else None
+        return None
 
     def client_of(self, topic: str) -> str | None:
         """The client id of an update/status/partial topic of this fleet, else None."""
