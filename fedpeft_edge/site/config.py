@@ -57,6 +57,7 @@ from fedpeft_edge.protocol.config import (
     load_service_config,
 )
 from fedpeft_edge.protocol.privacy import PrivacyPolicy
+from fedpeft_edge.protocol.secagg_policy import SecAggPolicy
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 
@@ -178,7 +179,7 @@ class BundleSettings:
 @dataclass
 class AgentConfig:
     """Everything ``fedpeft-edge agent`` reads: ``[connection] [fleet] [agent] [codec] [trainer] [data]
-    [governor] [bundle] [privacy]``."""
+    [governor] [bundle] [privacy] [secagg]``."""
 
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
@@ -189,6 +190,7 @@ class AgentConfig:
     governor: GovernorSettings = field(default_factory=GovernorSettings)
     bundle: BundleSettings = field(default_factory=BundleSettings)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # distributed DP: clip + noise here
+    secagg: SecAggPolicy = field(default_factory=SecAggPolicy)  # secure aggregation (site/secure_sum.py)
     source: str | None = None  # the file it came from (for log messages)
 
 
