@@ -188,3 +188,37 @@ client_index = {i}
     assert svc.core.finished and svc.core.counters["accepted"] == 4
     assert not svc.core.counters.get("rejected")
     assert all(a.rounds_sent == [0, 1] for a in agents)
+
+
+@pytest.mark.slow  # > 1.4 s: the full suite runs it, the fast tier leaves it out
+def test_secagg_topics_a_site_reads_only_its_own_directory_and_writes_only_its_own_messages(
+        plant_broker: BrokerHandle, plant_pki: PlantPki) -> None:
+    """Who shares with whom (secagg/down/<site>) is that site's; a site cannot speak for another site in a
+    secure session, nor announce a session of its own."""
+    agg = plant_client(plant_broker, plant_pki, "aggregator")
+    site_a = plant_client(plant_broker, plant_pki, "site-a")
+    spy = plant_client(plant_broker, plant_pki, "site-b")
+    for c in (agg, site_a, spy):
+        c.connect(10)
+    try:
+        agg.subscribe(T.secagg_up_filter)
+        agg.subscribe(T.secagg_params)
+        site_a.subscribe(T.secagg_down("site-a"))
+        site_a.subscribe(T.secagg_params)
+        spy.subscribe(T.secagg_down("site-a"))
+        spy.subscribe("fedpeft/#")
+        time.sleep(0.3)  # SUBACK
+        assert agg.publish(T.secagg_down("site-a"), b"directory of a").wait(5)
+        assert agg.publish(T.secagg_params, b"genuine params").wait(5)
+        assert site_a.publish(T.secagg_up("site-a"), b"keys of a").wait(5)
+        assert spy.publish(T.secagg_up("site-a"), b"forged keys").wait(5)
+        assert spy.publish(T.secagg_params, b"forged params").wait(5)
+        at_agg, at_a, at_spy = drain(agg, 1.0), drain(site_a, 0.3), drain(spy, 0.3)
+        assert (T.secagg_up("site-a"), b"keys of a") in at_agg  # the positive controls
+        assert (T.secagg_down("site-a"), b"directory of a") in at_a
+        assert (T.secagg_params, b"genuine params") in at_spy  # every site reads the session's params
+        assert all(p != b"directory of a" for _, p in at_spy)
+        assert all(p not in (b"forged keys", b"forged params") for _, p in at_agg + at_a)
+    finally:
+        for c in (agg, site_a, spy):
+            c.close()
