@@ -17,10 +17,11 @@ a fresh seed, hence its own session id). The service (central/service.py) drives
 
 A session that cannot complete (too few sites left in a phase, a secret short of t shares, a share that
 does not match its commitment) fails; the next session of the same round lists every site except those
-whose unmasking shares reached us (a site never lets its update into two sessions of a round after it
-revealed shares: two sums over different survivor sets of the same inputs would expose one of them; the
-site enforces it too, site/secure_sum.py). After ``max_attempts`` failures, or when fewer than 3 sites are
-left, ``give_up`` says why and the service skips the round (the global stays).
+whose masked input (or unmasking shares) reached us: a site never lets its update into two sessions of a
+round once it sent it masked, because two sums over different survivor sets of the same inputs would
+expose one of them (the site enforces it too, site/secure_sum.py). After ``max_attempts`` failures, or
+when fewer than 3 sites are left, ``give_up`` says why and the service skips the round (the global
+stays).
 
 **kill -9.** Every message this side accepts, and every phase close, is appended to a journal
 (``<state_dir>/secagg/session.jrn``, CRC-checked records) and fsynced by :meth:`sync` before the service
@@ -427,10 +428,13 @@ class SecureRound:
     def _fail(self, why: str) -> list[Publish]:
         """This session cannot complete: start the next one (or give the round up)."""
         s = self.server
-        revealed = sorted(s.responded) if s is not None else []
+        # A site whose masked input or shares reached this session sits the round out: the others' shares
+        # could still unmask a sum holding its update, and a second sum over another survivor set of the
+        # same inputs would expose it (the site keeps the same rule, site/secure_sum.py).
+        spent = sorted(s.masked | s.responded) if s is not None else []
         log.warning("secure round %d: session %s failed (%s)%s", self.round, self.session, why,
-                    f"; {len(revealed)} site(s) revealed shares and sit the round out" if revealed else "")
-        self.excluded = sorted(set(self.excluded) | set(revealed))
+                    f"; {len(spent)} site(s) sent their masked input and sit the round out" if spent else "")
+        self.excluded = sorted(set(self.excluded) | set(spent))
         clear = [Publish(t, b"", 1, True) for t in self._outgoing if t != self.topics.secagg_params]
         return clear + self._new_session()
 

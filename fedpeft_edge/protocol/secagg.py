@@ -978,6 +978,11 @@ class SecAggServer:
         return 0, 0
 
     @property
+    def masked(self) -> frozenset[str]:
+        """The sites whose masked input arrived (U3 so far)."""
+        return frozenset(self._masked_digest)
+
+    @property
     def responded(self) -> frozenset[str]:
         """The sites whose unmasking shares arrived (they revealed secrets of this round)."""
         return frozenset(self._responses)

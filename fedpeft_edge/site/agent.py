@@ -43,11 +43,20 @@ State directory layout::
     trainer.state       trainer.save_state() (adapter + optimizer state)
     outbox/r<round>.msg encoded update envelope waiting for the aggregator's acknowledgement
     sent/r<round>.msg   copy of every sent update when ``dump_updates`` (audit, tests)
+    sent/r<round>.secagg.npy  with [secagg]: the plain update put into the secure sum (``dump_updates``)
     sent.previous/      the sent/ of the federation before the current one
+    secagg/             with ``[secagg] enabled``: the update waiting for a secure session and the markers
+                        that keep a restart from joining a session twice (site/secure_sum.py)
+
+Secure aggregation (``[secagg] enabled``, dense codecs only): the round's delta is not encoded and has no
+outbox entry nor acknowledgement; site/secure_sum.py keeps it on disk and takes part in the aggregator's
+session of its round over the ``secagg/`` topics. The final drain waits (``drain_timeout_s``) while that
+update still needs messages from the site.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import math
@@ -63,6 +72,7 @@ import numpy as np
 from fedpeft_edge.protocol import chunking, notices, wire
 from fedpeft_edge.protocol.codec import decode_global
 from fedpeft_edge.protocol.config import transport_config
+from fedpeft_edge.protocol.secagg_policy import SECAGG_CODECS
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, Will
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError, WireError
@@ -78,6 +88,7 @@ from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
 from fedpeft_edge.site.personal import PrivateParts
 from fedpeft_edge.site.privacy import SiteNoise
+from fedpeft_edge.site.secure_sum import Publish, SecureContribution
 from fedpeft_edge.site.state import SiteStateFiles, prune_updates, update_rounds, write_file
 from fedpeft_edge.training.base import LocalTrainer
 
@@ -170,7 +181,23 @@ class EdgeAgent:
         self.bundle_gate = BundleGate(bundle_id)  # the fleet's bundle against ours (site/bundle_setup.py)
         self.info_card = InfoCard(self.client_id, bundle_id)  # retained on info/<site> (site/info_card.py)
         self.metrics = AgentMetrics.for_agent(self)  # local Prometheus: HTTP, textfile (site/metrics.py)
+        self.secure: SecureContribution | None = None  # [secagg] enabled: site/secure_sum.py
+        self._secure_connect = -1  # transport.connect_count of the last secure resend
+        if config.secagg.enabled:
+            if config.codec.mode not in SECAGG_CODECS:
+                raise InvalidValueError(
+                    f"[secagg] enabled: secure aggregation masks dense vectors only, so [codec] mode must be "
+                    f"one of {SECAGG_CODECS}, got {config.codec.mode!r} (the site lifts its float update to "
+                    "the round's fixed-point grid; the codec itself is then unused)")
+            # Loads an update pending from before a restart (it is not trained again).
+            self.secure = SecureContribution(self.client_id, self.topics, self.n_params, self.state_dir)
         self._load_state()
+        pending = self.secure.pending_round if self.secure is not None else None
+        if pending is not None and pending > self.last_sent_round:
+            # Killed between making the update durable and committing state.json: it was made.
+            log.info("round %d: update pending for secure aggregation since an earlier run", pending)
+            self.last_sent_round = pending
+            self._save_state()
 
     # --- persistence ------------------------------------------------------------------------------
     @property
@@ -247,6 +274,10 @@ class EdgeAgent:
         reannounced, self._reannounced = self._reannounced, False
         if t is None or not t.connected:
             return  # paho would only pile up copies while offline; the reconnect resends anyway
+        if self.secure is not None and self._secure_connect != t.connect_count:
+            # A new connection: the broker may have lost our last secure-aggregation message.
+            self._secure_connect = t.connect_count
+            self._publish_secure(self.secure.resend())
         now = time.monotonic()
         base = float(self.cfg.agent.resend_after_s)
         for out in list(self._outgoing):
@@ -310,6 +341,8 @@ class EdgeAgent:
             if msg.topic == self.topics.control:  # operator pause/resume (site/control.py)
                 self.operator.take(msg.payload)
                 continue
+            if self.secure is not None and self._take_secure(msg.topic, msg.payload):
+                continue
             if msg.topic != self.topics.global_:
                 continue
             try:
@@ -324,6 +357,38 @@ class EdgeAgent:
             newest = self._latest_global is None or g.round >= self._latest_global.round
             if newest or self._opens_federation(g):
                 self._latest_global = g
+
+    def _take_secure(self, topic: str, payload: bytes) -> bool:
+        """Route a secure-aggregation topic to the state machine and publish its answer; False: not one."""
+        assert self.secure is not None
+        if topic == self.topics.secagg_params:  # the same params again: our last message is resent
+            out = self.secure.take_params(payload)
+        elif topic == self.topics.secagg_down(self.client_id):
+            out = self.secure.take_down(payload)
+        elif topic == self.topics.secagg_unmask:
+            out = self.secure.take_unmask(payload)
+        else:
+            return False
+        self._publish_secure(out)
+        return True
+
+    def _publish_secure(self, out: list[Publish]) -> None:
+        if self.transport is None:
+            return
+        for p in out:
+            try:
+                self.transport.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
+            except InvalidValueError as exc:  # over the broker's packet limit: this site drops out
+                log.error("secure-aggregation message of %d bytes not sent: %s", len(p.payload), exc)
+
+    def _secure_outstanding(self) -> bool:
+        """Whether the pending secure update still needs messages from us (a global may close it)."""
+        if self.secure is None:
+            return False
+        g = self._latest_global
+        if g is not None:
+            self.secure.on_global(g.round, g.meta)
+        return self.secure.outstanding
 
     def _check_global(self, g: wire.GlobalMessage) -> None:
         if g.fleet != self.topics.fleet:
@@ -414,6 +479,9 @@ class EdgeAgent:
         delta = self.personal.shared_delta(trained - global_vec)  # private tensors never leave the site
         if self.noise is not None:  # distributed DP: clipped and noised before anything is encoded
             delta = self.noise.apply(delta)
+        if self.secure is not None:
+            self._contribute_secure(rnd, delta, trained, tm.samples, tm.steps, tm.loss)
+            return
         enc = self.encoder.encode(delta)
         assert self.spec_hash is not None
         data = wire.encode_update(wire.UpdateMessage(self.topics.fleet, rnd, self.client_id, self.spec_hash,
@@ -439,6 +507,32 @@ class EdgeAgent:
         self._send(out)
         log.info("round %d trained: %d samples, %d steps, loss %.4f; update %d bytes (%s, k=%d of %d)",
                  rnd, tm.samples, tm.steps, tm.loss, len(data), enc.mode, enc.k, enc.n)
+
+    def _contribute_secure(self, rnd: int, delta: np.ndarray, trained: np.ndarray, samples: int, steps: int,
+                           loss: float) -> None:
+        """The secure path of a round (site/secure_sum.py): no outbox and no acknowledgement; the update
+        waits on disk for a session of its round, which the state machine joins."""
+        assert self.secure is not None
+        out = self.secure.contribute(rnd, delta)  # durable before state.json says the round was sent
+        if self.cfg.agent.dump_updates:  # audit: the plain update this site put into the sum (stays here)
+            self.sent_dir.mkdir(exist_ok=True)
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(delta, dtype=np.float32), allow_pickle=False)
+            write_file(self.sent_dir / f"r{rnd}.secagg.npy", buf.getvalue())
+        # A zero residual recorded for this round: resume() then finds the encoder state it expects.
+        self._files.write_encoder_pending(self.encoder, rnd)
+        self._files.commit_encoder()
+        self.last_sent_round = rnd
+        self.rounds_sent.append(rnd)
+        self._save_state()
+        self._files.save_trainer(self.trainer)  # last: a stale trainer.state only resets optimizer moments
+        self.personal.keep(trained)  # a kill before this retrains from the previous private values: harmless
+        ho = self._heldout
+        heldout = f"held-out accuracy {ho[1]:.3f}" if ho is not None and ho[0] == rnd else ""
+        self._publish_status("uploading", rnd, heldout)
+        self._publish_secure(out)
+        log.info("round %d trained: %d samples, %d steps, loss %.4f; update pending for secure aggregation "
+                 "(%s)", rnd, samples, steps, loss, self.secure.phase)
 
     # --- running for months: the governor, federations that end and start, bounded disk -----------------
     def _governed(self, rnd: int | None) -> bool:
@@ -482,6 +576,8 @@ class EdgeAgent:
         """Forget the finished federation's rounds (they start again at 0) and join the new one."""
         dropped = self._files.forget_federation(self.outbox_dir, self.sent_dir)
         self._outgoing.clear()
+        if self.secure is not None:
+            self.secure.discard()  # the finished federation's pending secure update means nothing now
         self.encoder.reset_residual()  # the old adapter's unsent remainder means nothing to the new run
         self.personal.forget()
         log.warning("a new federation starts at round %d (the last one ended at round %s): %d waiting "
@@ -520,6 +616,10 @@ class EdgeAgent:
         self.transport.subscribe(self.topics.global_, qos=1)
         self.transport.subscribe(self.topics.ack(self.client_id), qos=1)
         self.transport.subscribe(self.topics.control, qos=1)  # operator actions (site/control.py)
+        if self.secure is not None:  # secure aggregation: the session, our messages, the unmask request
+            for topic in (self.topics.secagg_params, self.topics.secagg_down(self.client_id),
+                          self.topics.secagg_unmask):
+                self.transport.subscribe(topic, qos=1)
         self.transport.connect(connect_timeout)
         self._pump_outbox()  # store and forward: what a previous run left waiting goes out now
         final_seen, reason = False, "stopped"
@@ -531,6 +631,8 @@ class EdgeAgent:
                 self._pump_outbox()
                 self.metrics.write()  # the textfile, only when a value changed
                 g = self._latest_global
+                if self.secure is not None and g is not None:
+                    self.secure.on_global(g.round, g.meta)  # a no-op unless g closes our pending round
                 if g is not None and g.round != self.last_global_round:
                     if self._opens_federation(g):
                         self._start_federation(g)
@@ -577,12 +679,17 @@ class EdgeAgent:
         # that follows, so one still waiting lost its ack (or never arrived) — send it again at once
         # (the aggregator stays a while to answer) rather than on the timer.
         self._reannounced = resend_now
-        while self._outgoing and time.monotonic() < deadline and not self._stop.is_set():
+        # A secure update has no acknowledgement; the drain waits (bounded) while it still needs our messages.
+        while ((self._outgoing or self._secure_outstanding()) and time.monotonic() < deadline
+               and not self._stop.is_set()):
             self._pump_outbox()
             self._poll(0.05)
         if self._outgoing:
             log.warning("%d update(s) not acknowledged by the aggregator; they stay in %s for the next start",
                         len(self._outgoing), self.outbox_dir)
+        if self.secure is not None and self.secure.outstanding:
+            log.warning("the secure-aggregation update of round %s is unfinished (%s); it stays pending for "
+                        "the next start", self.secure.pending_round, self.secure.phase)
 
 
 

@@ -156,31 +156,40 @@ def test_dropout_after_sharing_is_unmasked_without_it(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sr.result.mean, expected_mean(fleet, SITES[:-1]))
 
 
-def test_a_session_that_cannot_complete_is_retried_without_those_who_revealed(tmp_path: Path) -> None:
+def test_a_session_that_cannot_complete_is_retried_without_those_whose_input_it_holds(tmp_path: Path) -> None:
     sr = make_round(tmp_path, max_attempts=2)
     sr.begin(0)
     first = sr.session
     fleet = Fleet(sr, deltas_for(SITES, 2))
     fleet.advertise(SITES)
     fleet.deliver(sr.tick(), SITES)
-    fleet.deliver(sr.tick(), SITES)
-    unmask = sr.tick()
-    fleet.deliver(unmask, ["s1"])  # only s1 answers: secrets stay short of t = 3 shares
+    fleet.deliver(sr.tick(), ["s1", "s2"])  # only two masked inputs: phase 2 needs t + 1 = 4
     out = sr.tick(time.monotonic() + LATER)
     assert sr.result is None and sr.give_up is None and sr.session != first and sr.attempt == 2
-    assert sr.excluded == ["s1"] and "s1" not in sr.params.sites  # type: ignore[union-attr]
+    # s1 and s2 sent their update masked: it must never enter a second sum of this round
+    assert sr.excluded == ["s1", "s2"] and sr.params.sites == ("s3", "s4", "s5")  # type: ignore[union-attr]
     # the failed session's per-site messages are cleared and the new params announced
     assert any(m.topic == TOPICS.secagg_params and m.payload for m in out)
-    assert any(m.topic == TOPICS.secagg_unmask and m.payload == b"" for m in out)
-    # a second failure uses up max_attempts: the round is given up
+    assert any(m.topic == TOPICS.secagg_down("s1") and m.payload == b"" for m in out)
     sr.tick(time.monotonic() + LATER, round_open_s=1e9)  # nobody advertised: phase 0 simply waits
     assert sr.give_up is None
     fleet2 = Fleet(sr, deltas_for(SITES, 3))
-    fleet2.advertise(["s2", "s3", "s4"])
-    fleet2.deliver(sr.tick(round_open_s=1e9), ["s2", "s3", "s4"])
-    fleet2.deliver(sr.tick(), ["s2"])  # only s2 masks: phase 2 cannot close with t + 1
+    fleet2.advertise(["s3", "s4", "s5"])
+    fleet2.deliver(sr.tick(round_open_s=1e9), ["s3"])  # only s3 shares: phase 1 cannot close
     sr.tick(time.monotonic() + LATER)
-    assert sr.give_up is not None and "2 secure session(s)" in sr.give_up
+    assert sr.give_up is not None and "2 secure session(s)" in sr.give_up  # max_attempts used up
+
+
+def test_too_few_sites_left_gives_the_round_up(tmp_path: Path) -> None:
+    sr = make_round(tmp_path)
+    sr.begin(0)
+    fleet = Fleet(sr, deltas_for(SITES, 2))
+    fleet.advertise(SITES)
+    fleet.deliver(sr.tick(), SITES)
+    fleet.deliver(sr.tick(), SITES)
+    fleet.deliver(sr.tick(), ["s1"])  # one unmask answer: the secrets stay short of t shares
+    sr.tick(time.monotonic() + LATER)
+    assert sr.result is None and sr.give_up is not None and "only 0 site(s)" in sr.give_up
 
 
 @pytest.mark.parametrize("kill_after", ["advertise", "directories", "shares", "masked", "unmask"])
