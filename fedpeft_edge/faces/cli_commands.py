@@ -99,6 +99,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="who adds the noise: the aggregator (central, default) or each site (distributed)")
     g.add_argument("--dp-clip", type=float, default=None,
                    help="clip norm C of each site's update (default: lr x local steps x sqrt(params) / 2)")
+    g.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (SecAgg+): the aggregator only ever sees the masked sum of the "
+                        "sites' updates (dense updates: the codec defaults to fp32)")
     g.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
     g.add_argument(
         "--work-dir", type=Path, default=None, help="where the services keep state (default: temp)"

@@ -513,12 +513,12 @@ class EdgeAgent:
         """The secure path of a round (site/secure_sum.py): no outbox and no acknowledgement; the update
         waits on disk for a session of its round, which the state machine joins."""
         assert self.secure is not None
-        out = self.secure.contribute(rnd, delta)  # durable before state.json says the round was sent
-        if self.cfg.agent.dump_updates:  # audit: the plain update this site put into the sum (stays here)
-            self.sent_dir.mkdir(exist_ok=True)
+        if self.cfg.agent.dump_updates:  # audit: the plain update this site puts into the sum (stays here);
+            self.sent_dir.mkdir(exist_ok=True)  # before it is pending, so a kill between them retrains both
             buf = io.BytesIO()
             np.save(buf, np.asarray(delta, dtype=np.float32), allow_pickle=False)
             write_file(self.sent_dir / f"r{rnd}.secagg.npy", buf.getvalue())
+        out = self.secure.contribute(rnd, delta)  # durable before state.json says the round was sent
         # A zero residual recorded for this round: resume() then finds the encoder state it expects.
         self._files.write_encoder_pending(self.encoder, rnd)
         self._files.commit_encoder()

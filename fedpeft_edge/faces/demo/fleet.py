@@ -268,8 +268,19 @@ class LocalFleet:
                     "server_optimizer": "fedavg",
                 },
                 **({"privacy": self.privacy} if self.privacy else {}),
+                **({"secagg": self._secagg_table()} if opts.secagg else {}),
             },
         )
+
+    def _secagg_table(self) -> dict[str, Any]:
+        """``[secagg]`` of the aggregator: the sites by name, and a clip range covering AdamW's largest move
+        in a round (about lr per step), so quantisation clips nothing the sites can produce."""
+        opts = self.opts
+        clip = max(0.05, 1.5 * float(opts.lr) * int(opts.local_steps))  # type: ignore[arg-type]
+        names = [f"site-{i + 1}" for i in range(len(self.shard_paths))]
+        self.log(f"secure aggregation: {len(names)} sites, classic SecAgg (every pair masks), "
+                 f"clip ±{clip:.3g}")
+        return {"enabled": True, "sites": names, "clip": clip}
 
     def _agent_config(self, i: int, name: str, state_dir: Path) -> Path:
         opts = self.opts
@@ -294,6 +305,7 @@ class LocalFleet:
                 },
                 "codec": codec,
                 **({"privacy": self.privacy} if self.privacy.get("mode") == "distributed" else {}),
+                **({"secagg": {"enabled": True}} if opts.secagg else {}),
                 "trainer": {
                     "kind": "factory",
                     "factory": FACTORY,

@@ -45,6 +45,9 @@ class DemoOptions:
     dp: float | None = None
     dp_mode: str = "central"
     dp_clip: float | None = None  # C; default: half of AdamW's largest move, lr·local_steps·√n / 2
+    # secure aggregation ([secagg]): the aggregator sees only the masked sum of the sites' updates; the
+    # sites send dense vectors (the codec defaults to fp32: top-k cannot be masked)
+    secagg: bool = False
     out: Path | None = None
     work_dir: Path | None = None
     cache_dir: Path | None = None
@@ -79,6 +82,7 @@ class DemoOptions:
             "dp",
             "dp_mode",
             "dp_clip",
+            "secagg",
             "out",
             "work_dir",
             "cache_dir",
@@ -99,6 +103,8 @@ class DemoOptions:
         if self.quick:
             defaults.update(QUICK_TEXT if self.task == "text" else QUICK_CV)
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.secagg and values.get("codec") is None:
+            values["codec"] = "fp32"  # SecAgg masks dense vectors; the site lifts them to its own grid
         for key, value in defaults.items():
             # Quick mode caps sizes even when the config asked for more; explicit flags otherwise win.
             if values.get(key) is None or (self.quick and key in QUICK_CAPS and values[key] > value):
@@ -118,6 +124,14 @@ class DemoOptions:
             ensure(out.dp_mode in ("central", "distributed"), "--dp-mode must be central or distributed")
             ensure(out.codec != "topk_int8" or out.dp_mode == "central",
                    "distributed DP adds dense noise at each site: use --codec fp32 or int8 with it")
+        if out.secagg:
+            ensure(out.codec != "topk_int8", "--secagg masks dense updates: top-k cannot be masked (use "
+                                             "--codec fp32 or int8)")
+            ensure(out.agents >= 3,
+                   "--secagg needs at least 3 agents (a sum of two reveals each one to the other)")
+            ensure(out.dp is None or out.dp_mode == "distributed",
+                   "--secagg hides each update from the aggregator: it cannot add central DP noise; use "
+                   "--dp-mode distributed")
         mu = out.prox_mu
         ensure(isinstance(mu, int | float) and not isinstance(mu, bool) and 0 <= mu < float("inf"),
                f"prox_mu must be a finite number >= 0, got {mu!r}")
