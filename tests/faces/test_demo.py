@@ -73,6 +73,24 @@ def test_quick_demo_end_to_end(tmp_path: Path, broker: str) -> None:
     _check_report(summary, out, work, agents=2, rounds=2)
 
 
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
+def test_quick_demo_with_secure_aggregation(tmp_path: Path) -> None:
+    """`demo --secagg`: every round closes on a secure session of three real agents; the bytes up are what
+    the aggregator received over the four phases (no plain update exists to count)."""
+    out, work = tmp_path / "report", tmp_path / "work"
+    summary = run_demo(DemoOptions(quick=True, secagg=True, broker="mosquitto", out=out, work_dir=work,
+                                   plain=True))
+    assert summary["ok"], summary["failure"]
+    assert summary["options"]["agents"] == 3 and summary["options"]["codec"] == "fp32"
+    assert summary["global"]["accuracy_after"] > summary["global"]["accuracy_before"]
+    lines = [json.loads(x) for x in (work / "aggregator" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(m["secagg_session"] and len(m["participants"]) == 3 for m in lines)
+    for r, m in zip(summary["rounds"], lines, strict=True):
+        masked = 3 * 4 * summary["peft"]["trainable_params"]  # three masked uint32 vectors at least
+        assert r["participants"] == 3 and r["wire_bytes_up"] == m["bytes_in"] > masked
+    assert not list(work.glob("site-*/sent/*.msg"))  # nothing was sent in the clear
+
+
 def test_readme_main_job_command_as_written(tmp_path: Path) -> None:
     """README's main-job command is `fedpeft-edge demo`; here reduced by the documented env var."""
     exe = shutil.which("fedpeft-edge")
@@ -104,6 +122,11 @@ def test_quick_env_var_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         DemoOptions(agents=0).resolved()
     with pytest.raises(InvalidValueError):
         DemoOptions(codec="zip").resolved()
+    assert DemoOptions(secagg=True).resolved().codec == "fp32"  # SecAgg masks dense updates
+    with pytest.raises(InvalidValueError, match="top-k"):
+        DemoOptions(secagg=True, codec="topk_int8").resolved()
+    with pytest.raises(InvalidValueError, match="distributed"):
+        DemoOptions(secagg=True, dp=4.0).resolved()
 
 
 def test_shard_round_trip_and_bad_file(tmp_path: Path) -> None:

@@ -109,6 +109,8 @@ class DemoOptions:
             # Quick mode caps sizes even when the config asked for more; explicit flags otherwise win.
             if values.get(key) is None or (self.quick and key in QUICK_CAPS and values[key] > value):
                 values[key] = value
+        if self.secagg and self.quick:
+            values["agents"] = max(int(values["agents"]), 3)  # a secure sum needs three sites
         out = DemoOptions(**values)
         for name in ("agents", "rounds", "local_steps", "batch_size", "train_size", "test_size"):
             v = getattr(out, name)

@@ -135,6 +135,10 @@ def build_summary(
         wire_bytes = sum(u["wire_bytes"] for u in ups)
         train_s = [u["metrics"].get("train_seconds") for u in ups if "train_seconds" in u["metrics"]]
         m = rounds_seen[rnd]
+        senders = len(ups)
+        if not ups and m.get("secagg_session"):  # secure aggregation: no plain update; every phase's uplink
+            wire_bytes = payload = int(m.get("bytes_in") or 0)  # (keys, shares, masked input, reveals)
+            senders = len(m.get("participants", []))
         per_round.append(
             {
                 "round": rnd + 1,
@@ -145,8 +149,8 @@ def build_summary(
                 "bytes_in_aggregator": m.get("bytes_in"),
                 "wire_bytes_up": wire_bytes,
                 "payload_bytes_up": payload,
-                "payload_bytes_per_site": payload / max(1, len(ups)),
-                "bytes_per_site_vs_full_ft_percent": 100.0 * (wire_bytes / max(1, len(ups))) / full_bytes,
+                "payload_bytes_per_site": payload / max(1, senders),
+                "bytes_per_site_vs_full_ft_percent": 100.0 * (wire_bytes / max(1, senders)) / full_bytes,
                 "local_train_seconds_mean": float(np.mean(train_s)) if train_s else None,
                 "local_train_seconds_max": float(np.max(train_s)) if train_s else None,
                 "round_seconds": m.get("duration_s"),
