@@ -86,7 +86,7 @@ from fedpeft_edge.site.info_card import InfoCard
 from fedpeft_edge.site.metrics import AgentMetrics
 from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
-from fedpeft_edge.site.personal import PrivateParts
+from fedpeft_edge.site.personal import PrivateParts, train_fedrep
 from fedpeft_edge.site.privacy import SiteNoise
 from fedpeft_edge.site.secure_sum import Publish, SecureContribution
 from fedpeft_edge.site.state import SiteStateFiles, prune_updates, update_rounds, write_file
@@ -162,6 +162,15 @@ class EdgeAgent:
         self.encoder = UpdateEncoder(config.codec, self.n_params, segments=trainer.layout.segments)
         self.noise = SiteNoise(config.privacy) if config.privacy.mode == "distributed" else None
         self.personal = PrivateParts(trainer.layout, config.agent.private_tensors, self.state_dir)
+        head_steps = a.fedrep_head_steps
+        if isinstance(head_steps, bool) or not isinstance(head_steps, int) or head_steps < 0:
+            raise InvalidValueError(f"agent.fedrep_head_steps must be an int >= 0, got {head_steps!r}")
+        if head_steps and not self.personal.active:
+            raise InvalidValueError("agent.fedrep_head_steps (FedRep) needs private_tensors: the head it "
+                                    "trains first, e.g. [\"head.*\"]")
+        if head_steps and not hasattr(trainer, "set_frozen"):
+            raise InvalidValueError("agent.fedrep_head_steps (FedRep) needs a trainer that can freeze "
+                                    "parameters (kind = gradient or ort)")
         self.last_sent_round = -1
         self._heldout: tuple[int, float] | None = None  # (round, held-out accuracy at its start)
         self.last_global_round: int | None = None
@@ -462,8 +471,16 @@ class EdgeAgent:
             self.metrics.evaluated(float(ev.accuracy))  # this site's held-out accuracy of the model it uses
             self._heldout = (rnd, float(ev.accuracy))
         self._abandoned = False
-        tm = self.trainer.train(self.metrics.timed(self._batches_until_newer(rnd)),
-                                max_steps=self.cfg.agent.local_steps)
+        if self.cfg.agent.fedrep_head_steps:  # FedRep: the private head alone, then the shared body alone
+            head, tm = train_fedrep(self.trainer, self.personal,
+                                    self.metrics.timed(self._batches_until_newer(rnd)),
+                                    self.metrics.timed(self._batches_until_newer(rnd)),
+                                    head_steps=self.cfg.agent.fedrep_head_steps,
+                                    body_steps=self.cfg.agent.local_steps)
+            metrics["head_steps"] = float(head.steps)
+        else:
+            tm = self.trainer.train(self.metrics.timed(self._batches_until_newer(rnd)),
+                                    max_steps=self.cfg.agent.local_steps)
         if self._abandoned:
             newer = self._latest_global.round if self._latest_global else rnd
             log.info("round %d abandoned (newer global %d arrived, stopping or paused)", rnd, newer)

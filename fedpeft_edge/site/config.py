@@ -82,6 +82,10 @@ class AgentSettings:
     # FedPer-style personalisation (site/personal.py): trainable tensors matching these patterns (e.g.
     # ["head.*"]) stay on the site; it sends only the shared part and keeps its own values of these.
     private_tensors: list[str] = field(default_factory=list)
+    # FedRep (with private_tensors): each round first trains the private tensors alone (the shared ones
+    # frozen) for this many steps, then the shared ones alone (the private ones frozen); 0: FedPer, both
+    # together.
+    fedrep_head_steps: int = 0
     idle_exit_s: float | None = None  # stop when no new global arrived for this long (tests, demos)
     # Publish an update again when the aggregator's acknowledgement has not come this long after the
     # last send (doubling per timer resend, up to 8x); reconnects and re-announced globals resend at once.

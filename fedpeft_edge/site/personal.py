@@ -1,5 +1,10 @@
 """Personalisation in the running agent, FedPer style: some trainable tensors stay on the site.
 
+FedRep (Collins et al. 2021, "Exploiting Shared Representations for Personalized Federated Learning") is
+the same split trained in two phases per round (``[agent] fedrep_head_steps``, :func:`train_fedrep`): the
+private head first, alone, on the frozen shared body; then the shared body alone under the site's new
+head. The body's update then never carries the head's adjustment to the site's label mix.
+
 ``[agent] private_tensors = ["head.*"]`` (shell-style patterns over the adapter's tensor names, e.g.
 ``head.weight``, ``head.bias`` or a LoRA layer's ``A``/``B``) marks the tensors a site keeps for itself:
 each round it trains from the global adapter with its own values of those tensors put back, sends a delta
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -23,10 +29,12 @@ import numpy as np
 from fedpeft_edge.peft.layout import FlatLayout
 from fedpeft_edge.runtime.durable import atomic_write_bytes, move_aside, npz_bytes, read_npz
 from fedpeft_edge.runtime.errors import InvalidValueError
+from fedpeft_edge.training.base import LocalTrainer, TrainMetrics
 
 log = logging.getLogger(__name__)
 
 PRIVATE_FILE: Final = "private.npz"
+Batch = Mapping[str, np.ndarray]
 
 
 class PrivateParts:
@@ -108,4 +116,25 @@ class PrivateParts:
         self.path.unlink(missing_ok=True)
 
 
-__all__ = ["PRIVATE_FILE", "PrivateParts"]
+def train_fedrep(trainer: LocalTrainer, private: PrivateParts, head_batches: Iterable[Batch],
+                 body_batches: Iterable[Batch], *, head_steps: int, body_steps: int | None
+                 ) -> tuple[TrainMetrics, TrainMetrics]:
+    """FedRep's local round: ``head_steps`` steps on the private tensors with the shared ones frozen, then
+    up to ``body_steps`` on the shared ones with the private ones frozen. Returns both phases' metrics."""
+    set_frozen = getattr(trainer, "set_frozen", None)
+    if set_frozen is None:
+        raise InvalidValueError("FedRep (fedrep_head_steps) needs a trainer that can freeze parameters "
+                                "(the gradient or ort trainer)")
+    if not private.active:
+        raise InvalidValueError("FedRep (fedrep_head_steps) needs private_tensors: the head it trains first")
+    try:
+        set_frozen(~private.mask)
+        head = trainer.train(head_batches, max_steps=head_steps)
+        set_frozen(private.mask)
+        body = trainer.train(body_batches, max_steps=body_steps)
+    finally:
+        set_frozen(None)
+    return head, body
+
+
+__all__ = ["PRIVATE_FILE", "PrivateParts", "train_fedrep"]

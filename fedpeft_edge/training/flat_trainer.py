@@ -73,6 +73,7 @@ class FlatVectorTrainer(ABC):
         self._mom = np.zeros(n, np.float32)
         self.step = 0  # optimizer steps taken (drives bias correction and the schedule)
         self._w_ref: np.ndarray | None = None
+        self._frozen: np.ndarray | None = None  # bool mask of parameters no step may change (FedRep)
 
     @property
     def layout(self) -> FlatLayout:
@@ -129,6 +130,21 @@ class FlatVectorTrainer(ABC):
             raise InvalidValueError(f"prox reference must be float32 of shape ({self._layout.total},)")
         self._w_ref = np.array(flat, np.float32, order="C")
 
+    def set_frozen(self, mask: np.ndarray | None) -> None:
+        """Freeze the parameters where ``mask`` is True (None: train everything): the steps that follow
+        leave them and their optimizer state bit for bit as they are, and global-norm clipping sees only
+        the trainable gradient. FedRep trains a site's head with the body frozen, then the body with the
+        head frozen (site/personal.py)."""
+        if mask is None:
+            self._frozen = None
+            return
+        m = np.asarray(mask)
+        if m.dtype != np.bool_ or m.shape != (self._layout.total,):
+            raise InvalidValueError(f"frozen mask must be bool of shape ({self._layout.total},)")
+        if m.all():
+            raise InvalidValueError("frozen mask freezes every parameter: nothing would train")
+        self._frozen = m.copy() if m.any() else None
+
     # ---- optimizer --------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (1-based)."""
@@ -144,6 +160,10 @@ class FlatVectorTrainer(ABC):
 
     def _c_update(self, w: np.ndarray, g: np.ndarray, lr: float) -> None:
         """One C-core step in place on ``w`` (``g`` is clipped in place first when ``clip_norm`` is set)."""
+        frozen = self._frozen
+        if frozen is not None:  # kept aside and put back: weight decay and moments must not move them
+            kept = [(a, a[frozen]) for a in (w, self._m, self._v, self._mom)]
+            g[frozen] = 0.0
         if self.clip_norm is not None:
             kernels.clip_by_global_norm(g, float(self.clip_norm))
         ref = self._w_ref if self.prox_mu else None
@@ -154,6 +174,9 @@ class FlatVectorTrainer(ABC):
         else:
             kernels.sgd_step(w, g, self._mom if self.momentum else None, lr=lr, momentum=self.momentum,
                              weight_decay=self.weight_decay, prox_mu=self.prox_mu, w_ref=ref)
+        if frozen is not None:
+            for arr, vals in kept:
+                arr[frozen] = vals
 
     def _next_step(self, loss: float) -> float:
         """Count a step whose loss is finite; returns its learning rate."""

@@ -75,7 +75,7 @@ def cache(tmp_path_factory):
     return make_cache(tmp_path_factory.mktemp("personal"))
 
 
-def _agent(cache, state_dir: Path, private: str = '["head.*"]') -> EdgeAgent:
+def _agent(cache, state_dir: Path, private: str = '["head.*"]', fedrep: int = 0) -> EdgeAgent:
     lowered = cache[1]("lora")
     cfg = load_agent_config(
         text=f"""
@@ -86,6 +86,7 @@ client_id = "site-0"
 state_dir = "{state_dir}"
 local_steps = 4
 private_tensors = {private}
+fedrep_head_steps = {fedrep}
 [codec]
 mode = "fp32"
 [trainer]
@@ -167,3 +168,42 @@ def test_the_aggregator_books_the_sites_accuracy(tmp_path: Path) -> None:
     recs = AggregatorCore(cfg, tmp_path).site_records()  # persisted with the round state
     assert recs["site-1"].accuracy == pytest.approx(0.75) and recs["site-2"].accuracy is None
     assert json.loads(json.dumps({"a": recs["site-1"].accuracy}))["a"] == 0.75
+
+
+def test_frozen_parameters_and_their_optimizer_state_do_not_move(cache, tmp_path: Path) -> None:
+    agent = _agent(cache, tmp_path / "frozen")
+    trainer, mask = agent.trainer, agent.personal.mask
+    trainer.train(batches(case_data("lora", n=32), 16), max_steps=2)  # non-zero AdamW moments everywhere
+    before, m_before = trainer.get_flat(), trainer._m.copy()  # type: ignore[attr-defined]
+    trainer.set_frozen(~mask)  # train the head alone
+    trainer.train(batches(case_data("lora", n=32), 16), max_steps=2)
+    after = trainer.get_flat()
+    np.testing.assert_array_equal(after[~mask], before[~mask])  # bit for bit, weight decay included
+    np.testing.assert_array_equal(trainer._m[~mask], m_before[~mask])  # type: ignore[attr-defined]
+    assert np.abs(after[mask] - before[mask]).max() > 0
+    trainer.set_frozen(None)
+    with pytest.raises(InvalidValueError):
+        trainer.set_frozen(np.ones(mask.size, bool))  # nothing would train
+    with pytest.raises(InvalidValueError):
+        trainer.set_frozen(np.zeros(3, bool))
+
+
+def test_fedrep_trains_the_head_alone_then_the_shared_part_alone(cache, tmp_path: Path) -> None:
+    agent = _agent(cache, tmp_path / "fedrep", fedrep=3)
+    mask = agent.personal.mask
+    g0 = cache[1]("lora").initial_vector()
+    agent._train_round(_global(cache, 0, g0))
+    upd = _sent(agent, 0)
+    assert upd.metrics["head_steps"] == 3 and upd.metrics["steps"] == 4
+    delta = decode_dense(upd.update, agent.n_params)
+    assert np.all(delta[mask] == 0) and np.abs(delta[~mask]).max() > 0  # the head never leaves
+    assert np.abs(agent.personal.values - g0[mask]).max() > 0  # ... and it trained, and is kept
+    # with FedPer (no head phase) from the same start, the shared update differs: the head moved with it
+    fedper = _agent(cache, tmp_path / "fedper")
+    fedper._train_round(_global(cache, 0, g0))
+    assert not np.allclose(decode_dense(_sent(fedper, 0).update, agent.n_params), delta)
+
+
+def test_fedrep_needs_a_private_head(cache, tmp_path: Path) -> None:
+    with pytest.raises(InvalidValueError, match="private_tensors"):
+        _agent(cache, tmp_path / "x", private="[]", fedrep=2)

@@ -175,7 +175,7 @@ def run_cell(
     FedProx: every local training (personalisation too) is pulled toward the global it started from.
     """
     from fedpeft_edge.site.encoder import UpdateEncoder
-    from fedpeft_edge.site.personal import PrivateParts
+    from fedpeft_edge.site.personal import PrivateParts, train_fedrep
 
     s = config.settings
     started = time.perf_counter()
@@ -228,7 +228,12 @@ def run_cell(
             trainer.load_state(site_state[i] if rnd > 0 else initial_state)
             start = private[i].start_from(global_flat)
             trainer.set_flat(start)
-            metrics = trainer.train(site_batches[i], max_steps=site_steps[i])
+            if s.fedrep_head_steps:  # FedRep: the private head alone, then the shared body alone
+                head, metrics = train_fedrep(trainer, private[i], site_batches[i], site_batches[i],
+                                             head_steps=s.fedrep_head_steps, body_steps=site_steps[i])
+                step_seconds += head.seconds
+            else:
+                metrics = trainer.train(site_batches[i], max_steps=site_steps[i])
             step_seconds += metrics.seconds
             steps += metrics.steps
             losses.append(metrics.loss)

@@ -49,6 +49,9 @@ class FederationSettings:
     aggregation: str = "fedavg"  # the aggregator's [aggregator] aggregation: fedavg or fednova
     # FedPer: tensors (patterns, as [agent] private_tensors) every site keeps to itself; () = plain FedAvg
     private_tensors: tuple[str, ...] = ()
+    # FedRep (with private_tensors): steps on the private tensors alone before local_steps on the shared
+    # ones alone, each round ([agent] fedrep_head_steps); 0: FedPer (both trained together)
+    fedrep_head_steps: int = 0
     # Byzantine-robust rule at close ([robust] rule: none, median, trimmed_mean with 25 % each side,
     # multi_krum with f = malicious); the grid's median-relative lying-site bounds are off unless bounds
     robust_rule: str = "none"
@@ -85,6 +88,10 @@ class FederationSettings:
                and all(isinstance(x, str) and x for x in self.private_tensors),
                "experiment.private_tensors must be a list of tensor-name patterns")
         object.__setattr__(self, "private_tensors", tuple(self.private_tensors))
+        ensure(isinstance(self.fedrep_head_steps, int) and not isinstance(self.fedrep_head_steps, bool)
+               and self.fedrep_head_steps >= 0, "experiment.fedrep_head_steps must be an int >= 0")
+        ensure(not self.fedrep_head_steps or self.private_tensors,
+               "experiment.fedrep_head_steps (FedRep) needs private_tensors: the head it trains first")
         ensure(self.robust_rule in ROBUST_RULES,
                f"experiment.robust_rule must be one of {ROBUST_RULES}, got {self.robust_rule!r}")
         ensure(self.dp_mode in ("central", "distributed"),
