@@ -37,7 +37,8 @@ the running sum and the buffer stay in the one atomic file: a buffer resumes aft
 
 :class:`AggregatorCore` applies the policy of an :class:`AggregatorConfig`; the MQTT service loop
 drives it: ``offer(decoded_update)`` per message, ``ready_to_close(now)`` on a timer,
-``close_round(now)`` → publish the new global.
+``close_round(now)`` → publish the new global. Two parts of it live in their own files on the same state:
+the gateway tier's partial aggregates (core_gateway.py) and secure aggregation's close (core_secure.py).
 """
 
 from __future__ import annotations
@@ -56,7 +57,17 @@ import numpy as np
 
 from fedpeft_edge import kernels
 from fedpeft_edge.central.accumulator import RoundAccumulator
-from fedpeft_edge.central.decision import ACCEPTED, BUFFER_FULL, DUPLICATE, LATE, REJECTED, Decision
+from fedpeft_edge.central.core_gateway import GatewayTierMethods
+from fedpeft_edge.central.core_secure import SecureRoundMethods
+from fedpeft_edge.central.decision import (
+    ACCEPTED,
+    BUFFER_FULL,
+    DUPLICATE,
+    LATE,
+    MAX_WEIGHTED_NORM,
+    REJECTED,
+    Decision,
+)
 from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
 from fedpeft_edge.central.privacy import private_round
 from fedpeft_edge.central.robust import (
@@ -77,13 +88,11 @@ from fedpeft_edge.central.strategy import (
 )
 from fedpeft_edge.protocol.codec import EncodedUpdate, encode_global, parse, update_l2_norm
 from fedpeft_edge.protocol.fleet_report import MAX_REASONS_PER_SITE, SiteRecord
-from fedpeft_edge.protocol.partial import PartialMessage
 from fedpeft_edge.protocol.reasons import WireFormatError
 from fedpeft_edge.protocol.wire import GlobalMessage, UpdateMessage
 from fedpeft_edge.runtime.errors import InvalidValueError
 
 MIN_WEIGHT: Final = 1e-9  # below this a stale update is treated as late (its weight would vanish)
-MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38)
 MAX_TRACKED_SITES: Final = 10_000  # sites in the per-site ledger (the federation report); beyond: not tracked
 OTHER_REASON: Final = "other"  # a site's rejections beyond MAX_REASONS_PER_SITE distinct reasons
 
@@ -100,7 +109,7 @@ def _immutable(enc: EncodedUpdate) -> EncodedUpdate:
     return replace(enc, payload=bytes(memoryview(enc.payload).cast("B")))
 
 
-class AggregatorCore:
+class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
     """Round logic over :class:`RoundState`: validation, dedup, lateness, norm bound, weighted sum,
     server optimiser, round closing. No I/O except the state file in ``state_dir``.
 
@@ -620,212 +629,6 @@ class AggregatorCore:
         st.history.append(metrics)
         del st.history[:-HISTORY_KEEP]
         self._store_optimizer()
-
-    # ---- secure aggregation (central/secure_round.py drives the sessions) -----------------------------
-
-    def close_secure_round(self, session: str, survivors: list[str], mean: np.ndarray, *, nbytes: int = 0,
-                           dropped: list[str] | None = None, now: float | None = None
-                           ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Close the open round on a secure aggregation's result: ``mean``, the unweighted mean of the
-        ``survivors``' updates, is all the aggregator learns. Exactly once: the session's key, the
-        survivors' (site, round) pairs and the round's advance land in one atomic write (close_round's)."""
-        cfg, st = self.config, self._state
-        if not cfg.secure:
-            raise InvalidValueError("close_secure_round needs a secure-aggregation config ([secagg] enabled)")
-        if self._acc.count:
-            raise InvalidValueError("a secure round holds no individual updates")
-        key = (f"secagg#{session}", st.round)  # '#' is in no valid site name: no collision
-        if key in st.accepted or not survivors:
-            raise InvalidValueError(f"secure session {session} already counted, or no survivors")
-        counted = [s for s in survivors if (s, st.round) in st.accepted]
-        if counted:
-            raise InvalidValueError(f"sites {counted[:5]} already counted in round {st.round}")
-        now = time.time() if now is None else now
-        with self._all_or_poisoned():
-            self._acc.accumulate_dense(mean, float(len(survivors)), count=len(survivors))
-            st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
-            st.acc_steps_weight = self._acc.steps_weight
-            for site in survivors:
-                entry = self._ledger(site)
-                if entry is not None:
-                    entry["rounds"] += 1
-                    entry["last_round"], entry["last_at"] = st.round, now
-                st.accepted[(site, st.round)] = st.round
-            st.accepted[key] = st.round
-            st.stats["participants"].extend(survivors)
-            st.stats["bytes_in"] += int(nbytes)
-            st.stats["secure"] = {"secagg_session": session, "secagg_dropped": sorted(dropped or [])}
-            self._count("accepted", len(survivors))
-            self._count("bytes_in", int(nbytes))
-        return self.close_round(now)
-
-    def skip_round(self, reason: str, now: float | None = None) -> dict[str, Any]:
-        """Open the next round with the global unchanged (a secure round that could not complete: too few
-        sites left to mask for each other). Persists; returns the skipped round's record."""
-        if self._acc.count:
-            raise InvalidValueError("skip_round: the round holds accepted updates; close it instead")
-        now = time.time() if now is None else now
-        st = self._state
-        record: dict[str, Any] = {"round": st.round, "participants": [], "num_updates": 0,
-                                  "total_weight": 0.0, "bytes_in": st.stats["bytes_in"],
-                                  "duration_s": max(0.0, now - st.round_started_at), "skipped": reason,
-                                  "server_optimizer": self._optimizer.name, "adaptive": False}
-        self._open_next_round(now, record)
-        self._count("rounds_skipped")
-        self.checkpoint()
-        return record
-
-    # ---- the gateway tier (protocol/partial.py; the gateway side is fedpeft_edge/gateway/) ------------
-
-    def offer_partial(self, msg: PartialMessage, *, sender: str | None = None, nbytes: int | None = None,
-                      now: float | None = None) -> Decision:
-        """Count a gateway's partial aggregate as the members it holds, exactly once per ``(gateway, seq)``,
-        and never a member ``(site, round)`` already counted here (directly or through another partial).
-
-        The gateway held the members' individual updates and applied the close-time bounds to them; here a
-        partial is bounded as a whole: only listed gateway accounts, weight at most its members' capped
-        samples, finite. A round that counted a partial closes on the running sum (the per-update bounds
-        need every update, ``adaptive: false``). Same exception contract as :meth:`offer`.
-        """
-        cfg, st = self.config, self._state
-        now = time.time() if now is None else now
-        who, size = (sender if sender is not None else msg.gateway), nbytes or 0
-        if self.finished:
-            return self.note_rejected("finished", size, f"all {cfg.max_rounds} rounds are done", who)
-        if sender is not None and sender != msg.gateway:
-            return self.note_rejected("client_mismatch", size,
-                                      f"partial of {msg.gateway!r} sent on {sender!r}'s topic", who)
-        if msg.gateway not in cfg.gateways:
-            return self.note_rejected("not_a_gateway", size, f"{msg.gateway!r} is not one of the "
-                                      f"federation's gateways {list(cfg.gateways)}", who)
-        if msg.fleet != cfg.fleet:
-            return self.note_rejected("wrong_fleet", size, f"fleet {msg.fleet!r}, expected {cfg.fleet!r}",
-                                      who)
-        if msg.spec_hash != cfg.spec_hash:
-            return self.note_rejected("spec_hash", size,
-                                      f"spec hash {msg.spec_hash}, expected {cfg.spec_hash}", who)
-        if msg.round > st.round:
-            return self.note_rejected("future_round", size, f"round {msg.round}, open round {st.round}", who)
-        key = (f"{msg.gateway}#{msg.seq}", msg.round)  # '#' is in no valid site name: no collision
-        if key in st.accepted:
-            self._count("duplicate")
-            return Decision(DUPLICATE, "already counted")
-        staleness = st.round - msg.round
-        if staleness > 0 and (cfg.late_policy == "drop" or staleness > cfg.max_staleness):
-            self._count("late")
-            return Decision(LATE, f"{staleness} round(s) behind", staleness=staleness)
-        if cfg.sites is not None:
-            unknown = sorted({m.site for m in msg.members} - set(cfg.sites))
-            if unknown:
-                return self.note_rejected("unknown_site", size, f"members {unknown[:5]} are not sites", who)
-        overlap = [f"{m.site}@{m.round}" for m in msg.members if (m.site, m.round) in st.accepted]
-        if overlap:
-            return self.note_rejected("overlap", size, f"{len(overlap)} member(s) already counted, e.g. "
-                                      f"{overlap[:3]}", who)
-        cap = (sum(min(m.samples, cfg.max_samples_weight) for m in msg.members) if cfg.weighting == "samples"
-               else len(msg.members))
-        if msg.total_weight > cap * (1 + 1e-6):
-            return self.note_rejected("bad_weight", size, f"weight {msg.total_weight:.6g} > its members' "
-                                      f"{cap}", who)
-        steps_weight = msg.total_weight  # FedAvg: every τ_i is 1, whatever the gateway says
-        if cfg.aggregation == "fednova":
-            steps_weight = msg.steps_weight
-            if not msg.total_weight * (1 - 1e-6) <= steps_weight <= msg.total_weight * MAX_CLAIMED_STEPS:
-                return self.note_rejected("bad_steps", size, f"steps weight {steps_weight:.6g} for weight "
-                                          f"{msg.total_weight:.6g}", who)
-        try:
-            parsed = parse(msg.vector, n_params=cfg.n_params)
-            norm = update_l2_norm(parsed)
-        except WireFormatError as exc:
-            return self.note_rejected(exc.reason, size, str(exc), who)
-        stale_factor = staleness_weight(staleness, cfg.staleness_alpha) if staleness else 1.0
-        weight = msg.total_weight * stale_factor
-        mass = weight * norm
-        if not math.isfinite(mass) or st.stats.get("weighted_norm_sum", 0.0) + mass > MAX_WEIGHTED_NORM:
-            return self.note_rejected("overflow", size, f"weight x norm {mass:.4g} would overflow the sum",
-                                      who)
-        with self._all_or_poisoned():
-            for m in msg.members:
-                entry = self._ledger(m.site)
-                if entry is not None:
-                    entry["samples"] += m.samples
-                    entry["rounds"] += 1
-                    entry["last_round"], entry["last_at"] = m.round, now
-                st.accepted[(m.site, m.round)] = st.round
-            self._acc.accumulate_partial(parsed, weight, steps_weight * stale_factor, len(msg.members))
-            st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
-            st.acc_steps_weight = self._acc.steps_weight
-            st.accepted[key] = st.round
-            stats = st.stats
-            stats["participants"].extend(m.site for m in msg.members)
-            stats["bytes_in"] += int(nbytes or msg.vector.nbytes)
-            stats["weighted_norm_sum"] = stats.get("weighted_norm_sum", 0.0) + mass
-            stats["partials"] = stats.get("partials", 0) + 1
-            for name, val in msg.metrics.items():
-                wsum = stats["metric_wsum"].get(name, 0.0) + weight * val
-                if math.isfinite(wsum):
-                    stats["metric_wsum"][name] = wsum
-                    stats["metric_w"][name] = stats["metric_w"].get(name, 0.0) + weight
-            self._count("accepted", len(msg.members))
-            self._count("partials_accepted")
-            self._count("bytes_in", int(nbytes or msg.vector.nbytes))
-            if staleness:
-                stats["late_accepted"] += len(msg.members)
-                self._count("late_accepted", len(msg.members))
-        if self.autosave:
-            self.checkpoint()
-        return Decision(ACCEPTED, "", weight, staleness)
-
-    @property
-    def sealed_batches(self) -> int:
-        """How many partials this core (as a gateway's) has sealed: the next one's sequence number."""
-        return int(self._state.counters.get("partials_sealed", 0))
-
-    def open_batch_partial(self) -> tuple[np.ndarray, float, float, dict[str, float], list[BufferedUpdate]]:
-        """The open batch as a gateway's partial, under the close-time bounds: ``(Σ w_i·d_i / Σ w_i, Σ w_i,
-        Σ w_i·τ_i, weighted metrics, members)``. Needs a buffering policy (every member's update kept)."""
-        if self._acc.count == 0:
-            raise InvalidValueError("no accepted updates to seal")
-        plan = self._plan()
-        if plan is None:
-            raise InvalidValueError("a gateway needs the round buffer (a close-time bound or FedNova on)")
-        acc = self._acc
-        if plan.binds(self._state.buffer):
-            acc = RoundAccumulator(self.config.n_params)
-            for e, w, sc, inc, t in zip(self._state.buffer, plan.weights, plan.scales, plan.included,
-                                        plan.steps, strict=True):
-                if inc:
-                    acc.accumulate(e.update, w, sc * e.update_factor, t)
-        metrics = weighted_metrics(self._state.buffer, plan.weights, plan.included)
-        return acc.mean(), acc.total_weight, acc.steps_weight, metrics, list(self._state.buffer)
-
-    def reset_batch(self, now: float | None = None) -> None:
-        """Forget the open batch after it was sealed elsewhere (a gateway's outbox) and count the seal; the
-        accepted pairs stay, so a resent member update is still a duplicate. Persists."""
-        st = self._state
-        self._acc.reset()
-        st.acc_total_weight, st.acc_count, st.acc_steps_weight = 0.0, 0, 0.0
-        st.buffer = []
-        self._buffer_nbytes = 0
-        st.stats = new_round_stats()
-        st.round_started_at = time.time() if now is None else now
-        self._count("partials_sealed")
-        self.checkpoint()
-
-    def adopt_global(self, rnd: int, vector: np.ndarray, now: float | None = None) -> None:
-        """Follow the upper tier: round ``rnd`` with its global ``vector`` becomes the open round. The open
-        batch must be empty (sealed first). Persists."""
-        st = self._state
-        if self._acc.count:
-            raise InvalidValueError("seal the open batch before adopting a new global")
-        vec = np.array(vector, dtype=np.float32, copy=True)
-        if vec.shape != (self.config.n_params,) or not kernels.all_finite(vec):
-            raise InvalidValueError(f"global must be finite float32[{self.config.n_params}]")
-        st.global_vec, st.round = vec, int(rnd)
-        st.round_started_at = time.time() if now is None else now
-        keep_from = st.round - self.config.max_staleness - 1
-        st.accepted = {k: at for k, at in st.accepted.items() if k[1] >= keep_from}
-        self.checkpoint()
 
     def checkpoint(self) -> None:
         """Persist the state now (no-op without ``state_dir``). On failure the in-memory state is

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 BUFFER_FULL: Final = "round_buffer_full"  # rejection reason: the round buffer's byte cap is reached
+MAX_WEIGHTED_NORM: Final = 1e36  # bound on Σ weight·norm per round (float32 max is 3.4e38): "overflow"
 
 ACCEPTED: Final = "accepted"
 DUPLICATE: Final = "duplicate"
