@@ -34,6 +34,7 @@ from fedpeft_edge.protocol.fleet_report import (
 )
 
 if TYPE_CHECKING:  # the service builds the publisher; no import at run time (no cycle)
+    from fedpeft_edge.central.policy import AggregatorConfig
     from fedpeft_edge.central.service import AggregatorService
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,24 @@ def build_report(service: AggregatorService, now: float | None = None,
         quorum=cfg.quorum, min_clients=cfg.min_clients, late_policy=_printable(cfg.late_policy, 64),
         accepted=core.accepted_this_round, participants=tuple(participants[:MAX_REPORT_SITES]),
         spec=_printable(service.spec_hash, 128), bundle=service.bundle_id, version=__version__,
-        n_params=cfg.n_params, sites=sites, history=history_records(core.history, closed))
+        n_params=cfg.n_params, sites=sites, history=history_records(core.history, closed),
+        aggregation=aggregation_tokens(cfg))
+
+
+def aggregation_tokens(cfg: AggregatorConfig) -> tuple[str, ...]:
+    """How this aggregator combines updates, as the report's tokens (the console translates them)."""
+    tokens = ["fedbuff" if cfg.fedbuff else cfg.aggregation]
+    if cfg.secure:
+        tokens.append("secagg")
+    if cfg.privacy.mode != "off":
+        tokens.append(f"dp-{cfg.privacy.mode}")
+    if cfg.robust_rule != "none":
+        tokens.append(f"robust-{cfg.robust_rule}")
+    if cfg.gateways:
+        tokens.append("gateways")
+    if cfg.server_optimizer != "fedavg":
+        tokens.append(f"server-{cfg.server_optimizer}")
+    return tuple(tokens)
 
 
 def content_digest(data: bytes) -> bytes:

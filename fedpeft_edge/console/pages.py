@@ -90,9 +90,13 @@ def federation_context(snap: FleetSnapshot, t: T) -> dict[str, Any]:
     if rep is not None:
         key = f"late_{rep.late_policy}"
         late = t(key) if t(key) != key else rep.late_policy
+    aggregation = []  # the report's tokens in the reader's language; an unknown one as it came
+    for token in rep.aggregation if rep is not None else ():
+        aggregation.append(t(f"agg_{token}") if t(f"agg_{token}") != f"agg_{token}" else token)
     # Charts are SVG markup from charts.py, which escapes every text it places.
     return {
         "report": rep,
+        "aggregation": aggregation,
         "history": list(reversed(hist)),
         "late_label": late,
         "deadline": deadline,

@@ -92,7 +92,8 @@ def _object(val: Any, what: str, keys: frozenset[str]) -> dict[str, Any]:
 REPORT_KEYS: Final = frozenset({
     "v", "t", "fleet", "time", "round", "max_rounds", "finished", "paused", "pause_detail", "excluded",
     "round_started_at", "deadline_s", "quorum", "min_clients", "late_policy", "accepted", "participants",
-    "spec", "bundle", "version", "n_params", "sites", "history"})
+    "spec", "bundle", "version", "n_params", "sites", "history", "aggregation"})
+MAX_AGGREGATION_TOKENS: Final = 8
 SITE_KEYS: Final = frozenset({"rounds", "samples", "last_round", "last_at", "rejected", "accuracy"})
 ROUND_KEYS: Final = frozenset({"round", "participants", "loss", "accuracy", "eval_accuracy", "bytes_in",
                                "bytes_out", "duration_s", "closed_at", "epsilon"})
@@ -152,6 +153,9 @@ class FederationReport:
     n_params: int
     sites: dict[str, SiteRecord] = field(default_factory=dict)
     history: tuple[RoundRecord, ...] = ()
+    # How rounds are aggregated, as tokens (central/federation_report.py: fedavg | fednova | fedbuff, then
+    # secagg, dp-central | dp-distributed, robust-<rule>, gateways, server-<optimizer>)
+    aggregation: tuple[str, ...] = ()
 
     @property
     def deadline_at(self) -> float:
@@ -178,6 +182,7 @@ def encode_report(rep: FederationReport, limits: WireLimits = DEFAULT_LIMITS) ->
                      "closed_at": None if h.closed_at is None else round(h.closed_at, 3),
                      "epsilon": h.epsilon}
                     for h in rep.history[-MAX_REPORT_HISTORY:]],
+        "aggregation": list(rep.aggregation[:MAX_AGGREGATION_TOKENS]),
     }
     data = _dump(obj)
     decode_report(data, limits)  # refuse to emit what a reader with the same limits would reject
@@ -242,6 +247,7 @@ def decode_report(data: bytes | bytearray | memoryview,
         spec=_text(obj, "spec", 128), bundle=_opt_hex64(obj, "bundle"), version=_text(obj, "version", 32),
         n_params=_count(obj, "n_params", limits), sites=sites,
         history=tuple(_round_record(h, limits) for h in hist_raw),
+        aggregation=_ident_list(obj, "aggregation", limits, MAX_AGGREGATION_TOKENS),
     )
 
 

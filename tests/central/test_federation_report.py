@@ -17,12 +17,26 @@ import pytest
 from fedpeft_edge import __version__
 from fedpeft_edge.central import core as R
 from fedpeft_edge.central.config import load_aggregator_config
-from fedpeft_edge.central.federation_report import ReportPublisher, build_report, content_digest
+from fedpeft_edge.central.federation_report import (
+    ReportPublisher,
+    aggregation_tokens,
+    build_report,
+    content_digest,
+)
+from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
 from fedpeft_edge.central.service import AggregatorService
 from fedpeft_edge.central.store import STATE_FILE, RoundState
 from fedpeft_edge.protocol import codec as C
 from fedpeft_edge.protocol import wire as W
-from fedpeft_edge.protocol.fleet_report import SiteRecord, decode_info, decode_report, encode_report
+from fedpeft_edge.protocol.fleet_report import (
+    FederationReport,
+    SiteRecord,
+    decode_info,
+    decode_report,
+    encode_report,
+)
+from fedpeft_edge.protocol.privacy import PrivacyPolicy
+from fedpeft_edge.protocol.reasons import WireFormatError
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 from fedpeft_edge.site.agent import EdgeAgent
@@ -180,6 +194,7 @@ def test_report_built_from_the_service(tmp_path: Path) -> None:
     assert rep.excluded == ("site-4",)
     assert (rep.round_started_at, rep.deadline_s, rep.deadline_at) == (20.0, 600.0, 620.0)
     assert (rep.quorum, rep.min_clients, rep.late_policy) == (4, 2, "stale_weighted")
+    assert rep.aggregation == ("fedavg",)
     assert rep.accepted == 1 and rep.participants == ("site-1",)
     assert (rep.spec, rep.bundle, rep.version, rep.n_params) == (svc.spec_hash, None, __version__, NS)
     assert rep.sites == {"site-1": SiteRecord(2, 200, 1, 21.0, {}, 0.25),
@@ -315,3 +330,22 @@ def test_retained_report_and_info_cards_after_a_federation(mosquitto_broker, tmp
         svc.stop()
         for a in agents:
             a.stop()
+
+
+def test_the_report_says_how_rounds_are_aggregated() -> None:
+    secure = AggregatorConfig.for_fleet(RoundPolicy(server_optimizer="fedadam"), fleet=FLEET, n_params=NS,
+                                        spec_hash="spec-0001", secure=True,
+                                        privacy=PrivacyPolicy(mode="distributed"))
+    assert aggregation_tokens(secure) == ("fedavg", "secagg", "dp-distributed", "server-fedadam")
+    robust = AggregatorConfig.for_fleet(RoundPolicy(round_mode="fedbuff", robust_rule="median"), fleet=FLEET,
+                                        n_params=NS, spec_hash="spec-0001")
+    assert aggregation_tokens(robust) == ("fedbuff", "robust-median")
+    rep = FederationReport(fleet=FLEET, time=1.0, round=0, max_rounds=None, finished=False, paused=False,
+                           pause_detail="", excluded=(), round_started_at=0.0, deadline_s=60.0, quorum=2,
+                           min_clients=1, late_policy="drop", accepted=0, participants=(), spec="s" * 16,
+                           bundle=None, version="0", n_params=NS, aggregation=aggregation_tokens(secure))
+    assert decode_report(encode_report(rep)).aggregation == ("fedavg", "secagg", "dp-distributed",
+                                                             "server-fedadam")
+    bad = encode_report(rep).replace(b'"dp-distributed"', b'"dp distributed"')
+    with pytest.raises(WireFormatError):
+        decode_report(bad)

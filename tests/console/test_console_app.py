@@ -79,6 +79,7 @@ def _report(fleet: str, now: float, rnd: int = 3, **over: object) -> fr.Federati
             "site-2": fr.SiteRecord(1, 400, 0, now - 300, {"stale_round": 2}),
         },
         history=hist,
+        aggregation=("fedavg", "secagg"),
     )
     fields.update(over)
     return fr.FederationReport(**fields)  # type: ignore[arg-type]
@@ -170,6 +171,8 @@ def test_pages_need_a_login_and_show_the_fleet(console) -> None:
     assert "onnxruntime 1.32.0" in page.body and "stale_round" in page.body
     fed = client.get("/federation").body
     assert 'data-round="3"' in fed and 'id="countdown"' in fed and 'id="chart-accuracy"' in fed
+    assert re.search(r'id="aggregation">FedAvg \(weighted mean\) · secure aggregation: the aggregator sees '
+                     r'only the sum<', fed)
     api = json.loads(client.get("/api/fleet").body)
     assert api["round"] == 3 and {s["id"] for s in api["sites"]} == {"site-1", "site-2"}
 
