@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import time
 import zlib
@@ -201,7 +202,8 @@ class SecureRound:
         self._opened_at = 0.0  # when the current phase opened (monotonic)
         self._outgoing: dict[str, Publish] = {}  # retained messages describing the session (topic → msg)
         self._bytes_in = 0
-        self.rejections: dict[str, int] = {}
+        self.rejections: dict[str, int] = {}  # by reason, this process
+        self.last_rejection = ("", "")  # (reason, detail) of the last refused message
 
     # --- the round's life ----------------------------------------------------------------------------
     @property
@@ -332,7 +334,9 @@ class SecureRound:
                        UnmaskResponse: self.server.receive_unmask_response}[type(msg)]
             new = receive(msg)  # type: ignore[operator]
         except SecAggError as exc:
-            return self._reject(site, type(exc).__name__, str(exc))
+            # ConflictingMessageError → conflicting_message: a reason code like the wire decoder's
+            name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
+            return self._reject(site, name, str(exc))
         if not new:
             return "duplicate"
         if journal:
@@ -342,8 +346,9 @@ class SecureRound:
         return "accepted"
 
     def _reject(self, site: str, reason: str, detail: str) -> str:
+        """Count a refused message; the service logs it and books it on the site (``last_rejection``)."""
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
-        log.warning("secure-aggregation message from %s rejected (%s): %s", site, reason, detail)
+        self.last_rejection = (reason, detail)
         return "rejected"
 
     def sync(self) -> None:

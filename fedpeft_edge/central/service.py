@@ -239,7 +239,11 @@ class AggregatorService:
         if self.secure is not None:
             site = self.topics.secagg_sender(msg.topic)
             if site is not None:  # a secure-aggregation phase message (journalled; synced before the ack)
-                return self.secure.take(site, msg.payload)
+                outcome = self.secure.take(site, msg.payload)
+                if outcome == "rejected":  # logged, counted and booked on the site like any update
+                    reason, detail = self.secure.last_rejection
+                    self._reject(site, f"secagg_{reason}", detail, len(msg.payload))
+                return outcome
         if msg.topic.startswith(f"fedpeft/{self.topics.fleet}/status/"):
             self._log_status(sender, msg.payload)
             return "status"

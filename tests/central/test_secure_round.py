@@ -261,7 +261,8 @@ def test_hostile_messages_are_rejected_and_change_nothing(tmp_path: Path) -> Non
     other = secagg_wire.encode_message(SecAggClient(sr.params, "s2").advertise(), fleet.params)  # type: ignore[arg-type]
     assert sr.take("s2", other) == "rejected"  # new keys in the same session: refused
     assert sr.server.progress() == (2, 5)  # type: ignore[union-attr]
-    assert sr.rejections["client_mismatch"] == 1 and sr.rejections["ConflictingMessageError"] == 1
+    assert sr.rejections["client_mismatch"] == 1 and sr.rejections["conflicting_message"] == 1
+    assert sr.last_rejection[0] == "conflicting_message"
 
 
 def test_a_closed_rounds_journal_is_discarded(tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ import pytest
 
 from fedpeft_edge.central.broker import BrokerHandle
 from fedpeft_edge.central.store import RoundState
+from fedpeft_edge.protocol.topics import Topics
+from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
 FLEET = "secure"
 SITES = 4
@@ -138,16 +140,30 @@ def _wait(procs: list, tmp: Path, timeout: float) -> None:
 @pytest.mark.slow  # real processes over Mosquitto, about 15 s
 def test_secure_rounds_count_each_survivor_once_and_the_aggregator_sees_only_sums(
         mosquitto_broker: BrokerHandle, tmp_path: Path) -> None:
-    rounds = 4
+    rounds = 6
     initial = (0.01 * np.random.default_rng(7).standard_normal(N_PARAMS)).astype(np.float32)
     np.save(tmp_path / "initial.npy", initial)
     procs, _ = _start(tmp_path, _base(mosquitto_broker.port, tmp_path, rounds))
+    # An attacker with site-1's credentials sends garbage and a forged message on site-1's secagg topic
+    attacker = MqttTransport(TransportConfig(host="127.0.0.1", port=mosquitto_broker.port,
+                                             client_id="attacker", clean_start=True))
+    attacker.connect(10)
     try:
+        topics = Topics(FLEET)
+        agg_log = tmp_path / "agg.log"
+        mf.wait_for(lambda: "secure round 1: session" in agg_log.read_text(errors="replace"), 60,
+                    "the second round's session")  # the aggregator is subscribed and mid-federation
+        for junk in (b"\x00" * 64, b"\x81\xa1t\xa6sa_adv", bytes(range(256)) * 40):
+            assert attacker.publish(topics.secagg_up("site-1"), junk, qos=1).wait(5)
         _wait(procs, tmp_path, 180)
     finally:
+        attacker.close()
         mf.stop_all(procs)
     assert [p.returncode for p in procs] == [0] * (SITES + 1), _logs(tmp_path)
     state = _check_recomputed(tmp_path, initial, rounds)
+    agg_log = (tmp_path / "agg.log").read_text(errors="replace")
+    refused = sum(v for k, v in state.counters.items() if k.startswith("rejected:secagg_"))
+    assert "rejected (secagg_" in agg_log and refused == 3, state.counters
     assert all(h["participants"] == [f"site-{i}" for i in range(SITES)] for h in state.history)
     assert len({h["secagg_session"] for h in state.history}) == rounds
     _no_plain_update_at_the_aggregator(tmp_path)
