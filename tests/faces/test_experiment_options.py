@@ -33,10 +33,12 @@ def test_a_codec_variant_of_its_own_name() -> None:
 
 def test_private_tensors_as_a_variant() -> None:
     cfg = ExperimentConfig.load(REPO / "configs" / "experiment-fedper.toml")
-    assert [(label, v.private_tensors) for label, v in cfg.variants] == [("fedavg", ()),
-                                                                         ("fedper_head", ("head.*",))]
+    assert [(label, v.private_tensors, v.fedrep_head_steps) for label, v in cfg.variants] == [
+        ("fedavg", (), 0), ("fedper_head", ("head.*",), 0), ("fedrep_head", ("head.*",), 4)]
     with pytest.raises(InvalidValueError, match="private_tensors"):
         ExperimentConfig.from_mapping({"tasks": TASKS, "experiment": {"private_tensors": "head.*"}})
+    with pytest.raises(InvalidValueError, match="FedRep"):  # a head to train first is needed
+        ExperimentConfig.from_mapping({"tasks": TASKS, "experiment": {"fedrep_head_steps": 4}})
 
 
 def test_compressions_filter_refuses_names_not_in_the_grid(tmp_path: Path) -> None:
