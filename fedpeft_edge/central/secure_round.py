@@ -371,8 +371,16 @@ class SecureRound:
         have, want = self._expected()
         if s.phase == Phase.ADVERTISE:
             target = max(min(self.quorum, want), p.threshold + 1)
-            late_enough = max(self.min_clients, p.threshold + 1)
-            if not (have >= target or (round_open_s >= self.round_deadline_s and have >= late_enough)):
+            late_enough = max(min(self.min_clients, want), p.threshold + 1)
+            if self.attempt > 1:
+                # A retry lists sites that dropped out before: they may never come back, so its phase 0
+                # has a deadline of its own (the round's, from the retry) and fails when it passes short.
+                passed = now - self._opened_at >= self.round_deadline_s
+                if passed and have < late_enough:
+                    return self._fail(f"only {have} of {want} sites came back for the retry")
+            else:
+                passed = round_open_s >= self.round_deadline_s
+            if not (have >= target or (passed and have >= late_enough)):
                 return []
         elif s.phase == Phase.UNMASK:
             timed_out = now - self._opened_at >= self.policy.phase_timeout_s

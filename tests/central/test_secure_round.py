@@ -171,11 +171,11 @@ def test_a_session_that_cannot_complete_is_retried_without_those_whose_input_it_
     # the failed session's per-site messages are cleared and the new params announced
     assert any(m.topic == TOPICS.secagg_params and m.payload for m in out)
     assert any(m.topic == TOPICS.secagg_down("s1") and m.payload == b"" for m in out)
-    sr.tick(time.monotonic() + LATER, round_open_s=1e9)  # nobody advertised: phase 0 simply waits
+    sr.tick(time.monotonic() + 1.0, round_open_s=1e9)  # nobody back yet: the retry waits (its own deadline)
     assert sr.give_up is None
     fleet2 = Fleet(sr, deltas_for(SITES, 3))
     fleet2.advertise(["s3", "s4", "s5"])
-    fleet2.deliver(sr.tick(round_open_s=1e9), ["s3"])  # only s3 shares: phase 1 cannot close
+    fleet2.deliver(sr.tick(), ["s3"])  # all three back; only s3 shares: phase 1 cannot close
     sr.tick(time.monotonic() + LATER)
     assert sr.give_up is not None and "2 secure session(s)" in sr.give_up  # max_attempts used up
 
@@ -312,3 +312,17 @@ def test_secure_config_refuses_what_needs_individual_updates() -> None:
                    {"round_mode": "fedbuff"}):
         with pytest.raises(InvalidValueError, match=r"\[secagg\]"):
             core_for(None, **policy)
+
+
+def test_a_retry_whose_sites_never_come_back_fails_at_its_deadline(tmp_path: Path) -> None:
+    sr = make_round(tmp_path, max_attempts=2)
+    sr.begin(0)
+    fleet = Fleet(sr, deltas_for(SITES, 5))
+    fleet.advertise(SITES)
+    fleet.deliver(sr.tick(), SITES)
+    fleet.deliver(sr.tick(), ["s1", "s2"])  # two masked inputs only: the session fails
+    sr.tick(time.monotonic() + LATER)
+    assert sr.attempt == 2 and sr.params.sites == ("s3", "s4", "s5")  # type: ignore[union-attr]
+    assert sr.tick(time.monotonic() + 1.0) == [] and sr.give_up is None  # waiting for them, for now
+    sr.tick(time.monotonic() + LATER)  # the retry's deadline passed with nobody back: given up
+    assert sr.give_up is not None and "2 secure session(s)" in sr.give_up
