@@ -274,6 +274,7 @@ class BrokerHandle:
             asyncio.set_event_loop(loop)
             try:
                 broker = Broker(config, loop=loop)
+                _snapshot_iteration(broker)
                 loop.run_until_complete(broker.start())
                 self._amqtt_broker = broker
             except BaseException as exc:  # reported to the starting thread
@@ -366,6 +367,30 @@ class BrokerHandle:
 
     def __repr__(self) -> str:
         return f"BrokerHandle(kind={self.kind!r}, host={self.host!r}, port={self.port})"
+
+
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """A dict whose iteration runs over a copy of its keys (or items)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(dict.keys(self)))
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        return list(dict.keys(self))
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return list(dict.items(self))
+
+
+def _snapshot_iteration(broker: object) -> None:
+    """amqtt 0.12.1 loops over its broker-wide subscription table with awaits inside the loop (retained
+    messages for a connecting client, broadcasts, session clean-up), so another client subscribing at that
+    moment raises "dictionary changed size during iteration": the connecting client is dropped with an
+    unhandled-exception traceback and reconnects. Iterating over a snapshot of the table removes the race;
+    a filter added meanwhile is served by that client's own subscribe. (tests/central/test_broker.py)"""
+    table = getattr(broker, "_subscriptions", None)
+    if type(table) is dict:  # anything else: an amqtt that changed its internals, leave it alone
+        broker._subscriptions = _SnapshotDict(table)  # type: ignore[attr-defined]
 
 
 def start_local_broker(

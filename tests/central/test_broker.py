@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mqtt_fixtures
@@ -98,6 +99,49 @@ def test_embedded_broker_serves_mqtt311_clients() -> None:
     finally:
         h.stop()
     assert not port_accepts(h.host, h.port)
+
+
+@pytest.mark.slow  # a few seconds of concurrent connects; the fast tier leaves it to the full suite
+def test_embedded_broker_takes_many_clients_subscribing_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt 0.12.1 iterates its subscription table across awaits: clients connecting and subscribing
+    together made it drop connections with "dictionary changed size during iteration" (7 drops in 36
+    connects before the snapshot fix, broker._snapshot_iteration). Every client must now get its retained
+    messages on its first connection."""
+    import threading
+    import time
+
+    h = start_local_broker(prefer="embedded")
+    got: dict[str, int] = {}
+    try:
+        pub = _client(h, "pub", protocol="3.1.1")
+        for i in range(20):
+            assert pub.publish(f"f/r/{i}", b"x" * 1000, qos=1, retain=True).wait(5)
+
+        def one(name: str) -> None:
+            t = MqttTransport(TransportConfig(host=h.host, port=h.port, client_id=name, protocol="3.1.1",
+                                              clean_start=False))
+            for j in range(6):
+                t.subscribe(f"f/{name}/{j}", qos=1)
+            t.subscribe("f/r/#", qos=1)
+            t.connect(10)
+            seen, end = 0, time.monotonic() + 5
+            while seen < 20 and time.monotonic() < end:
+                seen += t.get(0.2) is not None
+            got[name] = seen
+            t.close()
+
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for rep in range(3):
+                threads = [threading.Thread(target=one, args=(f"c{rep}-{i}",)) for i in range(12)]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+        pub.close()
+    finally:
+        h.stop()
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert len(got) == 36 and set(got.values()) == {20}, got
 
 
 def test_kind_and_port_validation() -> None:
