@@ -76,7 +76,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk-ratio", type=float, default=None, help="share of values top-k sends (default 0.1)")
     g.add_argument("--codec-warmup-rounds", type=int, default=None,
                    help="top-k warm-up: rounds from a dense first update down to --topk-ratio "
-                        "(default 3; 0 = off)")
+                        "(default 5; 0 = off)")
     g.add_argument("--split", default=None, help="iid | group | dirichlet:<alpha> (default dirichlet:0.5)")
     g.add_argument(
         "--broker",

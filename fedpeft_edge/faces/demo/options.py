@@ -150,7 +150,7 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
     "codec": "topk_int8",
     "topk_ratio": 0.1,
-    "codec_warmup_rounds": 3,
+    "codec_warmup_rounds": 5,
     "split": "dirichlet:0.5",
     "train_size": 1600,
     "test_size": 400,
