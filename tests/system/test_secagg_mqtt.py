@@ -18,6 +18,7 @@ What must hold:
 from __future__ import annotations
 
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,11 +31,16 @@ from fedpeft_edge.central.store import RoundState
 from fedpeft_edge.protocol.topics import Topics
 from fedpeft_edge.protocol.transport import MqttTransport, TransportConfig
 
-FLEET = "secure"
+FLEET = "secure"  # + the test's own suffix: the broker is shared by the session, and retained messages
+# of one test's fleet (its final global, its statuses) must not reach the next test's sites
 SITES = 4
 FEATURES = 8
 N_PARAMS = FEATURES * 3 + 3
 CLIP = 4.0  # SGD on softmax regression moves a weight by up to about 1 per round: nothing is clipped
+
+
+def _fleet(tmp: Path) -> str:
+    return f"{FLEET}-{abs(hash(str(tmp))) % 10**8}"
 
 
 def _base(port: int, tmp: Path, rounds: int, phase_timeout_s: float = 20.0) -> str:
@@ -44,7 +50,7 @@ def _base(port: int, tmp: Path, rounds: int, phase_timeout_s: float = 20.0) -> s
 port = {port}
 reconnect_max_s = 1
 [fleet]
-name = "{FLEET}"
+name = "{_fleet(tmp)}"
 [aggregator]
 state_dir = "{tmp}/agg"
 max_rounds = {rounds}
@@ -149,7 +155,7 @@ def test_secure_rounds_count_each_survivor_once_and_the_aggregator_sees_only_sum
                                              client_id="attacker", clean_start=True))
     attacker.connect(10)
     try:
-        topics = Topics(FLEET)
+        topics = Topics(_fleet(tmp_path))
         agg_log = tmp_path / "agg.log"
         mf.wait_for(lambda: "secure round 1: session" in agg_log.read_text(errors="replace"), 60,
                     "the second round's session")  # the aggregator is subscribed and mid-federation
@@ -175,7 +181,9 @@ def test_secure_rounds_count_each_survivor_once_and_the_aggregator_sees_only_sum
 
 def _kill_trials(tmp: Path, procs: list, cfgs: list[Path], victims: list[int], trials: int,
                  rng: random.Random, wait_s: tuple[float, float]) -> int:
-    """SIGKILL a random victim after a random delay, restart it from its config; returns the kills made."""
+    """SIGKILL a random victim after a random delay, restart it from its config; returns the kills made.
+    The delay counts from the restarted process's connection (its log says so), not from its spawn: on a
+    loaded machine the start-up alone can outlast the delay, and kills must hit the protocol, not imports."""
     kills = 0
     while kills < trials and procs[0].poll() is None:
         time.sleep(rng.uniform(*wait_s))
@@ -187,7 +195,12 @@ def _kill_trials(tmp: Path, procs: list, cfgs: list[Path], victims: list[int], t
         kills += 1
         cmd = "aggregate" if v == 0 else "agent"
         log = tmp / ("agg.log" if v == 0 else f"site-{v - 1}.log")
+        connected = log.read_text(errors="replace").count("connected to")
         procs[v] = mf.spawn_cli([cmd, "--config", str(cfgs[v])], log)
+        def back(log: Path = log, before: int = connected, proc: subprocess.Popen = procs[v]) -> bool:
+            return log.read_text(errors="replace").count("connected to") > before or proc.poll() is not None
+
+        mf.wait_for(back, 120, f"{log.name}'s restart to connect")
     return kills
 
 
@@ -197,7 +210,8 @@ def test_kill9_of_the_aggregator_mid_protocol_resumes_without_loss_or_double_cou
     rounds = 18  # <= the aggregator's history (20): every round stays checkable
     initial = (0.01 * np.random.default_rng(8).standard_normal(N_PARAMS)).astype(np.float32)
     np.save(tmp_path / "initial.npy", initial)
-    procs, cfgs = _start(tmp_path, _base(mosquitto_broker.port, tmp_path, rounds), delay=0.05)
+    # 0.25 s per local step: a round lasts 2-3 s, so the 22 kills land before the 18 rounds are done
+    procs, cfgs = _start(tmp_path, _base(mosquitto_broker.port, tmp_path, rounds), delay=0.25)
     rng = random.Random(20261202)
     try:
         kills = _kill_trials(tmp_path, procs, cfgs, [0], 22, rng, (0.3, 2.0))
@@ -220,7 +234,7 @@ def test_kill9_of_sites_drops_them_from_their_session_and_counts_each_update_at_
     initial = (0.01 * np.random.default_rng(9).standard_normal(N_PARAMS)).astype(np.float32)
     np.save(tmp_path / "initial.npy", initial)
     procs, cfgs = _start(tmp_path, _base(mosquitto_broker.port, tmp_path, rounds, phase_timeout_s=3.0),
-                         delay=0.05)
+                         delay=0.15)
     rng = random.Random(20261203)
     try:
         kills = _kill_trials(tmp_path, procs, cfgs, [1, 2, 3, 4], 22, rng, (0.5, 2.5))
