@@ -71,7 +71,7 @@ def test_demo_codec_warmup_default_flag_and_off(tmp_path: Path) -> None:
 
     default = agent_codec([])
     assert (default.mode, default.topk_ratio, default.warmup_rounds, default.warmup_start_ratio) == (
-        "topk_int8", 0.1, 3, 1.0)
+        "topk_int8", 0.1, 5, 1.0)
     assert agent_codec(["--codec-warmup-rounds", "0"]).warmup_rounds == 0
     assert agent_codec(["--codec", "fp32"]).warmup_rounds == 0
 
