@@ -511,16 +511,10 @@ class EdgeAgent:
             self.sent_dir.mkdir(exist_ok=True)
             write_file(self.sent_dir / path.name, data)
         self._files.commit_encoder()
-        self.last_sent_round = rnd
-        self.rounds_sent.append(rnd)
-        self._save_state()
-        self._files.save_trainer(self.trainer)  # last: a stale trainer.state only resets optimizer moments
-        self.personal.keep(trained)  # a kill before this retrains from the previous private values: harmless
+        self._round_made(rnd, trained)
         self._outgoing.append(out)
         self._bound_disk()
-        ho = self._heldout
-        heldout = f"held-out accuracy {ho[1]:.3f}" if ho is not None and ho[0] == rnd else ""
-        self._publish_status("uploading", rnd, heldout)
+        self._say_uploading(rnd)
         self._send(out)
         log.info("round %d trained: %d samples, %d steps, loss %.4f; update %d bytes (%s, k=%d of %d)",
                  rnd, tm.samples, tm.steps, tm.loss, len(data), enc.mode, enc.k, enc.n)
@@ -539,17 +533,25 @@ class EdgeAgent:
         # A zero residual recorded for this round: resume() then finds the encoder state it expects.
         self._files.write_encoder_pending(self.encoder, rnd)
         self._files.commit_encoder()
+        self._round_made(rnd, trained)
+        self._say_uploading(rnd)
+        self._publish_secure(out)
+        log.info("round %d trained: %d samples, %d steps, loss %.4f; update pending for secure aggregation "
+                 "(%s)", rnd, samples, steps, loss, self.secure.phase)
+
+    def _round_made(self, rnd: int, trained: np.ndarray) -> None:
+        """Commit that round ``rnd`` was made (its update is durable): never trained again."""
         self.last_sent_round = rnd
         self.rounds_sent.append(rnd)
         self._save_state()
         self._files.save_trainer(self.trainer)  # last: a stale trainer.state only resets optimizer moments
         self.personal.keep(trained)  # a kill before this retrains from the previous private values: harmless
+
+    def _say_uploading(self, rnd: int) -> None:
+        """Status ``uploading``, with the held-out accuracy measured at the start of this round."""
         ho = self._heldout
         heldout = f"held-out accuracy {ho[1]:.3f}" if ho is not None and ho[0] == rnd else ""
         self._publish_status("uploading", rnd, heldout)
-        self._publish_secure(out)
-        log.info("round %d trained: %d samples, %d steps, loss %.4f; update pending for secure aggregation "
-                 "(%s)", rnd, samples, steps, loss, self.secure.phase)
 
     # --- running for months: the governor, federations that end and start, bounded disk -----------------
     def _governed(self, rnd: int | None) -> bool:
