@@ -71,7 +71,7 @@ _REC = struct.Struct("<IBI")  # payload length, kind, crc32 of (kind byte + payl
 _PARAMS, _MESSAGE, _CLOSE = 0, 1, 2
 _EXPECT = {Phase.ADVERTISE: AdvertiseKeys, Phase.SHARE_KEYS: ShareKeys, Phase.MASKED_INPUT: MaskedInput,
            Phase.UNMASK: UnmaskResponse}
-MIN_SITES = 3  # below this a sum of the others' updates minus one site's... is that site: never run
+MIN_SITES = 3  # a secure sum of two sites is each one's update to the other: never run one
 
 
 class SessionJournal:
@@ -201,7 +201,6 @@ class SecureRound:
         self.costs = SessionCosts()
         self._opened_at = 0.0  # when the current phase opened (monotonic)
         self._outgoing: dict[str, Publish] = {}  # retained messages describing the session (topic → msg)
-        self._bytes_in = 0
         self.rejections: dict[str, int] = {}  # by reason, this process
         self.last_rejection = ("", "")  # (reason, detail) of the last refused message
 
@@ -214,7 +213,7 @@ class SecureRound:
     def session(self) -> str:
         return self.params.session_id.hex()[:16] if self.params is not None else ""
 
-    def begin(self, rnd: int, now: float | None = None) -> list[Publish]:
+    def begin(self, rnd: int) -> list[Publish]:
         """Open round ``rnd``: resume its journalled session, or announce a new one."""
         self.result, self.give_up = None, None
         self.round = rnd
@@ -242,7 +241,6 @@ class SecureRound:
         self.params = self.policy.params_for(self.topics.fleet, self.round, self.n_params, sites=sites)
         self.server = SecAggServer(self.params)
         self.costs = SessionCosts()
-        self._bytes_in = 0
         data = secagg_wire.encode_params(self.params)
         atomic_write_bytes(self._round_file, json.dumps(
             {"round": self.round, "attempt": self.attempt, "excluded": self.excluded}).encode())
@@ -341,7 +339,6 @@ class SecureRound:
             return "duplicate"
         if journal:
             self.journal.append_message(site, payload)
-        self._bytes_in += len(payload)
         self.costs.bytes_in[phase.name] = self.costs.bytes_in.get(phase.name, 0) + len(payload)
         return "accepted"
 
@@ -355,11 +352,6 @@ class SecureRound:
         self.journal.sync()
 
     # --- deadlines and phase closes ------------------------------------------------------------------
-    def _expected(self) -> tuple[int, int]:
-        """(messages in, messages expected) for the open phase."""
-        assert self.server is not None
-        return self.server.progress()
-
     def tick(self, now_monotonic: float | None = None, *, round_open_s: float = 0.0) -> list[Publish]:
         """Close the open phase if it is complete or its time is up; ``round_open_s`` is how long the
         round has been open (phase 0's deadline is the round's). Returns what to publish (already
@@ -368,7 +360,7 @@ class SecureRound:
         if s is None or p is None or self.result is not None or self.give_up is not None:
             return []
         now = time.monotonic() if now_monotonic is None else now_monotonic
-        have, want = self._expected()
+        have, want = s.progress()
         if s.phase == Phase.ADVERTISE:
             target = max(min(self.quorum, want), p.threshold + 1)
             late_enough = max(min(self.min_clients, want), p.threshold + 1)
@@ -402,7 +394,7 @@ class SecureRound:
                 agg = s.finish()
                 self.costs.unmask_s = time.perf_counter() - t0
                 self.result = SecureResult(self.session, list(agg.survivors), list(agg.dropped), agg.mean(),
-                                           self._bytes_in)
+                                           sum(self.costs.bytes_in.values()))
                 log.info("secure round %d: session %s unmasked: %d survivor(s), %d dropped", self.round,
                          self.session, len(agg.survivors), len(agg.dropped))
                 return []

@@ -56,6 +56,7 @@ Every rejected message is logged with its reason and counted; nothing a peer sen
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -517,10 +518,7 @@ class AggregatorService:
             assert res is not None
             _, metrics = self.core.close_secure_round(res.session, res.survivors, res.mean,
                                                       nbytes=res.bytes_in, dropped=res.dropped, now=now)
-            metrics = dict(metrics, secagg_costs={"bytes_in": self.secure.costs.bytes_in,
-                                                  "bytes_out": self.secure.costs.bytes_out,
-                                                  "phase_s": self.secure.costs.phase_s,
-                                                  "unmask_s": self.secure.costs.unmask_s})
+            metrics = dict(metrics, secagg_costs=dataclasses.asdict(self.secure.costs))
             self._publish_secure(self.secure.finish_round())
         else:
             _, metrics = self.core.close_round(now)
