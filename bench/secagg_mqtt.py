@@ -43,7 +43,6 @@ import os
 import platform
 import re
 import resource
-import selectors
 import shutil
 import statistics
 import subprocess
@@ -62,7 +61,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
-from scale_scenario import REPO_DIR, service_env
+from scale_scenario import REPO_DIR, serve_connections, service_env
 
 from fedpeft_edge.central.broker import BrokerHandle, die_with_parent, find_mosquitto, start_local_broker
 from fedpeft_edge.protocol import codec, wire
@@ -123,6 +122,7 @@ class LightSite:
         self.client = c
         self.sock: Any = None
         self.writing = False
+        self.label = self.name
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: Any,
                     properties: object) -> None:
@@ -242,44 +242,11 @@ class Fleet:
             except Exception:
                 pass
 
-    def _interest(self, sel: selectors.BaseSelector, s: LightSite) -> None:
-        want = s.client.want_write()
-        if want != s.writing and s.sock is not None:
-            s.writing = want
-            sel.modify(s.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0), s)
-
     def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        try:
-            for s in self.sites:
-                s.client.connect(self.host, self.port, keepalive=600)
-                s.sock = s.client.socket()
-                sel.register(s.sock, selectors.EVENT_READ, s)
-                self._interest(sel, s)
-            while not self._stop.is_set():
-                for key, mask in sel.select(0.05):
-                    s = key.data
-                    if mask & selectors.EVENT_READ:
-                        rc = s.client.loop_read()
-                        if rc != mqtt.MQTT_ERR_SUCCESS:
-                            self.errors.append(f"{s.name}: {mqtt.error_string(rc)}")
-                            sel.unregister(s.sock)
-                            s.sock = None
-                            continue
-                    if s.client.want_write():
-                        s.client.loop_write()
-                # a callback may have queued a publish on ANOTHER connection than the one served
-                for s in self.sites:
-                    if s.sock is not None:
-                        if s.client.want_write():
-                            s.client.loop_write()
-                        self._interest(sel, s)
-                if not self.ready.is_set() and self.subscribed >= len(self.sites):
-                    self.ready.set()
-        except Exception as exc:
-            self.errors.append(f"site loop failed: {exc!r}")
-        finally:
-            sel.close()
+        # A callback may queue a publish on another connection than the one served: sweep every write.
+        serve_connections(self.sites, self.host, self.port, stop=self._stop, errors=self.errors,
+                          ready=self.ready, ready_when=lambda: self.subscribed >= len(self.sites),
+                          select_s=0.05, keepalive_s=None, sweep_writes=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,7 @@ class _Conn:
         self.client = c
         self.sock: Any = None
         self.writing = False
+        self.label = f"connection {idx}"
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: Any,
                     properties: object) -> None:
@@ -316,46 +318,67 @@ class SitePool:
             except Exception:
                 pass
 
-    def _interest(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
+    def _run(self) -> None:
+        serve_connections(self.conns, self.host, self.port, stop=self._stop, errors=self.errors,
+                          ready=self.ready, ready_when=lambda: self.subscribed >= len(self.conns))
+
+
+def serve_connections(conns: Sequence[Any], host: str, port: int, *, stop: threading.Event,
+                      errors: list[str], ready: threading.Event, ready_when: Callable[[], bool],
+                      select_s: float = 0.1, keepalive_s: float | None = 10.0,
+                      sweep_writes: bool = False) -> None:
+    """Serve many paho clients from ONE thread with a selector (epoll: no 1,024-descriptor limit) until
+    ``stop``. Each connection has ``client`` (an unconnected paho client), ``sock``, ``writing`` and
+    ``label``; a failed read is recorded in ``errors`` and drops that connection. ``ready`` is set once
+    ``ready_when()``. ``keepalive_s``: how often every connection's keepalive is serviced (None: never).
+    ``sweep_writes``: after each batch, flush every connection's pending writes (for callbacks that
+    publish on connections other than the one being served)."""
+
+    def interest(sel: selectors.BaseSelector, conn: Any) -> None:
         want = conn.client.want_write()
         if want != conn.writing and conn.sock is not None:
             conn.writing = want
             sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0), conn)
 
-    def _run(self) -> None:
-        sel = selectors.DefaultSelector()  # epoll: no 1,024-descriptor limit
-        try:
-            for conn in self.conns:
-                conn.client.connect(self.host, self.port, keepalive=600)
-                conn.sock = conn.client.socket()
-                sel.register(conn.sock, selectors.EVENT_READ, conn)
-                self._interest(sel, conn)
-            next_misc = time.monotonic() + 10
-            while not self._stop.is_set():
-                for key, mask in sel.select(0.1):
-                    conn = key.data
-                    if mask & selectors.EVENT_READ:
-                        rc = conn.client.loop_read()
-                        if rc != mqtt.MQTT_ERR_SUCCESS:
-                            self.errors.append(f"connection {conn.idx}: {mqtt.error_string(rc)}")
-                            sel.unregister(conn.sock)
-                            conn.sock = None
-                            continue
-                    if conn.client.want_write():
-                        conn.client.loop_write()
-                    self._interest(sel, conn)
-                if not self.ready.is_set() and self.subscribed >= len(self.conns):
-                    self.ready.set()
-                if time.monotonic() > next_misc:  # keepalive pings
-                    next_misc = time.monotonic() + 10
-                    for conn in self.conns:
-                        if conn.sock is not None:
-                            conn.client.loop_misc()
-                            self._interest(sel, conn)
-        except Exception as exc:  # reported to the caller through errors
-            self.errors.append(f"site loop failed: {exc!r}")
-        finally:
-            sel.close()
+    sel = selectors.DefaultSelector()
+    try:
+        for conn in conns:
+            conn.client.connect(host, port, keepalive=600)
+            conn.sock = conn.client.socket()
+            sel.register(conn.sock, selectors.EVENT_READ, conn)
+            interest(sel, conn)
+        next_misc = time.monotonic() + (keepalive_s or 0.0)
+        while not stop.is_set():
+            for key, mask in sel.select(select_s):
+                conn = key.data
+                if mask & selectors.EVENT_READ:
+                    rc = conn.client.loop_read()
+                    if rc != mqtt.MQTT_ERR_SUCCESS:
+                        errors.append(f"{conn.label}: {mqtt.error_string(rc)}")
+                        sel.unregister(conn.sock)
+                        conn.sock = None
+                        continue
+                if conn.client.want_write():
+                    conn.client.loop_write()
+                interest(sel, conn)
+            if sweep_writes:
+                for conn in conns:
+                    if conn.sock is not None:
+                        if conn.client.want_write():
+                            conn.client.loop_write()
+                        interest(sel, conn)
+            if not ready.is_set() and ready_when():
+                ready.set()
+            if keepalive_s is not None and time.monotonic() > next_misc:  # keepalive pings
+                next_misc = time.monotonic() + keepalive_s
+                for conn in conns:
+                    if conn.sock is not None:
+                        conn.client.loop_misc()
+                        interest(sel, conn)
+    except Exception as exc:  # reported to the caller through errors
+        errors.append(f"site loop failed: {exc!r}")
+    finally:
+        sel.close()
 
 
 # --------------------------------------------------------------------------------------------------
