@@ -136,6 +136,16 @@ def run_round(agg: Aggregator, sites: dict[str, SecureContribution], skip_masked
     return agg.server.finish()
 
 
+def contributed(tmp: Path) -> tuple[SecAggParams, dict[str, np.ndarray], Aggregator,
+                                     dict[str, SecureContribution]]:
+    """The common start: round 3's session, its aggregator, and every site with its update pending."""
+    params, ds = make_params(), deltas()
+    sites = {n: make_site(tmp, n) for n in NAMES}
+    for n, s in sites.items():
+        s.contribute(3, ds[n])
+    return params, ds, Aggregator(params), sites
+
+
 def meta_of(params: SecAggParams, survivors: int) -> dict[str, Any]:
     return {"secagg_session": params.session_id.hex()[:16], "secagg_survivors": survivors}
 
@@ -184,11 +194,7 @@ def test_four_sites_mean_is_the_mean_of_their_quantised_updates(tmp_path: Path) 
 
 
 def test_a_site_killed_after_advertising_stays_out_of_that_session_and_joins_the_next(tmp_path: Path) -> None:
-    params, ds = make_params(), deltas()
-    agg = Aggregator(params)
-    sites = {n: make_site(tmp_path, n) for n in NAMES}
-    for n, s in sites.items():
-        s.contribute(3, ds[n])
+    _params, ds, agg, sites = contributed(tmp_path)
     announce(agg, sites)
     sites["site-3"] = again = make_site(tmp_path, "site-3")  # kill -9: secrets gone, the disk stays
     assert (again.pending_round, again.phase, again.session_id) == (3, "waiting", None)
@@ -218,11 +224,7 @@ def test_a_site_killed_after_advertising_stays_out_of_that_session_and_joins_the
     ("contribute", True), ("advertised", True), ("shared", True), ("masked", False), ("revealed", False)])
 def test_which_restarted_site_joins_a_new_session_of_its_round(tmp_path: Path, killed_after: str,
                                                                rejoins: bool) -> None:
-    params, ds = make_params(), deltas()
-    agg = Aggregator(params)
-    sites = {n: make_site(tmp_path, n) for n in NAMES}
-    for n, s in sites.items():
-        s.contribute(3, ds[n])
+    _params, _ds, agg, sites = contributed(tmp_path)
     steps = [("advertised", lambda: announce(agg, sites)), ("shared", lambda: share(agg, sites)),
              ("masked", lambda: mask(agg, sites)), ("revealed", lambda: reveal(agg, sites))]
     for phase, step in steps:
@@ -248,11 +250,7 @@ def test_which_restarted_site_joins_a_new_session_of_its_round(tmp_path: Path, k
 
 
 def test_after_revealing_no_new_session_of_the_round_is_joined(tmp_path: Path) -> None:
-    params, ds = make_params(), deltas()
-    agg = Aggregator(params)
-    sites = {n: make_site(tmp_path, n) for n in NAMES}
-    for n, s in sites.items():
-        s.contribute(3, ds[n])
+    _params, _ds, agg, sites = contributed(tmp_path)
     run_round(agg, sites)
     retry = Aggregator(make_params(seed=2))
     for s in sites.values():  # the same objects (no restart)...
@@ -276,11 +274,7 @@ def _snapshot(site: SecureContribution, tmp: Path, name: str) -> tuple[Any, ...]
 
 
 def test_hostile_payloads_at_every_entry_point_change_nothing(tmp_path: Path) -> None:
-    params, ds = make_params(), deltas()
-    agg = Aggregator(params)
-    sites = {n: make_site(tmp_path, n) for n in NAMES}
-    for n, s in sites.items():
-        s.contribute(3, ds[n])
+    params, _ds, agg, sites = contributed(tmp_path)
     other = make_params(seed=7)  # same sites and round, another session
     lonely = make_params(dim=DIM + 1)
     raw = {"v": 1, "t": "sa_params", "fl": FLEET, "r": 3, "st": list(NAMES), "k": 3, "th": 2, "n": DIM,
@@ -330,11 +324,7 @@ def test_hostile_payloads_at_every_entry_point_change_nothing(tmp_path: Path) ->
 
 
 def test_tampered_forwarded_shares_are_refused_and_the_genuine_ones_still_work(tmp_path: Path) -> None:
-    params, ds = make_params(), deltas()
-    agg = Aggregator(params)
-    sites = {n: make_site(tmp_path, n) for n in NAMES}
-    for n, s in sites.items():
-        s.contribute(3, ds[n])
+    params, _ds, agg, sites = contributed(tmp_path)
     announce(agg, sites)
     share(agg, sites)
     fwd = agg.forwarded()
@@ -361,11 +351,7 @@ def test_a_session_without_us_is_not_joined_and_supersedes_ours(tmp_path: Path) 
 
 
 def test_resend_returns_identical_bytes_in_every_phase(tmp_path: Path) -> None:
-    params, ds = make_params(), deltas()
-    agg = Aggregator(params)
-    sites = {n: make_site(tmp_path, n) for n in NAMES}
-    for n, s in sites.items():
-        s.contribute(3, ds[n])
+    params, _ds, agg, sites = contributed(tmp_path)
     s0 = sites["site-0"]
     assert s0.resend() == []
     seen = []
@@ -387,11 +373,7 @@ def test_resend_returns_identical_bytes_in_every_phase(tmp_path: Path) -> None:
 
 
 def test_on_global_counts_and_clears(tmp_path: Path) -> None:
-    params, ds = make_params(), deltas()
-    agg = Aggregator(params)
-    sites = {n: make_site(tmp_path, n) for n in NAMES}
-    for n, s in sites.items():
-        s.contribute(3, ds[n])
+    params, ds, agg, sites = contributed(tmp_path)
     # site-3's masked input never reaches the server: it is listed as dropped and its update not counted.
     result = run_round(agg, sites, skip_masked=frozenset({"site-3"}))
     assert result.survivors == NAMES[:3] and result.dropped == ("site-3",)
