@@ -58,6 +58,7 @@ import numpy as np
 from fedpeft_edge import kernels
 from fedpeft_edge.central.accumulator import RoundAccumulator
 from fedpeft_edge.central.core_gateway import GatewayTierMethods
+from fedpeft_edge.central.core_ranks import CUT_WEIGHTS, RankMethods, RankRefused
 from fedpeft_edge.central.core_secure import SecureRoundMethods
 from fedpeft_edge.central.decision import (
     ACCEPTED,
@@ -86,6 +87,7 @@ from fedpeft_edge.central.strategy import (
     make_server_optimizer,
     staleness_weight,
 )
+from fedpeft_edge.peft.rank_slots import RANK_METRIC, RankSlots
 from fedpeft_edge.protocol.codec import EncodedUpdate, encode_global, parse, update_l2_norm
 from fedpeft_edge.protocol.fleet_report import MAX_REASONS_PER_SITE, SiteRecord
 from fedpeft_edge.protocol.reasons import WireFormatError
@@ -109,7 +111,7 @@ def _immutable(enc: EncodedUpdate) -> EncodedUpdate:
     return replace(enc, payload=bytes(memoryview(enc.payload).cast("B")))
 
 
-class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
+class AggregatorCore(GatewayTierMethods, SecureRoundMethods, RankMethods):
     """Round logic over :class:`RoundState`: validation, dedup, lateness, norm bound, weighted sum,
     server optimiser, round closing. No I/O except the state file in ``state_dir``.
 
@@ -125,8 +127,9 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
 
     def __init__(self, config: AggregatorConfig, state_dir: str | os.PathLike[str] | None = None, *,
                  initial_global: np.ndarray | None = None, autosave: bool = True,
-                 now: float | None = None) -> None:
+                 now: float | None = None, rank_slots: RankSlots | None = None) -> None:
         self.config = config
+        self._init_ranks(rank_slots)  # sites below the LoRA rank R (central/core_ranks.py); None: refused
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.autosave = autosave
         self._norm = NormBound(config.norm_bound, config.norm_mode) if config.norm_bound is not None else None
@@ -145,6 +148,7 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
                                  f"not {config.fingerprint()}")
             self._state = loaded
             self._optimizer = self._restore_optimizer(loaded)
+            self._check_buffered_ranks()
         self._poisoned = False  # set when a mutation failed half-way; nothing may be saved after that
         self._acc = RoundAccumulator(config.n_params)
         self._acc.sum = self._state.acc_sum  # shared buffer: the state always holds the live sum
@@ -342,7 +346,11 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
             self._count("late")
             return Decision(LATE, f"{staleness} round(s) behind", staleness=staleness)
         try:
-            parsed = parse(msg.update, n_params=cfg.n_params)
+            rank = self.update_rank(msg)  # None: the full rank (central/core_ranks.py)
+        except RankRefused as exc:
+            return self.note_rejected(exc.reason, nbytes or 0, exc.detail, who)
+        try:
+            parsed = parse(msg.update, n_params=self._params_of_rank(rank))
             norm = update_l2_norm(parsed)
         except WireFormatError as exc:
             return self.note_rejected(exc.reason, nbytes or 0, str(exc), who)
@@ -397,7 +405,7 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
 
         with self._all_or_poisoned():
             self._commit_offer(msg, key, parsed, weight, scale, steps, mass, staleness, nbytes, entry, now,
-                               update_factor)
+                               update_factor, rank)
         if self.autosave:
             self.checkpoint()
         return Decision(ACCEPTED, "", weight * update_factor, staleness)
@@ -423,7 +431,8 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
 
     def _commit_offer(self, msg: UpdateMessage, key: tuple[str, int], parsed: Any, weight: float,
                       scale: float, steps: float, mass: float, staleness: int, nbytes: int | None,
-                      entry: BufferedUpdate | None, now: float, update_factor: float = 1.0) -> None:
+                      entry: BufferedUpdate | None, now: float, update_factor: float = 1.0,
+                      rank: int | None = None) -> None:
         """The mutating part of :meth:`offer` (everything before it only validates)."""
         st = self._state
         site = self._ledger(msg.client_id)  # saved with the pairs and the sum: counted exactly once
@@ -435,7 +444,8 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
             acc = msg.metrics.get("global_eval_accuracy")  # the site's held-out accuracy (wire: finite)
             if acc is not None and 0.0 <= acc <= 1.0:
                 site["accuracy"] = float(acc)
-        self._acc.accumulate(parsed, weight, scale * update_factor, steps)
+        self._add_update(self._acc, parsed, rank, weight, scale * update_factor, steps)
+        self._book_rank(rank, weight)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count
         st.acc_steps_weight = self._acc.steps_weight
         if entry is not None:
@@ -507,13 +517,20 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
         its total weight and τ_eff, under ``plan``."""
         if plan is None or not plan.binds(self._state.buffer):
             acc = self._acc  # the running sum is already the answer
+            cut = self._cut_weights()
         else:
             acc = RoundAccumulator(self.config.n_params)
+            cut = {}
             for e, w, s, inc, t in zip(self._state.buffer, plan.weights, plan.scales, plan.included,
                                        plan.steps, strict=True):
                 if inc:
-                    acc.accumulate(e.update, w, s * e.update_factor, t)
-        return acc.normalised_mean(), acc.total_weight, acc.effective_steps
+                    rank = self.rank_of_entry(e)
+                    self._add_update(acc, e.update, rank, w, s * e.update_factor, t)
+                    if rank is not None:
+                        cut[rank] = cut.get(rank, 0.0) + w
+        # sites below the LoRA rank: each slot averaged over the sites that trained it (core_ranks.py)
+        mean = self._rank_aware(acc.normalised_mean(), cut, acc.total_weight)
+        return mean, acc.total_weight, acc.effective_steps
 
     def _robust_mean(self, plan: RoundPlan | None, tau_eff: float
                      ) -> tuple[np.ndarray | None, dict[str, Any]]:
@@ -561,6 +578,9 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
         robust_mean, robust_stats = self._robust_mean(plan, tau_eff)
         if robust_mean is not None:
             mean = robust_mean
+        rank_stats: dict[str, Any] = {}
+        if self.config.rank_aggregation == "flexlora":
+            mean, rank_stats = self._flexlora(plan, mean)
         dp_stats: dict[str, Any] = {}
         dp_ledger = st.privacy
         if self.config.privacy.enabled:  # central/privacy.py: clip + noise (central), accounting (both)
@@ -591,6 +611,9 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
             metrics.update(aggregation="fednova", effective_steps=tau_eff)
         metrics.update(robust_stats)
         metrics.update(dp_stats)
+        metrics.update(rank_stats)
+        if CUT_WEIGHTS in stats:  # the weight of the sites below the LoRA rank, per rank
+            metrics[CUT_WEIGHTS] = dict(stats[CUT_WEIGHTS])
         if self.config.fedbuff:
             taus = [int(t) for t in stats.get("staleness", [])]
             metrics.update(round_mode="fedbuff", staleness=taus, staleness_max=max(taus, default=0),
@@ -606,6 +629,7 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods):
         else:
             for name, wsum in stats["metric_wsum"].items():
                 metrics[name] = wsum / stats["metric_w"][name]
+        metrics.pop(RANK_METRIC, None)  # only cut sites send it: its mean says nothing; the weights above do
         metrics.update(stats.get("secure", {}))  # a secure aggregation's session, survivors, dropped
         st.global_vec = new_global
         st.privacy = dp_ledger

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_edge.central.config import AggregatorServiceConfig
+from fedpeft_edge.peft.layout import FlatLayout
 from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 
@@ -57,4 +58,23 @@ def initial_from_trainer(cfg: AggregatorServiceConfig) -> tuple[np.ndarray, str 
         "'factory' + factory")
 
 
-__all__ = ["initial_from_trainer", "load_vector"]
+def adapter_layout(cfg: AggregatorServiceConfig) -> FlatLayout | None:
+    """The flat layout of the fleet's adapter, from ``[trainer] gradient_dir`` or ``bundle_dir`` (their
+    metadata only); None without one. The aggregator needs it to count sites below the LoRA rank."""
+    t = cfg.trainer
+    try:
+        if t.gradient_dir:
+            from fedpeft_edge.peft.lowering import GradientModel
+
+            return GradientModel.load(t.gradient_dir).layout
+        if t.bundle_dir:
+            from fedpeft_edge.peft.artifacts import ArtifactBundle
+
+            b = ArtifactBundle.load(t.bundle_dir)
+            return FlatLayout.from_shapes(zip(b.param_order, b.param_shapes, strict=True))
+    except (OSError, FedPeftError) as exc:
+        raise InvalidValueError(f"aggregator cannot read the adapter layout from [trainer]: {exc}") from exc
+    return None
+
+
+__all__ = ["adapter_layout", "initial_from_trainer", "load_vector"]

@@ -111,6 +111,10 @@ class RoundPolicy:
     gateways: tuple[str, ...] = ()
     round_mode: str = "sync"  # "fedbuff": step every buffer_k updates, staleness-discounted (see above)
     buffer_k: int = 4  # fedbuff: updates per server step
+    # Sites below the bundle's LoRA rank ([agent] lora_rank, central/core_ranks.py): "hetlora" averages
+    # each rank slot over the sites that train it (exactly FedAvg while every site has the full rank),
+    # "flexlora" averages the products A·B and re-factorises them by SVD, "off" rejects such updates.
+    rank_aggregation: str = "hetlora"
 
     def __post_init__(self) -> None:
         gws = self.gateways
@@ -136,6 +140,13 @@ class RoundPolicy:
         _multiplier("samples_median_multiplier", self.samples_median_multiplier)
         _multiplier("norm_reject_multiplier", self.norm_reject_multiplier)
         _multiplier("steps_median_multiplier", self.steps_median_multiplier)
+        if self.rank_aggregation not in names.RANK_AGGREGATIONS:
+            raise InvalidValueError(f"rank_aggregation must be one of {names.RANK_AGGREGATIONS}, "
+                                    f"got {self.rank_aggregation!r}")
+        flex = self.rank_aggregation == "flexlora"
+        if flex and (self.aggregation != "fedavg" or self.robust_rule != "none"):
+            raise InvalidValueError("rank_aggregation = 'flexlora' re-factorises the sites' own adapters: it "
+                                    "cannot be combined with aggregation = 'fednova' or a robust_rule")
         if self.aggregation not in names.AGGREGATIONS:
             raise InvalidValueError(f"aggregation must be one of {names.AGGREGATIONS}, "
                                     f"got {self.aggregation!r}")
@@ -195,7 +206,7 @@ class RoundPolicy:
         round's updates must be kept until it closes."""
         weight_cap = self.samples_median_multiplier > 0 and self.weighting == "samples"
         return (self.norm_median_multiplier > 0 or self.aggregation == "fednova" or weight_cap
-                or self.robust_rule != "none")
+                or self.robust_rule != "none" or self.rank_aggregation == "flexlora")
 
 
 @dataclass(frozen=True, kw_only=True)

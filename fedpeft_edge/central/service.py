@@ -73,11 +73,12 @@ from fedpeft_edge.central.control import FederationControl
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 from fedpeft_edge.central.federation_report import ReportPublisher
 from fedpeft_edge.central.fleet_bundle import announce_bundle, fleet_bundle_id
-from fedpeft_edge.central.initial_global import initial_from_trainer, load_vector
+from fedpeft_edge.central.initial_global import adapter_layout, initial_from_trainer, load_vector
 from fedpeft_edge.central.metrics_http import AggregatorMetrics
 from fedpeft_edge.central.metrics_log import MetricsLog
 from fedpeft_edge.central.secure_round import SecureRound
 from fedpeft_edge.central.store import StateError
+from fedpeft_edge.peft.rank_slots import RankSlots
 from fedpeft_edge.protocol import chunk_spool, chunking, notices, partial, wire
 from fedpeft_edge.protocol.config import default_spec_hash, transport_config
 from fedpeft_edge.protocol.reasons import WireFormatError, reason_of
@@ -131,8 +132,13 @@ class AggregatorService:
                                                       secure=config.secagg.enabled)
         # State is saved once per batch of messages (then the batch is acknowledged): same exactly-once
         # guarantee as saving per update, without one fsync per update under load.
+        layout = adapter_layout(config)  # sites below the bundle's LoRA rank need its slot map
+        if layout is not None and layout.total != n:
+            raise InvalidValueError(f"[trainer]'s adapter has {layout.total} parameters, the initial "
+                                    f"global {n}")
         self.core = AggregatorCore(self.core_config, self.state_dir, initial_global=initial_global,
-                                   autosave=False)
+                                   autosave=False,
+                                   rank_slots=RankSlots.from_layout(layout) if layout is not None else None)
         # Chunks are acknowledged as they arrive, so they are journalled on disk first (see module doc).
         self.reassembler = chunking.Reassembler(
             max_message_bytes=int(a.max_update_bytes), timeout_s=float(a.chunk_timeout_s),

@@ -28,6 +28,7 @@ import numpy as np
 
 from fedpeft_edge import kernels
 from fedpeft_edge.central.robust import BufferedUpdate
+from fedpeft_edge.peft.rank_slots import RANK_METRIC
 from fedpeft_edge.protocol.codec import parse
 from fedpeft_edge.protocol.reasons import WireFormatError
 from fedpeft_edge.runtime.durable import atomic_file
@@ -222,7 +223,9 @@ def _load_buffer(metas: list[dict[str, Any]], payload: np.ndarray, n: int) -> li
         if not (math.isfinite(entry.steps) and entry.steps > 0):
             raise StateError(f"buffered update of {entry.client_id} has steps {entry.steps!r}")
         try:
-            parse(entry.update, n_params=n)
+            # a site below the LoRA rank sent fewer values (central/core_ranks.py checks how many)
+            ranked = RANK_METRIC in entry.metrics
+            parse(entry.update, n_params=None if ranked else n, max_params=n)
         except WireFormatError as exc:
             raise StateError(f"buffered update of {entry.client_id} unreadable: {exc}") from exc
         out.append(entry)

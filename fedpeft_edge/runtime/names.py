@@ -27,6 +27,8 @@ ROBUST_RULES: Final = ("none", "median", "trimmed_mean", "multi_krum")
 # central/policy.py: when the server steps: synchronous rounds (quorum / deadline), or FedBuff's buffer of K
 # updates from whichever globals the sites trained from, each discounted by its staleness.
 ROUND_MODES: Final = ("sync", "fedbuff")
+# How updates of sites below the bundle's LoRA rank are combined (central/core_ranks.py); "off" refuses them
+RANK_AGGREGATIONS: Final = ("hetlora", "flexlora", "off")
 # site/agent.py: what a site does when a newer global arrives while it trains.
 NEWER_GLOBAL_POLICIES: Final = ("finish", "abandon")
 # data/partition.py: how a benchmark dataset is split into sites' shares (demos, experiments).
@@ -44,6 +46,7 @@ __all__ = [
     "NORM_MODES",
     "PARTITIONS",
     "PEFT_METHODS",
+    "RANK_AGGREGATIONS",
     "ROBUST_RULES",
     "ROUND_MODES",
     "SERVER_OPTIMIZERS",

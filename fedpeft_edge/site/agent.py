@@ -88,6 +88,7 @@ from fedpeft_edge.site.model_export import export_global
 from fedpeft_edge.site.outbox import Outbox, OutboxEntry
 from fedpeft_edge.site.personal import PrivateParts, train_fedrep
 from fedpeft_edge.site.privacy import SiteNoise
+from fedpeft_edge.site.rank_cut import RANK_METRIC, RankCut
 from fedpeft_edge.site.secure_sum import Publish, SecureContribution
 from fedpeft_edge.site.state import SiteStateFiles, prune_updates, update_rounds, write_file
 from fedpeft_edge.training.base import LocalTrainer
@@ -159,7 +160,14 @@ class EdgeAgent:
         self.outbox_dir = self.outbox.directory
         self.sent_dir = self.state_dir / "sent"
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.encoder = UpdateEncoder(config.codec, self.n_params, segments=trainer.layout.segments)
+        # [agent] lora_rank below the bundle's: train, send and run only the first slots (site/rank_cut.py)
+        self.rank_cut = RankCut.for_layout(trainer.layout, a.lora_rank)
+        if self.rank_cut is None:
+            self.encoder = UpdateEncoder(config.codec, self.n_params, segments=trainer.layout.segments)
+        else:
+            self._check_rank_cut(config)
+            trainer.set_always_frozen(~self.rank_cut.keep)  # type: ignore[attr-defined]
+            self.encoder = UpdateEncoder(config.codec, self.rank_cut.size, segments=self.rank_cut.segments)
         self.noise = SiteNoise(config.privacy) if config.privacy.mode == "distributed" else None
         self.personal = PrivateParts(trainer.layout, config.agent.private_tensors, self.state_dir)
         head_steps = a.fedrep_head_steps
@@ -207,6 +215,20 @@ class EdgeAgent:
             log.info("round %d: update pending for secure aggregation since an earlier run", pending)
             self.last_sent_round = pending
             self._save_state()
+
+    def _check_rank_cut(self, config: AgentConfig) -> None:
+        assert self.rank_cut is not None
+        clashes = [what for what, on in (
+            ("[secagg] enabled", config.secagg.enabled),
+            ("[privacy] mode = 'distributed'", config.privacy.mode == "distributed"),
+            ("a trainer that cannot freeze parameters (use kind gradient or ort)",
+             not hasattr(self.trainer, "set_always_frozen"))) if on]
+        if clashes:
+            raise InvalidValueError(f"agent.lora_rank = {self.rank_cut.rank} (below the bundle's rank "
+                                    f"{self.rank_cut.slots.max_rank}) cannot be combined with "
+                                    + ", ".join(clashes))
+        log.info("LoRA rank %d of the bundle's %d: %d of %d parameters trained and sent", self.rank_cut.rank,
+                 self.rank_cut.slots.max_rank, self.rank_cut.size, self.n_params)
 
     # --- persistence ------------------------------------------------------------------------------
     @property
@@ -458,6 +480,8 @@ class EdgeAgent:
         rnd = g.round
         # With private tensors (site/personal.py) the site starts from the global plus its own values of them.
         global_vec = self.personal.start_from(decode_global(g.vector, self.n_params))
+        if self.rank_cut is not None:  # a site below the bundle's rank trains the global cut to its slots
+            global_vec = self.rank_cut.start_from(global_vec)
         self.trainer.set_flat(global_vec)
         anchor = getattr(self.trainer, "set_prox_reference", None)
         if anchor is not None and getattr(self.trainer, "prox_mu", 0.0):
@@ -499,6 +523,9 @@ class EdgeAgent:
         if self.secure is not None:
             self._contribute_secure(rnd, delta, trained, tm.samples, tm.steps, tm.loss)
             return
+        if self.rank_cut is not None:
+            delta = self.rank_cut.take(delta)
+            metrics[RANK_METRIC] = float(self.rank_cut.rank)
         enc = self.encoder.encode(delta)
         assert self.spec_hash is not None
         data = wire.encode_update(wire.UpdateMessage(self.topics.fleet, rnd, self.client_id, self.spec_hash,

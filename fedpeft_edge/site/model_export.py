@@ -392,6 +392,9 @@ def export_global(agent: Any, g: Any) -> Path | None:
         personal = getattr(agent, "personal", None)
         if personal is not None:
             flat = personal.start_from(flat)  # the site's own values of its private tensors (FedPer)
+        rank_cut = getattr(agent, "rank_cut", None)
+        if rank_cut is not None:
+            flat = rank_cut.start_from(flat)  # the model this site trained: the global cut to its rank
         path = export_in_child(
             setup,
             flat,

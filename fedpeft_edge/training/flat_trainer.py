@@ -73,7 +73,9 @@ class FlatVectorTrainer(ABC):
         self._mom = np.zeros(n, np.float32)
         self.step = 0  # optimizer steps taken (drives bias correction and the schedule)
         self._w_ref: np.ndarray | None = None
-        self._frozen: np.ndarray | None = None  # bool mask of parameters no step may change (FedRep)
+        self._frozen: np.ndarray | None = None  # bool mask of parameters no step may change (effective)
+        self._phase_frozen: np.ndarray | None = None  # set_frozen's mask (FedRep's phases)
+        self._always_frozen: np.ndarray | None = None  # set_always_frozen's mask (a site's LoRA rank cut)
 
     @property
     def layout(self) -> FlatLayout:
@@ -134,16 +136,36 @@ class FlatVectorTrainer(ABC):
         """Freeze the parameters where ``mask`` is True (None: train everything): the steps that follow
         leave them and their optimizer state bit for bit as they are, and global-norm clipping sees only
         the trainable gradient. FedRep trains a site's head with the body frozen, then the body with the
-        head frozen (site/personal.py)."""
+        head frozen (site/personal.py). What :meth:`set_always_frozen` froze stays frozen as well."""
+        phase = self._check_mask(mask)
+        self._frozen = self._combined(phase, self._always_frozen)
+        self._phase_frozen = phase
+
+    def set_always_frozen(self, mask: np.ndarray | None) -> None:
+        """Freeze the parameters where ``mask`` is True under every later :meth:`set_frozen` too: the rank
+        slots a site below the bundle's LoRA rank does not train (peft/rank_slots.py)."""
+        always = self._check_mask(mask)
+        self._frozen = self._combined(self._phase_frozen, always)
+        self._always_frozen = always
+
+    def _check_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
         if mask is None:
-            self._frozen = None
-            return
+            return None
         m = np.asarray(mask)
         if m.dtype != np.bool_ or m.shape != (self._layout.total,):
             raise InvalidValueError(f"frozen mask must be bool of shape ({self._layout.total},)")
-        if m.all():
+        return m.copy() if m.any() else None
+
+    @staticmethod
+    def _combined(*masks: np.ndarray | None) -> np.ndarray | None:
+        """The union of the masks; raises (nothing changed yet) when it would freeze every parameter."""
+        present = [m for m in masks if m is not None]
+        if not present:
+            return None
+        union = np.logical_or.reduce(present)
+        if union.all():
             raise InvalidValueError("frozen mask freezes every parameter: nothing would train")
-        self._frozen = m.copy() if m.any() else None
+        return union
 
     # ---- optimizer --------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedpeft_edge.central.broker import find_mosquitto
@@ -89,6 +90,52 @@ def test_quick_demo_with_secure_aggregation(tmp_path: Path) -> None:
         masked = 3 * 4 * summary["peft"]["trainable_params"]  # three masked uint32 vectors at least
         assert r["participants"] == 3 and r["wire_bytes_up"] == m["bytes_in"] > masked
     assert not list(work.glob("site-*/sent/*.msg"))  # nothing was sent in the clear
+
+
+@pytest.mark.slow  # long end-to-end run; the fast tier leaves it to the full suite
+@pytest.mark.parametrize("rule", ["hetlora", "flexlora"])
+def test_quick_demo_with_mixed_lora_ranks(tmp_path: Path, rule: str) -> None:
+    """`demo --ranks 8,2`: MiniLM on Reuters R8 over Mosquitto, one site at the bundle's rank 8 and one at
+    rank 2. The rank-2 site sends only its slots' values and says its rank; the aggregator books it per
+    rank. HetLoRA: slots 2-7 are trained by the rank-8 site alone, so the final global there is the
+    initial one plus exactly that site's decoded updates (whatever the weights). FlexLoRA: the factors
+    are re-factorised (the slots mix), and the rounds say so."""
+    from fedpeft_edge.central.store import RoundState
+    from fedpeft_edge.peft.lowering import GradientModel
+    from fedpeft_edge.peft.rank_slots import RANK_METRIC, RankSlots
+    from fedpeft_edge.protocol.codec import decode_dense
+    from fedpeft_edge.site.config import load_agent_config
+
+    out, work = tmp_path / "report", tmp_path / "work"
+    summary = run_demo(DemoOptions(quick=True, ranks="8,2", rank_aggregation=rule, broker="mosquitto",
+                                   out=out, work_dir=work, plain=True))
+    assert summary["ok"], summary["failure"]
+    assert summary["global"]["accuracy_after"] >= summary["global"]["accuracy_before"] + 0.1
+    n = summary["peft"]["trainable_params"]
+    site = load_agent_config(work / "site-1.toml")  # the agents' gradient model: its layout
+    slots = RankSlots.from_layout(GradientModel.load(site.trainer.gradient_dir).layout)
+    assert slots is not None and slots.max_rank == 8
+    lines = [json.loads(x) for x in (work / "aggregator" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for m in lines:
+        assert set(m["rank_cut_weight"]) == {"2"} and RANK_METRIC not in m
+        assert (m.get("rank_aggregation") == "flexlora") == (rule == "flexlora")
+    deltas = []
+    for rnd in range(2):
+        full = wire.decode_update((work / "site-1" / "sent" / f"r{rnd:08d}.msg").read_bytes())
+        cut = wire.decode_update((work / "site-2" / "sent" / f"r{rnd:08d}.msg").read_bytes())
+        assert full.update.n == n and RANK_METRIC not in full.metrics
+        assert cut.update.n == slots.size(2) < n and cut.metrics[RANK_METRIC] == 2.0
+        deltas.append(decode_dense(full.update, n))
+    initial = np.load(work / "initial.npy")
+    final = RoundState.load(work / "aggregator").global_vec
+    high = ~slots.keep(2)
+    moved = final[high] - initial[high]
+    if rule == "hetlora":
+        np.testing.assert_allclose(moved, (deltas[0] + deltas[1])[high], rtol=1e-5, atol=1e-6)
+    else:
+        assert not np.allclose(moved, (deltas[0] + deltas[1])[high], atol=1e-6)
+    assert (summary["sites"][1]["updates"][0]["n"]) == slots.size(2)
 
 
 def test_readme_main_job_command_as_written(tmp_path: Path) -> None:

@@ -268,11 +268,19 @@ class LocalFleet:
                     "spec_hash": self.spec_hash,
                     "metrics_file": str(self.metrics_path),
                     "server_optimizer": "fedavg",
+                    **({"rank_aggregation": opts.rank_aggregation} if opts.ranks else {}),
                 },
+                # the adapter's layout: the aggregator maps a lower-rank site's values onto the rank slots
+                **({"trainer": self._layout_source()} if opts.ranks else {}),
                 **({"privacy": self.privacy} if self.privacy else {}),
                 **({"secagg": self._secagg_table()} if opts.secagg else {}),
             },
         )
+
+    def _layout_source(self) -> dict[str, Any]:
+        if self.gradient_dir is not None:
+            return {"kind": "gradient", "gradient_dir": str(self.gradient_dir)}
+        return {"kind": "ort", "bundle_dir": str(self.bundle_dir)}
 
     def _secagg_table(self) -> dict[str, Any]:
         """``[secagg]`` of the aggregator: the sites by name, and a clip range covering AdamW's largest move
@@ -304,6 +312,7 @@ class LocalFleet:
                     "evaluate": True,
                     "idle_exit_s": opts.round_deadline_s,
                     "exit_after_final": True,  # a demo ends with its federation
+                    **({"lora_rank": opts.site_ranks()[i]} if opts.ranks else {}),
                 },
                 "codec": codec,
                 **({"privacy": self.privacy} if self.privacy.get("mode") == "distributed" else {}),

@@ -48,6 +48,10 @@ class DemoOptions:
     # secure aggregation ([secagg]): the aggregator sees only the masked sum of the sites' updates; the
     # sites send dense vectors (the codec defaults to fp32: top-k cannot be masked)
     secagg: bool = False
+    # LoRA rank per site ([agent] lora_rank; "8,8,4,4", 0: the bundle's rank) and how the aggregator
+    # combines them ([aggregator] rank_aggregation); None: every site at the bundle's rank
+    ranks: str | None = None
+    rank_aggregation: str = "hetlora"
     out: Path | None = None
     work_dir: Path | None = None
     cache_dir: Path | None = None
@@ -59,6 +63,17 @@ class DemoOptions:
     round_deadline_s: float = 600.0
     timeout_s: float = 1800.0
     seed: int = 0
+
+    def site_ranks(self) -> list[int]:
+        """``ranks`` as integers (empty when unset)."""
+        if not self.ranks:
+            return []
+        try:
+            ranks = [int(x) for x in str(self.ranks).split(",")]
+        except ValueError as exc:
+            raise InvalidValueError(f"--ranks must be comma-separated integers, got {self.ranks!r}") from exc
+        ensure(all(r >= 0 for r in ranks), f"--ranks must be >= 0 (0: the bundle's rank), got {self.ranks!r}")
+        return ranks
 
     @classmethod
     def from_args(cls, args: Any) -> DemoOptions:
@@ -83,6 +98,8 @@ class DemoOptions:
             "dp_mode",
             "dp_clip",
             "secagg",
+            "ranks",
+            "rank_aggregation",
             "out",
             "work_dir",
             "cache_dir",
@@ -134,6 +151,13 @@ class DemoOptions:
             ensure(out.dp is None or out.dp_mode == "distributed",
                    "--secagg hides each update from the aggregator: it cannot add central DP noise; use "
                    "--dp-mode distributed")
+        if out.ranks is not None:
+            ranks = out.site_ranks()
+            ensure(len(ranks) == out.agents, f"--ranks gives {len(ranks)} ranks for {out.agents} agents")
+            ensure(out.method == "lora", f"--ranks needs a LoRA method, got {out.method!r}")
+            ensure(not out.secagg and out.dp is None, "--ranks cannot be combined with --secagg or --dp")
+        ensure(out.rank_aggregation in ("hetlora", "flexlora"),
+               f"--rank-aggregation must be hetlora or flexlora, got {out.rank_aggregation!r}")
         mu = out.prox_mu
         ensure(isinstance(mu, int | float) and not isinstance(mu, bool) and 0 <= mu < float("inf"),
                f"prox_mu must be a finite number >= 0, got {mu!r}")

@@ -37,6 +37,7 @@ from fedpeft_edge.faces.tasks import (
     method_spec,
     split_sites,
 )
+from fedpeft_edge.site.rank_cut import RankCut
 
 
 @dataclass
@@ -66,6 +67,15 @@ class Observed:
     acc_per_round: dict[int, float | None] = field(default_factory=dict)  # global test accuracy
     site_before: dict[int, float | None] = field(default_factory=dict)  # sites' accuracy of the initial
 
+
+def _cut_finals(opts: DemoOptions, layout: Any, final: np.ndarray) -> dict[int, np.ndarray]:
+    """The final global cut to each site's LoRA rank (``--ranks``): what a site below the rank runs."""
+    out: dict[int, np.ndarray] = {}
+    for site, rank in enumerate(opts.site_ranks()):
+        cut = RankCut.for_layout(layout, rank)
+        if cut is not None:
+            out[site] = cut.start_from(final)
+    return out
 
 def prepare(opts: DemoOptions, work: Path, log: Callable[[str], None]) -> Prepared:
     """Model, artifacts and data (cached), each site's shard file, and the initial global on disk."""
@@ -225,7 +235,7 @@ def run_demo(options: DemoOptions, *, log: Callable[[str], None] = say) -> dict[
             )
     final = globals_by_round[max(globals_by_round)]
     sites = site_entries(prep.task, prep.shards, fleet.agent_dirs, prep.evaluator, prep.initial, final,
-                         seen.site_before)
+                         seen.site_before, site_finals=_cut_finals(opts, prep.evaluator.layout, final))
     summary = build_summary(
         opts,
         prep.task,

@@ -77,9 +77,12 @@ def site_entries(
     initial: np.ndarray,
     final: np.ndarray,
     site_before: Mapping[int, float | None],
+    site_finals: Mapping[int, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Per site: data sizes, label mix, accuracy of the initial and final globals on its own test data,
-    and the updates it sent. ``site_before`` holds accuracies already measured while the fleet ran."""
+    and the updates it sent. ``site_before`` holds accuracies already measured while the fleet ran;
+    ``site_finals`` the model a site runs when it is not the final global (a site below the LoRA rank
+    runs the global cut to its rank)."""
     sites = []
     for shard, adir in zip(shards, agent_dirs, strict=False):
         test_y = task.train_labels[shard.test_idx]
@@ -96,10 +99,19 @@ def site_entries(
             if before is None:
                 before = evaluator_accuracy(evaluator, task, initial, shard)
             entry["accuracy_before"] = before
-            entry["accuracy_after"] = evaluator_accuracy(evaluator, task, final, shard)
+            own = (site_finals or {}).get(shard.site, final)
+            entry["accuracy_after"] = evaluator_accuracy(evaluator, task, own, shard)
         entry["updates"] = read_sent_updates(adir)
         sites.append(entry)
     return sites
+
+
+def _rank_words(o: dict[str, Any]) -> str:
+    """Words for mixed LoRA ranks, e.g. ', LoRA ranks 8/8/4/4 per site (hetlora)'; else nothing."""
+    if not o.get("ranks"):
+        return ""
+    ranks = "/".join(str(r) for r in str(o["ranks"]).split(","))
+    return f", LoRA ranks {ranks} per site ({o.get('rank_aggregation', 'hetlora')})"
 
 
 def _codec_words(o: dict[str, Any]) -> str:
@@ -281,7 +293,8 @@ def write_demo_report(summary: Mapping[str, Any], out_dir: Path) -> dict[str, Pa
         f"{o['batch_size']}), `{p['method']}` on the {summary['model']['kind']} model, data "
         f"`{summary['data']['dataset']}` split `{o['split']}`, codec `{o['codec']}`"
         f"{_codec_words(o)}"
-        f"{', FedProx mu ' + format(o['prox_mu'], 'g') if o.get('prox_mu') else ''}."
+        f"{', FedProx mu ' + format(o['prox_mu'], 'g') if o.get('prox_mu') else ''}"
+        f"{_rank_words(o)}."
     )
     lines.append("")
     lines.append(
