@@ -127,6 +127,8 @@ def aggregation_tokens(cfg: AggregatorConfig) -> tuple[str, ...]:
         tokens.append(f"robust-{cfg.robust_rule}")
     if cfg.gateways:
         tokens.append("gateways")
+    if cfg.rank_aggregation != "hetlora":  # the default: each LoRA rank slot averaged over its sites
+        tokens.append(f"ranks-{cfg.rank_aggregation}")
     if cfg.server_optimizer != "fedavg":
         tokens.append(f"server-{cfg.server_optimizer}")
     return tuple(tokens)

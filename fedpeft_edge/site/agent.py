@@ -161,7 +161,8 @@ class EdgeAgent:
         self.sent_dir = self.state_dir / "sent"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # [agent] lora_rank below the bundle's: train, send and run only the first slots (site/rank_cut.py)
-        self.rank_cut = RankCut.for_layout(trainer.layout, a.lora_rank)
+        self.rank_cut = RankCut.for_layout(trainer.layout, a.lora_rank, codec=config.codec,
+                                           budget_bytes=a.update_budget_bytes)
         if self.rank_cut is None:
             self.encoder = UpdateEncoder(config.codec, self.n_params, segments=trainer.layout.segments)
         else:

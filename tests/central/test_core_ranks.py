@@ -23,7 +23,7 @@ from fedpeft_edge.protocol import codec as C
 from fedpeft_edge.protocol import wire as W
 from fedpeft_edge.protocol.privacy import PrivacyPolicy
 from fedpeft_edge.runtime.errors import InvalidValueError
-from fedpeft_edge.site.rank_cut import RankCut
+from fedpeft_edge.site.rank_cut import RankCut, payload_bound
 
 SPEC = "0123abcd" * 4
 FLEET = "ranks"
@@ -111,6 +111,28 @@ def test_site_cut_trains_from_the_cut_global_and_sends_only_its_slots() -> None:
         cut.take(d)
     with pytest.raises(InvalidValueError, match="no LoRA factors"):
         RankCut.for_layout(FlatLayout.from_shapes([("head.weight", (3, 2))]), 2)
+
+
+def test_auto_rank_is_the_largest_that_fits_the_sites_uplink_budget() -> None:
+    fp32 = C.CodecConfig(mode="fp32")
+    assert SLOTS is not None
+    cut = RankCut.for_layout(LAYOUT, "auto", codec=fp32, budget_bytes=4 * SLOTS.size(2) + 3)
+    assert cut is not None and cut.rank == 2  # rank 3 needs more than the budget
+    assert RankCut.for_layout(LAYOUT, "auto", codec=fp32, budget_bytes=4 * N) is None  # the full rank fits
+    # top-k: the bound is the payload a real encoding of that many values takes at most
+    topk = C.CodecConfig(mode="topk_int8", topk_ratio=0.3, topk_scope="tensor")
+    budget = payload_bound(topk, SLOTS.segments(3, LAYOUT))
+    cut = RankCut.for_layout(LAYOUT, "auto", codec=topk, budget_bytes=budget)
+    assert cut is not None and cut.rank == 3
+    enc, _ = C.encode_vector(np.random.default_rng(0).standard_normal(cut.size).astype(np.float32), topk,
+                             segments=cut.segments)
+    assert enc.nbytes <= payload_bound(topk, cut.segments)
+    with pytest.raises(InvalidValueError, match="even a rank-1 update"):
+        RankCut.for_layout(LAYOUT, "auto", codec=fp32, budget_bytes=8)
+    with pytest.raises(InvalidValueError, match="update_budget_bytes > 0"):
+        RankCut.for_layout(LAYOUT, "auto", codec=fp32)
+    with pytest.raises(InvalidValueError, match="auto"):
+        RankCut.for_layout(LAYOUT, "small")
 
 
 # ---- aggregation ----------------------------------------------------------------------------------------

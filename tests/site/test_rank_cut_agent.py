@@ -31,7 +31,7 @@ def cache(tmp_path_factory):
     return make_cache(tmp_path_factory.mktemp("ranks"))
 
 
-def _agent(cache, state_dir: Path, rank: int, extra: str = "", codec: str = "fp32") -> EdgeAgent:
+def _agent(cache, state_dir: Path, rank: int | str, extra: str = "", codec: str = "fp32") -> EdgeAgent:
     lowered = cache[1]("lora")
     cfg = load_agent_config(text=f"""
 [fleet]
@@ -40,7 +40,7 @@ name = "{FLEET}"
 client_id = "site-0"
 state_dir = "{state_dir}"
 local_steps = 3
-lora_rank = {rank}
+lora_rank = {rank if isinstance(rank, int) else f'"{rank}"'}
 {extra}
 [codec]
 mode = "{codec}"
@@ -117,3 +117,14 @@ def test_bad_or_clashing_ranks_are_refused(cache, tmp_path: Path) -> None:
     with pytest.raises(InvalidValueError, match="secagg"):
         _agent(cache, tmp_path / "sec", 1, codec="fp32", extra="[secagg]\nenabled = true")
     assert _agent(cache, tmp_path / "full", slots.max_rank).rank_cut is None  # the bundle's own rank
+
+
+def test_auto_rank_fits_the_uplink_budget(cache, tmp_path: Path) -> None:
+    """`lora_rank = "auto"`: the largest rank whose fp32 update fits `update_budget_bytes`; its updates
+    then take at most that many payload bytes."""
+    slots = _slots(cache)
+    budget = 4 * slots.size(1) + 4 * (slots.size(2) - slots.size(1)) // 2  # between ranks 1 and 2
+    agent = _agent(cache, tmp_path / "auto", "auto", f"update_budget_bytes = {budget}")
+    assert agent.rank_cut is not None and agent.rank_cut.rank == 1
+    agent._train_round(_global(cache, 0, cache[1]("lora").initial_vector()))
+    assert _sent(agent, 0).update.nbytes <= budget
