@@ -1,7 +1,7 @@
 """What a site below the bundle's LoRA rank saves in compute: the shared rank-8 gradient model with a rank
 cut (``[agent] lora_rank``, the other slots frozen at zero) against a gradient model built for that rank.
 
-Run: ``pytest bench/bench_rank_cut.py --benchmark-only -p no:cacheprovider`` (about 2 minutes).
+Run: ``pytest bench/bench_rank_cut.py --benchmark-only -p no:cacheprovider`` (under a minute, model cached).
 
 MiniLM-L6 with LoRA on query/value (the demo's adapter), batch 16 x 64 tokens, 2 intra-op threads,
 GradientTrainer on onnxruntime, one full training step (forward, backward, C AdamW). The variants are

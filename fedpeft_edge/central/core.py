@@ -69,7 +69,7 @@ from fedpeft_edge.central.decision import (
     REJECTED,
     Decision,
 )
-from fedpeft_edge.central.policy import AggregatorConfig, RoundPolicy
+from fedpeft_edge.central.policy import ADAPTER_RULES, AggregatorConfig, RoundPolicy
 from fedpeft_edge.central.privacy import private_round
 from fedpeft_edge.central.robust import (
     MAX_CLAIMED_STEPS,
@@ -579,8 +579,8 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods, RankMethods):
         if robust_mean is not None:
             mean = robust_mean
         rank_stats: dict[str, Any] = {}
-        if self.config.rank_aggregation == "flexlora":
-            mean, rank_stats = self._flexlora(plan, mean)
+        if self.config.rank_aggregation in ADAPTER_RULES and self._cut_weights():  # a round mixing ranks
+            mean, rank_stats = self._combine_adapters(plan, mean)
         dp_stats: dict[str, Any] = {}
         dp_ledger = st.privacy
         if self.config.privacy.enabled:  # central/privacy.py: clip + noise (central), accounting (both)

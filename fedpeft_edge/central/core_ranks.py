@@ -8,11 +8,15 @@ fixes how it is counted, so a redelivery counts the same). The core
 * scatters the update into the rank-``R`` running sum (zero beyond its slots) and books its weight per
   rank beside the sum, in the same atomic state file,
 * at close multiplies the weighted mean by ``Σw / (weight of the sites covering the coordinate)``: every
-  slot is then averaged over the sites that trained it (HetLoRA-style rank-aware zero-padding; exactly
-  FedAvg while every site has the full rank), and
-* with ``rank_aggregation = "flexlora"`` replaces the LoRA factors by FlexLoRA's: each site's own adapter
-  (the global cut to its rank plus its update) gives ``A_k·B_k``; their weighted mean is re-factorised by
-  SVD at rank R (central/hetero_rank.py), so a rank-r site is later sent the best rank-r approximation.
+  slot is then averaged over the sites that trained it (``rank_aggregation = "slotwise"``; the rank-aware
+  weighting of RBLA, arXiv:2408.08699; exactly FedAvg while every site has the full rank), or
+* in a round that mixes ranks, replaces the LoRA factors by a combination of the sites' own adapters (the
+  global cut to a site's rank plus its update; central/hetero_rank.py does the arithmetic):
+  ``"hetlora"`` is HetLoRA's aggregation as published (Cho et al. 2024): the zero-padded mean over all
+  sites, each site's weight times the norm of its ``A_k·B_k`` per LoRA pair, so the slots few sites train
+  shrink; ``"flexlora"`` (Bai et al. 2024) re-factorises the weighted mean of the products ``A_k·B_k`` by
+  SVD at rank R, so a rank-r site is later sent the best rank-r approximation. A round whose sites all
+  have the full rank stays plain FedAvg under every rule.
 
 :class:`RankMethods` is a part of :class:`~fedpeft_edge.central.core.AggregatorCore` kept in its own file.
 """
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from fedpeft_edge.central.accumulator import RoundAccumulator
-from fedpeft_edge.central.hetero_rank import LoraPair, RankedUpdate, flexlora_aggregate
+from fedpeft_edge.central.hetero_rank import LoraPair, RankedUpdate, flexlora_aggregate, hetlora_aggregate
 from fedpeft_edge.central.robust import BufferedUpdate, RoundPlan
 from fedpeft_edge.central.robust_rules import MAX_ROBUST_ELEMENTS
 from fedpeft_edge.central.store import StateError
@@ -145,20 +149,26 @@ class RankMethods:
     def _cut_weights(self: AggregatorCore) -> dict[int, float]:
         return {int(r): float(w) for r, w in self._state.stats.get(CUT_WEIGHTS, {}).items()}
 
-    def _flexlora(self: AggregatorCore, plan: RoundPlan | None, mean: np.ndarray
-                  ) -> tuple[np.ndarray, dict[str, Any]]:
-        """``mean`` with its LoRA factors replaced by FlexLoRA's (see module doc), and the round's figures."""
-        slots, st = self._rank_slots, self._state
+    def _combine_adapters(self: AggregatorCore, plan: RoundPlan | None, mean: np.ndarray
+                          ) -> tuple[np.ndarray, dict[str, Any]]:
+        """``mean`` with its LoRA factors replaced by HetLoRA's or FlexLoRA's combination of the sites' own
+        adapters (see module doc), and the round's figures; the slot-wise ``mean`` where they cannot run."""
+        slots, st, cfg = self._rank_slots, self._state, self.config
+        rule = cfg.rank_aggregation
         if slots is None:
             return mean, {}
-        if plan is None:  # core._plan: the buffer does not hold every counted update (a gateway's partial)
-            return mean, {"rank_aggregation_skipped": "not every update of the round is buffered"}
+        skipped = None
+        if cfg.aggregation != "fedavg":
+            skipped = "FedNova normalises updates, not adapters: slot-wise mean"
+        elif plan is None:  # core._plan: the buffer does not hold every counted update (a gateway's partial)
+            skipped = "not every update of the round is buffered: slot-wise mean"
+        if skipped is not None:
+            return mean, {"rank_aggregation_skipped": skipped}
+        assert plan is not None
         rows = [(e, w, s * e.update_factor) for e, w, s, inc in
                 zip(st.buffer, plan.weights, plan.scales, plan.included, strict=True) if inc and w > 0]
-        if not rows:
-            return mean, {"rank_aggregation_skipped": "no update is included"}
-        if len(rows) * self.config.n_params > MAX_ROBUST_ELEMENTS:
-            return mean, {"rank_aggregation_skipped": "too many updates to decode at once"}
+        if not rows or len(rows) * cfg.n_params > MAX_ROBUST_ELEMENTS:
+            return mean, {"rank_aggregation_skipped": "no update included, or too many to decode at once"}
         g = st.global_vec
         pairs = [LoraPair(a=a.name, b=b.name, kind="conv" if len(a.shape) == 4 else "matmul")
                  for a, b, _, _ in slots.pairs]
@@ -166,19 +176,24 @@ class RankMethods:
         for e, w, factor in rows:
             rank = self.rank_of_entry(e)
             if rank is None:
-                own = g + decode_dense(e.update, self.config.n_params) * np.float32(factor)
+                own = g + decode_dense(e.update, cfg.n_params) * np.float32(factor)
             else:  # what the site trained: the global cut to its rank, plus its update
                 cut_global = np.where(slots.keep(rank), g, np.float32(0.0))
                 own = cut_global + self._dense_update(e.update, rank, factor)
             tensors = {s.name: own[s.offset : s.offset + s.size].reshape(s.shape)
                        for a, b, _, _ in slots.pairs for s in (a, b)}
+            # zero-padded to rank R: every site's branch has the bundle's scale, so no rescaling
             updates.append(RankedUpdate(tensors=tensors, rank=slots.max_rank, scale=1.0, weight=float(w)))
-        agg = flexlora_aggregate(updates, pairs, slots.max_rank, scale=1.0)
+        if rule == "flexlora":
+            agg = flexlora_aggregate(updates, pairs, slots.max_rank, scale=1.0)
+        else:  # HetLoRA as published: zero-padded mean over all sites, weights times ‖A_k·B_k‖ per pair
+            agg = hetlora_aggregate(updates, pairs, slots.max_rank, scale=1.0, norm_weighted=True,
+                                    slotwise=False)
         out = np.array(mean, dtype=np.float32, copy=True)
         for a, b, _, _ in slots.pairs:
             for s in (a, b):
                 out[s.offset : s.offset + s.size] = agg[s.name].reshape(-1) - g[s.offset : s.offset + s.size]
-        return out, {"rank_aggregation": "flexlora"}
+        return out, {"rank_aggregation": rule}
 
 
 __all__ = ["CUT_WEIGHTS", "RankMethods", "RankRefused"]

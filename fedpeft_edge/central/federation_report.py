@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from fedpeft_edge import __version__
+from fedpeft_edge.central.policy import RoundPolicy
 from fedpeft_edge.protocol import wire
 from fedpeft_edge.protocol.fleet_report import (
     MAX_REPORT_HISTORY,
@@ -127,7 +128,7 @@ def aggregation_tokens(cfg: AggregatorConfig) -> tuple[str, ...]:
         tokens.append(f"robust-{cfg.robust_rule}")
     if cfg.gateways:
         tokens.append("gateways")
-    if cfg.rank_aggregation != "hetlora":  # the default: each LoRA rank slot averaged over its sites
+    if cfg.rank_aggregation != RoundPolicy.rank_aggregation:  # not the default rule for mixed LoRA ranks
         tokens.append(f"ranks-{cfg.rank_aggregation}")
     if cfg.server_optimizer != "fedavg":
         tokens.append(f"server-{cfg.server_optimizer}")

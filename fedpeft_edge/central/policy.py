@@ -16,6 +16,9 @@ from fedpeft_edge.protocol.privacy import PrivacyPolicy
 from fedpeft_edge.runtime import names
 from fedpeft_edge.runtime.errors import InvalidValueError
 
+# rank_aggregation rules that combine the sites' own adapters at close (they need the round buffer)
+ADAPTER_RULES = ("hetlora", "flexlora")
+
 
 def _positive_int(name: str, val: object) -> None:
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -111,10 +114,11 @@ class RoundPolicy:
     gateways: tuple[str, ...] = ()
     round_mode: str = "sync"  # "fedbuff": step every buffer_k updates, staleness-discounted (see above)
     buffer_k: int = 4  # fedbuff: updates per server step
-    # Sites below the bundle's LoRA rank ([agent] lora_rank, central/core_ranks.py): "hetlora" averages
-    # each rank slot over the sites that train it (exactly FedAvg while every site has the full rank),
-    # "flexlora" averages the products A·B and re-factorises them by SVD, "off" rejects such updates.
-    rank_aggregation: str = "hetlora"
+    # How a round with sites below the bundle's LoRA rank ([agent] lora_rank, central/core_ranks.py) is
+    # combined: "slotwise" averages each rank slot over the sites that train it, "hetlora" is HetLoRA's
+    # zero-padded mean of the sites' adapters weighted by their norms, "flexlora" re-factorises the mean
+    # product A·B by SVD; "off" rejects such updates. A round of full-rank sites only is plain FedAvg.
+    rank_aggregation: str = "slotwise"
 
     def __post_init__(self) -> None:
         gws = self.gateways
@@ -143,10 +147,6 @@ class RoundPolicy:
         if self.rank_aggregation not in names.RANK_AGGREGATIONS:
             raise InvalidValueError(f"rank_aggregation must be one of {names.RANK_AGGREGATIONS}, "
                                     f"got {self.rank_aggregation!r}")
-        flex = self.rank_aggregation == "flexlora"
-        if flex and (self.aggregation != "fedavg" or self.robust_rule != "none"):
-            raise InvalidValueError("rank_aggregation = 'flexlora' re-factorises the sites' own adapters: it "
-                                    "cannot be combined with aggregation = 'fednova' or a robust_rule")
         if self.aggregation not in names.AGGREGATIONS:
             raise InvalidValueError(f"aggregation must be one of {names.AGGREGATIONS}, "
                                     f"got {self.aggregation!r}")
@@ -206,7 +206,7 @@ class RoundPolicy:
         round's updates must be kept until it closes."""
         weight_cap = self.samples_median_multiplier > 0 and self.weighting == "samples"
         return (self.norm_median_multiplier > 0 or self.aggregation == "fednova" or weight_cap
-                or self.robust_rule != "none" or self.rank_aggregation == "flexlora")
+                or self.robust_rule != "none" or self.rank_aggregation in ADAPTER_RULES)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,8 +145,8 @@ def _run_round(core: R.AggregatorCore) -> tuple[np.ndarray, dict]:
     return core.close_round()
 
 
-def test_slotwise_mean_equals_the_in_process_hetlora_reference() -> None:
-    core = _core()
+def test_slotwise_mean_equals_the_in_process_slotwise_reference() -> None:
+    core = _core(rank_aggregation="slotwise")
     g0 = core.global_vector.copy()
     new, metrics = _run_round(core)
     ups = [RankedUpdate({k: v.copy() for k, v in LAYOUT.split(_delta(seed, rank)).items()}, RANK, 1.0,
@@ -170,7 +170,7 @@ def test_slotwise_mean_equals_the_in_process_hetlora_reference() -> None:
 
 
 def test_equal_ranks_are_plain_fedavg() -> None:
-    core = _core()
+    core = _core(rank_aggregation="slotwise")
     g0 = core.global_vector.copy()
     for name, seed, _, samples in SITES:
         core.offer(_msg(name, _delta(seed, 2), 2, samples), sender=name)
@@ -178,6 +178,18 @@ def test_equal_ranks_are_plain_fedavg() -> None:
     plain = sum(w * _delta(s, 2) for _, s, _, w in SITES) / sum(w for *_, w in SITES)
     plain[~SLOTS.keep(2)] = 0.0  # type: ignore[union-attr]
     np.testing.assert_allclose(new - g0, plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["slotwise", "hetlora", "flexlora"])
+def test_a_round_of_full_rank_sites_is_plain_fedavg_under_every_rule(rule: str) -> None:
+    core = _core(rank_aggregation=rule)
+    g0 = core.global_vector.copy()
+    for name, seed, _, samples in SITES:
+        core.offer(_msg(name, _delta(seed, RANK), RANK, samples), sender=name)
+    new, metrics = core.close_round()
+    plain = sum(w * _delta(s, RANK) for _, s, _, w in SITES) / sum(w for *_, w in SITES)
+    np.testing.assert_allclose(new - g0, plain, rtol=1e-5, atol=1e-7)
+    assert "rank_aggregation" not in metrics and R.CUT_WEIGHTS not in metrics
 
 
 def test_close_time_bounds_replay_ranked_updates_the_same_way() -> None:
@@ -190,17 +202,41 @@ def test_close_time_bounds_replay_ranked_updates_the_same_way() -> None:
     np.testing.assert_allclose(na, nb, rtol=1e-5, atol=1e-7)
 
 
-def test_flexlora_equals_the_in_process_reference_on_each_sites_own_adapter() -> None:
-    core = _core(rank_aggregation="flexlora")
-    g0 = core.global_vector.copy()
-    new, metrics = _run_round(core)
-    assert metrics["rank_aggregation"] == "flexlora"
+def _own_adapters(g0: np.ndarray) -> list[RankedUpdate]:
+    """Each site's own adapter (the global cut to its rank plus its update), LoRA factors only."""
     ups = []
     for _, seed, rank, samples in SITES:
         own = np.where(SLOTS.keep(rank), g0, 0).astype(np.float32) + _delta(seed, rank)  # type: ignore[union-attr]
         t = LAYOUT.split(own)
         ups.append(RankedUpdate({p: t[p] for pr in PAIRS for p in (pr.a, pr.b)}, RANK, 1.0, float(samples)))
-    ref = flexlora_aggregate(ups, PAIRS, RANK, scale=1.0)
+    return ups
+
+
+def test_hetlora_is_the_published_zero_padded_norm_weighted_mean_of_the_sites_adapters() -> None:
+    core = _core(rank_aggregation="hetlora")
+    g0 = core.global_vector.copy()
+    new, metrics = _run_round(core)
+    assert metrics["rank_aggregation"] == "hetlora"
+    ref = hetlora_aggregate(_own_adapters(g0), PAIRS, RANK, scale=1.0, norm_weighted=True, slotwise=False)
+    got = LAYOUT.split(new)
+    for name, value in ref.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # by hand for one pair: slot 3 of A is owned by sites a and b only, the others count as zeros
+    pr = PAIRS[0]
+    own = _own_adapters(g0)
+    w = np.array([float(u.weight) * pr.product_norm(u.tensors, 1.0) for u in own])
+    col = sum(wk * u.tensors[pr.a][:, 3] for wk, u in zip(w, own, strict=True)) / w.sum()
+    np.testing.assert_allclose(got[pr.a][:, 3], col, rtol=1e-5, atol=1e-6)
+    plain = sum(w * _delta(s, r) for _, s, r, w in SITES) / sum(w for *_, w in SITES)  # the head: FedAvg
+    np.testing.assert_allclose(got["head.bias"], LAYOUT.split(g0 + plain)["head.bias"], rtol=1e-5)
+
+
+def test_flexlora_equals_the_in_process_reference_on_each_sites_own_adapter() -> None:
+    core = _core(rank_aggregation="flexlora")
+    g0 = core.global_vector.copy()
+    new, metrics = _run_round(core)
+    assert metrics["rank_aggregation"] == "flexlora"
+    ref = flexlora_aggregate(_own_adapters(g0), PAIRS, RANK, scale=1.0)
     got = LAYOUT.split(new)
     for pr in PAIRS:  # the product is what FlexLoRA fixes (the factors are its SVD split)
         np.testing.assert_allclose(pr.product(got, 1.0), pr.product(ref, 1.0), rtol=1e-4, atol=1e-5)
@@ -252,15 +288,21 @@ def test_an_aggregator_without_the_layout_refuses_cut_updates() -> None:
                          rank_slots=SLOTS)
 
 
-def test_flexlora_refuses_fednova_and_robust_rules() -> None:
-    for kw in ({"aggregation": "fednova"}, {"robust_rule": "median"}):
-        with pytest.raises(InvalidValueError, match="flexlora"):
-            _config(rank_aggregation="flexlora", **kw)
+@pytest.mark.parametrize("rule", ["hetlora", "flexlora"])
+def test_adapter_rules_under_fednova_fall_back_to_the_slotwise_mean(rule: str) -> None:
+    """FedNova normalises each update by its steps; an adapter has no such thing: the round says so and
+    takes the slot-wise mean (which FedNova's normalisation applies to)."""
+    slot = _core(rank_aggregation="slotwise", aggregation="fednova")
+    adapter = _core(rank_aggregation=rule, aggregation="fednova")
+    a, _ = _run_round(slot)
+    b, metrics = _run_round(adapter)
+    assert "FedNova" in metrics["rank_aggregation_skipped"]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
     with pytest.raises(InvalidValueError, match="rank_aggregation"):
         _config(rank_aggregation="svd")
 
 
-@pytest.mark.parametrize("rule", ["hetlora", "flexlora"])
+@pytest.mark.parametrize("rule", ["slotwise", "hetlora", "flexlora"])
 def test_a_restart_mid_round_resumes_the_ranked_sums(tmp_path: Path, rule: str) -> None:
     """The per-rank weights live in the state file beside the sum: a core reopened from disk half-way
     through the round closes it exactly as one that never stopped."""
@@ -313,7 +355,7 @@ _drive(core, lambda: print("step", flush=True))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["hetlora", "flexlora"])
+@pytest.mark.parametrize("rule", ["slotwise", "hetlora", "flexlora"])
 def test_kill9_at_random_moments_loses_and_double_counts_nothing(tmp_path: Path, rule: str) -> None:
     """20 trials: a child drives 3 rounds of 6 mixed-rank sites into a persisted core and is kill -9'd
     after a random number of steps plus a random delay (inside an offer, a save or a close). Restarted from

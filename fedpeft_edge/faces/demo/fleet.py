@@ -268,7 +268,7 @@ class LocalFleet:
                     "spec_hash": self.spec_hash,
                     "metrics_file": str(self.metrics_path),
                     "server_optimizer": "fedavg",
-                    **({"rank_aggregation": opts.rank_aggregation} if opts.ranks else {}),
+                    **({"rank_aggregation": opts.rank_aggregation} if opts.rank_aggregation else {}),
                 },
                 # the adapter's layout: the aggregator maps a lower-rank site's values onto the rank slots
                 **({"trainer": self._layout_source()} if opts.ranks else {}),

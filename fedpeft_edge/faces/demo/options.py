@@ -51,7 +51,7 @@ class DemoOptions:
     # LoRA rank per site ([agent] lora_rank; "8,8,4,4", 0: the bundle's rank) and how the aggregator
     # combines them ([aggregator] rank_aggregation); None: every site at the bundle's rank
     ranks: str | None = None
-    rank_aggregation: str = "hetlora"
+    rank_aggregation: str | None = None  # None: the aggregator's default (central/policy.py)
     out: Path | None = None
     work_dir: Path | None = None
     cache_dir: Path | None = None
@@ -156,8 +156,8 @@ class DemoOptions:
             ensure(len(ranks) == out.agents, f"--ranks gives {len(ranks)} ranks for {out.agents} agents")
             ensure(out.method == "lora", f"--ranks needs a LoRA method, got {out.method!r}")
             ensure(not out.secagg and out.dp is None, "--ranks cannot be combined with --secagg or --dp")
-        ensure(out.rank_aggregation in ("hetlora", "flexlora"),
-               f"--rank-aggregation must be hetlora or flexlora, got {out.rank_aggregation!r}")
+        ensure(out.rank_aggregation in (None, "slotwise", "hetlora", "flexlora"),
+               f"--rank-aggregation must be slotwise, hetlora or flexlora, got {out.rank_aggregation!r}")
         mu = out.prox_mu
         ensure(isinstance(mu, int | float) and not isinstance(mu, bool) and 0 <= mu < float("inf"),
                f"prox_mu must be a finite number >= 0, got {mu!r}")

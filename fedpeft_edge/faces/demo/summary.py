@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft_edge.central.policy import RoundPolicy
 from fedpeft_edge.faces import report as rep
 from fedpeft_edge.faces.demo.options import DemoOptions
 from fedpeft_edge.faces.tasks import TaskData, iterate, take
@@ -111,7 +112,8 @@ def _rank_words(o: dict[str, Any]) -> str:
     if not o.get("ranks"):
         return ""
     ranks = "/".join(str(r) for r in str(o["ranks"]).split(","))
-    return f", LoRA ranks {ranks} per site ({o.get('rank_aggregation', 'hetlora')})"
+    rule = o.get("rank_aggregation") or RoundPolicy.rank_aggregation
+    return f", LoRA ranks {ranks} per site ({rule})"
 
 
 def _codec_words(o: dict[str, Any]) -> str:
