@@ -79,8 +79,8 @@ class RankMethods:
         slots, cfg = self._rank_slots, self.config
         if slots is None:
             raise RankRefused("rank_not_allowed", f"{RANK_METRIC} {claim!r}: no LoRA layout here to place "
-                              "a lower-rank update (an aggregator needs [trainer] gradient_dir or bundle_dir; "
-                              "a line gateway takes full-rank updates only)")
+                              "a lower-rank update (an aggregator needs [trainer] gradient_dir or "
+                              "bundle_dir; a line gateway takes full-rank updates only)")
         if not (isinstance(claim, int | float) and math.isfinite(claim) and float(claim).is_integer()
                 and 1 <= claim <= slots.max_rank):
             raise RankRefused("bad_rank", f"{RANK_METRIC} {claim!r} is not a rank from 1 to {slots.max_rank}")
