@@ -23,6 +23,7 @@ fixes how it is counted, so a redelivery counts the same). The core
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,10 +38,12 @@ from fedpeft_edge.peft.rank_slots import RANK_METRIC, RankSlots
 from fedpeft_edge.protocol.codec import EncodedUpdate, ParsedUpdate, decode_dense, parse
 from fedpeft_edge.protocol.reasons import WireFormatError
 from fedpeft_edge.protocol.wire import UpdateMessage
-from fedpeft_edge.runtime.errors import InvalidValueError
+from fedpeft_edge.runtime.errors import FedPeftError, InvalidValueError
 
 if TYPE_CHECKING:
     from fedpeft_edge.central.core import AggregatorCore
+
+log = logging.getLogger(__name__)
 
 CUT_WEIGHTS: Final = "rank_cut_weight"  # round stats: {rank: Σ weight} of the updates below rank R
 
@@ -185,11 +188,17 @@ class RankMethods:
                        for a, b, _, _ in slots.pairs for s in (a, b)}
             # zero-padded to rank R: every site's branch has the bundle's scale, so no rescaling
             updates.append(RankedUpdate(tensors=tensors, rank=slots.max_rank, scale=1.0, weight=float(w)))
-        if rule == "flexlora":
-            agg = flexlora_aggregate(updates, pairs, slots.max_rank, scale=1.0)
-        else:  # HetLoRA as published: zero-padded mean over all sites, weights times ‖A_k·B_k‖ per pair
-            agg = hetlora_aggregate(updates, pairs, slots.max_rank, scale=1.0, norm_weighted=True,
-                                    slotwise=False)
+        try:
+            if rule == "flexlora":
+                agg = flexlora_aggregate(updates, pairs, slots.max_rank, scale=1.0)
+            else:  # HetLoRA as published: zero-padded mean over all sites, weights times ‖A_k·B_k‖ per pair
+                agg = hetlora_aggregate(updates, pairs, slots.max_rank, scale=1.0, norm_weighted=True,
+                                        slotwise=False)
+        except (FedPeftError, np.linalg.LinAlgError, ValueError) as exc:
+            # an SVD that does not converge must not wedge the round: the slot-wise mean closes it
+            log.warning("round %d: %s could not combine the adapters (%s); slot-wise mean used", st.round,
+                        rule, exc)
+            return mean, {"rank_aggregation_skipped": f"{rule} failed: {str(exc)[:120]}: slot-wise mean"}
         out = np.array(mean, dtype=np.float32, copy=True)
         for a, b, _, _ in slots.pairs:
             for s in (a, b):

@@ -245,6 +245,20 @@ def test_flexlora_equals_the_in_process_reference_on_each_sites_own_adapter() ->
     np.testing.assert_allclose(got["head.weight"], LAYOUT.split(g0 + plain)["head.weight"], rtol=1e-5)
 
 
+def test_an_svd_that_fails_closes_the_round_on_the_slotwise_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpeft_edge.central import core_ranks
+
+    def broken(*a: object, **k: object) -> None:
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(core_ranks, "flexlora_aggregate", broken)
+    slot, _ = _run_round(_core(rank_aggregation="slotwise"))
+    flex = _core(rank_aggregation="flexlora")
+    new, metrics = _run_round(flex)
+    assert "did not converge" in metrics["rank_aggregation_skipped"] and flex.round == 1
+    np.testing.assert_allclose(new, slot, rtol=1e-6)
+
+
 @pytest.mark.parametrize(("claim", "reason"), [(0.0, "bad_rank"), (5.0, "bad_rank"), (2.5, "bad_rank"),
                                                 (-1.0, "bad_rank")])
 def test_a_bad_rank_claim_is_rejected_and_counts_nothing(claim: float, reason: str) -> None:
