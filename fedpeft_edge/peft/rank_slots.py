@@ -9,13 +9,14 @@ so its update is zero there and it sends only the coordinates of its ``r`` slots
 
 One graph for every rank keeps the bundle, the trainer and the wire as they are; what a smaller rank
 saves is uplink bytes and the site's share of the optimiser's work, not graph compute (the LoRA branch is
-a small part of a frozen encoder's forward and backward: measured in docs/experiments.md). Its branch
+a small part of a frozen encoder's forward and backward: bench/RESULTS.md §10 measured a gradient model
+built for rank 2 or 4 within 4 % of the rank-8 one, which is noise). Its branch
 scale is the bundle's ``alpha/R`` at every rank, so no rescaling is needed between ranks (the in-process
 study, ``central/hetero_rank.py``, builds one graph per rank and rescales instead).
 
-The aggregator (``central/core.py``) scatters a rank-``r`` update back into rank ``R`` and averages each
-slot over the sites whose rank covers it (HetLoRA-style rank-aware weighting), or re-factorises the mean
-of the products by SVD (FlexLoRA); both sides read the slot map from the same :class:`FlatLayout`.
+The aggregator (``central/core_ranks.py``) scatters a rank-``r`` update back into rank ``R`` and averages
+each slot over the sites whose rank covers it, or combines the sites' own adapters as HetLoRA or FlexLoRA
+do; both sides read the slot map from the same :class:`FlatLayout`.
 
 Naming (peft/surgery.py): the factors of weight ``W`` are ``W.lora_A`` and ``W.lora_B``. MatMul/Gemm
 sites: ``A`` is ``(d_in, r)``, ``B`` is ``(r, d_out)``; 1×1 Conv sites: ``A`` is ``(r, c_in, 1, 1)``, ``B``

@@ -89,7 +89,8 @@ class AgentSettings:
     # The LoRA rank this site trains (peft/rank_slots.py): the first lora_rank rank slots of the bundle's
     # rank-R adapter, the rest held at zero; it sends only those. 0: the bundle's rank R. A weaker link
     # takes a smaller rank; the aggregator averages each slot over the sites that train it. "auto": the
-    # largest rank whose update, under this site's [codec], fits update_budget_bytes.
+    # largest rank whose update, under this site's [codec], fits update_budget_bytes (once a top-k
+    # warm-up is over: its first, denser updates are larger).
     lora_rank: int | str = 0
     update_budget_bytes: int = 0  # the site's uplink per round, for lora_rank = "auto"
     idle_exit_s: float | None = None  # stop when no new global arrived for this long (tests, demos)
