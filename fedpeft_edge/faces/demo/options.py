@@ -203,7 +203,10 @@ def quick_requested(flag: bool = False) -> bool:
 
 def load_demo_config(path: Path) -> dict[str, Any]:
     """``[demo]`` table of a TOML file; keys are DemoOptions fields."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
 
     path = Path(path)
     ensure(path.is_file(), f"demo config not found: {path}")
