@@ -34,7 +34,7 @@ import msgpack
 import numpy as np
 
 from fedpeft_edge.protocol.reasons import Reason, WireFormatError
-from fedpeft_edge.protocol.secagg import (
+from fedpeft_edge.protocol.secagg_math import (
     COMMIT_BYTES,
     KEY_BYTES,
     MAX_ID_LEN,
@@ -47,12 +47,14 @@ from fedpeft_edge.protocol.secagg import (
     SESSION_ID_BYTES,
     SHARE_BYTES,
     SITE_ID_RE,
+    QuantSpec,
+    SecAggParams,
+)
+from fedpeft_edge.protocol.secagg_messages import (
     AdvertiseKeys,
     ForwardedShares,
     KeyDirectory,
     MaskedInput,
-    QuantSpec,
-    SecAggParams,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
