@@ -164,6 +164,8 @@ class RankMethods:
         skipped = None
         if cfg.aggregation != "fedavg":
             skipped = "FedNova normalises updates, not adapters: slot-wise mean"
+        elif not cfg.buffers_updates:
+            skipped = "no round buffer (every close-time bound is off): slot-wise mean"
         elif plan is None:  # core._plan: the buffer does not hold every counted update (a gateway's partial)
             skipped = "not every update of the round is buffered: slot-wise mean"
         if skipped is not None:

@@ -16,7 +16,8 @@ from fedpeft_edge.protocol.privacy import PrivacyPolicy
 from fedpeft_edge.runtime import names
 from fedpeft_edge.runtime.errors import InvalidValueError
 
-# rank_aggregation rules that combine the sites' own adapters at close (they need the round buffer)
+# rank_aggregation rules that combine the sites' own adapters at close: they read the round buffer, which
+# the close-time bounds keep (on by default); with every bound off a mixed round takes the slot-wise mean
 ADAPTER_RULES = ("hetlora", "flexlora")
 
 
@@ -115,10 +116,11 @@ class RoundPolicy:
     round_mode: str = "sync"  # "fedbuff": step every buffer_k updates, staleness-discounted (see above)
     buffer_k: int = 4  # fedbuff: updates per server step
     # How a round with sites below the bundle's LoRA rank ([agent] lora_rank, central/core_ranks.py) is
-    # combined: "slotwise" averages each rank slot over the sites that train it, "hetlora" is HetLoRA's
-    # zero-padded mean of the sites' adapters weighted by their norms, "flexlora" re-factorises the mean
-    # product A·B by SVD; "off" rejects such updates. A round of full-rank sites only is plain FedAvg.
-    rank_aggregation: str = "slotwise"
+    # combined: "flexlora" re-factorises the mean product A·B by SVD (the best measured, the default:
+    # docs/experiments.md), "hetlora" is HetLoRA's zero-padded mean of the sites' adapters weighted by their
+    # norms, "slotwise" averages each rank slot over the sites that train it; "off" rejects such updates.
+    # A round of full-rank sites only is plain FedAvg under every rule.
+    rank_aggregation: str = "flexlora"
 
     def __post_init__(self) -> None:
         gws = self.gateways
@@ -206,7 +208,7 @@ class RoundPolicy:
         round's updates must be kept until it closes."""
         weight_cap = self.samples_median_multiplier > 0 and self.weighting == "samples"
         return (self.norm_median_multiplier > 0 or self.aggregation == "fednova" or weight_cap
-                or self.robust_rule != "none" or self.rank_aggregation in ADAPTER_RULES)
+                or self.robust_rule != "none")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -106,9 +106,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA rank of each site, e.g. 8,8,4,4 (0: the bundle's rank; sites below it send "
                         "only their rank slots)")
     g.add_argument("--rank-aggregation", choices=("slotwise", "hetlora", "flexlora"), default=None,
-                   help="how the aggregator combines mixed ranks: each rank slot averaged over the sites "
-                        "that train it (slotwise), HetLoRA's zero-padded norm-weighted mean, or FlexLoRA's "
-                        "SVD of the mean product (default: the aggregator's default)")
+                   help="how the aggregator combines mixed ranks: FlexLoRA's SVD of the mean product "
+                        "(the default), HetLoRA's zero-padded norm-weighted mean, or each rank slot averaged "
+                        "over the sites that train it (slotwise)")
     g.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<time>)")
     g.add_argument(
         "--work-dir", type=Path, default=None, help="where the services keep state (default: temp)"

@@ -43,7 +43,8 @@ PAIRS = [LoraPair("enc.q.lora_A", "enc.q.lora_B", "matmul"), LoraPair("conv.lora
 
 def _config(**kw: object) -> R.AggregatorConfig:
     base = {"fleet": FLEET, "n_params": N, "spec_hash": SPEC, "min_clients": 1, "quorum": 4,
-            "round_deadline_s": 60.0, "norm_median_multiplier": 0.0, "samples_median_multiplier": 0.0}
+            "round_deadline_s": 60.0, "norm_median_multiplier": 100.0, "norm_reject_multiplier": 0.0,
+            "samples_median_multiplier": 0.0}  # bounds that keep the round buffer but never bind here
     base.update(kw)
     return R.AggregatorConfig(**base)  # type: ignore[arg-type]
 
@@ -256,6 +257,15 @@ def test_an_svd_that_fails_closes_the_round_on_the_slotwise_mean(monkeypatch: py
     flex = _core(rank_aggregation="flexlora")
     new, metrics = _run_round(flex)
     assert "did not converge" in metrics["rank_aggregation_skipped"] and flex.round == 1
+    np.testing.assert_allclose(new, slot, rtol=1e-6)
+
+
+def test_without_a_round_buffer_adapter_rules_take_the_slotwise_mean() -> None:
+    slot, _ = _run_round(_core(rank_aggregation="slotwise"))
+    flex = _core(rank_aggregation="flexlora", norm_median_multiplier=0.0)
+    assert not flex.config.buffers_updates
+    new, metrics = _run_round(flex)
+    assert "no round buffer" in metrics["rank_aggregation_skipped"]
     np.testing.assert_allclose(new, slot, rtol=1e-6)
 
 

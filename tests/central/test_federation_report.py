@@ -340,8 +340,8 @@ def test_the_report_says_how_rounds_are_aggregated() -> None:
     robust = AggregatorConfig.for_fleet(RoundPolicy(round_mode="fedbuff", robust_rule="median"), fleet=FLEET,
                                         n_params=NS, spec_hash="spec-0001")
     assert aggregation_tokens(robust) == ("fedbuff", "robust-median")
-    flex = AggregatorConfig(fleet="f", n_params=NS, spec_hash="s", rank_aggregation="flexlora")
-    assert aggregation_tokens(flex) == ("fedavg", "ranks-flexlora")
+    slot = AggregatorConfig(fleet="f", n_params=NS, spec_hash="s", rank_aggregation="slotwise")
+    assert aggregation_tokens(slot) == ("fedavg", "ranks-slotwise")  # the default (flexlora) says nothing
     rep = FederationReport(fleet=FLEET, time=1.0, round=0, max_rounds=None, finished=False, paused=False,
                            pause_detail="", excluded=(), round_started_at=0.0, deadline_s=60.0, quorum=2,
                            min_clients=1, late_policy="drop", accepted=0, participants=(), spec="s" * 16,

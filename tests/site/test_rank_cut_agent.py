@@ -88,7 +88,8 @@ def test_a_rank_1_site_trains_and_sends_only_its_slot(cache, tmp_path: Path) -> 
     np.testing.assert_allclose(values, (trained - np.where(keep, g0, 0))[keep], atol=1e-6)
     assert np.abs(values).max() > 0
     # the aggregator with the same layout counts it into slot 0 only
-    cfg = AggregatorConfig(fleet=FLEET, n_params=agent.n_params, spec_hash=upd.spec_hash, quorum=1)
+    cfg = AggregatorConfig(fleet=FLEET, n_params=agent.n_params, spec_hash=upd.spec_hash, quorum=1,
+                           rank_aggregation="slotwise")
     core = AggregatorCore(cfg, None, initial_global=g0, rank_slots=slots)
     assert core.offer(upd, sender="site-0").status == "accepted"
     new, _ = core.close_round()
