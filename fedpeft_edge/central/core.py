@@ -293,7 +293,8 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods, RankMethods):
                 continue
             out[name] = SiteRecord(rounds=max(int(e["rounds"]), rounds), samples=int(e["samples"]),
                                    last_round=e["last_round"], last_at=e["last_at"],
-                                   rejected=dict(e["rejected"]), accuracy=e.get("accuracy"))
+                                   rejected=dict(e["rejected"]), accuracy=e.get("accuracy"),
+                                   lora_rank=e.get("lora_rank"))
         return out
 
     def offer(self, msg: UpdateMessage, *, sender: str | None = None, nbytes: int | None = None,
@@ -444,6 +445,8 @@ class AggregatorCore(GatewayTierMethods, SecureRoundMethods, RankMethods):
             acc = msg.metrics.get("global_eval_accuracy")  # the site's held-out accuracy (wire: finite)
             if acc is not None and 0.0 <= acc <= 1.0:
                 site["accuracy"] = float(acc)
+            if self._rank_slots is not None:  # the rank it trains, for the operators' fleet page
+                site["lora_rank"] = rank if rank is not None else self._rank_slots.max_rank
         self._add_update(self._acc, parsed, rank, weight, scale * update_factor, steps)
         self._book_rank(rank, weight)
         st.acc_total_weight, st.acc_count = self._acc.total_weight, self._acc.count

@@ -15,6 +15,7 @@ takes is logged once and skipped: the report is for people, it never stops the a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -68,7 +69,7 @@ def _site_for_report(rec: SiteRecord, limits: wire.WireLimits) -> SiteRecord:
     for reason, n in rec.rejected.items():
         key = reason if _is_id(reason, limits) else "other"
         rejected[key] = rejected.get(key, 0) + n
-    return SiteRecord(rec.rounds, rec.samples, rec.last_round, rec.last_at, rejected, rec.accuracy)
+    return dataclasses.replace(rec, rejected=rejected)
 
 
 def history_records(history: list[dict[str, Any]],

@@ -66,6 +66,7 @@ TEXTS: Final[dict[str, tuple[str, str]]] = {
     "col_rounds": ("Rounds", "参加ラウンド"),
     "col_samples": ("Samples", "サンプル数"),
     "col_heldout": ("Own accuracy", "自拠点の精度"),
+    "lora_rank": ("LoRA rank {rank}", "LoRA ランク {rank}"),
     "col_rejected": ("Rejected", "却下"),
     "col_actions": ("Actions", "操作"),
     "none": ("none", "なし"),

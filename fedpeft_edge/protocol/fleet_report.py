@@ -94,7 +94,9 @@ REPORT_KEYS: Final = frozenset({
     "round_started_at", "deadline_s", "quorum", "min_clients", "late_policy", "accepted", "participants",
     "spec", "bundle", "version", "n_params", "sites", "history", "aggregation"})
 MAX_AGGREGATION_TOKENS: Final = 8
-SITE_KEYS: Final = frozenset({"rounds", "samples", "last_round", "last_at", "rejected", "accuracy"})
+SITE_KEYS: Final = frozenset({"rounds", "samples", "last_round", "last_at", "rejected", "accuracy",
+                              "lora_rank"})
+MAX_LORA_RANK: Final = 4096
 ROUND_KEYS: Final = frozenset({"round", "participants", "loss", "accuracy", "eval_accuracy", "bytes_in",
                                "bytes_out", "duration_s", "closed_at", "epsilon"})
 
@@ -103,7 +105,8 @@ ROUND_KEYS: Final = frozenset({"round", "participants", "loss", "accuracy", "eva
 class SiteRecord:
     """What the aggregator counted of one site: rounds it contributed to and samples it claimed (accepted
     updates only), the last round and time it was counted, its rejected updates by reason, and the
-    held-out accuracy on its own data it reported with its last accepted update (None: never)."""
+    held-out accuracy on its own data it reported with its last accepted update (None: never), and the
+    LoRA rank of that update (None: not a LoRA fleet, or the aggregator knows no layout)."""
 
     rounds: int = 0
     samples: int = 0
@@ -111,6 +114,7 @@ class SiteRecord:
     last_at: float | None = None
     rejected: dict[str, int] = field(default_factory=dict)
     accuracy: float | None = None
+    lora_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,8 @@ def encode_report(rep: FederationReport, limits: WireLimits = DEFAULT_LIMITS) ->
         "sites": {name: {"rounds": s.rounds, "samples": s.samples, "last_round": s.last_round,
                          "last_at": None if s.last_at is None else round(s.last_at, 3),
                          "rejected": dict(sorted(s.rejected.items())[:MAX_REASONS_PER_SITE]),
-                         "accuracy": None if s.accuracy is None else round(float(s.accuracy), 4)}
+                         "accuracy": None if s.accuracy is None else round(float(s.accuracy), 4),
+                         "lora_rank": s.lora_rank}
                   for name, s in sorted(rep.sites.items())[:MAX_REPORT_SITES]},
         "history": [{"round": h.round, "participants": h.participants, "loss": h.loss,
                      "accuracy": h.accuracy, "eval_accuracy": h.eval_accuracy, "bytes_in": h.bytes_in,
@@ -199,8 +204,9 @@ def _site_record(val: Any, limits: WireLimits) -> SiteRecord:
     accuracy = _opt_float(obj, "accuracy")
     if accuracy is not None and not 0.0 <= accuracy <= 1.0:
         raise WireFormatError(Reason.OUT_OF_RANGE, "accuracy must be in [0, 1]")
+    lora_rank = None if obj["lora_rank"] is None else _int(obj, "lora_rank", 1, MAX_LORA_RANK)
     return SiteRecord(_count(obj, "rounds", limits), _count(obj, "samples", limits), last_round,
-                      _opt_time(obj, "last_at"), rejected, accuracy)
+                      _opt_time(obj, "last_at"), rejected, accuracy, lora_rank)
 
 
 def _round_record(val: Any, limits: WireLimits) -> RoundRecord:

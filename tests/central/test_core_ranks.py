@@ -168,6 +168,9 @@ def test_slotwise_mean_equals_the_in_process_slotwise_reference() -> None:
     plain = sum(w * _delta(s, r) for _, s, r, w in SITES) / sum(w for *_, w in SITES)
     assert not np.allclose(new - g0, plain)
     assert metrics[R.CUT_WEIGHTS] == {"2": 200.0, "1": 400.0} and RANK_METRIC not in metrics
+    # the operators' fleet page: each site's rank, through the federation report's strict codec
+    recs = {name: rec.lora_rank for name, rec in core.site_records().items()}
+    assert recs == {"a": RANK, "b": RANK, "c": 2, "d": 1}
 
 
 def test_equal_ranks_are_plain_fedavg() -> None:

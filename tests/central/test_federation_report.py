@@ -351,3 +351,16 @@ def test_the_report_says_how_rounds_are_aggregated() -> None:
     bad = encode_report(rep).replace(b'"dp-distributed"', b'"dp distributed"')
     with pytest.raises(WireFormatError):
         decode_report(bad)
+
+
+def test_a_sites_lora_rank_travels_in_the_report_and_a_bad_one_is_refused() -> None:
+    rep = FederationReport(fleet=FLEET, time=1.0, round=1, max_rounds=None, finished=False, paused=False,
+                           pause_detail="", excluded=(), round_started_at=0.0, deadline_s=60.0, quorum=2,
+                           min_clients=1, late_policy="drop", accepted=0, participants=(), spec="s" * 16,
+                           bundle=None, version="0", n_params=NS,
+                           sites={"a": SiteRecord(1, 10, 0, 1.0, {}, lora_rank=4), "b": SiteRecord(1, 10)})
+    back = decode_report(encode_report(rep))
+    assert back.sites["a"].lora_rank == 4 and back.sites["b"].lora_rank is None
+    for bad in (b'"lora_rank":0', b'"lora_rank":"4"', b'"lora_rank":4.5', b'"lora_rank":99999'):
+        with pytest.raises(WireFormatError):
+            decode_report(encode_report(rep).replace(b'"lora_rank":4', bad))

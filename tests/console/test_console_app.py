@@ -76,7 +76,7 @@ def _report(fleet: str, now: float, rnd: int = 3, **over: object) -> fr.Federati
         n_params=74504,
         sites={
             "site-1": fr.SiteRecord(rnd, 1200, rnd - 1, now - 30, {}),
-            "site-2": fr.SiteRecord(1, 400, 0, now - 300, {"stale_round": 2}),
+            "site-2": fr.SiteRecord(1, 400, 0, now - 300, {"stale_round": 2}, lora_rank=4),
         },
         history=hist,
         aggregation=("fedavg", "secagg"),
@@ -169,6 +169,7 @@ def test_pages_need_a_login_and_show_the_fleet(console) -> None:
     assert re.search(r'data-site="site-1" data-state="training"', page.body)
     assert re.search(r'data-site="site-2" data-state="offline"', page.body)
     assert "onnxruntime 1.32.0" in page.body and "stale_round" in page.body
+    assert page.body.count("LoRA rank 4") == 1  # site-2 trains rank 4; site-1 reported no rank
     fed = client.get("/federation").body
     assert 'data-round="3"' in fed and 'id="countdown"' in fed and 'id="chart-accuracy"' in fed
     assert re.search(r'id="aggregation">FedAvg \(weighted mean\) · secure aggregation: the aggregator sees '
@@ -287,7 +288,8 @@ def test_no_open_redirect_after_login_or_language_switch(console) -> None:
 def test_language_follows_the_browser_then_the_switch(console) -> None:
     _, _, client = console
     client.login(*OPERATOR)
-    assert "拠点一覧" in client.get("/fleet", headers={"Accept-Language": "ja-JP,ja;q=0.9,en;q=0.5"}).body
+    ja = client.get("/fleet", headers={"Accept-Language": "ja-JP,ja;q=0.9,en;q=0.5"}).body
+    assert "拠点一覧" in ja and "LoRA ランク 4" in ja
     assert "Fleet" in client.get("/fleet", headers={"Accept-Language": "en-US"}).body
     client.get("/lang/ja?back=/fleet")
     assert 'lang="ja"' in client.get("/fleet", headers={"Accept-Language": "en-US"}).body
