@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest_models import batches
 from fake_transport import FakeTransport
+from lowered_agent import global_message, lowered_agent, sent_update
 from lowering_cases import case_data, make_cache
 
 from fedpeft_edge.protocol import wire
@@ -90,35 +91,16 @@ def _train_batches():
 
 
 def _agent(cache, state_dir: Path, mu: float) -> EdgeAgent:
-    lowered = cache[1]("lora")
-    cfg = load_agent_config(text=f"""
-[fleet]
-name = "{FLEET}"
-[agent]
-client_id = "site-0"
-state_dir = "{state_dir}"
-local_steps = {STEPS}
-evaluate = false
-[codec]
-mode = "fp32"
-[trainer]
-gradient_dir = "{lowered.directory}"
-prox_mu = {mu}
-options = {SGD}
-""")
-    setup = build_trainer_setup(cfg)
-    agent = EdgeAgent(cfg, setup.trainer, _train_batches, None, spec_hash=lowered.spec_hash)
-    agent.transport = FakeTransport()  # type: ignore[assignment]
-    return agent
+    return lowered_agent(cache, state_dir, fleet=FLEET, agent=f"local_steps = {STEPS}\nevaluate = false",
+                         trainer=f"prox_mu = {mu}\noptions = {SGD}", train=_train_batches)
 
 
 def _global(cache, rnd: int, vec: np.ndarray) -> wire.GlobalMessage:
-    return wire.GlobalMessage(FLEET, rnd, cache[1]("lora").spec_hash, encode_global(vec), {})
+    return global_message(cache, FLEET, rnd, vec)
 
 
 def _sent_delta(agent: EdgeAgent, rnd: int) -> np.ndarray:
-    out = next(e for e in agent._outgoing if e.round == rnd)
-    return decode_dense(wire.decode_update(out.data).update, agent.n_params)
+    return decode_dense(sent_update(agent, rnd).update, agent.n_params)
 
 
 def _a_global(cache, seed: int) -> np.ndarray:

@@ -15,17 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest_models import batches
-from fake_transport import FakeTransport
+from lowered_agent import global_message, lowered_agent, sent_update
 from lowering_cases import case_data, make_cache
 
 from fedpeft_edge.peft.layout import FlatLayout
 from fedpeft_edge.protocol import notices, wire
-from fedpeft_edge.protocol.codec import decode_dense, encode_global
+from fedpeft_edge.protocol.codec import decode_dense
 from fedpeft_edge.runtime.errors import InvalidValueError
 from fedpeft_edge.site.agent import EdgeAgent
-from fedpeft_edge.site.config import load_agent_config
 from fedpeft_edge.site.personal import PRIVATE_FILE, PrivateParts
-from fedpeft_edge.site.trainer_setup import build_trainer_setup
 
 FLEET = "personal"
 LAYOUT = FlatLayout.from_shapes(
@@ -76,39 +74,16 @@ def cache(tmp_path_factory):
 
 
 def _agent(cache, state_dir: Path, private: str = '["head.*"]', fedrep: int = 0) -> EdgeAgent:
-    lowered = cache[1]("lora")
-    cfg = load_agent_config(
-        text=f"""
-[fleet]
-name = "{FLEET}"
-[agent]
-client_id = "site-0"
-state_dir = "{state_dir}"
-local_steps = 4
-private_tensors = {private}
-fedrep_head_steps = {fedrep}
-[codec]
-mode = "fp32"
-[trainer]
-gradient_dir = "{lowered.directory}"
-"""
-    )
-    setup = build_trainer_setup(cfg)
-
     def data():
         return batches(case_data("lora", n=64), 16)
 
-    agent = EdgeAgent(cfg, setup.trainer, data, data, spec_hash=lowered.spec_hash)
-    agent.transport = FakeTransport()  # type: ignore[assignment]
-    return agent
+    return lowered_agent(cache, state_dir, fleet=FLEET,
+                         agent=f"local_steps = 4\nprivate_tensors = {private}\nfedrep_head_steps = {fedrep}",
+                         train=data, evaluate=data)
 
 
 def _global(cache, rnd: int, vec: np.ndarray) -> wire.GlobalMessage:
-    return wire.GlobalMessage(FLEET, rnd, cache[1]("lora").spec_hash, encode_global(vec), {})
-
-
-def _sent(agent: EdgeAgent, rnd: int) -> wire.UpdateMessage:
-    return wire.decode_update(next(e for e in agent._outgoing if e.round == rnd).data)
+    return global_message(cache, FLEET, rnd, vec)
 
 
 def test_the_head_stays_on_the_site_and_the_rest_is_shared(cache, tmp_path: Path) -> None:
@@ -116,7 +91,7 @@ def test_the_head_stays_on_the_site_and_the_rest_is_shared(cache, tmp_path: Path
     mask = agent.personal.mask
     g0 = cache[1]("lora").initial_vector()
     agent._train_round(_global(cache, 0, g0))
-    upd = _sent(agent, 0)
+    upd = sent_update(agent, 0)
     delta = decode_dense(upd.update, agent.n_params)
     assert np.all(delta[mask] == 0) and np.abs(delta[~mask]).max() > 0
     head0 = agent.trainer.get_flat()[mask]
@@ -135,7 +110,7 @@ def test_the_head_stays_on_the_site_and_the_rest_is_shared(cache, tmp_path: Path
 def test_held_out_accuracy_on_the_status_and_the_metrics(cache, tmp_path: Path) -> None:
     agent = _agent(cache, tmp_path / "acc", private="[]")
     agent._train_round(_global(cache, 0, cache[1]("lora").initial_vector()))
-    acc = _sent(agent, 0).metrics["global_eval_accuracy"]
+    acc = sent_update(agent, 0).metrics["global_eval_accuracy"]
     assert agent.metrics.heldout_accuracy == pytest.approx(acc)
     statuses = [notices.decode_status(p) for t, p in agent.transport.sent if "/status/" in t]  # type: ignore[attr-defined]
     uploading = [s for s in statuses if s.state == "uploading"]
@@ -193,7 +168,7 @@ def test_fedrep_trains_the_head_alone_then_the_shared_part_alone(cache, tmp_path
     mask = agent.personal.mask
     g0 = cache[1]("lora").initial_vector()
     agent._train_round(_global(cache, 0, g0))
-    upd = _sent(agent, 0)
+    upd = sent_update(agent, 0)
     assert upd.metrics["head_steps"] == 3 and upd.metrics["steps"] == 4
     delta = decode_dense(upd.update, agent.n_params)
     assert np.all(delta[mask] == 0) and np.abs(delta[~mask]).max() > 0  # the head never leaves
@@ -201,7 +176,7 @@ def test_fedrep_trains_the_head_alone_then_the_shared_part_alone(cache, tmp_path
     # with FedPer (no head phase) from the same start, the shared update differs: the head moved with it
     fedper = _agent(cache, tmp_path / "fedper")
     fedper._train_round(_global(cache, 0, g0))
-    assert not np.allclose(decode_dense(_sent(fedper, 0).update, agent.n_params), delta)
+    assert not np.allclose(decode_dense(sent_update(fedper, 0).update, agent.n_params), delta)
 
 
 def test_fedrep_needs_a_private_head(cache, tmp_path: Path) -> None:

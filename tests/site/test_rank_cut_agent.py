@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest_models import batches
-from fake_transport import FakeTransport
+from lowered_agent import global_message, lowered_agent, sent_update
 from lowering_cases import case_data, make_cache
 
 from fedpeft_edge.central.core import AggregatorConfig, AggregatorCore
 from fedpeft_edge.peft.rank_slots import RANK_METRIC, RankSlots
 from fedpeft_edge.protocol import wire
-from fedpeft_edge.protocol.codec import decode_dense, encode_global
+from fedpeft_edge.protocol.codec import decode_dense
 from fedpeft_edge.runtime.errors import InvalidValueError
 from fedpeft_edge.site.agent import EdgeAgent
-from fedpeft_edge.site.config import load_agent_config
-from fedpeft_edge.site.trainer_setup import build_trainer_setup
 
 FLEET = "ranks"
 
@@ -32,38 +30,17 @@ def cache(tmp_path_factory):
 
 
 def _agent(cache, state_dir: Path, rank: int | str, extra: str = "", codec: str = "fp32") -> EdgeAgent:
-    lowered = cache[1]("lora")
-    cfg = load_agent_config(text=f"""
-[fleet]
-name = "{FLEET}"
-[agent]
-client_id = "site-0"
-state_dir = "{state_dir}"
-local_steps = 3
-lora_rank = {rank if isinstance(rank, int) else f'"{rank}"'}
-{extra}
-[codec]
-mode = "{codec}"
-topk_ratio = 0.2
-[trainer]
-gradient_dir = "{lowered.directory}"
-""")
-    setup = build_trainer_setup(cfg)
+    rank_line = f"lora_rank = {rank}" if isinstance(rank, int) else f'lora_rank = "{rank}"'
 
     def data():
         return batches(case_data("lora", n=48), 16)
 
-    agent = EdgeAgent(cfg, setup.trainer, data, data, spec_hash=lowered.spec_hash)
-    agent.transport = FakeTransport()  # type: ignore[assignment]
-    return agent
+    return lowered_agent(cache, state_dir, fleet=FLEET, agent=f"local_steps = 3\n{rank_line}\n{extra}",
+                         codec=f'mode = "{codec}"\ntopk_ratio = 0.2', train=data, evaluate=data)
 
 
 def _global(cache, rnd: int, vec: np.ndarray) -> wire.GlobalMessage:
-    return wire.GlobalMessage(FLEET, rnd, cache[1]("lora").spec_hash, encode_global(vec), {})
-
-
-def _sent(agent: EdgeAgent, rnd: int) -> wire.UpdateMessage:
-    return wire.decode_update(next(e for e in agent._outgoing if e.round == rnd).data)
+    return global_message(cache, FLEET, rnd, vec)
 
 
 def _slots(cache) -> RankSlots:
@@ -79,7 +56,7 @@ def test_a_rank_1_site_trains_and_sends_only_its_slot(cache, tmp_path: Path) -> 
     g0 = cache[1]("lora").initial_vector()
     g0[~keep] = 0.05  # the global's higher slots hold values other sites trained
     agent._train_round(_global(cache, 0, g0))
-    upd = _sent(agent, 0)
+    upd = sent_update(agent, 0)
     assert upd.metrics[RANK_METRIC] == 1.0 and upd.update.n == slots.size(1) < agent.n_params
     trained = agent.trainer.get_flat()
     assert np.all(trained[~keep] == 0)  # trained from the cut global; the frozen slots never moved
@@ -103,7 +80,7 @@ def test_the_cut_holds_beside_fedrep_phases_and_top_k(cache, tmp_path: Path) -> 
                    codec="topk_int8")
     keep = slots.keep(1)
     agent._train_round(_global(cache, 0, cache[1]("lora").initial_vector()))
-    upd = _sent(agent, 0)
+    upd = sent_update(agent, 0)
     assert upd.update.n == slots.size(1) and upd.metrics["head_steps"] == 2
     assert np.all(agent.trainer.get_flat()[~keep] == 0)
     assert agent.encoder.n_params == slots.size(1)
@@ -128,4 +105,4 @@ def test_auto_rank_fits_the_uplink_budget(cache, tmp_path: Path) -> None:
     agent = _agent(cache, tmp_path / "auto", "auto", f"update_budget_bytes = {budget}")
     assert agent.rank_cut is not None and agent.rank_cut.rank == 1
     agent._train_round(_global(cache, 0, cache[1]("lora").initial_vector()))
-    assert _sent(agent, 0).update.nbytes <= budget
+    assert sent_update(agent, 0).update.nbytes <= budget
