@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+import child_kill
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -250,7 +248,7 @@ def test_failed_save_rolls_memory_back_to_disk(tmp_path: Path, monkeypatch: pyte
 _CHILD = textwrap.dedent(
     """
     import os, sys, numpy as np
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {support!r}]  # test_core imports tests/support's child_kill
     from test_core import _config, _msg
     from fedpeft_edge.central import core as R
     mode, state_dir = sys.argv[1], sys.argv[2]
@@ -273,22 +271,12 @@ _CHILD = textwrap.dedent(
 
 
 def _run_child(mode: str, state_dir: Path, kill_after_lines: int | None = None) -> None:
-    code = _CHILD.format(tests=str(Path(__file__).parent))
+    here = Path(__file__).parent
+    code = _CHILD.format(tests=str(here), support=str(here.parent / "support"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, mode, str(state_dir)], stdout=subprocess.PIPE,
-                            env=env, text=True)
-    try:
-        if kill_after_lines is not None:
-            assert proc.stdout is not None
-            for _ in range(kill_after_lines):
-                proc.stdout.readline()
-            time.sleep(0.003)  # land the kill somewhere inside the next offer/save
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # the 3 ms land the kill somewhere inside the next offer/save
+    child_kill.kill_after_lines([sys.executable, "-c", code, mode, str(state_dir)], kill_after_lines,
+                                delay_s=0.003, env=env)
 
 
 def test_crash_before_rename_does_not_count_the_update(tmp_path: Path) -> None:

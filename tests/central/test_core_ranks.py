@@ -388,10 +388,9 @@ def test_kill9_at_random_moments_loses_and_double_counts_nothing(tmp_path: Path,
     after a random number of steps plus a random delay (inside an offer, a save or a close). Restarted from
     disk and fed every update again, the core ends on exactly the global of a run that never stopped."""
     import random
-    import signal
-    import subprocess
     import sys
-    import time
+
+    from child_kill import kill_after_lines
 
     kw = {"rank_aggregation": rule, "quorum": 6, "norm_median_multiplier": 2.0}
     reference = _core(**kw)
@@ -402,20 +401,10 @@ def test_kill9_at_random_moments_loses_and_double_counts_nothing(tmp_path: Path,
     kills_mid_round = 0
     for trial in range(20):
         state = tmp_path / f"t{trial}"
-        proc = subprocess.Popen([sys.executable, "-c", code, str(state), rule], stdout=subprocess.PIPE,
-                                text=True)
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-            for _ in range(rng.randrange(0, 20)):
-                if not proc.stdout.readline():
-                    break
-            time.sleep(rng.uniform(0.0, 0.004))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        steps = rng.randrange(0, 20)
+        read = kill_after_lines([sys.executable, "-c", code, str(state), rule], 1 + steps,
+                                delay_s=rng.uniform(0.0, 0.004), timeout_s=60)
+        assert read[:1] == ["ready"]
         resumed = _core(state, **kw)
         kills_mid_round += resumed.accepted_this_round > 0 and resumed.round < KILL_ROUNDS
         _drive(resumed)
