@@ -76,20 +76,11 @@ class RankMethods:
 
     def update_rank(self: AggregatorCore, msg: UpdateMessage) -> int | None:
         """The rank of ``msg`` when below R (None: the full rank); raises :class:`RankRefused`."""
-        claim = msg.metrics.get(RANK_METRIC)
-        if claim is None:
+        rank = self._claimed_rank(msg.metrics.get(RANK_METRIC))
+        if rank is None:
             return None
-        slots, cfg = self._rank_slots, self.config
-        if slots is None:
-            raise RankRefused("rank_not_allowed", f"{RANK_METRIC} {claim!r}: no LoRA layout here to place "
-                              "a lower-rank update (an aggregator needs [trainer] gradient_dir or "
-                              "bundle_dir; a line gateway takes full-rank updates only)")
-        if not (isinstance(claim, int | float) and math.isfinite(claim) and float(claim).is_integer()
-                and 1 <= claim <= slots.max_rank):
-            raise RankRefused("bad_rank", f"{RANK_METRIC} {claim!r} is not a rank from 1 to {slots.max_rank}")
-        rank = int(claim)
-        if rank == slots.max_rank:
-            return None
+        cfg, slots = self.config, self._rank_slots
+        assert slots is not None
         clashes = [what for what, on in (("rank_aggregation = 'off'", cfg.rank_aggregation == "off"),
                                          ("a robust_rule", cfg.robust_rule != "none"),
                                          ("differential privacy", cfg.privacy.enabled)) if on]
@@ -129,12 +120,21 @@ class RankMethods:
     def rank_of_entry(self: AggregatorCore, e: BufferedUpdate) -> int | None:
         """A buffered update's rank below R (its metric was checked when it was offered; checked again
         when a round is resumed from disk)."""
-        claim = e.metrics.get(RANK_METRIC)
+        return self._claimed_rank(e.metrics.get(RANK_METRIC))
+
+    def _claimed_rank(self: AggregatorCore, claim: object) -> int | None:
+        """The ``lora_rank`` metric as a rank below R (None: absent, or the full rank); RankRefused when
+        this aggregator has no layout or the claim is not an integer from 1 to R."""
         if claim is None:
             return None
         slots = self._rank_slots
-        if slots is None or not float(claim).is_integer() or not 1 <= claim <= slots.max_rank:
-            raise RankRefused("bad_rank", f"{RANK_METRIC} {claim!r} does not fit this aggregator's layout")
+        if slots is None:
+            raise RankRefused("rank_not_allowed", f"{RANK_METRIC} {claim!r}: no LoRA layout here to place "
+                              "a lower-rank update (an aggregator needs [trainer] gradient_dir or "
+                              "bundle_dir; a line gateway takes full-rank updates only)")
+        if not (isinstance(claim, int | float) and not isinstance(claim, bool) and math.isfinite(claim)
+                and float(claim).is_integer() and 1 <= claim <= slots.max_rank):
+            raise RankRefused("bad_rank", f"{RANK_METRIC} {claim!r} is not a rank from 1 to {slots.max_rank}")
         return None if int(claim) == slots.max_rank else int(claim)
 
     def _book_rank(self: AggregatorCore, rank: int | None, weight: float) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.runtime.errors import FedPeftError
+from fedpeft_edge.runtime.names import RANK_RULES
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -105,7 +106,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ranks", default=None, metavar="R1,R2,...",
                    help="LoRA rank of each site, e.g. 8,8,4,4 (0: the bundle's rank; sites below it send "
                         "only their rank slots)")
-    g.add_argument("--rank-aggregation", choices=("slotwise", "hetlora", "flexlora"), default=None,
+    g.add_argument("--rank-aggregation", choices=RANK_RULES, default=None,
                    help="how the aggregator combines mixed ranks: FlexLoRA's SVD of the mean product "
                         "(the default), HetLoRA's zero-padded norm-weighted mean, or each rank slot averaged "
                         "over the sites that train it (slotwise)")

@@ -28,7 +28,8 @@ ROBUST_RULES: Final = ("none", "median", "trimmed_mean", "multi_krum")
 # updates from whichever globals the sites trained from, each discounted by its staleness.
 ROUND_MODES: Final = ("sync", "fedbuff")
 # How updates of sites below the bundle's LoRA rank are combined (central/core_ranks.py); "off" refuses them
-RANK_AGGREGATIONS: Final = ("slotwise", "hetlora", "flexlora", "off")
+RANK_RULES: Final = ("slotwise", "hetlora", "flexlora")  # the ones that combine mixed ranks
+RANK_AGGREGATIONS: Final = (*RANK_RULES, "off")
 # site/agent.py: what a site does when a newer global arrives while it trains.
 NEWER_GLOBAL_POLICIES: Final = ("finish", "abandon")
 # data/partition.py: how a benchmark dataset is split into sites' shares (demos, experiments).
@@ -47,6 +48,7 @@ __all__ = [
     "PARTITIONS",
     "PEFT_METHODS",
     "RANK_AGGREGATIONS",
+    "RANK_RULES",
     "ROBUST_RULES",
     "ROUND_MODES",
     "SERVER_OPTIMIZERS",

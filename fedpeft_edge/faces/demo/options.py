@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft_edge.runtime import names
 from fedpeft_edge.runtime.errors import InvalidValueError, ensure
 
 QUICK_ENV = "FEDPEFT_EDGE_DEMO_QUICK"
@@ -156,8 +157,8 @@ class DemoOptions:
             ensure(len(ranks) == out.agents, f"--ranks gives {len(ranks)} ranks for {out.agents} agents")
             ensure(out.method == "lora", f"--ranks needs a LoRA method, got {out.method!r}")
             ensure(not out.secagg and out.dp is None, "--ranks cannot be combined with --secagg or --dp")
-        ensure(out.rank_aggregation in (None, "slotwise", "hetlora", "flexlora"),
-               f"--rank-aggregation must be slotwise, hetlora or flexlora, got {out.rank_aggregation!r}")
+        ensure(out.rank_aggregation is None or out.rank_aggregation in names.RANK_RULES,
+               f"--rank-aggregation must be one of {names.RANK_RULES}, got {out.rank_aggregation!r}")
         mu = out.prox_mu
         ensure(isinstance(mu, int | float) and not isinstance(mu, bool) and 0 <= mu < float("inf"),
                f"prox_mu must be a finite number >= 0, got {mu!r}")
